@@ -1,0 +1,36 @@
+# The two commands of the README. Both create .venv on first use.
+# TORCH picks the torch build to install; the default is the CPU build (users with a GPU
+# may run e.g. `make demo TORCH=torch` to get their CUDA build).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, so that installing mergecli (torch>=2.2) does not pull a different build.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+runs/mlp8-seed%.safetensors: | $(VENV)/.installed
+	$(BIN)/mergecli --log plain train --arch mlp --arg depth=8 --arg hidden=128 \
+		--data mnist:train --eval-data mnist:test --epochs 10 --seed $* --out $@
+
+demo: $(VENV)/.installed runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors
+	$(BIN)/mergecli run configs/examples/mnist-mlp8-average.yaml
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/cli_startup.py
+
+clean:
+	rm -rf $(VENV) runs out .pytest_cache

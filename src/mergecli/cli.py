@@ -1,0 +1,287 @@
+"""The `mergecli` command line. Heavy modules (torch, pydantic) are imported inside commands
+so that `mergecli --help` starts instantly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional  # noqa: UP035 - typer needs Optional at runtime
+
+import typer
+
+from mergecli import __version__
+
+app = typer.Typer(
+    name="mergecli",
+    help="Merge neural networks from YAML recipes: align, learn coefficients, repair, evaluate.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class LogChoice(str, Enum):
+    auto = "auto"
+    rich = "rich"
+    plain = "plain"
+    json = "json"
+
+
+@dataclass
+class Settings:
+    log: str = "auto"
+    debug: bool = False
+
+
+SETTINGS = Settings()
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mergecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    log: Annotated[
+        LogChoice,
+        typer.Option(help="How to print progress: rich on a terminal, plain lines or JSON."),
+    ] = LogChoice.auto,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Global options."""
+    SETTINGS.log = log.value
+    SETTINGS.debug = debug
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a user mistake as its one-line message and exit non-zero; --debug re-raises."""
+    from mergecli.errors import MergeCliError, RecipeError
+
+    try:
+        yield
+    except MergeCliError as exc:
+        if SETTINGS.debug:
+            raise
+        prefix = "" if isinstance(exc, RecipeError) else "error: "
+        for line in str(exc).splitlines():
+            typer.echo(f"{prefix}{line}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        if SETTINGS.debug:
+            raise
+        typer.echo(
+            f"internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --debug for the traceback and report it)",
+            err=True,
+        )
+        raise typer.Exit(70) from None
+
+
+def _log():
+    from mergecli.runtime.log import Log
+
+    return Log(SETTINGS.log)  # type: ignore[arg-type]
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.")]
+SetOption = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--set", help="Override a recipe key: --set steps.0.fit.lr=0.01 (repeatable)."),
+]
+
+
+@app.command()
+def run(recipe: RecipeArg, set_: SetOption = None) -> None:
+    """Run a recipe: load, align, merge or fit, repair, evaluate, and write the output dir."""
+    with user_errors():
+        from mergecli.pipeline import run_recipe
+        from mergecli.recipe import load_recipe
+
+        loaded = load_recipe(recipe, set_ or [])
+        log = _log()
+        log.info(f"recipe {loaded.recipe.name}: {len(loaded.steps)} step(s) -> {loaded.output_dir}")
+        run_recipe(loaded, log)
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
+    """Check a recipe without running it; print the resolved recipe."""
+    with user_errors():
+        from mergecli.recipe import load_recipe
+
+        loaded = load_recipe(recipe, set_ or [])
+        typer.echo(f"# {recipe}: valid")
+        typer.echo(loaded.resolved_yaml(), nl=False)
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[str, typer.Argument(help="A safetensors file or checkpoint directory.")],
+    other: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(help="A second checkpoint: show the per-tensor difference."),
+    ] = None,
+) -> None:
+    """Show the tensors of a checkpoint (name, shape, dtype, size), or how two differ."""
+    with user_errors():
+        from mergecli.inspect_checkpoint import inspect_checkpoints
+
+        inspect_checkpoints(checkpoint, other, _log())
+
+
+@app.command()
+def methods() -> None:
+    """List every step method with its parameters and defaults."""
+    with user_errors():
+        from mergecli.models import builtin_architectures
+        from mergecli.registry import all_methods
+
+        log = _log()
+        rows = []
+        for method in all_methods():
+            params = []
+            for name, field in method.params.model_fields.items():
+                default = (
+                    "required"
+                    if field.is_required()
+                    else repr(field.get_default(call_default_factory=True))
+                )
+                params.append(f"{name}={default}")
+            rows.append(
+                [
+                    method.kind,
+                    method.name + (" (default)" if method.default else ""),
+                    ", ".join(params) or "-",
+                    ", ".join(sorted(method.needs)) or "-",
+                    method.doc,
+                ]
+            )
+        log.table("step methods", ["step", "method", "parameters", "needs", "what it does"], rows)
+        log.table(
+            "built-in architectures (model.arch)",
+            ["arch", "what it is"],
+            [
+                [name, (fn.__doc__ or "").strip().splitlines()[0]]
+                for name, fn in builtin_architectures().items()
+            ],
+        )
+
+
+class Optimizer(str, Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .safetensors file.")],
+    arch: Annotated[
+        str, typer.Option(help="Built-in architecture or package.module:factory.")
+    ] = "mlp",
+    arg: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--arg", help="Model argument key=value (repeatable), e.g. --arg depth=8."),
+    ] = None,
+    data: Annotated[
+        str,
+        typer.Option(help="Training data: SOURCE[:SPLIT] (e.g. mnist:train) or a YAML mapping."),
+    ] = "mnist:train",
+    eval_data: Annotated[
+        str, typer.Option(help="Held-out data, same forms; 'none' to skip.")
+    ] = "mnist:test",
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")] = 0,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    optimizer: Annotated[Optimizer, typer.Option()] = Optimizer.adam,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+) -> None:
+    """Train a model on a data source and write a checkpoint that recipes can merge."""
+    with user_errors():
+        from mergecli.runtime.device import resolve_device
+        from mergecli.train import save_trained, train_model
+
+        log = _log()
+        args = _parse_assignments(arg or [], "--arg")
+        train_spec = _parse_data_option(data, "--data")
+        eval_spec = (
+            None if eval_data.lower() == "none" else _parse_data_option(eval_data, "--eval-data")
+        )
+        module, metrics = train_model(
+            arch,
+            args,
+            train_spec,
+            eval_spec,
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            optimizer=optimizer.value,
+            device=resolve_device(device),
+            log=log,
+        )
+        metadata = {"arch": arch, "args": args, "seed": str(seed), "data": train_spec, **metrics}
+        if eval_spec is not None:
+            metadata["eval_data"] = eval_spec
+        save_trained(module, out, metadata)
+        log.info(f"wrote {out}", **{k: round(v, 4) for k, v in metrics.items()})
+
+
+def _parse_assignments(items: list[str], option: str) -> dict[str, Any]:
+    import yaml
+
+    from mergecli.errors import MergeCliError
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise MergeCliError(f"{option} {item}: expected key=value, e.g. {option} depth=8")
+        parsed[key] = yaml.safe_load(raw)
+    return parsed
+
+
+def _parse_data_option(text: str, option: str) -> dict[str, Any]:
+    """``mnist:train`` or ``{source: tensors, path: d.npz}`` -> a validated data spec."""
+    import yaml
+    from pydantic import ValidationError
+
+    from mergecli.errors import MergeCliError
+    from mergecli.recipe import DataSpec
+
+    if text.lstrip().startswith("{"):
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise MergeCliError(f"{option}: not a YAML mapping ({exc})") from None
+    else:
+        source, _, split = text.partition(":")
+        raw = {"source": source, **({"split": split} if split else {})}
+    try:
+        spec = DataSpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if "[" not in str(p))
+        raise MergeCliError(f"{option}: {where + ': ' if where else ''}{first['msg']}") from None
+    return spec.model_dump(exclude_none=True, exclude={"batch_size"})
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="mergecli")

@@ -1,0 +1,274 @@
+"""Data sources (mnist, tensors files, python factories) and the ``load_data`` dispatcher."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mergecli.data.batches import TensorData
+from mergecli.data.mnist import load_mnist
+from mergecli.data.subset import SPLIT_HELP, apply_subset, parse_slice
+from mergecli.errors import MergeCliError
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one short line, since user-facing messages must be single lines."""
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _key(spec: Mapping[str, Any], name: str, default: str, where: str) -> str:
+    """A string option of ``spec``, with a default."""
+    value = spec.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value:
+        raise MergeCliError(f"{where}.{name}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _labels(y: Tensor, what: str, where: str) -> Tensor:
+    """Check labels are 1-D non-negative whole numbers and return them as int64."""
+    if y.dim() != 1:
+        raise MergeCliError(
+            f"{where}.y: {what} has shape {tuple(y.shape)}; labels must be 1-D class ids "
+            "(convert one-hot labels with argmax)"
+        )
+    if y.dtype == torch.bool or y.is_complex():
+        raise MergeCliError(
+            f"{where}.y: {what} has dtype {y.dtype}; labels must be integer class ids"
+        )
+    if y.is_floating_point():
+        finite = torch.isfinite(y).all()
+        if not finite or not torch.equal(y, torch.round(y)):
+            raise MergeCliError(
+                f"{where}.y: {what} has non-integer values (dtype {y.dtype}); "
+                "labels must be integer class ids"
+            )
+    y = y.to(torch.int64)
+    if len(y) and int(y.min()) < 0:
+        raise MergeCliError(
+            f"{where}.y: {what} has negative labels (min {int(y.min())}); "
+            "labels must be class ids 0, 1, 2, ..."
+        )
+    return y
+
+
+def _inputs(x: Tensor, what: str, where: str) -> Tensor:
+    """Check inputs have a batch dimension and return them as float32."""
+    if x.dim() == 0:
+        raise MergeCliError(f"{where}.x: {what} is a scalar; inputs need shape (N, ...)")
+    if x.is_complex():
+        raise MergeCliError(f"{where}.x: {what} has complex dtype {x.dtype}; use real numbers")
+    return x.to(torch.float32)
+
+
+def _read_tensors(path: Path, names: tuple[str, str], where: str) -> tuple[Tensor, Tensor]:
+    """Read the two named arrays from a .safetensors or .npz file."""
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".npz"):
+        raise MergeCliError(
+            f"{where}.path: {path} has unsupported extension {path.suffix!r}; "
+            "use a .safetensors or .npz file"
+        )
+    if not path.is_file():
+        raise MergeCliError(
+            f"{where}.path: file not found: {path} (working directory {os.getcwd()}); "
+            "check the path"
+        )
+    fix = "re-save it with safetensors.torch.save_file or numpy.savez"
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                present = sorted(f.keys())
+                _check_keys(present, names, path, where)
+                return f.get_tensor(names[0]), f.get_tensor(names[1])
+        with np.load(path, allow_pickle=False) as f:
+            present = sorted(f.files)
+            _check_keys(present, names, path, where)
+            return torch.from_numpy(np.asarray(f[names[0]])), torch.from_numpy(
+                np.asarray(f[names[1]])
+            )
+    except MergeCliError:
+        raise
+    except Exception as exc:  # safetensors and zipfile raise a zoo of types on corrupt files
+        raise MergeCliError(f"{where}.path: cannot read {path} ({_describe(exc)}); {fix}") from exc
+
+
+def _check_keys(present: list[str], names: tuple[str, str], path: Path, where: str) -> None:
+    """Fail naming the option, the file and the keys it does hold."""
+    for option, name in zip(("x", "y"), names, strict=True):
+        if name not in present:
+            listed = ", ".join(present) if present else "none"
+            raise MergeCliError(
+                f"{where}.{option}: key {name!r} not in {path} (keys present: {listed}); "
+                f"set {option} to one of them"
+            )
+
+
+def load_tensors(spec: Mapping[str, Any], where: str) -> TensorData:
+    """The ``tensors`` source: arrays ``x`` and ``y`` from a .safetensors or .npz file."""
+    raw_path = spec.get("path")
+    if not isinstance(raw_path, (str, os.PathLike)) or not str(raw_path):
+        raise MergeCliError(
+            f"{where}.path: source 'tensors' needs a path to a .safetensors or .npz file"
+        )
+    path = Path(raw_path).expanduser()
+    x_key = _key(spec, "x", "x", where)
+    y_key = _key(spec, "y", "y", where)
+    x, y = _read_tensors(path, (x_key, y_key), where)
+    x = _inputs(x, f"{x_key!r} in {path}", where)
+    y = _labels(y, f"{y_key!r} in {path}", where)
+    if x.shape[0] != y.shape[0]:
+        raise MergeCliError(
+            f"{where}: x ({x_key!r}, {x.shape[0]} rows) and y ({y_key!r}, {y.shape[0]} rows) "
+            f"in {path} have different lengths; they must match"
+        )
+    split = spec.get("split")
+    if split is not None and split != "all":
+        if not isinstance(split, str) or ":" not in split:
+            raise MergeCliError(
+                f"{where}.split: cannot use {split!r} with source 'tensors'; "
+                f"use 'all' or {SPLIT_HELP}"
+            )
+        start, stop = parse_slice(split, len(y), where)
+        x, y = x[start:stop], y[start:stop]
+    if len(y) == 0:
+        raise MergeCliError(f"{where}.path: {path} holds no examples; use a non-empty file")
+    return TensorData(x.contiguous(), y.contiguous())
+
+
+def _factory(spec: Mapping[str, Any], where: str) -> tuple[str, Callable[..., Any]]:
+    """Import the ``package.module:function`` named by ``factory``."""
+    name = spec.get("factory")
+    if not isinstance(name, str) or name.count(":") != 1 or not all(name.split(":")):
+        raise MergeCliError(f"{where}.factory: expected 'package.module:function', got {name!r}")
+    module_name, func_name = name.split(":")
+    # Recipes refer to helper modules next to them; the CLI may be run as an installed script.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # modules written since the last import must be visible
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise MergeCliError(
+            f"{where}.factory: cannot import {module_name!r} ({_describe(exc)}); make sure it "
+            f"is installed or lives under the working directory {cwd}"
+        ) from exc
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise MergeCliError(
+            f"{where}.factory: module {module_name!r} has no attribute {func_name!r}; "
+            "check the function name"
+        )
+    if not callable(func):
+        raise MergeCliError(f"{where}.factory: {name!r} is not callable; name a function")
+    return name, func
+
+
+def load_python(spec: Mapping[str, Any], where: str) -> TensorData:
+    """The ``python`` source: call a factory returning a dataset of (input, label) pairs."""
+    name, func = _factory(spec, where)
+    args = spec.get("args") or {}
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise MergeCliError(f"{where}.args: expected a mapping of keyword arguments, got {args!r}")
+    try:
+        dataset = func(**args)
+    except Exception as exc:
+        raise MergeCliError(
+            f"{where}.factory: {name}(**args) raised {_describe(exc)}; fix the factory or its args"
+        ) from exc
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise MergeCliError(
+            f"{where}.factory: {name} returned {type(dataset).__name__}, which has no len(); "
+            "return a torch Dataset or list of (input, label) pairs"
+        ) from None
+    if n == 0:
+        raise MergeCliError(f"{where}.factory: {name} returned an empty dataset; return examples")
+    inputs: list[Tensor] = []
+    labels: list[int] = []
+    for i in range(n):
+        try:
+            item = dataset[i]
+        except Exception as exc:
+            raise MergeCliError(
+                f"{where}.factory: dataset from {name} failed at item {i} ({_describe(exc)})"
+            ) from exc
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise MergeCliError(
+                f"{where}.factory: item {i} of the dataset from {name} is "
+                f"{type(item).__name__}, not an (input, label) pair; return (input, label)"
+            )
+        inputs.append(_item_input(item[0], i, name, where))
+        labels.append(_item_label(item[1], i, name, where))
+    try:
+        x = torch.stack(inputs)
+    except RuntimeError as exc:
+        raise MergeCliError(
+            f"{where}.factory: inputs from {name} have different shapes ({_describe(exc)}); "
+            "every input must have the same shape"
+        ) from exc
+    y = _labels(torch.tensor(labels, dtype=torch.int64), f"labels from {name}", where)
+    return TensorData(_inputs(x, f"inputs from {name}", where), y)
+
+
+def _item_input(value: Any, i: int, name: str, where: str) -> Tensor:
+    """One dataset input as a tensor."""
+    try:
+        return torch.as_tensor(value)
+    except Exception as exc:
+        raise MergeCliError(
+            f"{where}.factory: input of item {i} from {name} is not tensor-like "
+            f"({_describe(exc)}); return a tensor or array"
+        ) from exc
+
+
+def _item_label(value: Any, i: int, name: str, where: str) -> int:
+    """One dataset label as a python int; floats and bools are rejected as likely mistakes."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        t = torch.as_tensor(value)
+        if t.numel() == 1 and not t.is_floating_point() and t.dtype != torch.bool:
+            return int(t.item())
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise MergeCliError(
+        f"{where}.factory: label of item {i} from {name} is {value!r} "
+        f"({type(value).__name__}); labels must be ints"
+    )
+
+
+_SOURCES: dict[str, Callable[[Mapping[str, Any], str], TensorData]] = {
+    "mnist": load_mnist,
+    "tensors": load_tensors,
+    "python": load_python,
+}
+
+
+def load_data(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -> TensorData:
+    """Load the dataset described by ``spec`` and apply its classes/balanced/fraction options."""
+    if not isinstance(spec, Mapping):
+        raise MergeCliError(f"{where}: expected a mapping with a 'source' key, got {spec!r}")
+    source = spec.get("source")
+    loader = _SOURCES.get(source) if isinstance(source, str) else None
+    if loader is None:
+        raise MergeCliError(
+            f"{where}.source: unknown data source {source!r}; use one of: " + ", ".join(_SOURCES)
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MergeCliError(f"{where}: seed must be an integer, got {seed!r}")
+    return apply_subset(loader(spec, where), spec, seed, where)

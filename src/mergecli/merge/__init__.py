@@ -1,0 +1,3 @@
+"""Merge methods; importing this package registers them (one module per method)."""
+
+from mergecli.merge import average  # noqa: F401

@@ -1,0 +1,87 @@
+"""The `merge` step: apply a tensor-level merge method to every tensor of the checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import create_model
+from torch import Tensor
+
+from mergecli.errors import MergeCliError
+from mergecli.registry import StepParams, step_method
+from mergecli.state import MergeState, StateDict
+
+# Leading parameters of a merge function that the engine supplies; the rest are recipe keys.
+TENSOR_ARGUMENTS = ("models", "weights", "base")
+
+MergeFunction = Callable[..., Tensor]
+
+
+def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction], MergeFunction]:
+    """Register a function over one tensor's stack ``models`` (N, ...) as ``merge: {method: name}``.
+
+    The function's keyword parameters after ``models``, ``weights`` and ``base`` become the
+    method's recipe parameters, with their type hints and defaults.
+    """
+
+    def register(fn: MergeFunction) -> MergeFunction:
+        params = _params_model(name, fn)
+
+        def run(state: MergeState, options: StepParams) -> None:
+            state.merged = merge_state_dicts(state, fn, options.model_dump(), needs_base)
+            state.merged_by = f"merge: {name}"
+
+        run.__doc__ = fn.__doc__
+        step_method("merge", name, params, needs=("base",) if needs_base else ())(run)
+        return fn
+
+    return register
+
+
+def _params_model(name: str, fn: MergeFunction) -> type[StepParams]:
+    hints = typing.get_type_hints(fn)
+    fields: dict[str, Any] = {}
+    for parameter in inspect.signature(fn).parameters.values():
+        if parameter.name in TENSOR_ARGUMENTS:
+            continue
+        default = ... if parameter.default is inspect.Parameter.empty else parameter.default
+        fields[parameter.name] = (hints.get(parameter.name, Any), default)
+    return create_model(f"{name}_params", __base__=StepParams, **fields)
+
+
+def merge_state_dicts(
+    state: MergeState, fn: MergeFunction, options: dict[str, Any], needs_base: bool
+) -> StateDict:
+    """Merge tensor by tensor in float32; non-floating tensors come from the reference."""
+    models = state.models
+    if not models:
+        raise MergeCliError(
+            f"{state.loaded.source}: there is no checkpoint to merge besides the base"
+        )
+    weights = torch.tensor(
+        [m.spec.weight for m in models], dtype=torch.float32, device=state.device
+    )
+    merged: StateDict = {}
+    reference = state.reference.tensors
+    names = list(reference)
+    for name in state.log.progress(names, len(names), "merging tensors"):
+        tensor = reference[name]
+        if not tensor.is_floating_point():
+            merged[name] = tensor
+            continue
+        stack = torch.stack([m.tensors[name].to(state.device, torch.float32) for m in models])
+        extra = {}
+        if needs_base:
+            extra["base"] = state.base.tensors[name].to(state.device, torch.float32)
+        result = fn(stack, weights=weights, **extra, **options)
+        if not torch.isfinite(result).all():
+            raise MergeCliError(
+                f"merge: tensor '{name}' came out with NaN or inf values; check the method's "
+                "parameters (e.g. weights that sum to 0)"
+            )
+        merged[name] = result.to(tensor.dtype).cpu()
+    return merged

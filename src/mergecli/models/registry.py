@@ -1,0 +1,229 @@
+"""Turn a recipe's ``model.arch`` + ``model.args`` into an ``nn.Module``: built-ins or user code."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from mergecli.errors import MergeCliError
+from mergecli.models.mlp import mlp
+from mergecli.models.resnet import resnet20
+from mergecli.models.vgg import vgg
+from mergecli.models.vit import vit
+
+_BUILTINS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "vgg": vgg,
+    "resnet20": resnet20,
+    "vit": vit,
+}
+
+_DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_NAME = re.compile(r"^[A-Za-z_]\w*$")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message with newlines collapsed, since errors are printed as one line."""
+    return " ".join(str(exc).split())
+
+
+def builtin_architectures() -> dict[str, Callable[..., nn.Module]]:
+    """Built-in architecture names mapped to their (keyword-only) factories."""
+    return dict(_BUILTINS)
+
+
+def build_model(arch: str, args: dict[str, Any] | None = None) -> nn.Module:
+    """Build a built-in architecture or a user ``package.module:factory`` with ``**args``."""
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise MergeCliError(
+            f"model.args: expected a mapping of keyword arguments, got {type(args).__name__}; "
+            f"write model.args as 'name: value' lines"
+        )
+    if not isinstance(arch, str) or not arch.strip():
+        raise MergeCliError(
+            f"model.arch: expected a built-in name ({_builtin_list()}) or "
+            f"'package.module:factory', got {arch!r}"
+        )
+    arch = arch.strip()
+    if ":" in arch:
+        factory = _user_factory(arch)
+        return _call(arch, factory, args, user=True)
+    if arch not in _BUILTINS:
+        raise MergeCliError(_unknown_builtin_message(arch))
+    return _call(arch, _BUILTINS[arch], args, user=False)
+
+
+def _builtin_list() -> str:
+    return ", ".join(_BUILTINS)
+
+
+def _unknown_builtin_message(arch: str) -> str:
+    close = difflib.get_close_matches(arch.lower(), list(_BUILTINS), n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    variant = re.fullmatch(r"vgg[-_]?(\d+)", arch.lower())
+    if variant:
+        hint = f"use model.arch 'vgg' with model.args.variant: {variant.group(1)}; "
+    if "." in arch:
+        # "pkg.module.factory" is a common slip for "pkg.module:factory".
+        module, _, name = arch.rpartition(".")
+        hint += f"for your own code write '{module}:{name}'; "
+    return (
+        f"model.arch: unknown architecture '{arch}'; {hint}built-ins are: {_builtin_list()} "
+        f"(or use 'package.module:factory' for your own model)"
+    )
+
+
+def _user_factory(arch: str) -> Callable[..., Any]:
+    """Import ``module`` from ``module:factory`` (cwd importable) and return the callable."""
+    module_name, sep, factory_name = arch.partition(":")
+    module_name, factory_name = module_name.strip(), factory_name.strip()
+    if (
+        not sep
+        or ":" in factory_name
+        or not _DOTTED_NAME.match(module_name)
+        or not _NAME.match(factory_name)
+    ):
+        raise MergeCliError(
+            f"model.arch: '{arch}' is not of the form 'package.module:factory' "
+            f"(e.g. 'mymodels:tiny_cnn'); use one ':' between a Python module path and a "
+            f"function name"
+        )
+    # Recipes refer to model files next to them; make `mergecli run` from that directory work.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # files written after startup must be found too
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise MergeCliError(
+            f"model.arch '{arch}': cannot import module '{module_name}': {_one_line(exc)}; "
+            f"run mergecli from the directory that contains it or install its package"
+        ) from exc
+    except Exception as exc:
+        raise MergeCliError(
+            f"model.arch '{arch}': importing module '{module_name}' failed with "
+            f"{type(exc).__name__}: {_one_line(exc)}; fix the error in that module"
+        ) from exc
+    where = getattr(module, "__file__", None) or module_name
+    factory = getattr(module, factory_name, None)
+    if factory is None:
+        defined = sorted(
+            name
+            for name, value in vars(module).items()
+            if callable(value)
+            and not name.startswith("_")
+            and getattr(value, "__module__", None) == module.__name__
+        )
+        close = difflib.get_close_matches(factory_name, defined, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        listing = ", ".join(defined) if defined else "no public functions or classes"
+        raise MergeCliError(
+            f"model.arch '{arch}': module '{module_name}' ({where}) has no '{factory_name}'; "
+            f"{hint}it defines: {listing}"
+        )
+    if not callable(factory):
+        raise MergeCliError(
+            f"model.arch '{arch}': '{factory_name}' in {where} is a "
+            f"{type(factory).__name__}, not a function or class; point model.arch at a "
+            f"function that returns an nn.Module"
+        )
+    return factory
+
+
+def _parameter_names(factory: Callable[..., Any]) -> list[str] | None:
+    """Keyword parameter names of ``factory``, or None when unknown / it takes **kwargs."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+
+
+def _bad_args_message(
+    label: str, name: str, factory: Callable[..., Any], args: dict[str, Any], reason: str
+) -> str:
+    allowed = _parameter_names(factory)
+    message = f"model.args: {name}() {reason}"
+    if allowed is not None:
+        for key in args:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.7)
+                if close:
+                    message += f" (did you mean '{close[0]}'?)"
+                break
+        message += f"; {label} accepts: {', '.join(allowed) if allowed else 'no arguments'}"
+    return message
+
+
+def _call(arch: str, factory: Callable[..., Any], args: dict[str, Any], user: bool) -> nn.Module:
+    """Call ``factory(**args)``, turning bad arguments and bad return values into one line."""
+    name = getattr(factory, "__name__", arch.rpartition(":")[2])
+    label = f"'{arch}'"
+    bad_keys = [key for key in args if not isinstance(key, str)]
+    if bad_keys:
+        raise MergeCliError(
+            f"model.args: argument names must be strings, got {bad_keys[0]!r}; "
+            f"write model.args as 'name: value' lines"
+        )
+    # Check the arguments against the signature first, so a TypeError raised *inside* a
+    # factory (a bug there) is not mistaken for a wrong argument name.
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    args_checked = False
+    if signature is not None:
+        try:
+            signature.bind(**args)
+        except TypeError as exc:
+            raise MergeCliError(
+                _bad_args_message(label, name, factory, args, _one_line(exc))
+            ) from exc
+        args_checked = _parameter_names(factory) is not None
+    try:
+        model = factory(**args)
+    except MergeCliError:
+        raise
+    except TypeError as exc:
+        if not user:
+            raise
+        if args_checked:
+            # The names fit the signature, so this TypeError comes from inside the factory.
+            raise MergeCliError(
+                f"model.arch '{arch}': the factory raised TypeError: {_one_line(exc)}; "
+                f"fix the factory or the values in model.args"
+            ) from exc
+        reason = _one_line(exc)
+        # Python prefixes the function name itself (`tiny() got ...`); avoid `tiny() tiny() ...`.
+        reason = re.sub(rf"^{re.escape(name)}\(\)\s*", "", reason)
+        raise MergeCliError(_bad_args_message(label, name, factory, args, reason)) from exc
+    except Exception as exc:
+        if not user:
+            raise
+        raise MergeCliError(
+            f"model.arch '{arch}': the factory raised {type(exc).__name__}: {_one_line(exc)}; "
+            f"fix the factory or the values in model.args"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise MergeCliError(
+            f"model.arch '{arch}': {name}() returned {type(model).__name__}, "
+            f"not a torch.nn.Module; make the factory return the model instance"
+        )
+    return model

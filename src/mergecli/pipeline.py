@@ -1,0 +1,213 @@
+"""Run a recipe: check inputs, load checkpoints, run the steps in order, write the output."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergecli import __version__
+from mergecli.errors import MergeCliError
+from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
+from mergecli.io.atomic import write_text_atomic
+from mergecli.recipe import LoadedRecipe, ModelSpec
+from mergecli.registry import methods_of
+from mergecli.runtime.device import resolve_device
+from mergecli.runtime.log import Log
+from mergecli.state import Checkpoint, MergeState, StateDict
+
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def run_recipe(loaded: LoadedRecipe, log: Log) -> MergeState:
+    """Everything `mergecli run` does after the recipe validated."""
+    recipe = loaded.recipe
+    torch.manual_seed(recipe.seed)
+    out_dir = loaded.output_dir
+    created = _check_writable(out_dir)
+    try:
+        state = prepare_state(loaded, log)
+        for step in loaded.steps:
+            method = methods_of(step.kind)[step.method]
+            log.info(f"step {step.index}: {step.kind} ({step.method})")
+            started = time.perf_counter()
+            method.run(state, step.params)
+            state.report.setdefault("timings_s", {})[f"{step.index}.{step.kind}"] = round(
+                time.perf_counter() - started, 3
+            )
+        write_outputs(state, out_dir)
+    except BaseException:
+        # A failed run must not leave a directory it made itself, empty, behind.
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    return state
+
+
+def prepare_state(loaded: LoadedRecipe, log: Log) -> MergeState:
+    """Verify pins, load and cross-check every checkpoint, and decide the model."""
+    recipe = loaded.recipe
+    device = resolve_device(recipe.device)
+    checkpoints: list[Checkpoint] = []
+    for index, spec in enumerate(recipe.checkpoints):
+        digest = checkpoint_sha256(spec.path)
+        if spec.sha256 is not None and digest != spec.sha256:
+            raise MergeCliError(
+                f"{spec.path}: sha256 is {digest}, the recipe pins {spec.sha256} "
+                f"(checkpoints.{index}.sha256); the file changed: restore it or update the pin"
+            )
+        name = spec.name or _display_name(spec.path, index)
+        tensors = load_state_dict(spec.path)
+        _check_finite(spec.path, tensors)
+        checkpoints.append(Checkpoint(spec, name, digest, tensors, read_metadata(spec.path)))
+        log.info(f"loaded {spec.path}", tensors=len(tensors), sha256=digest[:12])
+    _check_same_tensors(checkpoints)
+    reference = _reference_index(recipe.checkpoints)
+    model_spec = recipe.model or _model_from_metadata(checkpoints[reference])
+    state = MergeState(loaded, checkpoints, reference, device, log, model_spec)
+    if recipe.model is not None or _needs_model(loaded):
+        _check_checkpoints_fit(state)
+    state.report["inputs"] = [
+        {"name": c.name, "path": c.spec.path, "sha256": c.sha256, "role": c.spec.role}
+        for c in checkpoints
+    ]
+    return state
+
+
+def _reference_index(specs: list) -> int:
+    """`role: reference` if given, else the first checkpoint that is not the base."""
+    for wanted in ("reference", None):
+        for index, spec in enumerate(specs):
+            if spec.role == wanted:
+                return index
+    return 0
+
+
+def _display_name(path: str, index: int) -> str:
+    stem = Path(path).name
+    for suffix in (".safetensors",):
+        stem = stem.removesuffix(suffix)
+    return stem or f"checkpoint{index}"
+
+
+def _check_finite(path: str, tensors: StateDict) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise MergeCliError(
+                f"{path}: tensor '{name}' contains NaN or inf values; the checkpoint is broken "
+                "(re-train or re-export it)"
+            )
+
+
+def _check_same_tensors(checkpoints: list[Checkpoint]) -> None:
+    """Every checkpoint must hold the same tensor names and shapes as the first."""
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        missing = [n for n in first.tensors if n not in other.tensors]
+        extra = [n for n in other.tensors if n not in first.tensors]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {_names(missing)}")
+            if extra:
+                parts.append(f"has extra {_names(extra)}")
+            raise MergeCliError(
+                f"{other.spec.path}: {' and '.join(parts)} compared with {first.spec.path}; "
+                "checkpoints to merge must have the same tensors"
+            )
+        for name, tensor in first.tensors.items():
+            if other.tensors[name].shape != tensor.shape:
+                raise MergeCliError(
+                    f"{other.spec.path}: tensor '{name}' has shape "
+                    f"{tuple(other.tensors[name].shape)}, {first.spec.path} has "
+                    f"{tuple(tensor.shape)}; checkpoints to merge must have the same shapes"
+                )
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _model_from_metadata(checkpoint: Checkpoint) -> ModelSpec | None:
+    """Checkpoints written by `mergecli train` or `run` say which architecture they are."""
+    arch = checkpoint.metadata.get("mergecli.arch")
+    if arch is None:
+        return None
+    return ModelSpec(arch=arch, args=json.loads(checkpoint.metadata.get("mergecli.args", "{}")))
+
+
+def _needs_model(loaded: LoadedRecipe) -> bool:
+    return any("model" in methods_of(s.kind)[s.method].needs for s in loaded.steps)
+
+
+def _check_checkpoints_fit(state: MergeState) -> None:
+    """Load every checkpoint into the module once, so a misfit is reported before any work."""
+    from mergecli.models import load_into_model
+
+    module = state.build_module()
+    for checkpoint in state.checkpoints:
+        load_into_model(module, checkpoint.tensors, checkpoint.spec.path)
+
+
+def _check_writable(out_dir: Path) -> bool:
+    """Fail before any work if the output directory cannot be written; return whether we made it."""
+    existed = out_dir.is_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise MergeCliError(
+            f"{out_dir}: cannot write the output directory ({exc.strerror or exc}); "
+            "choose another output.dir or fix its permissions"
+        ) from None
+    return not existed
+
+
+def output_metadata(state: MergeState) -> dict[str, str]:
+    """What the merged safetensors carry so that a merge can be traced and reproduced."""
+    loaded = state.loaded
+    metadata = {
+        "format": "pt",
+        "mergecli.version": __version__,
+        "mergecli.recipe_sha256": loaded.sha256(),
+        "mergecli.inputs": json.dumps({c.spec.path: c.sha256 for c in state.checkpoints}),
+        "mergecli.steps": json.dumps([s.as_dict() for s in loaded.steps]),
+        "mergecli.seed": str(loaded.recipe.seed),
+    }
+    if state.model_spec is not None:
+        metadata["mergecli.arch"] = state.model_spec.arch
+        metadata["mergecli.args"] = json.dumps(state.model_spec.args)
+    return metadata
+
+
+def write_outputs(state: MergeState, out_dir: Path) -> None:
+    """Merged checkpoint, resolved recipe and report, each written whole under its final name."""
+    output = state.loaded.recipe.output
+    if state.merged is not None:
+        dtype = OUTPUT_DTYPES.get(output.dtype)
+        paths = save_state_dict(
+            state.merged, out_dir, output_metadata(state), output.shard_size, dtype
+        )
+        state.report["output"] = {"files": [p.name for p in paths], "dtype": output.dtype}
+        state.log.info(f"wrote {', '.join(str(p) for p in paths)}")
+    state.report["recipe_sha256"] = state.loaded.sha256()
+    state.report["mergecli_version"] = __version__
+    write_text_atomic(out_dir / "recipe.resolved.yaml", state.loaded.resolved_yaml())
+    write_text_atomic(out_dir / "report.json", json.dumps(_plain(state.report), indent=2) + "\n")
+    state.log.info(f"wrote {out_dir / 'report.json'}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value

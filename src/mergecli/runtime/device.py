@@ -1,0 +1,29 @@
+"""Choosing the torch device a recipe runs on."""
+
+from __future__ import annotations
+
+import torch
+
+from mergecli.errors import MergeCliError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MergeCliError(
+                f"device: {name} was asked for but torch sees no CUDA GPU "
+                f"(torch {torch.__version__}); use device: auto or cpu"
+            )
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise MergeCliError(
+                f"device: {name} does not exist (this machine has "
+                f"{torch.cuda.device_count()} GPU(s)); use cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise MergeCliError("device: mps was asked for but is not available; use auto or cpu")
+    return torch.device(name)

@@ -1,0 +1,87 @@
+"""MergeState: what the steps of one run share. Each step reads it and changes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mergecli.errors import MergeCliError
+from mergecli.recipe import CheckpointSpec, LoadedRecipe, ModelSpec
+from mergecli.runtime.log import Log
+
+StateDict = dict[str, Tensor]
+
+
+@dataclass
+class Checkpoint:
+    """One loaded input: its recipe entry, display name, file hash and tensors."""
+
+    spec: CheckpointSpec
+    name: str
+    sha256: str
+    tensors: StateDict
+    metadata: dict[str, str]
+
+    @property
+    def path(self) -> Path:
+        return Path(self.spec.path)
+
+
+@dataclass
+class MergeState:
+    """The reference and other checkpoints, the module and data, the merged result, the report."""
+
+    loaded: LoadedRecipe
+    checkpoints: list[Checkpoint]
+    reference_index: int
+    device: torch.device
+    log: Log
+    model_spec: ModelSpec | None
+    merged: StateDict | None = None
+    merged_by: str | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    _data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> Checkpoint:
+        return self.checkpoints[self.reference_index]
+
+    @property
+    def base(self) -> Checkpoint | None:
+        return next((c for c in self.checkpoints if c.spec.role == "base"), None)
+
+    @property
+    def models(self) -> list[Checkpoint]:
+        """The checkpoints being merged: every one but the base model."""
+        return [c for c in self.checkpoints if c.spec.role != "base"]
+
+    def build_module(self) -> nn.Module:
+        """A fresh module of the recipe's architecture, on the run's device."""
+        from mergecli.models import build_model
+
+        if self.model_spec is None:
+            raise MergeCliError(
+                f"{self.loaded.source}: this step needs `model: {{arch: ..., args: ...}}`, and the "
+                "checkpoints do not say which architecture they are (not written by mergecli)"
+            )
+        return build_model(self.model_spec.arch, self.model_spec.args).to(self.device)
+
+    def data(self, split: Literal["fit", "eval"]) -> Any:
+        """The recipe's ``data.fit`` or ``data.eval``, loaded once."""
+        from mergecli.data import load_data
+
+        if split not in self._data:
+            spec = getattr(self.loaded.recipe.data, split)
+            if spec is None:
+                raise MergeCliError(f"{self.loaded.source}: this step needs data.{split}")
+            raw = spec.model_dump(exclude_none=True, exclude={"batch_size"})
+            self._data[split] = load_data(raw, seed=self.loaded.recipe.seed, where=f"data.{split}")
+        return self._data[split]
+
+    def batch_size(self, split: Literal["fit", "eval"]) -> int:
+        spec = getattr(self.loaded.recipe.data, split)
+        return spec.batch_size

@@ -1,0 +1,93 @@
+"""`mergecli train`: make real checkpoints to merge (a plain supervised loop, kept small)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from mergecli import __version__
+from mergecli.errors import MergeCliError
+from mergecli.io.atomic import atomic_target
+from mergecli.runtime.log import Log
+
+
+def train_model(
+    arch: str,
+    args: dict[str, Any],
+    train_spec: dict[str, Any],
+    eval_spec: dict[str, Any] | None,
+    *,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    optimizer: Literal["adam", "sgd"],
+    device: torch.device,
+    log: Log,
+) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Train ``arch(**args)`` with cross-entropy; return the module and its final accuracies."""
+    from mergecli.data import load_data
+    from mergecli.evaluate.metrics import accuracy
+    from mergecli.models import build_model
+
+    torch.manual_seed(seed)
+    module = build_model(arch, args).to(device)
+    train = load_data(train_spec, seed=seed, where="--data")
+    held_out = load_data(eval_spec, seed=seed, where="--eval-data") if eval_spec else None
+    if optimizer == "adam":
+        opt = torch.optim.Adam(module.parameters(), lr=lr)
+    else:
+        opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    shuffle = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        module.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for x, y in train.batches(batch_size, shuffle=True, generator=shuffle, device=device):
+            logits = module(x)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise MergeCliError(
+                    f"train: the loss became {loss.item()} in epoch {epoch + 1}; lower --lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.item() * len(y)
+        fields = {"loss": round(loss_sum / total, 4), "train_acc": round(correct / total, 4)}
+        if held_out is not None:
+            fields["eval_acc"] = round(_accuracy(module, held_out, batch_size, device, accuracy), 4)
+        log.info(f"epoch {epoch + 1}/{epochs}", **fields)
+    metrics = {"train_accuracy": _accuracy(module, train, batch_size, device, accuracy)}
+    if held_out is not None:
+        metrics["eval_accuracy"] = _accuracy(module, held_out, batch_size, device, accuracy)
+    return module, metrics
+
+
+@torch.no_grad()
+def _accuracy(module, data, batch_size, device, accuracy) -> float:
+    module.eval()
+    logits = torch.cat([module(x).cpu() for x, _ in data.batches(batch_size, device=device)])
+    return accuracy(logits, data.y)
+
+
+def save_trained(module: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
+    """Write the checkpoint atomically with what `mergecli run` needs to rebuild the model."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    text_metadata = {"format": "pt", "mergecli.version": __version__}
+    for key, value in metadata.items():
+        text_metadata[f"mergecli.{key}"] = value if isinstance(value, str) else json.dumps(value)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_target(path) as tmp:
+            save_file(tensors, tmp, metadata=text_metadata)
+    except OSError as exc:
+        raise MergeCliError(
+            f"{path}: cannot write the checkpoint ({exc.strerror or exc}); choose another --out"
+        ) from None

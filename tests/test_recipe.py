@@ -1,0 +1,176 @@
+"""Recipe loading: line-numbered errors, suggestions, overrides and the resolved recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergecli.errors import RecipeError
+from mergecli.recipe import load_recipe
+
+GOOD = """\
+version: 1
+name: demo
+model:
+  arch: mlp
+  args: {depth: 3}
+checkpoints:
+  - path: a.safetensors
+  - path: b.safetensors
+    weight: 2
+data:
+  eval: {source: mnist, split: test}
+steps:
+  - merge: {method: average}
+  - evaluate: {}
+output:
+  dir: out/demo
+  shard_size: 5GB
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems(tmp_path: Path, text: str, overrides: list[str] | None = None) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text), overrides)
+    return info.value.problems
+
+
+def test_good_recipe_resolves_defaults(tmp_path: Path) -> None:
+    loaded = load_recipe(write(tmp_path, GOOD))
+    resolved = loaded.resolved()
+    assert resolved["seed"] == 0 and resolved["device"] == "auto"
+    assert resolved["output"] == {"dir": "out/demo", "dtype": "auto", "shard_size": 5_000_000_000}
+    assert resolved["steps"][0] == {"merge": {"method": "average", "normalize": True}}
+    assert resolved["steps"][1]["evaluate"]["method"] == "classification"
+    assert resolved["steps"][1]["evaluate"]["baselines"] == ["endpoints", "ensemble", "average"]
+    assert resolved["checkpoints"][1]["weight"] == 2.0
+    # The resolved recipe is itself a valid recipe that resolves to the same thing.
+    again = load_recipe(write(tmp_path, loaded.resolved_yaml()))
+    assert again.resolved() == resolved
+    assert again.sha256() == loaded.sha256()
+
+
+def test_name_defaults_to_file_stem_and_output_dir_to_name(tmp_path: Path) -> None:
+    path = tmp_path / "my-merge.yaml"
+    path.write_text("version: 1\ncheckpoints: [{path: a.safetensors}]\n")
+    loaded = load_recipe(path)
+    assert loaded.recipe.name == "my-merge"
+    assert loaded.output_dir == Path("out/my-merge")
+
+
+def test_unknown_key_names_line_and_suggests(tmp_path: Path) -> None:
+    text = GOOD.replace("  eval: {source", "  evl: {source")
+    [problem] = problems(tmp_path, text)
+    assert problem.startswith(f"{tmp_path / 'recipe.yaml'}:11: data.evl: unknown key 'evl'")
+    assert "did you mean 'eval'?" in problem
+
+
+def test_unknown_top_level_key_and_step_param(tmp_path: Path) -> None:
+    text = GOOD.replace("name: demo", "nmae: demo").replace(
+        "{method: average}", "{method: average, normalise: false}"
+    )
+    found = problems(tmp_path, text)
+    assert any(":2: nmae: unknown key 'nmae'; did you mean 'name'?" in p for p in found)
+    # Step parameters are validated against the method's own schema.
+    text = GOOD.replace("{method: average}", "{method: average, normalise: false}")
+    [problem] = problems(tmp_path, text)
+    assert ":13: steps.0.merge.normalise: unknown key 'normalise'; did you mean 'normalize'?" in (
+        problem
+    )
+
+
+def test_wrong_type_and_range_name_the_line(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, GOOD.replace("weight: 2", "weight: heavy"))
+    assert ":9: checkpoints.1.weight: " in problem and "'heavy'" in problem
+    text = GOOD.replace("{source: mnist, split: test}", "{source: mnist, batch_size: -1}")
+    [problem] = problems(tmp_path, text)
+    assert ":11: data.eval.batch_size: input should be greater than 0 (got -1)" in problem
+
+
+def test_unknown_step_kind_and_method(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, GOOD.replace("- merge: {method: average}", "- merg: {}"))
+    assert ":13: steps.0.merg: unknown step kind 'merg'; did you mean 'merge'?" in problem
+    [problem] = problems(tmp_path, GOOD.replace("{method: average}", "{method: averag}"))
+    assert ":13: steps.0.merge.method: unknown merge method 'averag'; did you mean 'average'?" in (
+        problem
+    )
+
+
+def test_step_needs_are_checked(tmp_path: Path) -> None:
+    text = GOOD.replace("data:\n  eval: {source: mnist, split: test}\n", "")
+    [problem] = problems(tmp_path, text)
+    assert ":12: steps.1.evaluate: classification needs data.eval" in problem
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, "version: 1\nname: x\n")
+    assert problem.endswith("checkpoints: required key is missing")
+    [problem] = problems(tmp_path, GOOD.replace("  - path: a.safetensors\n", "  - weight: 1\n"))
+    assert ":7: checkpoints.0.path: required key is missing" in problem
+
+
+def test_invalid_yaml_and_duplicate_keys(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, GOOD.replace("  arch: mlp", "  arch: [mlp"))
+    assert ": invalid YAML:" in problem and problem.startswith(str(tmp_path / "recipe.yaml") + ":")
+    [problem] = problems(tmp_path, GOOD + "name: again\n")
+    assert problem.endswith(":18: name: duplicate key")
+
+
+def test_bad_values(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        GOOD.replace("version: 1", "version: 2")
+        .replace("shard_size: 5GB", "shard_size: 5 parsecs")
+        .replace("name: demo", "name: demo\ndevice: gpu"),
+    )
+    text = "\n".join(found)
+    assert ":1: version:" in text
+    assert ":3: device: must be auto, cpu, cuda, cuda:N or mps" in text
+    assert "output.shard_size:" in text
+    bad_pin = GOOD.replace("  - path: a.safetensors", "  - path: a.safetensors\n    sha256: abc")
+    [problem] = problems(tmp_path, bad_pin)
+    assert "checkpoints.0.sha256: must be 64 hexadecimal characters" in problem
+
+
+def test_data_source_keys_are_checked(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, GOOD.replace("{source: mnist, split: test}", "{source: tensors}"))
+    assert ":11: data.eval: source 'tensors' needs `path`" in problem
+    text = GOOD.replace("{source: mnist, split: test}", "{source: mnist, factory: 'a:b'}")
+    [problem] = problems(tmp_path, text)
+    assert "source 'mnist' takes no factory" in problem
+
+
+def test_overrides_apply_and_are_blamed(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    loaded = load_recipe(path, ["steps.0.merge.normalize=false", "seed=7", "output.dtype=bfloat16"])
+    resolved = loaded.resolved()
+    assert resolved["steps"][0]["merge"]["normalize"] is False
+    assert resolved["seed"] == 7 and resolved["output"]["dtype"] == "bfloat16"
+    # New keys can be created, and an override's error points at --set, not a line.
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["data.eval.batch_size=0"])
+    assert info.value.problems[0].startswith("--set data.eval.batch_size: data.eval.batch_size:")
+    with pytest.raises(RecipeError, match=r"--set steps.9.merge.normalize: there is no item 9"):
+        load_recipe(path, ["steps.9.merge.normalize=true"])
+    with pytest.raises(RecipeError, match="expected dotted.key=value"):
+        load_recipe(path, ["seed"])
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_example_recipes_validate() -> None:
+    for path in sorted(Path(__file__).parents[1].glob("configs/examples/*.yaml")):
+        loaded = load_recipe(path)
+        assert loaded.steps, path
+        assert yaml.safe_load(loaded.resolved_yaml())["version"] == 1
