@@ -12,7 +12,9 @@ import pytest
 SMALL_MLP = ["--arch", "mlp", "--arg", "depth=3", "--arg", "hidden=32"]
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, check: bool = False
+) -> subprocess.CompletedProcess:
     """Run `python -m mergecli ARGS` as a user would, capturing its output."""
     env = {**os.environ, "COLUMNS": "200"}
     result = subprocess.run(
@@ -30,14 +32,14 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False) -> subproc
 
 @pytest.fixture(scope="session")
 def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two 3-layer MLPs trained from different seeds on 2,000 MNIST images (a few seconds)."""
+    """Two 3-layer MLPs trained from different seeds on 3,000 MNIST images (a few seconds)."""
     root = tmp_path_factory.mktemp("runs")
     paths = []
     for seed in (0, 1):
         out = root / f"mlp-seed{seed}.safetensors"
         run_cli(
-            "--log", "plain", "train", *SMALL_MLP, "--data", "mnist:0:2000",
-            "--eval-data", "mnist:test", "--epochs", "2", "--seed", str(seed), "--out", str(out),
+            "--log", "plain", "train", *SMALL_MLP, "--data", "mnist:0:3000",
+            "--eval-data", "mnist:test", "--epochs", "3", "--seed", str(seed), "--out", str(out),
             check=True,
         )  # fmt: skip
         paths.append(out)

@@ -141,7 +141,9 @@ def test_bad_values(tmp_path: Path) -> None:
 
 
 def test_data_source_keys_are_checked(tmp_path: Path) -> None:
-    [problem] = problems(tmp_path, GOOD.replace("{source: mnist, split: test}", "{source: tensors}"))
+    [problem] = problems(
+        tmp_path, GOOD.replace("{source: mnist, split: test}", "{source: tensors}")
+    )
     assert ":11: data.eval: source 'tensors' needs `path`" in problem
     text = GOOD.replace("{source: mnist, split: test}", "{source: mnist, factory: 'a:b'}")
     [problem] = problems(tmp_path, text)

@@ -279,7 +279,7 @@ def _parse_data_option(text: str, option: str) -> dict[str, Any]:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if "[" not in str(p))
         raise MergeCliError(f"{option}: {where + ': ' if where else ''}{first['msg']}") from None
-    return spec.model_dump(exclude_none=True, exclude={"batch_size"})
+    return spec.model_dump(exclude_defaults=True, exclude={"batch_size"})
 
 
 def main() -> None:

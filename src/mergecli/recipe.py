@@ -351,9 +351,17 @@ def _problems(
 ) -> list[str]:
     """One ``file:line: key: message`` line per pydantic error."""
     problems = []
-    for error in exc.errors():
-        loc = tuple(p for p in error["loc"] if not _is_internal(p))
+    errors = [(tuple(p for p in e["loc"] if not _is_internal(p)), e) for e in exc.errors()]
+    # A misspelt required key is reported once, as the misspelling, not also as missing.
+    suggested = set()
+    for loc, error in errors:
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(root, loc[:-1]), n=1)
+            suggested.update((*loc[:-1], name) for name in close)
+    for loc, error in errors:
         path = (*prefix, *loc)
+        if error["type"] == "missing" and loc in suggested:
+            continue
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(root, loc[:-1])
             message = _unknown("key", str(loc[-1]), allowed)

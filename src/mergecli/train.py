@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from mergecli import __version__
 from mergecli.errors import MergeCliError
 from mergecli.io.atomic import atomic_target
+from mergecli.io.safetensors_format import write_safetensors
 from mergecli.runtime.log import Log
 
 
@@ -86,7 +86,7 @@ def save_trained(module: torch.nn.Module, path: Path, metadata: dict[str, Any]) 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_target(path) as tmp:
-            save_file(tensors, tmp, metadata=text_metadata)
+            write_safetensors(tmp, tensors, text_metadata)
     except OSError as exc:
         raise MergeCliError(
             f"{path}: cannot write the checkpoint ({exc.strerror or exc}); choose another --out"

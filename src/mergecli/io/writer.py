@@ -9,11 +9,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from mergecli.errors import MergeCliError
 from mergecli.io.checkpoint import INDEX_NAME
+from mergecli.io.safetensors_format import write_safetensors
 
 SINGLE_NAME = "model.safetensors"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
@@ -159,7 +158,7 @@ def save_state_dict(
         for name, group in zip(names, groups, strict=True):
             tmp = out / f".{name}.tmp-{pid}"
             pending.append((tmp, out / name))
-            save_file({n: tensors[n] for n in group}, str(tmp), metadata=meta)
+            write_safetensors(tmp, {n: tensors[n] for n in group}, meta)
             _fsync_file(tmp)
         if len(names) > 1:
             # total_size must describe this save even if the caller's metadata has the key.
@@ -188,7 +187,7 @@ def save_state_dict(
         for final in renamed:
             with contextlib.suppress(OSError):
                 final.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, SafetensorError)):
+        if isinstance(exc, OSError):
             raise _write_error(out, exc) from exc
         raise
     _fsync_dir(out)
