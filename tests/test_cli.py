@@ -62,13 +62,13 @@ def test_run_average_end_to_end(tmp_path: Path, trained_pair: tuple[Path, Path])
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     # The table is printed, and the report holds the same rows.
-    assert "ensemble" in result.stdout and "merged (merge: average)" in result.stdout
+    assert "ensemble" in result.stdout and "merged (average)" in result.stdout
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["evaluate"]["results"]}
-    assert set(rows) == {"mlp-seed0", "mlp-seed1", "ensemble", "average", "merged (merge: average)"}
+    assert set(rows) == {"mlp-seed0", "mlp-seed1", "ensemble", "average", "merged (average)"}
     assert report["evaluate"]["examples"] == 1000
     assert rows["mlp-seed0"]["accuracy"] > 0.8 and rows["ensemble"]["accuracy"] > 0.8
-    assert rows["average"]["accuracy"] == rows["merged (merge: average)"]["accuracy"]
+    assert rows["average"]["accuracy"] == rows["merged (average)"]["accuracy"]
     # The merged checkpoint is the plain average, tensor by tensor.
     merged, ta, tb = load_file(out / "model.safetensors"), load_file(a), load_file(b)
     for name, tensor in merged.items():

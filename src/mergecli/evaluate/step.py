@@ -67,7 +67,7 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
     state.report["evaluate"] = {"split": params.split, "examples": len(data), "results": rows}
     state.log.table(
         f"evaluation on data.{params.split} ({len(data)} examples)",
-        ["model", "kind", "accuracy", "loss", "Δ acc vs best endpoint"],
+        ["model", "kind", "accuracy", "loss", "Δ acc vs best (pts)"],
         [
             [
                 r["name"],

@@ -86,7 +86,11 @@ class Log:
             table.add_column(column, justify="left" if i == 0 else "right")
         for row in rows:
             table.add_row(*(_fmt(v) for v in row))
-        Console(highlight=False).print(table)
+        # Batch logs have no terminal width; keep tables on one line each there.
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            console.width = max(console.width, 120)
+        console.print(table)
 
 
 def _now() -> str:
