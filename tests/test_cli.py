@@ -314,3 +314,43 @@ def test_python_module_entry_point_and_demo_recipe(tmp_path: Path, trained_pair)
     result = run_cli("run", str(recipe), *sets, cwd=tmp_path, check=True)
     assert "mlp8-seed0" in result.stdout
     assert (tmp_path / "out/mnist-mlp8-average/model.safetensors").exists()
+
+
+def test_user_model_and_data_without_model_key(tmp_path: Path) -> None:
+    # A user's own architecture and dataset, importable from the working directory; the recipe
+    # names no model: the architecture comes from the checkpoints' metadata.
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def tiny(width=8):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, width),\n"
+        "                               torch.nn.ReLU(), torch.nn.Linear(width, 3))\n"
+    )
+    (tmp_path / "mydata.py").write_text(
+        "import torch\n"
+        "def blobs(n=300):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    y = torch.arange(n) % 3\n"
+        "    x = torch.randn(n, 4, generator=g) + 3 * torch.nn.functional.one_hot(y, 4)\n"
+        "    return torch.utils.data.TensorDataset(x, y)\n"
+    )
+    data = "{source: python, factory: 'mydata:blobs', args: {n: 300}}"
+    for seed in (0, 1):
+        run_cli(
+            "train", "--arch", "mymodels:tiny", "--arg", "width=8", "--data", data,
+            "--eval-data", "none", "--epochs", "10", "--lr", "0.02", "--batch-size", "32",
+            "--seed", str(seed),
+            "--out", f"m{seed}.safetensors", cwd=tmp_path, check=True,
+        )  # fmt: skip
+    (tmp_path / "r.yaml").write_text(
+        "version: 1\n"
+        "checkpoints: [{path: m0.safetensors}, {path: m1.safetensors, weight: 3}]\n"
+        f"data: {{eval: {data}}}\n"
+        "steps: [{merge: {method: average}}, {evaluate: {baselines: [endpoints]}}]\n"
+    )
+    run_cli("run", "r.yaml", cwd=tmp_path, check=True)
+    report = json.loads((tmp_path / "out/r/report.json").read_text())
+    rows = {row["name"]: row for row in report["evaluate"]["results"]}
+    assert rows["m0"]["accuracy"] > 0.9 and rows["m1"]["accuracy"] > 0.9
+    merged = load_file(tmp_path / "out/r/model.safetensors")
+    a, b = load_file(tmp_path / "m0.safetensors"), load_file(tmp_path / "m1.safetensors")
+    torch.testing.assert_close(merged["1.weight"], 0.25 * a["1.weight"] + 0.75 * b["1.weight"])
