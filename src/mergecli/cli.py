@@ -130,6 +130,32 @@ def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
         typer.echo(loaded.resolved_yaml(), nl=False)
 
 
+@app.command("align-spec")
+def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
+    """Show the permutation groups derived from the recipe's model: sizes and tensor axes."""
+    with user_errors():
+        from mergecli.align.step import model_spec
+        from mergecli.pipeline import prepare_state
+        from mergecli.recipe import load_recipe
+
+        log = _log()
+        state = prepare_state(load_recipe(recipe, set_ or []), log)
+        spec = model_spec(state)
+        rows = []
+        for group in spec.groups:
+            axes = []
+            for m in group.members:
+                sizes = state.reference.tensors[m.tensor].shape
+                part = "" if m.length == sizes[m.axis] else f"[{m.offset}:{m.offset + m.length}]"
+                axes.append(f"{m.tensor}[{m.axis}]{part}")
+            rows.append([group.name, group.size, group.activation, ", ".join(axes)])
+        log.table(
+            f"permutation groups of {state.model_spec.arch} (self-check passed)",
+            ["group", "units", "activation", "tensor[axis]"],
+            rows,
+        )
+
+
 @app.command()
 def inspect(
     checkpoint: Annotated[str, typer.Argument(help="A safetensors file or checkpoint directory.")],
@@ -156,7 +182,8 @@ def methods() -> None:
         rows = []
         for method in all_methods():
             params = []
-            for name, field in method.params.model_fields.items():
+            for field_name, field in method.params.model_fields.items():
+                name = field.alias or field_name
                 default = (
                     "required"
                     if field.is_required()

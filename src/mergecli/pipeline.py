@@ -13,7 +13,8 @@ import torch
 from mergecli import __version__
 from mergecli.errors import MergeCliError
 from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
-from mergecli.io.atomic import write_text_atomic
+from mergecli.io.atomic import atomic_target, write_text_atomic
+from mergecli.io.safetensors_format import write_safetensors
 from mergecli.recipe import LoadedRecipe, ModelSpec
 from mergecli.registry import methods_of
 from mergecli.runtime.device import resolve_device
@@ -196,6 +197,12 @@ def write_outputs(state: MergeState, out_dir: Path) -> None:
         )
         state.report["output"] = {"files": [p.name for p in paths], "dtype": output.dtype}
         state.log.info(f"wrote {', '.join(str(p) for p in paths)}")
+    for name, (tensors, metadata) in state.artifacts.items():
+        path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_target(path) as tmp:
+            write_safetensors(tmp, tensors, metadata)
+        state.report.setdefault("artifacts", []).append(name)
     state.report["recipe_sha256"] = state.loaded.sha256()
     state.report["mergecli_version"] = __version__
     write_text_atomic(out_dir / "recipe.resolved.yaml", state.loaded.resolved_yaml())

@@ -154,7 +154,8 @@ class StepSpec:
     params: StepParams
 
     def as_dict(self) -> dict[str, Any]:
-        return {self.kind: {"method": self.method, **self.params.model_dump(mode="json")}}
+        params = self.params.model_dump(mode="json", by_alias=True)
+        return {self.kind: {"method": self.method, **params}}
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,7 @@ def _allowed_keys(model: type[BaseModel], loc: Path_) -> list[str]:
             return []
     annotation = _unwrap(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return list(annotation.model_fields)
+        return [field.alias or name for name, field in annotation.model_fields.items()]
     return []
 
 

@@ -16,8 +16,10 @@ STEP_KINDS = ("align", "fit", "merge", "repair", "evaluate", "analyze")
 
 # Modules whose import registers the built-in methods; later issues add theirs here.
 BUILTIN_METHOD_MODULES = (
+    "mergecli.align.step",
     "mergecli.merge",
     "mergecli.evaluate.step",
+    "mergecli.merge.repair",
 )
 
 

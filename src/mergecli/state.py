@@ -25,6 +25,12 @@ class Checkpoint:
     sha256: str
     tensors: StateDict
     metadata: dict[str, str]
+    aligned: StateDict | None = None  # the tensors in the reference's basis, after `align`
+
+    @property
+    def merge_tensors(self) -> StateDict:
+        """What merges use: the aligned tensors when an align step ran, else the originals."""
+        return self.aligned if self.aligned is not None else self.tensors
 
     @property
     def path(self) -> Path:
@@ -43,7 +49,11 @@ class MergeState:
     model_spec: ModelSpec | None
     merged: StateDict | None = None
     merged_by: str | None = None
+    spec: Any = None  # the model's PermutationSpec, once an align step derived it
     report: dict[str, Any] = field(default_factory=dict)
+    # Extra files for the output dir (relative name -> tensors, metadata), written atomically
+    # with the merged model at the end of a successful run.
+    artifacts: dict[str, tuple[StateDict, dict[str, str]]] = field(default_factory=dict)
     _data: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -81,6 +91,20 @@ class MergeState:
             raw = spec.model_dump(exclude_none=True, exclude={"batch_size"})
             self._data[split] = load_data(raw, seed=self.loaded.recipe.seed, where=f"data.{split}")
         return self._data[split]
+
+    def example_input(self) -> Tensor:
+        """A small input batch for tracing: from ``model.input_shape``, else from the data."""
+        spec = self.model_spec
+        if spec is not None and spec.input_shape:
+            generator = torch.Generator().manual_seed(self.loaded.recipe.seed)
+            return torch.randn(2, *spec.input_shape, generator=generator)
+        for split in ("fit", "eval"):
+            if getattr(self.loaded.recipe.data, split) is not None:
+                return self.data(split).x[:2].clone()
+        raise MergeCliError(
+            f"{self.loaded.source}: tracing the model needs an example input; add "
+            "`model: {input_shape: [C, H, W]}` or a `data:` section"
+        )
 
     def batch_size(self, split: Literal["fit", "eval"]) -> int:
         spec = getattr(self.loaded.recipe.data, split)

@@ -6,11 +6,12 @@ from typing import Literal
 
 from pydantic import Field
 
+from mergecli.errors import MergeCliError
 from mergecli.evaluate.metrics import accuracy, collect_logits, cross_entropy, ensemble_logits
 from mergecli.registry import StepParams, step_method
 from mergecli.state import MergeState
 
-Baseline = Literal["endpoints", "ensemble", "average"]
+Baseline = Literal["endpoints", "ensemble", "average", "aligned_average"]
 
 
 class EvaluateParams(StepParams):
@@ -56,8 +57,15 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
     if "ensemble" in params.baselines:
         add("ensemble", "ensemble", ensemble_logits(list(endpoint_logits.values())))
     if "average" in params.baselines:
-        averaged = merge_state_dicts(state, average, {"normalize": True}, needs_base=False)
+        averaged = merge_state_dicts(state, average, {"normalize": True}, False, aligned=False)
         add("average", "average", logits_of(averaged))
+    if "aligned_average" in params.baselines:
+        if not any(c.aligned is not None for c in state.models):
+            raise MergeCliError(
+                "evaluate: baseline aligned_average needs an `align` step before `evaluate`"
+            )
+        averaged = merge_state_dicts(state, average, {"normalize": True}, False, aligned=True)
+        add("aligned average", "aligned_average", logits_of(averaged))
     if state.merged is not None:
         add(f"merged ({state.merged_by})", "merged", logits_of(state.merged))
 

@@ -54,10 +54,18 @@ def _params_model(name: str, fn: MergeFunction) -> type[StepParams]:
 
 
 def merge_state_dicts(
-    state: MergeState, fn: MergeFunction, options: dict[str, Any], needs_base: bool
+    state: MergeState,
+    fn: MergeFunction,
+    options: dict[str, Any],
+    needs_base: bool,
+    aligned: bool = True,
 ) -> StateDict:
-    """Merge tensor by tensor in float32; non-floating tensors come from the reference."""
+    """Merge tensor by tensor in float32; non-floating tensors come from the reference.
+
+    ``aligned`` merges the aligned tensors when an align step ran (False: the originals).
+    """
     models = state.models
+    sources = [m.merge_tensors if aligned else m.tensors for m in models]
     if not models:
         raise MergeCliError(
             f"{state.loaded.source}: there is no checkpoint to merge besides the base"
@@ -73,7 +81,7 @@ def merge_state_dicts(
         if not tensor.is_floating_point():
             merged[name] = tensor
             continue
-        stack = torch.stack([m.tensors[name].to(state.device, torch.float32) for m in models])
+        stack = torch.stack([s[name].to(state.device, torch.float32) for s in sources])
         extra = {}
         if needs_base:
             extra["base"] = state.base.tensors[name].to(state.device, torch.float32)

@@ -79,13 +79,15 @@ class Log:
             print(json.dumps({"table": title, "rows": records}, default=str), flush=True)
             return
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=title)
+        # Cells such as "w[axis]" are text, not rich markup.
+        table = Table(title=escape(title))
         for i, column in enumerate(columns):
-            table.add_column(column, justify="left" if i == 0 else "right")
+            table.add_column(escape(column), justify="left" if i == 0 else "right")
         for row in rows:
-            table.add_row(*(_fmt(v) for v in row))
+            table.add_row(*(escape(_fmt(v)) for v in row))
         # Batch logs have no terminal width; keep tables on one line each there.
         console = Console(highlight=False)
         if not console.is_terminal:

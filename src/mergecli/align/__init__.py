@@ -1,0 +1,1 @@
+"""Alignment: permutation specs from the graph, matching methods, applying transforms."""

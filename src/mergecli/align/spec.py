@@ -1,0 +1,602 @@
+"""Permutation specs derived from a model's graph (torch.fx) instead of written by hand.
+
+Hidden units of a network can be permuted without changing its function, as long as every
+weight axis that indexes the same units is permuted together. This module traces a module,
+follows which axis of every intermediate tensor carries "units", and joins with a union-find
+every (tensor, axis) that must share one permutation: a layer's output axis with the next
+layer's input axis, norm parameters, both operands of a residual add, blocks of a concat.
+Axes that reach the model's input or output, or an operation we cannot reason about, are
+joined with FIXED and never permuted; a warning names each such group and why.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from mergecli.errors import MergeCliError
+
+Role = Literal["out", "in", "norm"]
+
+
+@dataclass(frozen=True)
+class AxisSlice:
+    """``length`` units of ``tensor`` along ``axis`` starting at ``offset``.
+
+    ``role`` says how a general linear map M (CCA) acts there: ``out`` produces the units
+    (W -> M W), ``in`` consumes them (W -> W M^-1), ``norm`` scales them one by one.
+    """
+
+    tensor: str
+    axis: int
+    offset: int
+    length: int
+    role: Role
+
+
+@dataclass(frozen=True)
+class PermGroup:
+    """One set of hidden units that share a permutation, with every axis slice it touches."""
+
+    name: str
+    size: int
+    members: tuple[AxisSlice, ...]
+    activation: str  # the graph node whose output carries these units (for activation matching)
+    activation_axis: int
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    groups: tuple[PermGroup, ...]
+    warnings: tuple[str, ...] = ()
+
+    def group(self, name: str) -> PermGroup:
+        return next(g for g in self.groups if g.name == name)
+
+    def tensors(self) -> set[str]:
+        return {m.tensor for g in self.groups for m in g.members}
+
+
+# --- union-find over unit elements ------------------------------------------------------------
+
+
+class _Units:
+    """Union-find over unit blocks; element 0 is FIXED (never permuted)."""
+
+    FIXED = 0
+
+    def __init__(self) -> None:
+        self.parent = [0]
+        self.size = [0]
+
+    def new(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        return len(self.parent) - 1
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def join(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.FIXED not in (ra, rb) and self.size[ra] != self.size[rb]:
+            raise _Unhandled(f"joins {self.size[ra]} units with {self.size[rb]}")
+        if rb == self.FIXED:  # FIXED stays the root so that "is fixed" is one lookup
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+
+
+class _Unhandled(Exception):
+    """Raised inside a rule: the node's tensors are fixed, with this reason."""
+
+
+@dataclass
+class _Feature:
+    """Which axis of a tensor carries units, as consecutive blocks of unit elements."""
+
+    axis: int
+    blocks: list[tuple[int, int]]  # (element, length)
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, n in self.blocks)
+
+
+@dataclass
+class _ParamValue:
+    """A parameter used directly in the graph (get_attr), e.g. a class token or position table."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+FIXED_TENSOR = "fixed"  # a tensor none of whose axes may be permuted (inputs, unknown ops)
+
+PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)  # fmt: skip
+POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+PASS_FUNCTIONS = {
+    torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.gelu,
+    torch.nn.functional.silu, torch.nn.functional.leaky_relu, torch.nn.functional.elu,
+    torch.nn.functional.dropout, torch.nn.functional.relu6, torch.nn.functional.hardswish,
+    torch.nn.functional.mish, torch.nn.functional.softplus, torch.nn.functional.sigmoid,
+    torch.nn.functional.tanh, operator.neg, torch.abs, torch.clone,
+}  # fmt: skip
+POOL_FUNCTIONS = {
+    torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
+    torch.nn.functional.max_pool3d, torch.nn.functional.avg_pool1d,
+    torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d,
+    torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
+    torch.nn.functional.adaptive_avg_pool3d, torch.nn.functional.adaptive_max_pool2d,
+}  # fmt: skip
+PASS_METHODS = {
+    "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "double", "half",
+    "to", "type_as", "detach", "abs", "neg",
+}  # fmt: skip
+ELEMENTWISE = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+}  # fmt: skip
+ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+REDUCTIONS = {"mean", "sum", "amax", "amin"}
+
+
+def derive_spec(module: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
+    """Trace ``module``, propagate shapes on ``example_input``, and join the axes of each group."""
+    graph_module = trace(module)
+    try:
+        ShapeProp(graph_module).propagate(example_input)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise MergeCliError(
+            f"model {type(module).__name__} does not accept an example input of shape "
+            f"{list(example_input.shape)} ({reason}); set model.input_shape (without the batch)"
+        ) from None
+    return _SpecBuilder(graph_module).build()
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with a one-line error for models it cannot trace."""
+    try:
+        return fx.symbolic_trace(module)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise MergeCliError(
+            f"model {type(module).__name__}: torch.fx cannot trace it ({type(exc).__name__}: "
+            f"{reason}); alignment needs a traceable forward (no data-dependent Python control "
+            "flow), or give the checkpoints already aligned"
+        ) from None
+
+
+@dataclass
+class _SpecBuilder:
+    gm: fx.GraphModule
+    units: _Units = field(default_factory=_Units)
+    members: list[tuple[int, AxisSlice]] = field(default_factory=list)
+    values: dict[fx.Node, Any] = field(default_factory=dict)
+    order: list[fx.Node] = field(default_factory=list)
+    fixed_notes: list[tuple[set[int], str]] = field(default_factory=list)
+
+    def build(self) -> PermutationSpec:
+        for node in self.gm.graph.nodes:
+            try:
+                self.values[node] = self._visit(node)
+            except _Unhandled as exc:
+                why = f"{_describe(node, self.gm)} {exc}"
+                for value in _tensor_inputs(node, self.values):
+                    self._fix(value, why)
+                self.values[node] = FIXED_TENSOR
+            self.order.append(node)
+        return self._groups()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _shape(self, node: fx.Node) -> tuple[int, ...]:
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise _Unhandled("produces no single tensor")
+        return tuple(meta.shape)
+
+    def _fix(self, value: Any, why: str) -> None:
+        if isinstance(value, _Feature):
+            self.fixed_notes.append(({e for e, _ in value.blocks}, why))
+            for element, _ in value.blocks:
+                self.units.join(_Units.FIXED, element)
+
+    def _member(self, feature: _Feature, tensor: str, axis: int, role: Role) -> None:
+        offset = 0
+        for element, length in feature.blocks:
+            self.members.append((element, AxisSlice(tensor, axis, offset, length, role)))
+            offset += length
+
+    def _new(self, tensor_prefix: str, size: int, axis: int, bias: bool) -> _Feature:
+        element = self.units.new(size)
+        self.members.append((element, AxisSlice(f"{tensor_prefix}weight", 0, 0, size, "out")))
+        if bias:
+            self.members.append((element, AxisSlice(f"{tensor_prefix}bias", 0, 0, size, "out")))
+        return _Feature(axis, [(element, size)])
+
+    def _require(self, value: Any, axis: int, what: str) -> _Feature | None:
+        """The feature of ``value`` if it sits on ``axis``; None if the value is fixed."""
+        if value is FIXED_TENSOR or isinstance(value, _ParamValue):
+            return None
+        if not isinstance(value, _Feature):
+            raise _Unhandled(f"{what}: input is not a tensor")
+        if value.axis != axis:
+            raise _Unhandled(f"{what}: units on axis {value.axis}, expected axis {axis}")
+        return value
+
+    def _consume(self, value: Any, axis: int, tensor: str, size: int, what: str) -> None:
+        feature = self._require(value, axis, what)
+        if feature is None:
+            return
+        if feature.length != size:
+            raise _Unhandled(f"{what}: {feature.length} units into an axis of {size}")
+        self._member(feature, tensor, 1, "in")
+
+    # -- the rules -------------------------------------------------------------------------
+
+    def _visit(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return FIXED_TENSOR
+        if node.op == "get_attr":
+            tensor = _get_attr(self.gm, str(node.target))
+            if isinstance(tensor, torch.Tensor):
+                return _ParamValue(str(node.target), tuple(tensor.shape))
+            return None
+        if node.op == "output":
+            for value in _tensor_inputs(node, self.values):
+                self._fix(value, "reaches the model output")
+            return None
+        if node.op == "call_module":
+            return self._module(node, self.gm.get_submodule(str(node.target)))
+        if node.op == "call_function":
+            return self._function(node)
+        if node.op == "call_method":
+            return self._method(node)
+        raise _Unhandled(f"unknown node kind {node.op}")
+
+    def _arg(self, node: fx.Node, index: int = 0) -> Any:
+        arg = node.args[index]
+        return self.values.get(arg) if isinstance(arg, fx.Node) else arg
+
+    def _module(self, node: fx.Node, module: nn.Module) -> Any:
+        prefix = f"{node.target}."
+        x = self._arg(node)
+        ndim = len(self._shape(node))
+        if isinstance(module, nn.Linear):
+            self._consume(x, ndim - 1, f"{prefix}weight", module.in_features, "Linear")
+            return self._new(prefix, module.out_features, ndim - 1, module.bias is not None)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if module.groups == 1:
+                self._consume(x, 1, f"{prefix}weight", module.in_channels, "conv")
+                return self._new(prefix, module.out_channels, 1, module.bias is not None)
+            if module.groups == module.in_channels == module.out_channels:
+                feature = self._require(x, 1, "depthwise conv")
+                if feature is None:
+                    return FIXED_TENSOR
+                self._member(feature, f"{prefix}weight", 0, "norm")
+                if module.bias is not None:
+                    self._member(feature, f"{prefix}bias", 0, "norm")
+                return feature
+            raise _Unhandled(f"is a grouped conv (groups={module.groups})")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return self._norm(
+                x, 1, prefix, module, ("weight", "bias", "running_mean", "running_var")
+            )
+        if isinstance(module, nn.LayerNorm):
+            if len(module.normalized_shape) != 1:
+                raise _Unhandled("normalises over several axes")
+            if isinstance(x, _Feature) and x.axis != ndim - 1:
+                return x  # normalises other units than ours, and does not mix ours
+            return self._norm(x, ndim - 1, prefix, module, ("weight", "bias"))
+        if isinstance(module, nn.GroupNorm):
+            if module.num_groups not in (1, module.num_channels):
+                raise _Unhandled(f"mixes channels in {module.num_groups} groups")
+            return self._norm(x, 1, prefix, module, ("weight", "bias"))
+        if isinstance(module, PASS_MODULES):
+            return x
+        if isinstance(module, POOL_MODULES):
+            self._require(x, 1, type(module).__name__)
+            return x
+        if isinstance(module, nn.Flatten):
+            return self._flatten(node, x, module.start_dim, module.end_dim)
+        raise _Unhandled("is a module the tracer does not know")
+
+    def _norm(self, x: Any, axis: int, prefix: str, module: nn.Module, names: tuple) -> Any:
+        feature = self._require(x, axis, type(module).__name__)
+        if feature is None:
+            return FIXED_TENSOR
+        for name in names:
+            if getattr(module, name, None) is not None:
+                self._member(feature, f"{prefix}{name}", 0, "norm")
+        return feature
+
+    def _function(self, node: fx.Node) -> Any:
+        target = node.target
+        if target in PASS_FUNCTIONS:
+            return self._arg(node)
+        if target in POOL_FUNCTIONS:
+            self._require(self._arg(node), 1, getattr(target, "__name__", "pool"))
+            return self._arg(node)
+        if target in ELEMENTWISE:
+            return self._elementwise(node, node.args[:2])
+        if target is torch.flatten:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return self._flatten(node, self._arg(node), start, end)
+        if target is torch.cat:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            return self._cat(node, node.args[0], dim)
+        if target is operator.getitem:
+            return self._getitem(node)
+        if target is getattr:  # x.shape and friends
+            return None
+        if target in (torch.mean, torch.sum, torch.amax, torch.amin):
+            return self._reduce(node)
+        raise _Unhandled("is a function the tracer does not know")
+
+    def _method(self, node: fx.Node) -> Any:
+        name = str(node.target)
+        x = self._arg(node)
+        if name in ("size", "dim"):
+            return None
+        if name in PASS_METHODS:
+            return x
+        if name in ELEMENTWISE_METHODS:
+            return self._elementwise(node, node.args[:2])
+        if name == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return self._flatten(node, x, start, end)
+        if name in ("view", "reshape"):
+            return self._reshape(node, x)
+        if name in ("transpose", "permute", "expand", "unflatten"):
+            return self._move(node, name, x)
+        if name in REDUCTIONS:
+            return self._reduce(node)
+        raise _Unhandled("is a method the tracer does not know")
+
+    # -- shape-changing rules ----------------------------------------------------------------
+
+    def _in_shape(self, node: fx.Node) -> tuple[int, ...]:
+        arg = node.args[0]
+        return self._shape(arg) if isinstance(arg, fx.Node) else ()
+
+    def _flatten(self, node: fx.Node, x: Any, start: int, end: int) -> Any:
+        if not isinstance(x, _Feature):
+            return x if x is None else FIXED_TENSOR
+        shape = self._in_shape(node)
+        start, end = start % len(shape), end % len(shape)
+        if x.axis < start:
+            return x
+        if x.axis > end:
+            return _Feature(x.axis - (end - start), x.blocks)
+        others = [shape[d] for d in range(start, end + 1) if d != x.axis]
+        if math.prod(others) == 1:
+            return _Feature(start, x.blocks)
+        raise _Unhandled("flattens units together with other axes")
+
+    def _reshape(self, node: fx.Node, x: Any) -> Any:
+        if not isinstance(x, _Feature):
+            return FIXED_TENSOR if x is not None else None
+        before, after = self._in_shape(node), self._shape(node)
+        lead = math.prod(before[: x.axis])
+        for axis in range(len(after)):
+            if math.prod(after[:axis]) == lead and after[axis] == before[x.axis]:
+                return _Feature(axis, x.blocks)
+        raise _Unhandled("reshapes the unit axis")
+
+    def _move(self, node: fx.Node, name: str, x: Any) -> Any:
+        if isinstance(x, _ParamValue) and name == "expand":
+            return x  # expand only adds leading axes; broadcasting aligns the rest
+        if not isinstance(x, _Feature):
+            return x if x is None or x is FIXED_TENSOR else FIXED_TENSOR
+        before, after = self._in_shape(node), self._shape(node)
+        args = [a for a in node.args[1:]]
+        if name == "transpose":
+            a, b = (d % len(before) for d in args[:2])
+            axis = b if x.axis == a else a if x.axis == b else x.axis
+            return _Feature(axis, x.blocks)
+        if name == "permute":
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            dims = [d % len(before) for d in dims]
+            return _Feature(dims.index(x.axis), x.blocks)
+        if name == "expand":
+            return _Feature(x.axis + len(after) - len(before), x.blocks)
+        dim = args[0] % len(before)  # unflatten
+        if dim == x.axis:
+            raise _Unhandled("splits the unit axis")
+        return _Feature(x.axis + (len(after) - len(before) if dim < x.axis else 0), x.blocks)
+
+    def _reduce(self, node: fx.Node) -> Any:
+        x = self._arg(node)
+        if not isinstance(x, _Feature):
+            return FIXED_TENSOR
+        before = self._in_shape(node)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if dims is None:
+            return FIXED_TENSOR  # a full reduction is invariant to permutations
+        dims = {d % len(before) for d in ((dims,) if isinstance(dims, int) else dims)}
+        if x.axis in dims:
+            return FIXED_TENSOR  # a sum over units does not depend on their order
+        if keepdim:
+            return x
+        return _Feature(x.axis - sum(d < x.axis for d in dims), x.blocks)
+
+    def _getitem(self, node: fx.Node) -> Any:
+        x = self._arg(node)
+        if not isinstance(x, _Feature):
+            return None if x is None else FIXED_TENSOR
+        index = node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        ndim = len(self._in_shape(node))
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            fill = ndim - (len(index) - 1 - sum(i is None for i in index))
+            index = index[:at] + (slice(None),) * fill + index[at + 1 :]
+        axis, out_axis = 0, 0
+        for item in index:
+            if item is None:
+                out_axis += 1
+                continue
+            if axis == x.axis:
+                if item == slice(None):
+                    return _Feature(out_axis, x.blocks)
+                raise _Unhandled("selects some units only")
+            if isinstance(item, int):
+                axis += 1
+            elif isinstance(item, slice):
+                axis, out_axis = axis + 1, out_axis + 1
+            else:
+                raise _Unhandled("indexes with a tensor")
+        return _Feature(out_axis + x.axis - axis, x.blocks)
+
+    def _elementwise(self, node: fx.Node, operands: Sequence[Any]) -> Any:
+        """add / sub / mul / div: tensor operands broadcast together must share their units."""
+        out_ndim = len(self._shape(node))
+        features: list[tuple[int, _Feature]] = []
+        params: list[_ParamValue] = []
+        fixed: list[fx.Node] = []
+        for operand in operands:
+            value = self.values.get(operand) if isinstance(operand, fx.Node) else None
+            if isinstance(value, _Feature):
+                shift = out_ndim - len(self._shape(operand))
+                features.append((value.axis + shift, value))
+            elif isinstance(value, _ParamValue):
+                params.append(value)
+            elif value is FIXED_TENSOR:
+                fixed.append(operand)
+        if not features:
+            return FIXED_TENSOR if (fixed or params) else None
+        axis, first = features[0]
+        for other_axis, other in features[1:]:
+            if other_axis != axis:
+                raise _Unhandled("combines tensors whose units are on different axes")
+            self._join_blocks(first, other)
+        for operand in fixed:
+            shape = self._shape(operand)
+            position = axis - (out_ndim - len(shape))
+            if position >= 0 and shape[position] != 1:
+                self._fix(first, f"{_describe(node, self.gm)} combines units with a fixed tensor")
+        for param in params:
+            position = axis - (out_ndim - len(param.shape))
+            if position >= 0 and param.shape[position] != 1:
+                self._member(first, param.name, position, "out")
+        return first
+
+    def _join_blocks(self, a: _Feature, b: _Feature) -> None:
+        if [n for _, n in a.blocks] != [n for _, n in b.blocks]:
+            if a.length != b.length:
+                raise _Unhandled(f"combines {a.length} units with {b.length}")
+            raise _Unhandled("combines concatenations with different block sizes")
+        for (ea, _), (eb, _) in zip(a.blocks, b.blocks, strict=True):
+            self.units.join(ea, eb)
+
+    def _cat(self, node: fx.Node, tensors: Sequence[Any], dim: int) -> Any:
+        out_shape = self._shape(node)
+        dim = dim % len(out_shape)
+        values = [self.values.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+        features = [v for v in values if isinstance(v, _Feature)]
+        if not features:
+            return FIXED_TENSOR
+        if features[0].axis != dim:
+            # Concatenating along another axis (e.g. tokens): all pieces share their units.
+            return self._elementwise(node, tensors)
+        blocks: list[tuple[int, int]] = []
+        for tensor, value in zip(tensors, values, strict=True):
+            if isinstance(value, _Feature):
+                if value.axis != dim:
+                    raise _Unhandled("concatenates tensors with units on different axes")
+                blocks += value.blocks
+            else:
+                size = self._shape(tensor)[dim]
+                element = self.units.new(size)
+                self.units.join(_Units.FIXED, element)
+                blocks.append((element, size))
+        return _Feature(dim, blocks)
+
+    # -- result ------------------------------------------------------------------------------
+
+    def _groups(self) -> PermutationSpec:
+        by_root: dict[int, list[AxisSlice]] = {}
+        for element, member in self.members:
+            by_root.setdefault(self.units.find(element), []).append(member)
+        # Per group, the node whose output shows its units on the most samples (conv maps before
+        # pooling), the last such node (after the nonlinearity) on ties.
+        activation: dict[int, tuple[int, int, str, int]] = {}
+        for index, node in enumerate(self.order):
+            value = self.values.get(node)
+            if isinstance(value, _Feature) and len(value.blocks) == 1:
+                shape = self._shape(node)
+                samples = math.prod(shape) // shape[value.axis]
+                root = self.units.find(value.blocks[0][0])
+                candidate = (samples, index, node.name, value.axis)
+                activation[root] = max(activation.get(root, candidate), candidate)
+        groups, warnings, names = [], [], set()
+        for root, members in by_root.items():
+            name = _group_name(members, names)
+            if root == _Units.FIXED:
+                continue
+            if root not in activation:
+                warnings.append(f"group '{name}' has no activation in the graph; left unpermuted")
+                continue
+            _, _, node_name, axis = activation[root]
+            groups.append(PermGroup(name, self.units.size[root], tuple(members), node_name, axis))
+        for elements, why in self.fixed_notes:
+            touched = [m for e, m in self.members if e in elements]
+            if touched and "model output" not in why:
+                name = _group_name(touched, set())
+                warnings.append(f"units of '{name}' left unpermuted: {why}")
+        return PermutationSpec(tuple(groups), tuple(dict.fromkeys(warnings)))
+
+
+def _group_name(members: list[AxisSlice], taken: set[str]) -> str:
+    """Name a group after the first layer that produces it (e.g. 'layers.0')."""
+    producer = next((m for m in members if m.role == "out"), members[0])
+    base = producer.tensor.rsplit(".", 1)[0] if "." in producer.tensor else producer.tensor
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}#{k}"
+    taken.add(name)
+    return name
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
+    target = getattr(node.target, "__name__", node.target)
+    return f"node {node.name} ({target})"
+
+
+def _tensor_inputs(node: fx.Node, values: dict[fx.Node, Any]) -> list[Any]:
+    found: list[Any] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(values.get(n)))
+    return found
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)

@@ -1,0 +1,221 @@
+"""The `align` step: bring every merged model into the reference's basis of hidden units."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import ConfigDict, Field
+
+from mergecli.align.activation_matching import match_activations
+from mergecli.align.activations import pair_statistics
+from mergecli.align.cca import cca_transform
+from mergecli.align.permute import check_spec
+from mergecli.align.spec import PermutationSpec, derive_spec, trace
+from mergecli.align.transform import Transforms, apply_transforms
+from mergecli.align.weight_matching import MatchingStats, weight_matching
+from mergecli.errors import MergeCliError
+from mergecli.registry import StepParams, step_method
+from mergecli.state import Checkpoint, MergeState
+
+ALIGNMENT_FILE = "alignment.safetensors"
+
+
+class AlignParams(StepParams):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: str | None = Field(
+        default=None, alias="from", description="reuse transforms saved by an earlier run"
+    )
+    save_aligned: bool = False
+
+
+class WeightMatchingParams(AlignParams):
+    max_iter: int = Field(default=100, ge=1)
+
+
+class ActivationMatchingParams(AlignParams):
+    statistic: Literal["correlation", "cross_moment"] = "correlation"
+    batches: int | None = Field(default=None, ge=1)
+
+
+class CCAParams(AlignParams):
+    gamma: float = Field(default=1.0, ge=0)
+    batches: int | None = Field(default=None, ge=1)
+
+
+def model_spec(state: MergeState) -> PermutationSpec:
+    """Derive, check and remember the permutation spec of the recipe's model."""
+    if state.spec is None:
+        module = state.build_module()
+        example = state.example_input().to(state.device)
+        spec = derive_spec(module, example)
+        for warning in spec.warnings:
+            state.log.warn(warning)
+        check_spec(module, spec, example)
+        state.spec = spec
+    return state.spec
+
+
+@step_method("align", "weight_matching", WeightMatchingParams, needs=("model",), default=True)
+def align_weight_matching(state: MergeState, params: WeightMatchingParams) -> None:
+    """Weight matching (Git Re-Basin, Ainsworth et al., 2023): permutations from weights alone."""
+    stats = MatchingStats()
+
+    def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
+        return weight_matching(
+            spec,
+            state.reference.tensors,
+            other.tensors,
+            max_iter=params.max_iter,
+            seed=state.loaded.recipe.seed,
+            device=state.device,
+            stats=stats,
+        )
+
+    _align(state, params, "weight_matching", compute)
+    state.report["align"]["sweeps"] = stats.sweeps
+    state.report["align"]["lap_seconds"] = round(stats.lap_seconds, 4)
+
+
+@step_method("align", "activation_matching", ActivationMatchingParams, needs=("model", "data.fit"))
+def align_activation_matching(state: MergeState, params: ActivationMatchingParams) -> None:
+    """Activation matching (Ainsworth et al., 2023): permutations from unit correlations."""
+
+    def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
+        stats = _statistics(state, spec, other, params.batches)
+        return match_activations(stats, params.statistic)
+
+    _align(state, params, "activation_matching", compute)
+
+
+@step_method("align", "cca", CCAParams, needs=("model", "data.fit"))
+def align_cca(state: MergeState, params: CCAParams) -> None:
+    """CCA Merge (Horoi et al., 2024): linear maps from canonical correlation analysis."""
+
+    def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
+        stats = _statistics(state, spec, other, params.batches)
+        # Norm layers scale units one by one, which only a permutation preserves.
+        with_norms = {g.name for g in spec.groups if any(m.role == "norm" for m in g.members)}
+        transforms = match_activations({n: s for n, s in stats.items() if n in with_norms})
+        for name, s in stats.items():
+            if name not in with_norms:
+                transforms[name] = torch.stack(cca_transform(s, params.gamma)).float()
+        if with_norms:
+            state.log.warn(
+                f"cca: {len(with_norms)} group(s) pass through norm layers and are aligned by "
+                f"permutation (activation matching): {', '.join(sorted(with_norms))}"
+            )
+        return transforms
+
+    _align(state, params, "cca", compute)
+
+
+def _statistics(state: MergeState, spec: PermutationSpec, other: Checkpoint, limit: int | None):
+    data = state.data("fit")
+    batches = data.batches(state.batch_size("fit"), device=state.device)
+    inputs = (x for i, (x, _) in enumerate(batches) if limit is None or i < limit)
+    graph_module = trace(state.build_module())
+    to_device = {k: v.to(state.device) for k, v in state.reference.tensors.items()}
+    other_tensors = {k: v.to(state.device) for k, v in other.tensors.items()}
+    return pair_statistics(graph_module, spec, to_device, other_tensors, inputs)
+
+
+def _align(
+    state: MergeState,
+    params: AlignParams,
+    method: str,
+    compute: Callable[[PermutationSpec, Checkpoint], Transforms],
+) -> None:
+    spec = model_spec(state)
+    reference = state.reference
+    saved = _load_alignment(params.from_, spec) if params.from_ else None
+    to_save: dict[str, torch.Tensor] = {}
+    distances = {}
+    for checkpoint in state.models:
+        if checkpoint is reference:
+            continue
+        if saved is not None:
+            if checkpoint.name not in saved:
+                raise MergeCliError(
+                    f"align.from: {params.from_} has no transforms for '{checkpoint.name}' "
+                    f"(it has: {', '.join(sorted(saved))}); name the checkpoint with `name:`"
+                )
+            transforms = saved[checkpoint.name]
+        else:
+            transforms = compute(spec, checkpoint)
+        checkpoint.aligned = apply_transforms(checkpoint.tensors, spec, transforms)
+        for group, tensor in transforms.items():
+            to_save[f"{checkpoint.name}/{group}"] = tensor.contiguous()
+        distances[checkpoint.name] = {
+            "before": _distance(reference.tensors, checkpoint.tensors),
+            "after": _distance(reference.tensors, checkpoint.aligned),
+        }
+        state.log.info(
+            f"aligned {checkpoint.name} to {reference.name}",
+            distance_before=round(distances[checkpoint.name]["before"], 3),
+            distance_after=round(distances[checkpoint.name]["after"], 3),
+        )
+        if params.save_aligned:
+            state.artifacts[f"aligned/{checkpoint.name}.safetensors"] = (
+                checkpoint.aligned,
+                {"format": "pt", **_model_metadata(state)},
+            )
+    state.artifacts[ALIGNMENT_FILE] = (
+        to_save,
+        {
+            "mergecli.alignment": method,
+            "mergecli.reference": reference.name,
+            "mergecli.groups": json.dumps({g.name: g.size for g in spec.groups}),
+        },
+    )
+    state.report["align"] = {
+        "method": method,
+        "reference": reference.name,
+        "groups": [{"name": g.name, "size": g.size} for g in spec.groups],
+        "warnings": list(spec.warnings),
+        "weight_distance": distances,
+    }
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """L2 distance between two models' floating parameters (smaller after a good alignment)."""
+    total = sum(
+        float((a[n].double() - b[n].double()).pow(2).sum()) for n in a if a[n].is_floating_point()
+    )
+    return total**0.5
+
+
+def _model_metadata(state: MergeState) -> dict[str, str]:
+    if state.model_spec is None:
+        return {}
+    return {
+        "mergecli.arch": state.model_spec.arch,
+        "mergecli.args": json.dumps(state.model_spec.args),
+    }
+
+
+def _load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:
+    """Transforms saved by an earlier run, checked against this model's groups."""
+    from mergecli.io import load_state_dict
+
+    sizes = {g.name: g.size for g in spec.groups}
+    by_model: dict[str, Transforms] = {}
+    for key, tensor in load_state_dict(path).items():
+        model, _, group = key.rpartition("/")
+        if group not in sizes or tensor.shape[-1] != sizes[group]:
+            raise MergeCliError(
+                f"align.from: {path}: transform '{key}' does not fit this model's groups "
+                f"({', '.join(f'{n}[{s}]' for n, s in sizes.items())}); was it saved for "
+                "another architecture?"
+            )
+        by_model.setdefault(model, {})[group] = tensor
+    for model, transforms in by_model.items():
+        missing = sorted(set(sizes) - set(transforms))
+        if missing:
+            raise MergeCliError(
+                f"align.from: {path}: no transform for group(s) {', '.join(missing)} of '{model}'"
+            )
+    return by_model

@@ -1,0 +1,41 @@
+"""Applying per-group transforms: a permutation (1-D index) or a general linear map (CCA)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mergecli.align.permute import StateDict, apply_permutations
+from mergecli.align.spec import PermutationSpec
+
+# group name -> a permutation (int64, 1-D) or a linear map stacked with its inverse (2, n, n)
+Transforms = dict[str, Tensor]
+
+
+def apply_transforms(
+    state_dict: StateDict, spec: PermutationSpec, transforms: Transforms
+) -> StateDict:
+    """Map a model into the reference's basis: its units y become M y (a permutation is one M)."""
+    perms = {name: t for name, t in transforms.items() if t.dim() == 1}
+    result = apply_permutations(state_dict, spec, perms)
+    for group in spec.groups:
+        pair = transforms.get(group.name)
+        if pair is None or pair.dim() == 1:
+            continue
+        matrix, inverse_t = pair[0].double(), pair[1].double().T
+        for m in group.members:
+            if m.role == "norm":
+                raise ValueError(f"group '{group.name}' has norm parameters: use a permutation")
+            # The producing side maps units forward (W -> M W); the consuming side undoes it
+            # (V -> V M^-1), i.e. its axis is multiplied by (M^-1)^T.
+            along = matrix if m.role == "out" else inverse_t
+            result[m.tensor] = _map_axis(result[m.tensor], m.axis, m.offset, m.length, along)
+    return result
+
+
+def _map_axis(tensor: Tensor, axis: int, offset: int, length: int, matrix: Tensor) -> Tensor:
+    part = tensor.narrow(axis, offset, length).movedim(axis, 0)
+    shape = part.shape
+    mapped = (matrix @ part.reshape(length, -1).double()).reshape(shape).movedim(0, axis)
+    out = tensor.clone()
+    out.narrow(axis, offset, length).copy_(mapped.to(tensor.dtype))
+    return out

@@ -1,0 +1,272 @@
+"""Alignment: specs derived from the graph, and matching methods that recover permutations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergecli.align.activation_matching import match_activations
+from mergecli.align.activations import PairStatistics, pair_statistics
+from mergecli.align.cca import cca_transform
+from mergecli.align.permute import apply_permutations, check_spec, random_permutations
+from mergecli.align.spec import AxisSlice, PermGroup, PermutationSpec, derive_spec, trace
+from mergecli.align.transform import apply_transforms
+from mergecli.align.weight_matching import weight_matching
+from mergecli.errors import MergeCliError
+from mergecli.models import build_model
+
+
+class UserBlock(nn.Module):
+    """A ResNet block as users write it: in-place residual add, empty Sequential identity."""
+
+    def __init__(self, channels: int, out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out)
+        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or channels != out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(channels, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class UserResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.blocks = nn.Sequential(UserBlock(8, 8, 1), UserBlock(8, 16, 2), UserBlock(16, 16, 1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.blocks(x)
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(x.view(x.size(0), -1))
+
+
+class UserVGG(nn.Module):
+    """A VGG without BN as users write it: nn.Sequential blocks, in-place ReLU, nn.Flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+MODELS = {
+    "mlp": (lambda: build_model("mlp", {"depth": 4, "hidden": 16}), (1, 28, 28), 3),
+    "mlp-bn": (
+        lambda: build_model("mlp", {"depth": 3, "hidden": 16, "batchnorm": True}),
+        (784,),
+        2,
+    ),
+    "vgg11": (lambda: build_model("vgg", {"variant": 11, "width": 0.125}), (3, 32, 32), 8),
+    "vgg16-bn": (
+        lambda: build_model(
+            "vgg", {"variant": 16, "width": 0.125, "batchnorm": True, "in_channels": 1}
+        ),
+        (1, 28, 28),
+        13,
+    ),
+    "resnet20": (lambda: build_model("resnet20", {}), (3, 32, 32), 12),
+    "vit": (
+        lambda: build_model(
+            "vit", {"image_size": 8, "patch": 4, "dim": 16, "depth": 2, "heads": 2}
+        ),
+        (3, 8, 8),
+        3,
+    ),
+    "user-resnet": (UserResNet, (3, 16, 16), 5),
+    "user-vgg": (UserVGG, (3, 16, 16), 4),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_spec_preserves_function_and_weight_matching_recovers_permutation(name: str) -> None:
+    factory, shape, groups = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(4, *shape)
+    spec = derive_spec(model, x)
+    assert len(spec.groups) == groups, [g.name for g in spec.groups]
+    check_spec(model, spec, x)
+    state = model.state_dict()
+    perms = random_permutations(spec, torch.Generator().manual_seed(1))
+    shuffled = apply_permutations(state, spec, perms)
+    # The shuffled model is the same function with other weights...
+    other = factory().eval()
+    other.load_state_dict(shuffled)
+    torch.testing.assert_close(other(x), model(x), rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(shuffled[k], state[k]) for k in state)
+    # ...and weight matching brings every weight back exactly.
+    found = weight_matching(spec, state, shuffled)
+    aligned = apply_permutations(shuffled, spec, found)
+    for key in state:
+        assert torch.equal(aligned[key], state[key]), key
+
+
+def test_mlp_spec_groups_and_members() -> None:
+    model = build_model("mlp", {"depth": 3, "hidden": 8, "batchnorm": True})
+    spec = derive_spec(model, torch.randn(2, 784))
+    first = spec.group("layers.0")
+    members = {(m.tensor, m.axis, m.role) for m in first.members}
+    assert members == {
+        ("layers.0.weight", 0, "out"),
+        ("layers.0.bias", 0, "out"),
+        ("norms.0.weight", 0, "norm"),
+        ("norms.0.bias", 0, "norm"),
+        ("norms.0.running_mean", 0, "norm"),
+        ("norms.0.running_var", 0, "norm"),
+        ("layers.1.weight", 1, "in"),
+    }
+    # Input and output axes are never permuted.
+    tensors_axes = {(m.tensor, m.axis) for g in spec.groups for m in g.members}
+    assert ("layers.0.weight", 1) not in tensors_axes and ("head.weight", 0) not in tensors_axes
+
+
+def test_concat_along_channels_is_blocks() -> None:
+    class Inception(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 6, 3, padding=1)
+            self.mix = nn.Conv2d(10, 5, 1)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+            return self.head(F.relu(self.mix(y)).mean((2, 3)))
+
+    model = Inception().eval()
+    x = torch.randn(2, 3, 8, 8)
+    spec = derive_spec(model, x)
+    slices = {(m.tensor, m.offset, m.length) for g in spec.groups for m in g.members}
+    assert ("mix.weight", 0, 4) in slices and ("mix.weight", 4, 6) in slices
+    check_spec(model, spec, x)
+
+
+def test_unhandled_operation_leaves_group_unpermuted_with_warning() -> None:
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(4, 8)
+            self.fc2 = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc1(x))
+            h = torch.cumsum(self.fc2(h), dim=-1)  # mixes units in order: not permutable
+            return self.head(h)
+
+    model = Gated().eval()
+    x = torch.randn(3, 4)
+    spec = derive_spec(model, x)
+    assert [g.name for g in spec.groups] == ["fc1"]
+    assert any("'fc2' left unpermuted" in w and "cumsum" in w for w in spec.warnings)
+    check_spec(model, spec, x)
+
+
+def test_self_check_names_a_wrong_group() -> None:
+    model = build_model("mlp", {"depth": 3, "hidden": 8}).eval()
+    x = torch.randn(2, 784)
+    # Forget the consumer of layers.0: permuting it now changes the function.
+    wrong = PermGroup(
+        "layers.0",
+        8,
+        (AxisSlice("layers.0.weight", 0, 0, 8, "out"), AxisSlice("layers.0.bias", 0, 0, 8, "out")),
+        "relu",
+        1,
+    )
+    with pytest.raises(MergeCliError, match="group 'layers.0'"):
+        check_spec(model, PermutationSpec((wrong,)), x)
+
+
+def test_untraceable_model_is_one_line_error() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if x.sum() > 0 else -x
+
+    with pytest.raises(MergeCliError, match="torch.fx cannot trace it") as info:
+        trace(Branchy())
+    assert "\n" not in str(info.value)
+
+
+def test_activation_matching_recovers_permutation_of_the_same_model() -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", {"depth": 4, "hidden": 16}).eval()
+    x = torch.randn(256, 784)
+    spec = derive_spec(model, x[:2])
+    state = model.state_dict()
+    perms = random_permutations(spec, torch.Generator().manual_seed(3))
+    shuffled = apply_permutations(state, spec, perms)
+    stats = pair_statistics(trace(model), spec, state, shuffled, [x[:128], x[128:]])
+    found = match_activations(stats)
+    aligned = apply_permutations(shuffled, spec, found)
+    for key in state:
+        torch.testing.assert_close(aligned[key], state[key])
+
+
+def _stats_from(x: torch.Tensor, y: torch.Tensor) -> PairStatistics:
+    x, y = x.double(), y.double()
+    return PairStatistics(len(x), x.sum(0), y.sum(0), x.T @ x, y.T @ y, x.T @ y)
+
+
+def test_cca_inverts_an_invertible_linear_map() -> None:
+    # If the other model's units are y = R x, CCA without regularisation finds M = R^-1.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 6, generator=generator, dtype=torch.float64) @ torch.randn(
+        6, 6, generator=generator, dtype=torch.float64
+    )
+    r = torch.randn(6, 6, generator=generator, dtype=torch.float64) + 3 * torch.eye(6)
+    forward, inverse = cca_transform(_stats_from(x, x @ r.T), gamma=0.0)
+    torch.testing.assert_close(forward, torch.linalg.inv(r), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(forward @ inverse, torch.eye(6, dtype=torch.float64))
+    # With regularisation the closed-form inverse is still the inverse.
+    forward, inverse = cca_transform(_stats_from(x, x @ r.T), gamma=1.0)
+    torch.testing.assert_close(forward @ inverse, torch.eye(6, dtype=torch.float64))
+
+
+def test_linear_transform_preserves_a_linear_network() -> None:
+    class Linear2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(5, 7)
+            self.fc2 = nn.Linear(7, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.fc1(x))
+
+    model = Linear2().double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    spec = derive_spec(model, x)
+    m = torch.randn(7, 7, dtype=torch.float64) + 3 * torch.eye(7, dtype=torch.float64)
+    mapped = apply_transforms(
+        model.state_dict(), spec, {"fc1": torch.stack([m, torch.linalg.inv(m)])}
+    )
+    out = torch.func.functional_call(model, mapped, (x,))
+    torch.testing.assert_close(out, model(x))
+    torch.testing.assert_close(mapped["fc1.weight"], m @ model.fc1.weight)
