@@ -62,6 +62,8 @@ def prepare_state(loaded: LoadedRecipe, log: Log) -> MergeState:
                 f"(checkpoints.{index}.sha256); the file changed: restore it or update the pin"
             )
         name = spec.name or _display_name(spec.path, index)
+        if any(c.name == name for c in checkpoints):
+            name = f"{name}#{index}"  # tables and saved transforms are keyed by name
         tensors = load_state_dict(spec.path)
         _check_finite(spec.path, tensors)
         checkpoints.append(Checkpoint(spec, name, digest, tensors, read_metadata(spec.path)))
