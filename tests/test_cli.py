@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_recipe
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import run_cli, write_recipe
 from mergecli.io import checkpoint_sha256
 
 pytestmark = pytest.mark.slow

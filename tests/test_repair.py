@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from conftest import run_cli
 from mergecli.data import load_data
 from mergecli.errors import MergeCliError
 from mergecli.merge.repair import (
