@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-resnet test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,19 @@ runs/mlp8-seed%.safetensors: | $(VENV)/.installed
 	$(BIN)/mergecli --log plain train --arch mlp --arg depth=8 --arg hidden=128 \
 		--data mnist:train --eval-data mnist:test --epochs 10 --seed $* --out $@
 
+# Plain averaging collapses; weight matching aligns the hidden units first; REPAIR then
+# restores the activation statistics that averaging shrinks.
 demo: $(VENV)/.installed runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-mlp8-average.yaml
+	$(BIN)/mergecli run configs/examples/mnist-mlp8-weight-matching-repair.yaml
+
+runs/resnet20-seed%.safetensors: | $(VENV)/.installed
+	$(BIN)/mergecli --log plain train --arch resnet20 --arg in_channels=1 \
+		--data mnist:train --eval-data mnist:test --epochs 2 --seed $* --out $@
+
+# BatchNorm networks: align, average, recompute the BN statistics (a few minutes on 2 cores).
+demo-resnet: $(VENV)/.installed runs/resnet20-seed0.safetensors runs/resnet20-seed1.safetensors
+	$(BIN)/mergecli run configs/examples/mnist-resnet20-reset-bn.yaml
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
@@ -31,6 +42,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/cli_startup.py
+	$(BIN)/python bench/weight_matching.py
 
 clean:
 	rm -rf $(VENV) runs out .pytest_cache

@@ -300,7 +300,7 @@ output: {{dir: {tmp_path / "out"}}}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["repair"] == {"method": "repair", "layers": 2, "batches": 4}
     rows = {row["name"]: row for row in report["evaluate"]["results"]}
-    assert set(rows) >= {"average", "merged (average)"}
+    assert set(rows) >= {"average", "merged (average + repair)"}
 
     xs = batches(load_data({"source": "mnist", "split": "0:512"}).x)
     model = build_model("mlp", {"depth": 3, "hidden": 32})

@@ -37,6 +37,8 @@ def run_recipe(loaded: LoadedRecipe, log: Log) -> MergeState:
             log.info(f"step {step.index}: {step.kind} ({step.method})")
             started = time.perf_counter()
             method.run(state, step.params)
+            if step.kind in ("align", "fit", "merge", "repair"):
+                state.history.append(step.method)
             state.report.setdefault("timings_s", {})[f"{step.index}.{step.kind}"] = round(
                 time.perf_counter() - started, 3
             )

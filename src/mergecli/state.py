@@ -48,7 +48,7 @@ class MergeState:
     log: Log
     model_spec: ModelSpec | None
     merged: StateDict | None = None
-    merged_by: str | None = None
+    history: list[str] = field(default_factory=list)  # methods that shaped `merged`, in order
     spec: Any = None  # the model's PermutationSpec, once an align step derived it
     report: dict[str, Any] = field(default_factory=dict)
     # Extra files for the output dir (relative name -> tensors, metadata), written atomically

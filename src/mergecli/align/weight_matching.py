@@ -39,34 +39,47 @@ def weight_matching(
     """
     stats = stats if stats is not None else MatchingStats()
     start = time.perf_counter()
-    a = {name: reference[name].to(device, torch.float64) for name in spec.tensors()}
-    b = {name: other[name].to(device, torch.float64) for name in spec.tensors()}
+    # float32 matmuls (the cost), float64 sums for the assignment's score.
+    a = {name: reference[name].to(device, torch.float32) for name in spec.tensors()}
+    b = {name: other[name].to(device, torch.float32) for name in spec.tensors()}
     perms = {g.name: torch.arange(g.size, device=device) for g in spec.groups}
+    version = dict.fromkeys(perms, 0)
     # Which groups permute which axis of each tensor, so "all other axes" is a short loop.
     on_tensor: dict[str, list[tuple[PermGroup, AxisSlice]]] = {}
     for group in spec.groups:
         for m in group.members:
             on_tensor.setdefault(m.tensor, []).append((group, m))
+    a_rows = {
+        (g.name, i): _rows(a[m.tensor], m) for g in spec.groups for i, m in enumerate(g.members)
+    }
+    # A member's share of its group's cost changes only when a group on its other axes changes.
+    cache: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
     generator = torch.Generator().manual_seed(seed)
     lap_seconds = 0.0
     for sweep in range(max_iter):
         improved = 0.0
         for index in torch.randperm(len(spec.groups), generator=generator).tolist():
             group = spec.groups[index]
-            cost = torch.zeros(group.size, group.size, dtype=torch.float64, device=device)
-            for m in group.members:
-                b_other = _permute_other_axes(b[m.tensor], m, on_tensor[m.tensor], perms)
-                a_rows = _rows(a[m.tensor], m)
-                cost += a_rows @ _rows(b_other, m).T
+            cost = torch.zeros(group.size, group.size, dtype=torch.float32, device=device)
+            for i, m in enumerate(group.members):
+                others = on_tensor[m.tensor]
+                key = tuple(version[g.name] for g, other_m in others if other_m is not m)
+                hit = cache.get((group.name, i))
+                if hit is None or hit[0] != key:
+                    b_other = _permute_other_axes(b[m.tensor], m, others, perms)
+                    hit = (key, a_rows[(group.name, i)] @ _rows(b_other, m).T)
+                    cache[(group.name, i)] = hit
+                cost += hit[1]
             tic = time.perf_counter()
-            cost_cpu = cost.cpu().numpy()
+            cost_cpu = cost.double().cpu().numpy()
             rows, cols = linear_sum_assignment(cost_cpu, maximize=True)
             lap_seconds += time.perf_counter() - tic
-            old = perms[group.name]
-            new = torch.as_tensor(cols, device=device)
-            gain = cost_cpu[rows, cols].sum() - cost_cpu[rows, old.cpu().numpy()].sum()
-            if gain > 1e-12 * max(1.0, abs(cost_cpu[rows, cols].sum())):
-                perms[group.name] = new
+            old = perms[group.name].cpu().numpy()
+            best = cost_cpu[rows, cols].sum()
+            gain = best - cost_cpu[rows, old].sum()
+            if gain > 1e-9 * max(1.0, abs(best)):
+                perms[group.name] = torch.as_tensor(cols, device=device)
+                version[group.name] += 1
                 improved += gain
         stats.sweeps = sweep + 1
         stats.improvements.append(float(improved))

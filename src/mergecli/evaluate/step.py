@@ -67,7 +67,7 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
         averaged = merge_state_dicts(state, average, {"normalize": True}, False, aligned=True)
         add("aligned average", "aligned_average", logits_of(averaged))
     if state.merged is not None:
-        add(f"merged ({state.merged_by})", "merged", logits_of(state.merged))
+        add(f"merged ({' + '.join(state.history)})", "merged", logits_of(state.merged))
 
     best = max((r["accuracy"] for r in rows if r["kind"] == "endpoint"), default=None)
     for row in rows:

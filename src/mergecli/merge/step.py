@@ -33,7 +33,6 @@ def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction
 
         def run(state: MergeState, options: StepParams) -> None:
             state.merged = merge_state_dicts(state, fn, options.model_dump(), needs_base)
-            state.merged_by = name
 
         run.__doc__ = fn.__doc__
         step_method("merge", name, params, needs=("base",) if needs_base else ())(run)
