@@ -134,3 +134,30 @@ def test_demo_pair_aligned_average_beats_naive_by_25_points(tmp_path: Path) -> N
     found = rows(tmp_path / "out/mnist-mlp8-weight-matching")
     assert found["mlp8-seed0"]["accuracy"] > 0.9 and found["mlp8-seed1"]["accuracy"] > 0.9
     assert found["merged"]["accuracy"] >= found["average"]["accuracy"] + 0.25
+
+
+def test_three_models_all_aligned_to_the_reference(tmp_path: Path, trained_pair) -> None:
+    from safetensors.torch import save_file
+
+    from mergecli.align.permute import apply_permutations, random_permutations
+    from mergecli.align.spec import derive_spec
+    from mergecli.models import build_model
+
+    a, b = trained_pair
+    model = build_model("mlp", {"depth": 3, "hidden": 32})
+    spec = derive_spec(model, torch.zeros(2, 784))
+    shuffled = apply_permutations(load_file(a), spec, random_permutations(spec, torch.Generator()))
+    c = tmp_path / "a-shuffled.safetensors"
+    save_file(shuffled, c)
+    recipe = align_recipe(tmp_path, (a, b), "{method: weight_matching, save_aligned: true}")
+    recipe.write_text(
+        recipe.read_text().replace(f"  - path: {b}\n", f"  - path: {b}\n  - path: {c}\n")
+    )
+    run_cli("run", str(recipe), check=True)
+    out = tmp_path / "out"
+    with safe_open(str(out / "alignment.safetensors"), "pt") as handle:
+        names = {k.split("/")[0] for k in handle.keys()}  # noqa: SIM118 - not a dict
+    assert names == {"mlp-seed1", "a-shuffled"}
+    realigned = load_file(out / "aligned" / "a-shuffled.safetensors")
+    original = load_file(a)
+    assert all(torch.equal(realigned[k], original[k]) for k in original)
