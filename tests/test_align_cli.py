@@ -29,7 +29,9 @@ def rows(out: Path) -> dict[str, dict]:
     """Evaluation rows by name; the merged model's row also as 'merged'."""
     report = json.loads((out / "report.json").read_text())
     found = {row["name"]: row for row in report["evaluate"]["results"]}
-    found["merged"] = next(r for r in found.values() if r["kind"] == "merged")
+    for row in list(found.values()):
+        if row["kind"] == "merged":
+            found["merged"] = row
     return found
 
 
