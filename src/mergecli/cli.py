@@ -106,8 +106,22 @@ SetOption = Annotated[
 ]
 
 
+class Resume(str, Enum):
+    auto = "auto"
+    never = "never"
+
+
 @app.command()
-def run(recipe: RecipeArg, set_: SetOption = None) -> None:
+def run(
+    recipe: RecipeArg,
+    set_: SetOption = None,
+    resume: Annotated[
+        Resume,
+        typer.Option(
+            help="auto: continue an interrupted fit from output.dir/.state; never: start over."
+        ),
+    ] = Resume.auto,
+) -> None:
     """Run a recipe: load, align, merge or fit, repair, evaluate, and write the output dir."""
     with user_errors():
         from mergecli.pipeline import run_recipe
@@ -116,7 +130,7 @@ def run(recipe: RecipeArg, set_: SetOption = None) -> None:
         loaded = load_recipe(recipe, set_ or [])
         log = _log()
         log.info(f"recipe {loaded.recipe.name}: {len(loaded.steps)} step(s) -> {loaded.output_dir}")
-        run_recipe(loaded, log)
+        run_recipe(loaded, log, resume=resume is Resume.auto)
 
 
 @app.command()

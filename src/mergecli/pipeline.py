@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +25,21 @@ from mergecli.state import Checkpoint, MergeState, StateDict
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def run_recipe(loaded: LoadedRecipe, log: Log) -> MergeState:
-    """Everything `mergecli run` does after the recipe validated."""
+def run_recipe(loaded: LoadedRecipe, log: Log, resume: bool = True) -> MergeState:
+    """Everything `mergecli run` does after the recipe validated.
+
+    Long steps keep resumable state in ``output.dir/.state/``; ``resume=False`` discards it.
+    """
     recipe = loaded.recipe
     torch.manual_seed(recipe.seed)
     out_dir = loaded.output_dir
     created = _check_writable(out_dir)
+    resume_dir = out_dir / ".state"
+    if not resume and resume_dir.exists():
+        shutil.rmtree(resume_dir)
     try:
         state = prepare_state(loaded, log)
+        state.resume_dir = resume_dir
         for step in loaded.steps:
             method = methods_of(step.kind)[step.method]
             log.info(f"step {step.index}: {step.kind} ({step.method})")
@@ -43,6 +51,8 @@ def run_recipe(loaded: LoadedRecipe, log: Log) -> MergeState:
                 time.perf_counter() - started, 3
             )
         write_outputs(state, out_dir)
+        # The run finished: its resumable state has served its purpose.
+        shutil.rmtree(resume_dir, ignore_errors=True)
     except BaseException:
         # A failed run must not leave a directory it made itself, empty, behind.
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):

@@ -325,7 +325,10 @@ def _unmet_needs(recipe: Recipe, steps: list[StepSpec], where: _Locator) -> list
     problems = []
     for step in steps:
         method = methods_of(step.kind)[step.method]
+        reuses_saved = getattr(step.params, "from_", None) is not None
         for need in sorted(method.needs):
+            if need.startswith("data.") and reuses_saved:
+                continue  # re-applying saved transforms or coefficients needs no data
             if need in ("data.fit", "data.eval") and getattr(recipe.data, need[5:]) is None:
                 problems.append(
                     where(

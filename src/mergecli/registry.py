@@ -18,6 +18,7 @@ STEP_KINDS = ("align", "fit", "merge", "repair", "evaluate", "analyze")
 BUILTIN_METHOD_MODULES = (
     "mergecli.align.step",
     "mergecli.merge",
+    "mergecli.merge.fit",
     "mergecli.evaluate.step",
     "mergecli.merge.repair",
 )

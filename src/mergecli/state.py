@@ -50,6 +50,7 @@ class MergeState:
     merged: StateDict | None = None
     history: list[str] = field(default_factory=list)  # methods that shaped `merged`, in order
     spec: Any = None  # the model's PermutationSpec, once an align step derived it
+    resume_dir: Path | None = None  # where long steps keep resumable state (None: never)
     report: dict[str, Any] = field(default_factory=dict)
     # Extra files for the output dir (relative name -> tensors, metadata), written atomically
     # with the merged model at the end of a successful run.

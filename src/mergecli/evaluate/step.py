@@ -68,6 +68,8 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
         add("aligned average", "aligned_average", logits_of(averaged))
     if state.merged is not None:
         add(f"merged ({' + '.join(state.history)})", "merged", logits_of(state.merged))
+        if "fit" in state.report:
+            rows[-1]["fit_seconds"] = state.report["fit"]["seconds"]
 
     best = max((r["accuracy"] for r in rows if r["kind"] == "endpoint"), default=None)
     for row in rows:
@@ -75,7 +77,7 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
     state.report["evaluate"] = {"split": params.split, "examples": len(data), "results": rows}
     state.log.table(
         f"evaluation on data.{params.split} ({len(data)} examples)",
-        ["model", "kind", "accuracy", "loss", "Δ acc vs best (pts)"],
+        ["model", "kind", "accuracy", "loss", "Δ acc vs best (pts)", "fit time"],
         [
             [
                 r["name"],
@@ -85,6 +87,7 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
                 ""
                 if r["delta_vs_best_endpoint"] is None
                 else f"{100 * r['delta_vs_best_endpoint']:+.2f}",
+                f"{r['fit_seconds']:.1f} s" if "fit_seconds" in r else "",
             ]
             for r in rows
         ],

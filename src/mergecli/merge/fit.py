@@ -1,0 +1,364 @@
+"""The `fit` step: NP Merge learns a merge coefficient per parameter on a task loss."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from mergecli.data import TensorData
+from mergecli.errors import MergeCliError
+from mergecli.merge.coefficients import (
+    FlatParameters,
+    coefficient_values,
+    joint_merge,
+    logit,
+    logits_per_model,
+    pairwise_merge,
+)
+from mergecli.merge.fit_loop import FitCheckpoint, FitConfig, fit_logits
+from mergecli.registry import StepParams, step_method
+from mergecli.state import MergeState, StateDict
+
+COEFFICIENTS_FILE = "coefficients.safetensors"
+
+
+class FitParams(StepParams):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: str | None = Field(default=None, alias="from")
+    init: float | None = Field(default=None, gt=0, lt=1)
+    multi: Literal["pairwise", "joint"] = "pairwise"
+    granularity: Literal["parameter", "tensor", "model"] = "parameter"
+    loss: Literal["cross_entropy", "distill", "entropy"] = "cross_entropy"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(default=0.05, gt=0)
+    epochs: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    fraction: float | None = Field(default=None, gt=0, le=1)
+    l2: float = Field(default=0.0, ge=0)
+    seed: int | None = None
+    compile: bool = False
+    checkpoint_every: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _epochs_or_steps(self) -> FitParams:
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("give epochs or steps, not both")
+        if self.epochs is None and self.steps is None:
+            self.epochs = 5
+        if self.init is not None and self.multi == "joint":
+            raise ValueError("init applies to multi: pairwise (joint starts uniform)")
+        return self
+
+
+@step_method("fit", "np_merge", FitParams, needs=("model", "data.fit"), default=True)
+def np_merge(state: MergeState, params: FitParams) -> None:
+    """NP Merge (Orozco Camacho et al., 2024): per-parameter coefficients learned by gradient."""
+    module = state.build_module()
+    names = [n for n, p in module.named_parameters() if p.is_floating_point()]
+    models = [state.reference] + [m for m in state.models if m is not state.reference]
+    if len(models) < 2:
+        raise MergeCliError("fit: np_merge needs at least two checkpoints to merge")
+    if params.from_:
+        merged = _apply_saved(state, params, models, names)
+    else:
+        _warn_if_unaligned(state, params)
+        merged = _fit(state, params, module, models, names)
+    reference = state.reference.tensors
+    state.merged = {n: merged[n] if n in merged else reference[n] for n in reference}
+    _reset_batchnorm_if_needed(state, module)
+
+
+def _fit(
+    state: MergeState, params: FitParams, module: nn.Module, models: list, names: list[str]
+) -> StateDict:
+    device = state.device
+    seed = params.seed if params.seed is not None else state.loaded.recipe.seed
+    data = _subset(state.data("fit"), params.fraction, seed)
+    indexed = TensorData(data.x, torch.arange(len(data)))
+    if device.type == "cuda":
+        indexed = indexed.pin_memory()
+    _set_fit_mode(module)
+    buffers = {
+        n: t.clone().to(device) for n, t in state.reference.tensors.items() if n not in names
+    }
+    if params.compile:
+        module = torch.compile(module)
+    loss_fn = _loss(params.loss, state, data, models, device)
+    config = FitConfig(
+        granularity=params.granularity,
+        optimizer=params.optimizer,
+        lr=params.lr,
+        epochs=params.epochs,
+        steps=params.steps,
+        batch_size=params.batch_size or state.batch_size("fit"),
+        l2=params.l2,
+        seed=seed,
+        checkpoint_every=params.checkpoint_every,
+        autocast=_autocast_dtype(state),
+    )
+    stages = _stages(params, models)
+    saved: dict[str, Tensor] = {}
+    running = models[0].merge_tensors
+    report_stages = []
+    for stage, (members, init) in enumerate(stages):
+        if params.multi == "joint":
+            sources = [m.merge_tensors for m in models]
+        else:
+            sources = [running] + [_aligned_to(state, running, m) for m in members]
+        flat = FlatParameters.stack(sources, names, device)
+        per_model = logits_per_model(params.granularity, flat)
+        if params.multi == "joint":
+            initial = torch.zeros(len(sources), per_model)
+            merge = joint_merge
+        else:
+            initial = torch.full((per_model,), logit(init))
+            merge = pairwise_merge
+        validate = _validator(state, module, flat, buffers, merge, params)
+        checkpoint = _checkpoint(state, stage)
+        outcome = fit_logits(
+            module, flat, buffers, merge, initial, indexed, loss_fn, config, device,
+            state.log, validate, checkpoint,
+        )  # fmt: skip
+        values = coefficient_values(outcome.logits, params.multi)
+        merged_flat = _merge_with_values(flat, values, params)
+        running = {k: v.detach().cpu() for k, v in flat.views(merged_flat).items()}
+        prefix = f"stage{stage + 1}/" if len(stages) > 1 else ""
+        saved.update(_coefficients_by_name(flat, values.cpu(), params, prefix))
+        report_stages.append(
+            {
+                "steps": outcome.steps,
+                "seconds": round(outcome.seconds, 3),
+                "history": outcome.history,
+            }
+        )
+        state.log.info(
+            f"fit: {outcome.steps} steps in {outcome.seconds:.1f} s",
+            mean_coefficient=round(float(values.float().mean()), 4),
+        )
+    metadata = {
+        "mergecli.fit": "np_merge",
+        "mergecli.multi": params.multi,
+        "mergecli.granularity": params.granularity,
+        "mergecli.models": json.dumps([m.name for m in models]),
+    }
+    state.artifacts[COEFFICIENTS_FILE] = (saved, metadata)
+    state.report["fit"] = {
+        "method": "np_merge",
+        "multi": params.multi,
+        "granularity": params.granularity,
+        "loss": params.loss,
+        "examples": len(data),
+        "stages": report_stages,
+        "seconds": round(sum(s["seconds"] for s in report_stages), 3),
+    }
+    return running
+
+
+def _stages(params: FitParams, models: list) -> list[tuple[list, float]]:
+    """Pairwise: (the next model, the running merge's initial weight k/(k+1)); joint: one stage."""
+    if params.multi == "joint" or len(models) == 2:
+        return [(models[1:], params.init if params.init is not None else 0.5)]
+    return [
+        ([model], params.init if params.init is not None else k / (k + 1))
+        for k, model in enumerate(models[1:], start=1)
+    ]
+
+
+def _aligned_to(state: MergeState, running: StateDict, checkpoint) -> StateDict:
+    """In a pairwise chain, each next model is aligned to the running merge (as in the paper)."""
+    if state.spec is None or running is state.reference.merge_tensors:
+        return checkpoint.merge_tensors
+    from mergecli.align.permute import apply_permutations
+    from mergecli.align.weight_matching import weight_matching
+
+    perms = weight_matching(state.spec, running, checkpoint.tensors, device=state.device)
+    return apply_permutations(checkpoint.tensors, state.spec, perms)
+
+
+def _merge_with_values(flat: FlatParameters, values: Tensor, params: FitParams) -> Tensor:
+    """Merged flat parameters from coefficient values (not logits), so 0 and 1 are exact."""
+    from mergecli.merge.coefficients import expand
+
+    index = flat.tensor_index() if params.granularity == "tensor" else None
+    weights = expand(values.to(flat.thetas.device), params.granularity, index)
+    if params.multi == "joint":
+        return (weights * flat.thetas).sum(dim=0)
+    return torch.lerp(flat.thetas[1], flat.thetas[0], weights)
+
+
+def _coefficients_by_name(
+    flat: FlatParameters, values: Tensor, params: FitParams, prefix: str
+) -> dict[str, Tensor]:
+    """The reference's weight (pairwise) or every model's weight (joint), named like parameters."""
+    lead = values.shape[:-1]
+    if params.granularity == "parameter":
+        parts = values.split(flat.sizes, dim=-1)
+        return {
+            f"{prefix}{n}": p.reshape(*lead, *s).contiguous()
+            for n, p, s in zip(flat.names, parts, flat.shapes, strict=True)
+        }
+    column = (
+        (lambda i: values[..., i]) if params.granularity == "tensor" else (lambda i: values[..., 0])
+    )
+    return {f"{prefix}{n}": column(i).contiguous() for i, n in enumerate(flat.names)}
+
+
+def _apply_saved(state: MergeState, params: FitParams, models: list, names: list[str]) -> StateDict:
+    """Re-apply coefficients from an earlier run's coefficients.safetensors without fitting."""
+    from mergecli.io import load_state_dict, read_metadata
+
+    saved = load_state_dict(params.from_)
+    metadata = read_metadata(params.from_)
+    multi = metadata.get("mergecli.multi", params.multi)
+    stages = _stages(params.model_copy(update={"multi": multi}), models)
+    running = models[0].merge_tensors
+    for stage, (members, _) in enumerate(stages):
+        prefix = f"stage{stage + 1}/" if len(stages) > 1 else ""
+        if multi == "joint":
+            sources = [m.merge_tensors for m in models]
+        else:
+            sources = [running] + [_aligned_to(state, running, m) for m in members]
+        merged = {}
+        for name in names:
+            key = f"{prefix}{name}"
+            if key not in saved:
+                raise MergeCliError(
+                    f"fit.from: {params.from_} has no coefficients for '{key}'; was it saved "
+                    "for another model or number of checkpoints?"
+                )
+            c = saved[key].float()
+            stack = torch.stack([s[name].float() for s in sources])
+            if multi == "joint":
+                c = c.reshape(c.shape[0], *([1] * (stack.dim() - 1))) if c.dim() == 1 else c
+                merged[name] = (c * stack).sum(0)
+            else:
+                merged[name] = torch.lerp(stack[1], stack[0], c)
+        running = {**running, **merged}
+    state.log.info(f"fit: applied coefficients from {params.from_}")
+    return running
+
+
+def _loss(kind: str, state: MergeState, data: TensorData, models: list, device: torch.device):
+    """The task loss over example indices: labels, the models' mean prediction, or none."""
+    if kind == "cross_entropy":
+        labels = data.y.to(device)
+        return lambda outputs, index: F.cross_entropy(outputs, labels[index])
+    if kind == "distill":
+        teacher = _mean_softmax(state, data, models).to(device)
+        return lambda outputs, index: F.kl_div(
+            F.log_softmax(outputs, dim=1), teacher[index], reduction="batchmean"
+        )
+
+    def entropy(outputs: Tensor, index: Tensor) -> Tensor:
+        log_p = F.log_softmax(outputs, dim=1)
+        return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+    return entropy
+
+
+@torch.no_grad()
+def _mean_softmax(state: MergeState, data: TensorData, models: list) -> Tensor:
+    """The input models' mean predicted distribution on every fit example (the teacher)."""
+    module = state.build_module().eval()
+    total = None
+    for checkpoint in models:
+        module.load_state_dict(checkpoint.tensors)
+        probs = torch.cat(
+            [
+                F.softmax(module(x).float(), dim=1).cpu()
+                for x, _ in data.batches(state.batch_size("fit"), device=state.device)
+            ]
+        )
+        total = probs if total is None else total + probs
+    return total / len(models)
+
+
+def _validator(state, module, flat, buffers, merge, params):
+    """Validation loss and accuracy on data.eval after each epoch, when the recipe has it."""
+    if state.loaded.recipe.data.eval is None:
+        return None
+    data = state.data("eval")
+    index = flat.tensor_index() if params.granularity == "tensor" else None
+
+    @torch.no_grad()
+    def validate(logits: Tensor) -> dict[str, float]:
+        from mergecli.merge.coefficients import expand
+
+        merged = merge(flat.thetas, expand(logits, params.granularity, index))
+        weights = {**flat.views(merged), **buffers}
+        loss, correct = 0.0, 0
+        for x, y in data.batches(state.batch_size("eval"), device=state.device):
+            outputs = torch.func.functional_call(module, weights, (x,)).float()
+            loss += F.cross_entropy(outputs, y, reduction="sum").item()
+            correct += (outputs.argmax(1) == y).sum().item()
+        return {"val_loss": loss / len(data), "val_accuracy": correct / len(data)}
+
+    return validate
+
+
+def _set_fit_mode(module: nn.Module) -> None:
+    """BatchNorm uses batch statistics while fitting; everything else (dropout) is off."""
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+
+
+def _reset_batchnorm_if_needed(state: MergeState, module: nn.Module) -> None:
+    """BN statistics of a merged model describe neither input: recompute them unless told how."""
+    from mergecli.merge.repair import ResetBNParams, batch_norms, reset_bn
+
+    if not batch_norms(module):
+        return
+    steps = state.loaded.steps
+    current = next(i for i, s in enumerate(steps) if s.kind == "fit")
+    if any(s.kind == "repair" for s in steps[current + 1 :]):
+        return
+    state.log.info("fit: the model has BatchNorm and no repair step follows: running reset_bn")
+    reset_bn(state, ResetBNParams())
+
+
+def _subset(data: TensorData, fraction: float | None, seed: int) -> TensorData:
+    if fraction is None:
+        return data
+    count = max(1, round(fraction * len(data)))
+    chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
+    chosen = chosen.sort().values
+    return TensorData(data.x[chosen], data.y[chosen])
+
+
+def _autocast_dtype(state: MergeState) -> torch.dtype | None:
+    precision = state.loaded.recipe.precision
+    if precision == "fp32" or state.device.type != "cuda":
+        if precision == "bf16" and state.device.type != "cuda":
+            state.log.warn("precision: bf16 autocast is only used on CUDA; fitting in float32")
+        return None
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _checkpoint(state: MergeState, stage: int) -> FitCheckpoint | None:
+    if not state.resume_dir:
+        return None
+    fingerprint = state.loaded.sha256() + "".join(c.sha256 for c in state.checkpoints)
+    return FitCheckpoint(state.resume_dir / f"fit-stage{stage + 1}.pt", f"{fingerprint}:{stage}")
+
+
+def _warn_if_unaligned(state: MergeState, params: FitParams) -> None:
+    steps = state.loaded.steps
+    current = next(i for i, s in enumerate(steps) if s.kind == "fit")
+    aligned = any(s.kind == "align" for s in steps[:current])
+    seeds = {c.metadata.get("mergecli.seed") for c in state.models}
+    if not aligned and state.base is None and (len(seeds) > 1 or None in seeds):
+        state.log.warn(
+            "fit: the models were not aligned; models trained from different initialisations "
+            "merge far better after an `align` step (alignment recommended)"
+        )
