@@ -87,10 +87,7 @@ class CoefficientStep:
         self.loss_fn, self.config, self.device = loss_fn, config, device
         self.logits = initial.clone().to(device).requires_grad_(True)
         self.anchor = initial.to(device)
-        if config.optimizer == "adam":
-            self.optimizer = torch.optim.Adam([self.logits], lr=config.lr)
-        else:
-            self.optimizer = torch.optim.SGD([self.logits], lr=config.lr, momentum=0.9)
+        self.optimizer = _optimizer(config, self.logits)
         self.tensor_index = flat.tensor_index() if config.granularity == "tensor" else None
 
     def loss(self, x: Tensor, index: Tensor) -> Tensor:
@@ -110,6 +107,18 @@ class CoefficientStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+
+def _optimizer(config: FitConfig, logits: Tensor) -> torch.optim.Optimizer:
+    """Adam or SGD over the one logits tensor, fused (one kernel) where this torch supports it."""
+    make = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
+    options = (
+        {"lr": config.lr} if config.optimizer == "adam" else {"lr": config.lr, "momentum": 0.9}
+    )
+    try:
+        return make([logits], fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return make([logits], **options)
 
 
 def fit_logits(
