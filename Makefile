@@ -22,10 +22,12 @@ runs/mlp8-seed%.safetensors: | $(VENV)/.installed
 		--data mnist:train --eval-data mnist:test --epochs 10 --seed $* --out $@
 
 # Plain averaging collapses; weight matching aligns the hidden units first; REPAIR then
-# restores the activation statistics that averaging shrinks.
+# restores the activation statistics that averaging shrinks; NP Merge learns a coefficient
+# per parameter.
 demo: $(VENV)/.installed runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-mlp8-average.yaml
 	$(BIN)/mergecli run configs/examples/mnist-mlp8-weight-matching-repair.yaml
+	$(BIN)/mergecli run configs/examples/mnist-mlp8-np-merge.yaml
 
 runs/resnet20-seed%.safetensors: | $(VENV)/.installed
 	$(BIN)/mergecli --log plain train --arch resnet20 --arg in_channels=1 \
@@ -43,6 +45,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/weight_matching.py
+	$(BIN)/python bench/fit_step.py
 
 clean:
 	rm -rf $(VENV) runs out .pytest_cache
