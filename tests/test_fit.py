@@ -288,7 +288,8 @@ def test_interrupted_run_resumes_to_the_same_coefficients(tmp_path: Path, traine
     import sys
     import time
 
-    fit = "{steps: 1500, lr: 0.01, checkpoint_every: 25, batch_size: 32}"
+    # Long enough that the interrupt lands mid-fit even on a loaded machine.
+    fit = "{steps: 4000, lr: 0.01, checkpoint_every: 25, batch_size: 32}"
     recipe = fit_recipe(tmp_path, trained_pair, fit)
     run_cli("run", str(recipe), check=True)
     out = tmp_path / "out"
@@ -311,3 +312,10 @@ def test_interrupted_run_resumes_to_the_same_coefficients(tmp_path: Path, traine
     assert "fit: resuming from" in resumed.stderr
     got = load_file(out / "coefficients.safetensors")
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_compiled_fit_runs(tmp_path: Path, trained_pair) -> None:
+    recipe = fit_recipe(tmp_path, trained_pair, "{steps: 3, compile: true}")
+    run_cli("run", str(recipe), check=True)
+    assert report(tmp_path / "out")["fit"]["stages"][0]["steps"] == 3
