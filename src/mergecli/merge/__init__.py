@@ -1,3 +1,3 @@
 """Merge methods; importing this package registers them (one module per method)."""
 
-from mergecli.merge import average  # noqa: F401
+from mergecli.merge import average, slerp, task_arithmetic  # noqa: F401

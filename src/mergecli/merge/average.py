@@ -9,6 +9,7 @@ from mergecli.errors import MergeCliError
 from mergecli.merge.step import merge_method
 
 
+@merge_method("linear")
 @merge_method("average")
 def average(models: Tensor, weights: Tensor, normalize: bool = True) -> Tensor:
     """Weighted average of the models (model soups, Wortsman et al., 2022): sum_i w_i theta_i."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import typing
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from mergecli.registry import StepParams, step_method
 from mergecli.state import MergeState, StateDict
 
 # Leading parameters of a merge function that the engine supplies; the rest are recipe keys.
-TENSOR_ARGUMENTS = ("models", "weights", "base")
+TENSOR_ARGUMENTS = ("models", "weights", "base", "generator")
 
 MergeFunction = Callable[..., Tensor]
 
@@ -25,7 +26,9 @@ def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction
     """Register a function over one tensor's stack ``models`` (N, ...) as ``merge: {method: name}``.
 
     The function's keyword parameters after ``models``, ``weights`` and ``base`` become the
-    method's recipe parameters, with their type hints and defaults.
+    method's recipe parameters, with their type hints and defaults (``Annotated[float,
+    Field(...)]`` adds bounds or an alias). A function that takes ``generator`` gets one seeded
+    by the recipe's seed and the tensor's name, so results do not depend on processing order.
     """
 
     def register(fn: MergeFunction) -> MergeFunction:
@@ -42,7 +45,7 @@ def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction
 
 
 def _params_model(name: str, fn: MergeFunction) -> type[StepParams]:
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
     fields: dict[str, Any] = {}
     for parameter in inspect.signature(fn).parameters.values():
         if parameter.name in TENSOR_ARGUMENTS:
@@ -72,6 +75,8 @@ def merge_state_dicts(
     weights = torch.tensor(
         [m.spec.weight for m in models], dtype=torch.float32, device=state.device
     )
+    takes_generator = "generator" in inspect.signature(fn).parameters
+    takes_base = "base" in inspect.signature(fn).parameters
     merged: StateDict = {}
     reference = state.reference.tensors
     names = list(reference)
@@ -82,8 +87,10 @@ def merge_state_dicts(
             continue
         stack = torch.stack([s[name].to(state.device, torch.float32) for s in sources])
         extra = {}
-        if needs_base:
+        if needs_base or (takes_base and state.base is not None):
             extra["base"] = state.base.tensors[name].to(state.device, torch.float32)
+        if takes_generator:
+            extra["generator"] = _generator_for(state.loaded.recipe.seed, name, state.device)
         result = fn(stack, weights=weights, **extra, **options)
         if not torch.isfinite(result).all():
             raise MergeCliError(
@@ -92,3 +99,9 @@ def merge_state_dicts(
             )
         merged[name] = result.to(tensor.dtype).cpu()
     return merged
+
+
+def _generator_for(seed: int, tensor_name: str, device: torch.device) -> torch.Generator:
+    """A generator seeded by (seed, tensor name): the same draws whatever the tensor order."""
+    digest = hashlib.sha256(f"{seed}:{tensor_name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little"))

@@ -1,0 +1,49 @@
+"""Spherical linear interpolation of two models, row by row."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from mergecli.errors import MergeCliError
+from mergecli.merge.step import merge_method
+
+
+@merge_method("slerp")
+def slerp(
+    models: Tensor,
+    weights: Tensor,
+    base: Tensor | None = None,
+    t: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    dot_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9995,
+) -> Tensor:
+    """SLERP (Shoemake, 1985) per output row: sin((1-t)w)/sin(w) v0 + sin(tw)/sin(w) v1.
+
+    v0 is the base (or the first model), v1 the other; w is the angle between the two rows.
+    Rows that are nearly colinear or antipodal (|cos w| > dot_threshold) are interpolated
+    linearly, as is every 0-d tensor. t = 0 gives v0, t = 1 gives v1.
+    """
+    pair = [base, *models] if base is not None else list(models)
+    if len(pair) != 2:
+        raise MergeCliError(
+            f"merge slerp: interpolates exactly two models (a base and one model, or two "
+            f"models), got {len(pair)}"
+        )
+    v0, v1 = pair
+    if v0.dim() == 0:
+        return torch.lerp(v0, v1, t)
+    a, b = v0.reshape(v0.shape[0], -1), v1.reshape(v1.shape[0], -1)
+    norm_a = a.norm(dim=1, keepdim=True)
+    norm_b = b.norm(dim=1, keepdim=True)
+    norm_a = torch.where(norm_a > 1e-8, norm_a, torch.ones_like(norm_a))
+    norm_b = torch.where(norm_b > 1e-8, norm_b, torch.ones_like(norm_b))
+    dot = ((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    angle = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
+    sin_angle = torch.sin(angle)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * angle) / sin_angle)
+    coef_b = torch.where(linear, t, torch.sin(t * angle) / sin_angle)
+    return (coef_a * a + coef_b * b).reshape(v0.shape)
