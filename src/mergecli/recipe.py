@@ -362,10 +362,14 @@ def _problems(
         if error["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(root, loc[:-1]), n=1)
             suggested.update((*loc[:-1], name) for name in close)
+    reported: set[Path_] = set()
     for loc, error in errors:
-        path = (*prefix, *loc)
+        path = _data_path(data, prefix, loc, missing=error["type"] == "missing")
         if error["type"] == "missing" and loc in suggested:
             continue
+        if path in reported:
+            continue  # a value failing every form of a union: report its first (scalar) form
+        reported.add(path)
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(root, loc[:-1])
             message = _unknown("key", str(loc[-1]), allowed)
@@ -381,6 +385,27 @@ def _problems(
                 message += f" (got {given!r})"
         problems.append(where(path, message))
     return problems
+
+
+def _data_path(data: Any, prefix: Path_, loc: Path_, missing: bool) -> Path_:
+    """The error's location as keys of the recipe, dropping pydantic's union-member tags."""
+    node: Any = data
+    for part in prefix:
+        node = node[part] if isinstance(node, (dict, list)) else None
+    path = list(prefix)
+    for i, part in enumerate(loc):
+        if _has(node, part):
+            node = node[part]
+        elif not (missing and i == len(loc) - 1):
+            continue  # a tag pydantic added, not a key of the recipe
+        path.append(part)
+    return tuple(path)
+
+
+def _has(node: Any, part: str | int) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and part < len(node)
 
 
 def _is_internal(part: str | int) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import annotated_types
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from mergecli.errors import MergeCliError
@@ -17,8 +17,8 @@ def slerp(
     models: Tensor,
     weights: Tensor,
     base: Tensor | None = None,
-    t: Annotated[float, Field(ge=0, le=1)] = 0.5,
-    dot_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9995,
+    t: Annotated[float, annotated_types.Ge(0), annotated_types.Le(1)] = 0.5,
+    dot_threshold: Annotated[float, annotated_types.Gt(0), annotated_types.Le(1)] = 0.9995,
 ) -> Tensor:
     """SLERP (Shoemake, 1985) per output row: sin((1-t)w)/sin(w) v0 + sin(tw)/sin(w) v1.
 

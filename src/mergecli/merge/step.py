@@ -9,10 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pydantic import create_model
+from pydantic import Field, create_model
+from pydantic.fields import FieldInfo
 from torch import Tensor
 
 from mergecli.errors import MergeCliError
+from mergecli.merge.parameters import count_layers, layer_position, resolve, varying
 from mergecli.registry import StepParams, step_method
 from mergecli.state import MergeState, StateDict
 
@@ -51,8 +53,22 @@ def _params_model(name: str, fn: MergeFunction) -> type[StepParams]:
         if parameter.name in TENSOR_ARGUMENTS:
             continue
         default = ... if parameter.default is inspect.Parameter.empty else parameter.default
-        fields[parameter.name] = (hints.get(parameter.name, Any), default)
+        annotation, alias = _split_alias(hints.get(parameter.name, Any))
+        field = Field(default, alias=alias) if alias else default
+        fields[parameter.name] = (varying(f"{name}_{parameter.name}", annotation), field)
     return create_model(f"{name}_params", __base__=StepParams, **fields)
+
+
+def _split_alias(annotation: Any) -> tuple[Any, str | None]:
+    """``Annotated[T, Field(alias=...)]`` -> (T, alias): an alias belongs to the field, not to
+    each form of the varying value."""
+    if typing.get_origin(annotation) is not typing.Annotated:
+        return annotation, None
+    base, *metadata = typing.get_args(annotation)
+    aliases = [m.alias for m in metadata if isinstance(m, FieldInfo) and m.alias]
+    rest = [m for m in metadata if not (isinstance(m, FieldInfo) and m.alias)]
+    annotation = typing.Annotated[(base, *rest)] if rest else base
+    return annotation, aliases[0] if aliases else None
 
 
 def merge_state_dicts(
@@ -80,6 +96,7 @@ def merge_state_dicts(
     merged: StateDict = {}
     reference = state.reference.tensors
     names = list(reference)
+    layers = count_layers(names)
     for name in state.log.progress(names, len(names), "merging tensors"):
         tensor = reference[name]
         if not tensor.is_floating_point():
@@ -91,7 +108,15 @@ def merge_state_dicts(
             extra["base"] = state.base.tensors[name].to(state.device, torch.float32)
         if takes_generator:
             extra["generator"] = _generator_for(state.loaded.recipe.seed, name, state.device)
-        result = fn(stack, weights=weights, **extra, **options)
+        position = layer_position(name, layers)
+        values = {key: resolve(value, name, position) for key, value in options.items()}
+        unset = [key for key, value in values.items() if value is None]
+        if unset:
+            raise MergeCliError(
+                f"merge: no value of {', '.join(unset)} applies to tensor '{name}'; add an "
+                "entry without `filter` as the last one"
+            )
+        result = fn(stack, weights=weights, **extra, **values)
         if not torch.isfinite(result).all():
             raise MergeCliError(
                 f"merge: tensor '{name}' came out with NaN or inf values; check the method's "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import annotated_types
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -12,7 +13,7 @@ from mergecli.merge.sparsify import drop_and_rescale, keep_top_magnitude
 from mergecli.merge.step import merge_method
 
 Lambda = Annotated[float, Field(alias="lambda")]
-Density = Annotated[float, Field(gt=0, le=1)]
+Density = Annotated[float, annotated_types.Gt(0), annotated_types.Le(1)]
 
 
 def combine_task_vectors(
