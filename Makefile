@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-resnet test bench clean
+.PHONY: demo demo-resnet test bench parity clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/weight_matching.py
 	$(BIN)/python bench/fit_step.py
+
+# mergekit 0.1.5 in .venv-mergekit (its own environment), same merges, tensors compared.
+parity: $(VENV)/.installed
+	$(BIN)/python bench/mergekit_parity.py --mergekit-venv .venv-mergekit
 
 clean:
 	rm -rf $(VENV) runs out .pytest_cache

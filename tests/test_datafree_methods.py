@@ -92,11 +92,11 @@ def test_slerp_endpoints_angle_and_colinear_fallback() -> None:
     v0, v1 = torch.randn(2, 4, 6).unbind()
     torch.testing.assert_close(slerp(stack(v0, v1), torch.ones(2), t=0.0), v0)
     torch.testing.assert_close(slerp(stack(v0, v1), torch.ones(2), t=1.0), v1)
-    # Orthonormal rows: the midpoint is (v0 + v1) / sqrt(2), still of unit norm.
+    # Orthonormal vectors: the midpoint is (v0 + v1) / sqrt(2), still of unit norm.
     e0, e1 = torch.eye(2)
     mid = slerp(stack(e0[None], e1[None]), torch.ones(2), t=0.5)
     torch.testing.assert_close(mid, ((e0 + e1) / math.sqrt(2))[None])
-    # Colinear rows fall back to linear interpolation.
+    # Colinear tensors fall back to linear interpolation.
     row = torch.randn(1, 5)
     torch.testing.assert_close(slerp(stack(row, 3 * row), torch.ones(2), t=0.25), 1.5 * row)
     # A base and one model are the two ends.

@@ -1,4 +1,4 @@
-"""Spherical linear interpolation of two models, row by row."""
+"""Spherical linear interpolation of two models, tensor by tensor."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ def slerp(
     t: Annotated[float, annotated_types.Ge(0), annotated_types.Le(1)] = 0.5,
     dot_threshold: Annotated[float, annotated_types.Gt(0), annotated_types.Le(1)] = 0.9995,
 ) -> Tensor:
-    """SLERP (Shoemake, 1985) per output row: sin((1-t)w)/sin(w) v0 + sin(tw)/sin(w) v1.
+    """SLERP (Shoemake, 1985) per tensor: sin((1-t)w)/sin(w) v0 + sin(tw)/sin(w) v1.
 
-    v0 is the base (or the first model), v1 the other; w is the angle between the two rows.
-    Rows that are nearly colinear or antipodal (|cos w| > dot_threshold) are interpolated
-    linearly, as is every 0-d tensor. t = 0 gives v0, t = 1 gives v1.
+    v0 is the base (or the first model), v1 the other, each tensor taken as one vector; w is
+    the angle between them. Nearly colinear or antipodal tensors (|cos w| > dot_threshold) are
+    interpolated linearly. t = 0 gives v0, t = 1 gives v1.
     """
     pair = [base, *models] if base is not None else list(models)
     if len(pair) != 2:
@@ -33,9 +33,7 @@ def slerp(
             f"models), got {len(pair)}"
         )
     v0, v1 = pair
-    if v0.dim() == 0:
-        return torch.lerp(v0, v1, t)
-    a, b = v0.reshape(v0.shape[0], -1), v1.reshape(v1.shape[0], -1)
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     norm_a = a.norm(dim=1, keepdim=True)
     norm_b = b.norm(dim=1, keepdim=True)
     norm_a = torch.where(norm_a > 1e-8, norm_a, torch.ones_like(norm_a))

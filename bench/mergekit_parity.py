@@ -1,0 +1,164 @@
+"""Parity with mergekit: the same data-free merges, same inputs, compared tensor by tensor.
+
+Builds three small LLaMA-style checkpoints (a base and two fine-tunes, with config.json), runs
+each method with `mergekit-yaml` (mergekit 0.1.5, in its own virtual environment, which this
+script creates on first use) and with `mergecli run`, and prints the largest absolute difference
+per method. Parity means max |mergecli - mergekit| <= 1e-6 in float32.
+Run: .venv/bin/python bench/mergekit_parity.py [--mergekit-venv .venv-mergekit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "torch_dtype": "float32",
+    "tie_word_embeddings": False,
+}
+
+# method: (mergekit global parameters, mergecli step parameters, uses a base)
+METHODS = {
+    "linear": ({"normalize": True}, {"method": "linear"}, False),
+    "task_arithmetic": ({"lambda": 0.8}, {"method": "task_arithmetic", "lambda": 0.8}, True),
+    "ties": (
+        {"density": 0.5, "normalize": True, "lambda": 1.0},
+        {"method": "ties", "density": 0.5, "lambda": 1.0},
+        True,
+    ),
+    "dare_linear": ({"density": 1.0}, {"method": "dare_linear", "density": 1.0}, True),
+    "dare_ties": ({"density": 1.0}, {"method": "dare_ties", "density": 1.0}, True),
+    "slerp": ({"t": 0.3}, {"method": "slerp", "t": 0.3}, False),
+}
+
+
+def llama_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    h, i, v = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"]
+    shapes = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
+    for layer in range(CONFIG["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}self_attn.{name}.weight"] = (h, h)
+        shapes[f"{p}mlp.gate_proj.weight"] = (i, h)
+        shapes[f"{p}mlp.up_proj.weight"] = (i, h)
+        shapes[f"{p}mlp.down_proj.weight"] = (h, i)
+        shapes[f"{p}input_layernorm.weight"] = (h,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+    return {n: torch.randn(s, generator=generator) * 0.02 for n, s in shapes.items()}
+
+
+def write_models(root: Path) -> dict[str, Path]:
+    generator = torch.Generator().manual_seed(0)
+    base = llama_tensors(generator)
+    models = {"base": base}
+    for name in ("ft-a", "ft-b"):
+        models[name] = {
+            k: t + 0.01 * torch.randn(t.shape, generator=generator) for k, t in base.items()
+        }
+    paths = {}
+    for name, tensors in models.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(CONFIG))
+        paths[name] = folder
+    return paths
+
+
+def ensure_mergekit(venv: Path) -> Path:
+    """mergekit 0.1.5 in a virtual environment of its own (never a dependency of mergecli)."""
+    exe = venv / "bin" / "mergekit-yaml"
+    if not exe.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
+        subprocess.run([*pip, "mergekit==0.1.5"], check=True)
+    return exe
+
+
+def run_mergekit(
+    exe: Path, paths: dict[str, Path], method: str, out: Path
+) -> dict[str, torch.Tensor]:
+    global_params, _, uses_base = METHODS[method]
+    weights = {"ft-a": 0.6, "ft-b": 0.4}
+    if method == "slerp":
+        models = [{"model": str(paths["ft-a"])}, {"model": str(paths["ft-b"])}]
+        config = {"merge_method": method, "base_model": str(paths["ft-a"]), "models": models}
+    else:
+        models = [{"model": str(paths[n]), "parameters": {"weight": w}} for n, w in weights.items()]
+        config = {"merge_method": method, "models": models}
+        if uses_base:
+            config["base_model"] = str(paths["base"])
+    config.update({"parameters": global_params, "dtype": "float32"})
+    recipe = out.with_suffix(".yaml")
+    recipe.write_text(json.dumps(config))
+    subprocess.run([str(exe), str(recipe), str(out), "--no-lazy-unpickle"], check=True,
+                   capture_output=True, text=True)  # fmt: skip
+    tensors = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def run_mergecli(paths: dict[str, Path], method: str, out: Path) -> dict[str, torch.Tensor]:
+    _, step, uses_base = METHODS[method]
+    checkpoints = [
+        {"path": str(paths["ft-a"]), "weight": 0.6},
+        {"path": str(paths["ft-b"]), "weight": 0.4},
+    ]
+    if uses_base:
+        checkpoints.insert(0, {"path": str(paths["base"]), "role": "base"})
+    recipe = {"version": 1, "checkpoints": checkpoints, "steps": [{"merge": step}],
+              "output": {"dir": str(out), "dtype": "float32"}}  # fmt: skip
+    path = out.with_suffix(".yaml")
+    path.write_text(json.dumps(recipe))
+    subprocess.run([sys.executable, "-m", "mergecli", "run", str(path)], check=True,
+                   capture_output=True, text=True)  # fmt: skip
+    return load_file(out / "model.safetensors")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mergekit-venv", type=Path, default=Path(".venv-mergekit"))
+    args = parser.parse_args()
+    exe = ensure_mergekit(args.mergekit_venv.resolve())
+    worst = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = write_models(root / "models")
+        print(f"{'method':16} {'tensors':>8} {'max |mergecli - mergekit|':>28}")
+        for method in METHODS:
+            theirs = run_mergekit(exe, paths, method, root / f"mergekit-{method}")
+            ours = run_mergecli(paths, method, root / f"mergecli-{method}")
+            assert set(theirs) == set(ours), sorted(set(theirs) ^ set(ours))
+            diff = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours)
+            worst = max(worst, diff)
+            print(f"{method:16} {len(ours):8} {diff:28.3g}")
+    verdict = "parity" if worst <= 1e-6 else "NO PARITY"
+    print(f"largest difference {worst:.3g}: {verdict} (bound 1e-6)")
+    sys.exit(0 if worst <= 1e-6 else 1)
+
+
+if __name__ == "__main__":
+    main()
