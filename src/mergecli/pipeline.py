@@ -14,8 +14,10 @@ import torch
 from mergecli import __version__
 from mergecli.errors import MergeCliError
 from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
-from mergecli.io.atomic import atomic_target, write_text_atomic
+from mergecli.io.atomic import atomic_target, write_bytes_atomic, write_text_atomic
+from mergecli.io.lazy import LazyTensors, tensor_shape
 from mergecli.io.safetensors_format import write_safetensors
+from mergecli.io.stream_writer import ShardWriter
 from mergecli.recipe import LoadedRecipe, ModelSpec
 from mergecli.registry import methods_of
 from mergecli.runtime.device import resolve_device
@@ -65,6 +67,7 @@ def prepare_state(loaded: LoadedRecipe, log: Log) -> MergeState:
     """Verify pins, load and cross-check every checkpoint, and decide the model."""
     recipe = loaded.recipe
     device = resolve_device(recipe.device)
+    streaming = is_data_free(loaded)
     checkpoints: list[Checkpoint] = []
     for index, spec in enumerate(recipe.checkpoints):
         digest = checkpoint_sha256(spec.path)
@@ -76,14 +79,18 @@ def prepare_state(loaded: LoadedRecipe, log: Log) -> MergeState:
         name = spec.name or _display_name(spec.path, index)
         if any(c.name == name for c in checkpoints):
             name = f"{name}#{index}"  # tables and saved transforms are keyed by name
-        tensors = load_state_dict(spec.path)
-        _check_finite(spec.path, tensors)
+        if streaming:
+            tensors = LazyTensors(spec.path)  # read tensor by tensor while merging
+        else:
+            tensors = load_state_dict(spec.path)
+            _check_finite(spec.path, tensors)
         checkpoints.append(Checkpoint(spec, name, digest, tensors, read_metadata(spec.path)))
         log.info(f"loaded {spec.path}", tensors=len(tensors), sha256=digest[:12])
     _check_same_tensors(checkpoints)
     reference = _reference_index(recipe.checkpoints)
     model_spec = recipe.model or _model_from_metadata(checkpoints[reference])
     state = MergeState(loaded, checkpoints, reference, device, log, model_spec)
+    state.streaming = streaming
     if recipe.model is not None or _needs_model(loaded):
         _check_checkpoints_fit(state)
     state.report["inputs"] = [
@@ -91,6 +98,12 @@ def prepare_state(loaded: LoadedRecipe, log: Log) -> MergeState:
         for c in checkpoints
     ]
     return state
+
+
+def is_data_free(loaded: LoadedRecipe) -> bool:
+    """Recipes made only of `merge` steps on no model run out of core, one tensor at a time."""
+    steps = loaded.steps
+    return loaded.recipe.model is None and bool(steps) and all(s.kind == "merge" for s in steps)
 
 
 def _reference_index(specs: list) -> int:
@@ -134,12 +147,12 @@ def _check_same_tensors(checkpoints: list[Checkpoint]) -> None:
                 f"{other.spec.path}: {' and '.join(parts)} compared with {first.spec.path}; "
                 "checkpoints to merge must have the same tensors"
             )
-        for name, tensor in first.tensors.items():
-            if other.tensors[name].shape != tensor.shape:
+        for name in first.tensors:
+            theirs, ours = tensor_shape(other.tensors, name), tensor_shape(first.tensors, name)
+            if theirs != ours:
                 raise MergeCliError(
-                    f"{other.spec.path}: tensor '{name}' has shape "
-                    f"{tuple(other.tensors[name].shape)}, {first.spec.path} has "
-                    f"{tuple(tensor.shape)}; checkpoints to merge must have the same shapes"
+                    f"{other.spec.path}: tensor '{name}' has shape {theirs}, {first.spec.path} "
+                    f"has {ours}; checkpoints to merge must have the same shapes"
                 )
 
 
@@ -206,9 +219,12 @@ def write_outputs(state: MergeState, out_dir: Path) -> None:
     output = state.loaded.recipe.output
     if state.merged is not None:
         dtype = OUTPUT_DTYPES.get(output.dtype)
-        paths = save_state_dict(
-            state.merged, out_dir, output_metadata(state), output.shard_size, dtype
-        )
+        metadata = output_metadata(state)
+        if isinstance(state.merged, dict):
+            paths = save_state_dict(state.merged, out_dir, metadata, output.shard_size, dtype)
+        else:
+            paths = _write_stream(state.merged, out_dir, metadata, output.shard_size, dtype)
+        paths += copy_model_files(state, out_dir)
         state.report["output"] = {"files": [p.name for p in paths], "dtype": output.dtype}
         state.log.info(f"wrote {', '.join(str(p) for p in paths)}")
     for name, (tensors, metadata) in state.artifacts.items():
@@ -222,6 +238,41 @@ def write_outputs(state: MergeState, out_dir: Path) -> None:
     write_text_atomic(out_dir / "recipe.resolved.yaml", state.loaded.resolved_yaml())
     write_text_atomic(out_dir / "report.json", json.dumps(_plain(state.report), indent=2) + "\n")
     state.log.info(f"wrote {out_dir / 'report.json'}")
+
+
+def _write_stream(stream, out_dir: Path, metadata, shard_size, dtype) -> list[Path]:
+    """Consume (name, tensor) pairs into shards; a failure leaves no shard behind."""
+    writer = ShardWriter(out_dir, metadata, shard_size, dtype)
+    try:
+        for name, tensor in stream:
+            writer.add(name, tensor)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# What makes a Hugging Face model directory loadable besides its weights.
+MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+    "added_tokens.json", "chat_template.jinja",
+)  # fmt: skip
+
+
+def copy_model_files(state: MergeState, out_dir: Path) -> list[Path]:
+    """An input that is a model directory makes the output one: copy its config and tokenizer
+    (from the base model, else the reference)."""
+    source = state.base or state.reference
+    folder = Path(source.spec.path)
+    if not (folder.is_dir() and (folder / "config.json").is_file()):
+        return []
+    copied = []
+    for name in MODEL_FILES:
+        if (folder / name).is_file():
+            write_bytes_atomic(out_dir / name, (folder / name).read_bytes())
+            copied.append(out_dir / name)
+    return copied
 
 
 def _plain(value: Any) -> Any:

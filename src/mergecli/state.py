@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,10 +48,13 @@ class MergeState:
     device: torch.device
     log: Log
     model_spec: ModelSpec | None
-    merged: StateDict | None = None
+    merged: StateDict | Iterator[tuple[str, Tensor]] | None = None
     history: list[str] = field(default_factory=list)  # methods that shaped `merged`, in order
     spec: Any = None  # the model's PermutationSpec, once an align step derived it
     resume_dir: Path | None = None  # where long steps keep resumable state (None: never)
+    # Data-free recipes stream: inputs are read lazily and `merged` is an iterator of
+    # (name, tensor) that the writer consumes, so a model never sits whole in memory.
+    streaming: bool = False
     report: dict[str, Any] = field(default_factory=dict)
     # Extra files for the output dir (relative name -> tensors, metadata), written atomically
     # with the merged model at the end of a successful run.

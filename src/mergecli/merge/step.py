@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,7 +37,8 @@ def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction
         params = _params_model(name, fn)
 
         def run(state: MergeState, options: StepParams) -> None:
-            state.merged = merge_state_dicts(state, fn, options.model_dump(), needs_base)
+            stream = merge_tensors(state, fn, options.model_dump(), needs_base)
+            state.merged = stream if state.streaming else dict(stream)
 
         run.__doc__ = fn.__doc__
         step_method("merge", name, params, needs=("base",) if needs_base else ())(run)
@@ -78,8 +79,20 @@ def merge_state_dicts(
     needs_base: bool,
     aligned: bool = True,
 ) -> StateDict:
+    """Merge every tensor into a state dict (see ``merge_tensors``)."""
+    return dict(merge_tensors(state, fn, options, needs_base, aligned))
+
+
+def merge_tensors(
+    state: MergeState,
+    fn: MergeFunction,
+    options: dict[str, Any],
+    needs_base: bool,
+    aligned: bool = True,
+) -> Iterator[tuple[str, Tensor]]:
     """Merge tensor by tensor in float32; non-floating tensors come from the reference.
 
+    Yields (name, merged tensor) one at a time, so a streaming writer holds one tensor's inputs.
     ``aligned`` merges the aligned tensors when an align step ran (False: the originals).
     """
     models = state.models
@@ -93,14 +106,13 @@ def merge_state_dicts(
     )
     takes_generator = "generator" in inspect.signature(fn).parameters
     takes_base = "base" in inspect.signature(fn).parameters
-    merged: StateDict = {}
     reference = state.reference.tensors
     names = list(reference)
     layers = count_layers(names)
     for name in state.log.progress(names, len(names), "merging tensors"):
         tensor = reference[name]
         if not tensor.is_floating_point():
-            merged[name] = tensor
+            yield name, tensor
             continue
         stack = torch.stack([s[name].to(state.device, torch.float32) for s in sources])
         extra = {}
@@ -122,8 +134,7 @@ def merge_state_dicts(
                 f"merge: tensor '{name}' came out with NaN or inf values; check the method's "
                 "parameters (e.g. weights that sum to 0)"
             )
-        merged[name] = result.to(tensor.dtype).cpu()
-    return merged
+        yield name, result.to(tensor.dtype).cpu()
 
 
 def _generator_for(seed: int, tensor_name: str, device: torch.device) -> torch.Generator:
