@@ -1,0 +1,125 @@
+"""Out-of-core data-free merges: lazy inputs, shards written as they fill, model directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mergecli.io.stream_writer as stream_writer
+from conftest import run_cli
+from mergecli.errors import MergeCliError
+from mergecli.io import load_state_dict
+from mergecli.io.lazy import LazyTensors
+from mergecli.io.stream_writer import ShardWriter
+
+
+def llama_dir(folder: Path, seed: int) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"model.layers.{i}.mlp.weight": torch.randn(16, 16, generator=generator) for i in range(4)
+    }
+    tensors["model.embed_tokens.weight"] = torch.randn(32, 16, generator=generator)
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_lazy_tensors_read_headers_first(tmp_path: Path) -> None:
+    folder = llama_dir(tmp_path / "m", 0)
+    lazy = LazyTensors(folder)
+    eager = load_state_dict(folder)
+    assert set(lazy) == set(eager) and len(lazy) == len(eager)
+    assert lazy.shape("model.embed_tokens.weight") == (32, 16)
+    assert torch.equal(lazy["model.layers.2.mlp.weight"], eager["model.layers.2.mlp.weight"])
+
+
+def test_shard_writer_flushes_and_names_shards(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path, {"k": "v"}, shard_size=2500, dtype=torch.bfloat16)
+    tensors = {f"t{i}": torch.randn(20, 20) for i in range(5)}
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    assert not list(tmp_path.glob("model*")), "nothing under a final name before close"
+    paths = writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    # bfloat16 tensors of 800 bytes: three fit in a 2,500-byte shard, so two shards + index.
+    assert [p.name for p in paths][-1] == "model.safetensors.index.json" and len(paths) == 3
+    assert index["metadata"]["total_size"] == 5 * 400 * 2
+    loaded = load_state_dict(tmp_path)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == torch.bfloat16
+        torch.testing.assert_close(loaded[name], tensor.to(torch.bfloat16))
+
+
+def test_disk_full_mid_write_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = stream_writer.write_safetensors
+    calls = {"n": 0}
+
+    def filling_disk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream_writer, "write_safetensors", filling_disk)
+    writer = ShardWriter(tmp_path, {}, shard_size=1600, dtype=None)
+    with pytest.raises(MergeCliError, match="No space left on device"):
+        for i in range(6):
+            writer.add(f"t{i}", torch.zeros(20, 20))
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_streamed_merge_of_model_directories(tmp_path: Path) -> None:
+    base, a, b = (llama_dir(tmp_path / n, s) for n, s in (("base", 0), ("a", 1), ("b", 2)))
+    recipe = tmp_path / "ta.yaml"
+    recipe.write_text(
+        f"version: 1\ncheckpoints: [{{path: {base}, role: base}}, {{path: {a}}}, {{path: {b}}}]\n"
+        "steps: [{merge: {method: task_arithmetic, lambda: 0.5}}]\n"
+        f"output: {{dir: {tmp_path / 'out'}, shard_size: 3KB, dtype: bfloat16}}\n"
+    )
+    result = run_cli("--log", "plain", "run", str(recipe), check=True)
+    out = tmp_path / "out"
+    assert (out / "config.json").read_text() == (base / "config.json").read_text()
+    assert (out / "tokenizer.json").exists()
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    merged = load_state_dict(out)
+    tb, ta, tt = (
+        load_file(base / "model.safetensors"),
+        load_file(a / "model.safetensors"),
+        load_file(b / "model.safetensors"),
+    )
+    for name in tb:
+        expected = tb[name] + 0.5 * ((ta[name] - tb[name]) + (tt[name] - tb[name]))
+        torch.testing.assert_close(merged[name], expected.to(torch.bfloat16))
+    assert "model.safetensors.index.json" in result.stderr
+
+
+@pytest.mark.slow
+def test_streamed_merge_errors_name_the_tensor(tmp_path: Path) -> None:
+    base, a = llama_dir(tmp_path / "base", 0), llama_dir(tmp_path / "a", 1)
+    state = load_file(a / "model.safetensors")
+    state["model.layers.1.mlp.weight"] = torch.zeros(16, 8)
+    save_file(state, a / "model.safetensors")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\ncheckpoints: [{{path: {base}, role: base}}, {{path: {a}}}]\n"
+        f"steps: [{{merge: {{method: ties, density: 0.5}}}}]\noutput: {{dir: {tmp_path / 'out'}}}\n"
+    )
+    result = run_cli("run", str(recipe))
+    assert result.returncode == 1
+    assert "tensor 'model.layers.1.mlp.weight' has shape (16, 8)" in result.stderr
+    assert "(16, 16)" in result.stderr
+    del state["model.layers.1.mlp.weight"]
+    save_file(state, a / "model.safetensors")
+    result = run_cli("run", str(recipe))
+    assert "lacks 'model.layers.1.mlp.weight'" in result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
