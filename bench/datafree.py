@@ -1,0 +1,115 @@
+"""A TIES merge of three ~1 GB LLaMA-style models: mergecli against mergekit, same run.
+
+Builds three bf16 checkpoints (hidden 2048, 8 layers, vocab 32000: 1.08 GB each) with a
+config.json, runs the same TIES merge with `mergekit-yaml` (mergekit 0.1.5 in its own venv,
+created on first use) and with `mergecli run`, each under /usr/bin/time, and prints wall time
+and peak RSS with the ratios mergecli / mergekit (goal: both <= 0.5).
+Run: .venv/bin/python bench/datafree.py [--workdir /tmp/datafree] [--mergekit-venv .venv-mergekit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mergekit_parity import ensure_mergekit
+
+HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 2048, 5504, 8, 32000
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+    "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "vocab_size": VOCAB, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+def build(folder: Path, seed: int, base: Path | None) -> None:
+    """One checkpoint; fine-tunes are the base plus small noise, tensor by tensor."""
+    if (folder / "model.safetensors").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (VOCAB, HIDDEN)}  # fmt: skip
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}self_attn.{name}.weight"] = (HIDDEN, HIDDEN)
+        shapes[f"{p}mlp.gate_proj.weight"] = (INTERMEDIATE, HIDDEN)
+        shapes[f"{p}mlp.up_proj.weight"] = (INTERMEDIATE, HIDDEN)
+        shapes[f"{p}mlp.down_proj.weight"] = (HIDDEN, INTERMEDIATE)
+        shapes[f"{p}input_layernorm.weight"] = (HIDDEN,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (HIDDEN,)
+    if base is None:
+        tensors = {
+            n: (torch.randn(s, generator=generator) * 0.02).bfloat16() for n, s in shapes.items()
+        }
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(base / "model.safetensors")
+        for name, tensor in tensors.items():
+            noise = torch.randn(tensor.shape, generator=generator) * 0.002
+            tensors[name] = (tensor.float() + noise).bfloat16()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of a command, from GNU time."""
+    result = subprocess.run(
+        ["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"{command[0]} failed:\n{result.stderr[-2000:]}")
+    seconds, kilobytes = result.stderr.strip().splitlines()[-1].split()
+    return float(seconds), int(kilobytes) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergecli-datafree"))
+    parser.add_argument("--mergekit-venv", type=Path, default=Path(".venv-mergekit"))
+    args = parser.parse_args()
+    exe = ensure_mergekit(args.mergekit_venv.resolve())
+    work = args.workdir
+    base = work / "base"
+    build(base, 0, None)
+    build(work / "ft-a", 1, base)
+    build(work / "ft-b", 2, base)
+    models = [{"model": str(work / n), "parameters": {"weight": w, "density": 0.5}}
+              for n, w in (("ft-a", 0.6), ("ft-b", 0.4))]  # fmt: skip
+    mk_recipe = work / "mergekit.yaml"
+    mk_recipe.write_text(json.dumps({"merge_method": "ties", "base_model": str(base),
+                                     "models": models, "dtype": "bfloat16"}))  # fmt: skip
+    mc_recipe = work / "mergecli.yaml"
+    mc_recipe.write_text(json.dumps({
+        "version": 1,
+        "checkpoints": [{"path": str(base), "role": "base"},
+                        {"path": str(work / "ft-a"), "weight": 0.6},
+                        {"path": str(work / "ft-b"), "weight": 0.4}],
+        "steps": [{"merge": {"method": "ties", "density": 0.5}}],
+        "output": {"dir": str(work / "out-mergecli"), "dtype": "bfloat16"},
+    }))  # fmt: skip
+    for out in ("out-mergekit", "out-mergecli"):
+        shutil.rmtree(work / out, ignore_errors=True)
+    theirs = timed([str(exe), str(mk_recipe), str(work / "out-mergekit")])
+    ours = timed([sys.executable, "-m", "mergecli", "--log", "plain", "run", str(mc_recipe)])
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
+    print(f"TIES of three {size:.2f} GB bf16 models, torch threads {torch.get_num_threads()}")
+    print(f"{'tool':10} {'wall s':>8} {'peak RSS GB':>12}")
+    print(f"{'mergekit':10} {theirs[0]:8.1f} {theirs[1]:12.2f}")
+    print(f"{'mergecli':10} {ours[0]:8.1f} {ours[1]:12.2f}")
+    time_ratio, rss_ratio = ours[0] / theirs[0], ours[1] / theirs[1]
+    print(f"ratio mergecli/mergekit: time {time_ratio:.2f}, peak RSS {rss_ratio:.2f} (goal <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
