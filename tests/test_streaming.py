@@ -40,8 +40,9 @@ def test_lazy_tensors_read_headers_first(tmp_path: Path) -> None:
 
 
 def test_shard_writer_flushes_and_names_shards(tmp_path: Path) -> None:
-    writer = ShardWriter(tmp_path, {"k": "v"}, shard_size=2500, dtype=torch.bfloat16)
     tensors = {f"t{i}": torch.randn(20, 20) for i in range(5)}
+    plan = [(name, (20, 20), torch.bfloat16) for name in tensors]
+    writer = ShardWriter(tmp_path, plan, {"k": "v"}, shard_size=2500)
     for name, tensor in tensors.items():
         writer.add(name, tensor)
     assert not list(tmp_path.glob("model*")), "nothing under a final name before close"
@@ -59,22 +60,36 @@ def test_shard_writer_flushes_and_names_shards(tmp_path: Path) -> None:
 def test_disk_full_mid_write_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = stream_writer.write_safetensors
-    calls = {"n": 0}
+    real_open = open
+    written = {"bytes": 0}
 
-    def filling_disk(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError(28, "No space left on device")
-        return real(*args, **kwargs)
+    class FillingFile:
+        """A file on a disk that fills after 4,000 bytes."""
 
-    monkeypatch.setattr(stream_writer, "write_safetensors", filling_disk)
-    writer = ShardWriter(tmp_path, {}, shard_size=1600, dtype=None)
+        def __init__(self, path, mode):
+            self.inner = real_open(path, mode)
+
+        def write(self, data):
+            written["bytes"] += len(data)
+            if written["bytes"] > 4000:
+                raise OSError(28, "No space left on device")
+            return self.inner.write(data)
+
+        def close(self):
+            self.inner.close()
+
+    monkeypatch.setattr(stream_writer, "open", FillingFile, raising=False)
+    plan = [(f"t{i}", (20, 20), torch.float32) for i in range(6)]
+    writer = ShardWriter(tmp_path, plan, {}, shard_size=1600)
     with pytest.raises(MergeCliError, match="No space left on device"):
         for i in range(6):
             writer.add(f"t{i}", torch.zeros(20, 20))
         writer.close()
     assert list(tmp_path.iterdir()) == []
+    # Tensors must arrive in the planned order.
+    writer = ShardWriter(tmp_path, plan, {}, shard_size=None)
+    with pytest.raises(RuntimeError, match="expected t0"):
+        writer.add("t1", torch.zeros(20, 20))
 
 
 @pytest.mark.slow

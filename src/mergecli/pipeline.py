@@ -223,7 +223,8 @@ def write_outputs(state: MergeState, out_dir: Path) -> None:
         if isinstance(state.merged, dict):
             paths = save_state_dict(state.merged, out_dir, metadata, output.shard_size, dtype)
         else:
-            paths = _write_stream(state.merged, out_dir, metadata, output.shard_size, dtype)
+            plan = _output_plan(state, dtype)
+            paths = _write_stream(state.merged, out_dir, plan, metadata, output.shard_size)
         paths += copy_model_files(state, out_dir)
         state.report["output"] = {"files": [p.name for p in paths], "dtype": output.dtype}
         state.log.info(f"wrote {', '.join(str(p) for p in paths)}")
@@ -240,9 +241,21 @@ def write_outputs(state: MergeState, out_dir: Path) -> None:
     state.log.info(f"wrote {out_dir / 'report.json'}")
 
 
-def _write_stream(stream, out_dir: Path, metadata, shard_size, dtype) -> list[Path]:
+def _output_plan(state: MergeState, dtype: torch.dtype | None) -> list:
+    """Name, shape and dtype of every output tensor, read from the reference's headers."""
+    reference = state.reference.tensors
+    plan = []
+    for name in reference:
+        own = reference.dtype(name)
+        plan.append(
+            (name, reference.shape(name), dtype if dtype and own.is_floating_point else own)
+        )
+    return plan
+
+
+def _write_stream(stream, out_dir: Path, plan, metadata, shard_size) -> list[Path]:
     """Consume (name, tensor) pairs into shards; a failure leaves no shard behind."""
-    writer = ShardWriter(out_dir, metadata, shard_size, dtype)
+    writer = ShardWriter(out_dir, plan, metadata, shard_size)
     try:
         for name, tensor in stream:
             writer.add(name, tensor)

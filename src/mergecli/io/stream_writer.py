@@ -1,4 +1,11 @@
-"""Writing a model tensor by tensor: shards are flushed as they fill, renamed at the end."""
+"""Writing a model tensor by tensor straight to disk, from a plan made before merging.
+
+Every output tensor's name, shape and dtype are known before any is computed (from the inputs'
+headers), so each shard's safetensors header can be written first and each tensor appended the
+moment it is ready: nothing is buffered. Shards carry temporary names until ``close`` renames
+them (``model-0000k-of-0000N.safetensors``, or ``model.safetensors`` for one) and writes the
+index last.
+"""
 
 from __future__ import annotations
 
@@ -10,64 +17,83 @@ import torch
 
 from mergecli.errors import MergeCliError
 from mergecli.io.checkpoint import INDEX_NAME
-from mergecli.io.safetensors_format import write_safetensors
+from mergecli.io.safetensors_format import safetensors_header
 from mergecli.io.writer import SINGLE_NAME, shard_name
+
+Plan = list[tuple[str, tuple[int, ...], torch.dtype]]
 
 
 class ShardWriter:
-    """Buffers tensors up to ``shard_size`` bytes, writes each full shard under a temporary
-    name, and on ``close`` renames them to ``model-0000k-of-0000N.safetensors`` (or
-    ``model.safetensors`` when one shard holds everything) and writes the index last.
-    Peak memory is one shard's buffer; nothing appears under a final name before ``close``.
-    """
+    """Streams tensors, in plan order, into shards of at most ``shard_size`` bytes."""
 
     def __init__(
-        self,
-        out_dir: Path,
-        metadata: dict[str, str],
-        shard_size: int | None,
-        dtype: torch.dtype | None,
+        self, out_dir: Path, plan: Plan, metadata: dict[str, str], shard_size: int | None
     ) -> None:
         self.out_dir, self.metadata = out_dir, metadata
-        self.shard_size, self.dtype = shard_size, dtype
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
-        self._written: list[tuple[Path, list[str]]] = []
-        self.total_size = 0
+        self.shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            spec = torch.empty(shape, dtype=dtype, device="meta")  # shape and dtype, no memory
+            nbytes = spec.numel() * spec.element_size()
+            if shard_size is not None and self.shards[-1] and size + nbytes > shard_size:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, spec))
+            size += nbytes
+        self.total_size = sum(
+            s.numel() * s.element_size() for shard in self.shards for _, s in shard
+        )
+        self._order = [
+            (i, name, spec) for i, shard in enumerate(self.shards) for name, spec in shard
+        ]
+        self._next = 0
+        self._temps: list[Path] = []
+        self._handle = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        tensor = tensor.detach().to("cpu").contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if self.shard_size is not None and self._buffer and self._buffered + size > self.shard_size:
-            self._flush()
-        self._buffer[name] = tensor
-        self._buffered += size
-        self.total_size += size
-
-    def _flush(self) -> None:
-        tmp = self.out_dir / f".shard-{len(self._written) + 1}.tmp-{os.getpid()}"
+        shard, expected, spec = self._order[self._next]
+        if name != expected or tuple(tensor.shape) != tuple(spec.shape):
+            raise RuntimeError(f"writer expected {expected} {tuple(spec.shape)}, got {name}")
+        if shard == len(self._temps):
+            self._open(shard)
+        data = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
         try:
-            write_safetensors(tmp, self._buffer, self.metadata)
+            if data.numel():
+                self._handle.write(data.view(torch.uint8).numpy().tobytes())
         except OSError as exc:
             self.abort()
-            tmp.unlink(missing_ok=True)
-            raise MergeCliError(
-                f"{self.out_dir}: cannot write the output directory ({exc.strerror or exc}); "
-                "free some space or choose another output.dir"
-            ) from None
-        self._written.append((tmp, list(self._buffer)))
-        self._buffer, self._buffered = {}, 0
+            raise self._error(exc) from None
+        self._next += 1
+
+    def _open(self, shard: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        tmp = self.out_dir / f".shard-{shard + 1}.tmp-{os.getpid()}"
+        self._temps.append(tmp)
+        try:
+            self._handle = open(tmp, "wb")  # noqa: SIM115 - closed by the next shard or close()
+            self._handle.write(safetensors_header(dict(self.shards[shard]), self.metadata))
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> MergeCliError:
+        return MergeCliError(
+            f"{self.out_dir}: cannot write the output directory ({exc.strerror or exc}); "
+            "free some space or choose another output.dir"
+        )
 
     def close(self) -> list[Path]:
-        """Write the last shard, then move every shard (and the index) to its final name."""
-        if self._buffer or not self._written:
-            self._flush()
-        count = len(self._written)
+        """Move every shard (and the index) to its final name once all tensors are in."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
+        if not self._temps:
+            self._open(0)
+        self._handle.close()
+        count = len(self._temps)
         names = [SINGLE_NAME] if count == 1 else [shard_name(i + 1, count) for i in range(count)]
         finals = []
-        for (tmp, _), final in zip(self._written, names, strict=True):
+        for tmp, final in zip(self._temps, names, strict=True):
             os.replace(tmp, self.out_dir / final)
             finals.append(self.out_dir / final)
         stale = [INDEX_NAME] if count == 1 else [SINGLE_NAME]
@@ -76,7 +102,7 @@ class ShardWriter:
             index = {
                 "metadata": {"total_size": self.total_size, **self.metadata},
                 "weight_map": {
-                    n: f for (_, ns), f in zip(self._written, names, strict=True) for n in ns
+                    n: f for shard, f in zip(self.shards, names, strict=True) for n, _ in shard
                 },
             }
             tmp = self.out_dir / f".{INDEX_NAME}.tmp-{os.getpid()}"
@@ -89,6 +115,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Remove every shard written so far (a failed run leaves nothing behind)."""
-        for tmp, _ in self._written:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        for tmp in self._temps:
             tmp.unlink(missing_ok=True)
-        self._written, self._buffer = [], {}

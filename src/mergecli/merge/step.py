@@ -27,7 +27,8 @@ MergeFunction = Callable[..., Tensor]
 def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction], MergeFunction]:
     """Register a function over one tensor's stack ``models`` (N, ...) as ``merge: {method: name}``.
 
-    The function's keyword parameters after ``models``, ``weights`` and ``base`` become the
+    ``models`` is a fresh float32 stack per call, which the function may overwrite to save
+    memory. The function's keyword parameters after ``models``, ``weights`` and ``base`` become the
     method's recipe parameters, with their type hints and defaults (``Annotated[float,
     Field(...)]`` adds bounds or an alias). A function that takes ``generator`` gets one seeded
     by the recipe's seed and the tensor's name, so results do not depend on processing order.

@@ -19,16 +19,23 @@ Density = Annotated[float, annotated_types.Gt(0), annotated_types.Le(1)]
 def combine_task_vectors(
     deltas: Tensor, weights: Tensor, elect_sign: bool, normalize: bool, lam: float
 ) -> Tensor:
-    """sum_i w_i d_i (over the entries agreeing with the elected sign), optionally / sum_i w_i."""
+    """sum_i w_i d_i (over the entries agreeing with the elected sign), optionally / sum_i w_i.
+
+    ``deltas`` (N, ...) is overwritten: large tensors (embeddings) are merged in the memory of
+    their inputs plus a few single-model buffers, not several stacks of temporaries.
+    """
     weights = weights.reshape(-1, *([1] * (deltas.dim() - 1)))
-    weighted = deltas * weights
+    weighted = deltas.mul_(weights)
     if elect_sign:
         # The sign of the weighted sum wins per entry; entries of the other sign are dropped.
-        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
-        agree = (weighted.sign() == elected).to(weighted.dtype)
-        mixed = (weighted * agree).sum(dim=0)
-        divisor = (weights * agree).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        positive = weighted.sum(dim=0) >= 0
+        mixed = torch.zeros_like(weighted[0])
+        divisor = torch.zeros_like(weighted[0])
+        for d, w in zip(weighted, weights, strict=True):
+            agree = torch.where(positive, d > 0, d < 0)
+            mixed.add_(torch.where(agree, d, 0.0))
+            divisor.add_(agree * w)
+        divisor[divisor == 0] = 1
     else:
         mixed = weighted.sum(dim=0)
         divisor = weights.sum()
@@ -43,7 +50,7 @@ def task_arithmetic(
     models: Tensor, weights: Tensor, base: Tensor, lam: Lambda = 1.0, normalize: bool = False
 ) -> Tensor:
     """Task arithmetic (Ilharco et al., 2023): base + lambda * sum_i w_i (theta_i - base)."""
-    return base + combine_task_vectors(models - base, weights, False, normalize, lam)
+    return base + combine_task_vectors(models.sub_(base), weights, False, normalize, lam)
 
 
 @merge_method("ties", needs_base=True)
@@ -56,7 +63,9 @@ def ties(
     normalize: bool = True,
 ) -> Tensor:
     """TIES (Yadav et al., 2023): trim each task vector, elect signs, average the agreeing."""
-    deltas = torch.stack([keep_top_magnitude(d, density) for d in models - base])
+    deltas = models.sub_(base)  # the engine hands each method a fresh stack
+    for i in range(len(deltas)):
+        deltas[i] = keep_top_magnitude(deltas[i], density)
     return base + combine_task_vectors(deltas, weights, True, normalize, lam)
 
 
@@ -71,7 +80,9 @@ def dare_linear(
     normalize: bool = False,
 ) -> Tensor:
     """DARE (Yu et al., 2024): drop task-vector entries at random, rescale, add linearly."""
-    deltas = torch.stack([drop_and_rescale(d, density, generator) for d in models - base])
+    deltas = models.sub_(base)  # the engine hands each method a fresh stack
+    for i in range(len(deltas)):
+        deltas[i] = drop_and_rescale(deltas[i], density, generator)
     return base + combine_task_vectors(deltas, weights, False, normalize, lam)
 
 
@@ -86,5 +97,7 @@ def dare_ties(
     normalize: bool = False,
 ) -> Tensor:
     """DARE with TIES sign election (Yu et al., 2024; Yadav et al., 2023)."""
-    deltas = torch.stack([drop_and_rescale(d, density, generator) for d in models - base])
+    deltas = models.sub_(base)  # the engine hands each method a fresh stack
+    for i in range(len(deltas)):
+        deltas[i] = drop_and_rescale(deltas[i], density, generator)
     return base + combine_task_vectors(deltas, weights, True, normalize, lam)
