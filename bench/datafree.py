@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mergekit_parity import ensure_mergekit
+from mergekit_parity import ensure_mergekit, llama_shapes
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 2048, 5504, 8, 32000
 CONFIG = {
@@ -36,17 +36,7 @@ def build(folder: Path, seed: int, base: Path | None) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
-              "lm_head.weight": (VOCAB, HIDDEN)}  # fmt: skip
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[f"{p}self_attn.{name}.weight"] = (HIDDEN, HIDDEN)
-        shapes[f"{p}mlp.gate_proj.weight"] = (INTERMEDIATE, HIDDEN)
-        shapes[f"{p}mlp.up_proj.weight"] = (INTERMEDIATE, HIDDEN)
-        shapes[f"{p}mlp.down_proj.weight"] = (HIDDEN, INTERMEDIATE)
-        shapes[f"{p}input_layernorm.weight"] = (HIDDEN,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (HIDDEN,)
+    shapes = llama_shapes(HIDDEN, INTERMEDIATE, LAYERS, VOCAB)
     if base is None:
         tensors = {
             n: (torch.randn(s, generator=generator) * 0.02).bfloat16() for n, s in shapes.items()

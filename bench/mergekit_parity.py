@@ -49,22 +49,27 @@ METHODS = {
 }
 
 
-def llama_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    h, i, v = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"]
-    shapes = {
-        "model.embed_tokens.weight": (v, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (v, h),
-    }
-    for layer in range(CONFIG["num_hidden_layers"]):
+def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, tuple]:
+    """Tensor names and shapes of a LLaMA-style causal LM (untied head)."""
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}  # fmt: skip
+    for layer in range(layers):
         p = f"model.layers.{layer}."
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[f"{p}self_attn.{name}.weight"] = (h, h)
-        shapes[f"{p}mlp.gate_proj.weight"] = (i, h)
-        shapes[f"{p}mlp.up_proj.weight"] = (i, h)
-        shapes[f"{p}mlp.down_proj.weight"] = (h, i)
-        shapes[f"{p}input_layernorm.weight"] = (h,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+            shapes[f"{p}self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[f"{p}mlp.gate_proj.weight"] = (intermediate, hidden)
+        shapes[f"{p}mlp.up_proj.weight"] = (intermediate, hidden)
+        shapes[f"{p}mlp.down_proj.weight"] = (hidden, intermediate)
+        shapes[f"{p}input_layernorm.weight"] = (hidden,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
+    return shapes
+
+
+def llama_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    shapes = llama_shapes(
+        CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["num_hidden_layers"],
+        CONFIG["vocab_size"],
+    )  # fmt: skip
     return {n: torch.randn(s, generator=generator) * 0.02 for n, s in shapes.items()}
 
 

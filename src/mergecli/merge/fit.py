@@ -15,6 +15,7 @@ from mergecli.errors import MergeCliError
 from mergecli.merge.coefficients import (
     FlatParameters,
     coefficient_values,
+    expand,
     joint_merge,
     logit,
     logits_per_model,
@@ -184,8 +185,6 @@ def _aligned_to(state: MergeState, running: StateDict, checkpoint) -> StateDict:
 
 def _merge_with_values(flat: FlatParameters, values: Tensor, params: FitParams) -> Tensor:
     """Merged flat parameters from coefficient values (not logits), so 0 and 1 are exact."""
-    from mergecli.merge.coefficients import expand
-
     index = flat.tensor_index() if params.granularity == "tensor" else None
     weights = expand(values.to(flat.thetas.device), params.granularity, index)
     if params.multi == "joint":
@@ -289,8 +288,6 @@ def _validator(state, module, flat, buffers, merge, params):
 
     @torch.no_grad()
     def validate(logits: Tensor) -> dict[str, float]:
-        from mergecli.merge.coefficients import expand
-
         merged = merge(flat.thetas, expand(logits, params.granularity, index))
         weights = {**flat.views(merged), **buffers}
         loss, correct = 0.0, 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import annotated_types
@@ -45,6 +46,14 @@ def combine_task_vectors(
     return mixed * lam
 
 
+def task_vectors(models: Tensor, base: Tensor, sparsify: Callable[[Tensor], Tensor]) -> Tensor:
+    """theta_i - base for every model, each sparsified; computed in place in ``models``."""
+    deltas = models.sub_(base)  # the engine hands each method a fresh stack
+    for i in range(len(deltas)):
+        deltas[i] = sparsify(deltas[i])
+    return deltas
+
+
 @merge_method("task_arithmetic", needs_base=True)
 def task_arithmetic(
     models: Tensor, weights: Tensor, base: Tensor, lam: Lambda = 1.0, normalize: bool = False
@@ -63,9 +72,7 @@ def ties(
     normalize: bool = True,
 ) -> Tensor:
     """TIES (Yadav et al., 2023): trim each task vector, elect signs, average the agreeing."""
-    deltas = models.sub_(base)  # the engine hands each method a fresh stack
-    for i in range(len(deltas)):
-        deltas[i] = keep_top_magnitude(deltas[i], density)
+    deltas = task_vectors(models, base, lambda d: keep_top_magnitude(d, density))
     return base + combine_task_vectors(deltas, weights, True, normalize, lam)
 
 
@@ -80,9 +87,7 @@ def dare_linear(
     normalize: bool = False,
 ) -> Tensor:
     """DARE (Yu et al., 2024): drop task-vector entries at random, rescale, add linearly."""
-    deltas = models.sub_(base)  # the engine hands each method a fresh stack
-    for i in range(len(deltas)):
-        deltas[i] = drop_and_rescale(deltas[i], density, generator)
+    deltas = task_vectors(models, base, lambda d: drop_and_rescale(d, density, generator))
     return base + combine_task_vectors(deltas, weights, False, normalize, lam)
 
 
@@ -97,7 +102,5 @@ def dare_ties(
     normalize: bool = False,
 ) -> Tensor:
     """DARE with TIES sign election (Yu et al., 2024; Yadav et al., 2023)."""
-    deltas = models.sub_(base)  # the engine hands each method a fresh stack
-    for i in range(len(deltas)):
-        deltas[i] = drop_and_rescale(deltas[i], density, generator)
+    deltas = task_vectors(models, base, lambda d: drop_and_rescale(d, density, generator))
     return base + combine_task_vectors(deltas, weights, True, normalize, lam)
