@@ -90,6 +90,7 @@ def _distinct_values(state: StateDict, generator: torch.Generator) -> StateDict:
             and bool((tensor == tensor.flatten()[0]).all())
         ):
             noise = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype)
+            noise = noise.to(tensor.device)
             tensor = noise + 0.5 if name.endswith("running_var") else noise - 0.5
         varied[name] = tensor
     return varied

@@ -102,7 +102,7 @@ def align_cca(state: MergeState, params: CCAParams) -> None:
         transforms = match_activations({n: s for n, s in stats.items() if n in with_norms})
         for name, s in stats.items():
             if name not in with_norms:
-                transforms[name] = torch.stack(cca_transform(s, params.gamma)).float()
+                transforms[name] = torch.stack(cca_transform(s, params.gamma)).float().cpu()
         if with_norms:
             state.log.warn(
                 f"cca: {len(with_norms)} group(s) pass through norm layers and are aligned by "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -42,13 +43,20 @@ def weight_matching(
     # float32 matmuls (the cost), float64 sums for the assignment's score.
     a = {name: reference[name].to(device, torch.float32) for name in spec.tensors()}
     b = {name: other[name].to(device, torch.float32) for name in spec.tensors()}
-    perms = {g.name: torch.arange(g.size, device=device) for g in spec.groups}
+    # Host copies of the permutations score the assignment without waiting on the device.
+    perms = {g.name: np.arange(g.size) for g in spec.groups}
     version = dict.fromkeys(perms, 0)
     # Which groups permute which axis of each tensor, so "all other axes" is a short loop.
     on_tensor: dict[str, list[tuple[PermGroup, AxisSlice]]] = {}
     for group in spec.groups:
         for m in group.members:
             on_tensor.setdefault(m.tensor, []).append((group, m))
+    # One gather index per permuted (tensor, axis), kept current as permutations change, so
+    # permuting a tensor's other axes is one index_select per axis on the device.
+    axis_index = {
+        (name, axis): torch.arange(b[name].shape[axis], device=device)
+        for name, axis in {(name, m.axis) for name, ms in on_tensor.items() for _, m in ms}
+    }
     a_rows = {
         (g.name, i): _rows(a[m.tensor], m) for g in spec.groups for i, m in enumerate(g.members)
     }
@@ -60,53 +68,45 @@ def weight_matching(
         improved = 0.0
         for index in torch.randperm(len(spec.groups), generator=generator).tolist():
             group = spec.groups[index]
-            cost = torch.zeros(group.size, group.size, dtype=torch.float32, device=device)
+            shares = []
             for i, m in enumerate(group.members):
-                others = on_tensor[m.tensor]
-                key = tuple(version[g.name] for g, other_m in others if other_m is not m)
+                others = [(g, o) for g, o in on_tensor[m.tensor] if o is not m]
+                key = tuple(version[g.name] for g, _ in others)
                 hit = cache.get((group.name, i))
                 if hit is None or hit[0] != key:
-                    b_other = _permute_other_axes(b[m.tensor], m, others, perms)
+                    b_other = b[m.tensor]
+                    # Other slices on this member's own axis are cut away by _rows.
+                    for axis in {o.axis for _, o in others if o.axis != m.axis}:
+                        b_other = b_other.index_select(axis, axis_index[(m.tensor, axis)])
                     hit = (key, a_rows[(group.name, i)] @ _rows(b_other, m).T)
                     cache[(group.name, i)] = hit
-                cost += hit[1]
+                shares.append(hit[1])
+            # The copy waits for the device's matmuls, so it is counted outside the LAP time.
+            cost = torch.stack(shares).sum(0).cpu().double().numpy()
             tic = time.perf_counter()
-            cost_cpu = cost.double().cpu().numpy()
-            rows, cols = linear_sum_assignment(cost_cpu, maximize=True)
+            rows, cols = linear_sum_assignment(cost, maximize=True)
             lap_seconds += time.perf_counter() - tic
-            old = perms[group.name].cpu().numpy()
-            best = cost_cpu[rows, cols].sum()
-            gain = best - cost_cpu[rows, old].sum()
+            best = cost[rows, cols].sum()
+            gain = best - cost[rows, perms[group.name]].sum()
             if gain > 1e-9 * max(1.0, abs(best)):
-                perms[group.name] = torch.as_tensor(cols, device=device)
+                perms[group.name] = cols
                 version[group.name] += 1
                 improved += gain
+                shifted = torch.as_tensor(cols, device=device)
+                for m in group.members:
+                    axis_index[(m.tensor, m.axis)][m.offset : m.offset + m.length] = (
+                        shifted + m.offset
+                    )
         stats.sweeps = sweep + 1
         stats.improvements.append(float(improved))
         if improved == 0.0:
             break
     stats.lap_seconds += lap_seconds
     stats.other_seconds += time.perf_counter() - start - lap_seconds
-    return {name: p.cpu() for name, p in perms.items()}
+    return {name: torch.as_tensor(p, dtype=torch.int64) for name, p in perms.items()}
 
 
 def _rows(tensor: Tensor, m: AxisSlice) -> Tensor:
     """The slice's units as rows: (length, everything else)."""
     part = tensor.narrow(m.axis, m.offset, m.length)
     return part.movedim(m.axis, 0).reshape(m.length, -1)
-
-
-def _permute_other_axes(
-    tensor: Tensor,
-    current: AxisSlice,
-    groups: list[tuple[PermGroup, AxisSlice]],
-    perms: Permutations,
-) -> Tensor:
-    """Apply the current permutations of every other group (and other slices) on this tensor."""
-    for group, m in groups:
-        if m is current:
-            continue
-        index = torch.arange(tensor.shape[m.axis], device=tensor.device)
-        index[m.offset : m.offset + m.length] = m.offset + perms[group.name]
-        tensor = tensor.index_select(m.axis, index)
-    return tensor

@@ -1,0 +1,87 @@
+"""On a CUDA GPU: the device paths give the CPU's answers (skipped where there is no GPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_recipe
+from mergecli.align.permute import apply_permutations, random_permutations
+from mergecli.align.spec import derive_spec
+from mergecli.align.weight_matching import weight_matching
+from mergecli.merge.coefficients import FlatParameters, logits_per_model, pairwise_merge
+from mergecli.merge.fit_loop import CoefficientStep, FitConfig
+from mergecli.models import build_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_weight_matching_on_the_gpu_recovers_a_permutation_like_the_cpu() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet20", {"width": 2})
+    spec = derive_spec(model, torch.randn(2, 3, 32, 32))
+    original = model.state_dict()
+    shuffled = apply_permutations(
+        original, spec, random_permutations(spec, torch.Generator().manual_seed(1))
+    )
+    on_gpu = weight_matching(spec, original, shuffled, device="cuda")
+    on_cpu = weight_matching(spec, original, shuffled, device="cpu")
+    assert all(torch.equal(on_gpu[n], on_cpu[n]) for n in on_cpu)
+    recovered = apply_permutations(shuffled, spec, on_gpu)
+    assert all(torch.equal(recovered[n], original[n]) for n in original)
+
+
+def test_fit_step_on_the_gpu_matches_the_cpu_in_fp32() -> None:
+    torch.manual_seed(0)
+    models = [build_model("mlp", {"depth": 3, "hidden": 32}).state_dict() for _ in range(2)]
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    results = {}
+    for device in ("cpu", "cuda"):
+        module = build_model("mlp", {"depth": 3, "hidden": 32}).to(device)
+        names = [n for n, _ in module.named_parameters()]
+        flat = FlatParameters.stack(models, names, torch.device(device))
+        config = FitConfig(
+            granularity="parameter", optimizer="adam", lr=0.05, epochs=1, steps=None,
+            batch_size=64, l2=0.0, seed=0, checkpoint_every=0,
+        )  # fmt: skip
+        logits = torch.zeros(logits_per_model("parameter", flat))
+        target = y.to(device)
+
+        def loss_fn(outputs: torch.Tensor, _index: torch.Tensor, target=target) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(outputs, target)
+
+        step = CoefficientStep(
+            module, flat, {}, pairwise_merge, logits, loss_fn, config, torch.device(device)
+        )
+        for _ in range(3):
+            step.update(step.loss(x.to(device), torch.arange(64, device=device)))
+        results[device] = step.logits.detach().cpu()
+    torch.testing.assert_close(results["cuda"], results["cpu"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_np_merge_recipe_runs_on_the_gpu(tmp_path: Path, trained_pair, precision: str) -> None:
+    a, b = trained_pair
+    recipe = write_recipe(tmp_path, a, b)
+    text = recipe.read_text().replace(
+        "  - merge: {method: average}",
+        "  - align: {method: weight_matching}\n"
+        "  - fit: {method: np_merge, epochs: 2, lr: 0.05, batch_size: 128}",
+    )
+    text = text.replace("steps:", f"device: cuda\nprecision: {precision}\nsteps:", 1)
+    text = text.replace("data:\n", 'data:\n  fit: {source: mnist, split: "0:2000"}\n', 1)
+    recipe.write_text(text)
+    run_cli("--log", "plain", "run", str(recipe), check=True)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = {r["kind"]: r for r in report["evaluate"]["results"]}
+    best_endpoint = max(r["accuracy"] for r in report["evaluate"]["results"][:2])
+    assert rows["merged"]["accuracy"] > best_endpoint - 0.1
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in merged.values())
