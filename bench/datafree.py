@@ -63,6 +63,22 @@ def timed(command: list[str]) -> tuple[float, float]:
     return float(seconds), int(kilobytes) / 1e6
 
 
+def agreement(ours: Path, theirs: Path) -> str:
+    """How far the two outputs are apart, tensor by tensor (both bf16)."""
+    from mergecli.io.lazy import LazyTensors
+
+    a, b = LazyTensors(ours), LazyTensors(theirs)
+    if set(a) != set(b):
+        return f"outputs hold different tensors: {sorted(set(a) ^ set(b))[:5]}"
+    worst, differing, total = 0.0, 0, 0
+    for name in a:
+        x, y = a[name].float(), b[name].float()
+        worst = max(worst, float((x - y).abs().max()))
+        differing += int(torch.count_nonzero(x != y))
+        total += x.numel()
+    return f"outputs: max |mergecli - mergekit| {worst:.3g}, {differing / total:.2e} of entries differ"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergecli-datafree"))
@@ -98,6 +114,7 @@ def main() -> None:
     print(f"{'mergekit':10} {theirs[0]:8.1f} {theirs[1]:12.2f}")
     print(f"{'mergecli':10} {ours[0]:8.1f} {ours[1]:12.2f}")
     time_ratio, rss_ratio = ours[0] / theirs[0], ours[1] / theirs[1]
+    print(agreement(work / "out-mergecli", work / "out-mergekit"))
     print(f"ratio mergecli/mergekit: time {time_ratio:.2f}, peak RSS {rss_ratio:.2f} (goal <= 0.5)")
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
 from mergecli.merge.slerp import slerp
-from mergecli.merge.sparsify import drop_and_rescale, keep_top_magnitude
+from mergecli.merge.sparsify import drop_and_rescale, keep_top_magnitude, kth_largest
 from mergecli.merge.task_arithmetic import dare_linear, dare_ties, task_arithmetic, ties
 
 
@@ -70,10 +70,34 @@ def test_sparsifiers() -> None:
     d = torch.tensor([0.1, -5.0, 2.0, -0.3])
     assert torch.equal(keep_top_magnitude(d, 0.5), torch.tensor([0.0, -5.0, 2.0, 0.0]))
     big = torch.randn(10_000)
-    kept = drop_and_rescale(big, 0.3, torch.Generator().manual_seed(0))
+    kept = drop_and_rescale(big.clone(), 0.3, torch.Generator().manual_seed(0))
     assert abs((kept != 0).float().mean().item() - 0.3) < 0.02
     torch.testing.assert_close(kept.abs().sum(), big.abs().sum())
     assert torch.equal(drop_and_rescale(big, 1.0, torch.Generator()), big)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(300_000),
+        torch.randint(-50, 50, (300_000,)).float(),  # many ties at every threshold
+        torch.cat([torch.zeros(290_000), torch.randn(10_000)]),  # mostly zeros
+        torch.logspace(-30, 30, 200_001),  # sorted, heavy range
+    ],
+)
+def test_kth_largest_equals_a_full_selection(values: torch.Tensor) -> None:
+    n = values.numel()
+    for k in (1, 2, n // 100, n // 3, n // 2, n - 1, n):
+        expected = values.kthvalue(n - k + 1).values
+        assert kth_largest(values, k) == expected, k
+
+
+def test_top_magnitude_keeps_exactly_k_entries_with_ties() -> None:
+    delta = torch.randint(-3, 4, (200_000,)).float()
+    kept = keep_top_magnitude(delta.clone(), 0.3)
+    assert int((kept != 0).sum()) == int(0.3 * delta.numel())
+    assert torch.equal(kept[kept != 0], delta[kept != 0])
+    assert delta[kept == 0].abs().max() <= kept[kept != 0].abs().min()
 
 
 def test_dare_at_density_one_is_task_arithmetic_and_ties() -> None:

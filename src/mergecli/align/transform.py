@@ -35,7 +35,8 @@ def apply_transforms(
 def _map_axis(tensor: Tensor, axis: int, offset: int, length: int, matrix: Tensor) -> Tensor:
     part = tensor.narrow(axis, offset, length).movedim(axis, 0)
     shape = part.shape
-    mapped = (matrix.to(tensor.device) @ part.reshape(length, -1).double()).reshape(shape).movedim(0, axis)
+    mapped = matrix.to(tensor.device) @ part.reshape(length, -1).double()
+    mapped = mapped.reshape(shape).movedim(0, axis)
     out = tensor.clone()
     out.narrow(axis, offset, length).copy_(mapped.to(tensor.dtype))
     return out

@@ -105,3 +105,10 @@ def tensor_shape(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[int, .
     if isinstance(tensors, LazyTensors):
         return tensors.shape(name)
     return tuple(tensors[name].shape)
+
+
+def tensor_dtype(tensors: Mapping[str, torch.Tensor], name: str) -> torch.dtype:
+    """A tensor's dtype, without reading it when the mapping is lazy."""
+    if isinstance(tensors, LazyTensors):
+        return tensors.dtype(name)
+    return tensors[name].dtype

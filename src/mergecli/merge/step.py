@@ -14,6 +14,7 @@ from pydantic.fields import FieldInfo
 from torch import Tensor
 
 from mergecli.errors import MergeCliError
+from mergecli.io.lazy import tensor_dtype, tensor_shape
 from mergecli.merge.parameters import count_layers, layer_position, resolve, varying
 from mergecli.registry import StepParams, step_method
 from mergecli.state import MergeState, StateDict
@@ -111,11 +112,14 @@ def merge_tensors(
     names = list(reference)
     layers = count_layers(names)
     for name in state.log.progress(names, len(names), "merging tensors"):
-        tensor = reference[name]
-        if not tensor.is_floating_point():
-            yield name, tensor
+        dtype = tensor_dtype(reference, name)
+        if not dtype.is_floating_point:
+            yield name, reference[name]
             continue
-        stack = torch.stack([s[name].to(state.device, torch.float32) for s in sources])
+        # Each input is converted straight into its row: no float32 copy beside the stack.
+        stack = torch.empty((len(sources), *tensor_shape(reference, name)), device=state.device)
+        for row, source in zip(stack, sources, strict=True):
+            row.copy_(source[name])
         extra = {}
         if needs_base or (takes_base and state.base is not None):
             extra["base"] = state.base.tensors[name].to(state.device, torch.float32)
@@ -130,12 +134,15 @@ def merge_tensors(
                 "entry without `filter` as the last one"
             )
         result = fn(stack, weights=weights, **extra, **values)
-        if not torch.isfinite(result).all():
+        # max and min carry any NaN or inf; two reductions instead of a mask the tensor's size.
+        if result.numel() and not bool(
+            torch.isfinite(result.amax()) & torch.isfinite(result.amin())
+        ):
             raise MergeCliError(
                 f"merge: tensor '{name}' came out with NaN or inf values; check the method's "
                 "parameters (e.g. weights that sum to 0)"
             )
-        yield name, result.to(tensor.dtype).cpu()
+        yield name, result.to(dtype).cpu()
 
 
 def _generator_for(seed: int, tensor_name: str, device: torch.device) -> torch.Generator:
