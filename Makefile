@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-resnet test bench parity clean
+.PHONY: demo demo-resnet demo-datafree test bench parity clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,24 @@ runs/resnet20-seed%.safetensors: | $(VENV)/.installed
 # BatchNorm networks: align, average, recompute the BN statistics (a few minutes on 2 cores).
 demo-resnet: $(VENV)/.installed runs/resnet20-seed0.safetensors runs/resnet20-seed1.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-resnet20-reset-bn.yaml
+
+runs/mlp3-base.safetensors: | $(VENV)/.installed
+	$(BIN)/mergecli --log plain train --arch mlp --arg depth=3 --arg hidden=128 \
+		--data mnist:0:500 --eval-data mnist:test --epochs 3 --seed 0 --out $@
+
+# Fine-tunes of the base, each on half of the digits (they forget the other half).
+FINETUNE = $(BIN)/mergecli --log plain train --arch mlp --arg depth=3 --arg hidden=128 \
+	--init runs/mlp3-base.safetensors --eval-data mnist:test --epochs 1 --lr 3e-4
+
+runs/mlp3-ft-digits0-4.safetensors: runs/mlp3-base.safetensors
+	$(FINETUNE) --data "{source: mnist, split: train, classes: [0, 1, 2, 3, 4]}" --seed 1 --out $@
+
+runs/mlp3-ft-digits5-9.safetensors: runs/mlp3-base.safetensors
+	$(FINETUNE) --data "{source: mnist, split: train, classes: [5, 6, 7, 8, 9]}" --seed 2 --out $@
+
+# Fine-tunes of one base merged without data: TIES beats the base and both fine-tunes.
+demo-datafree: $(VENV)/.installed runs/mlp3-ft-digits0-4.safetensors runs/mlp3-ft-digits5-9.safetensors
+	$(BIN)/mergecli run configs/examples/mnist-mlp3-ties.yaml
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench

@@ -76,7 +76,8 @@ def agreement(ours: Path, theirs: Path) -> str:
         worst = max(worst, float((x - y).abs().max()))
         differing += int(torch.count_nonzero(x != y))
         total += x.numel()
-    return f"outputs: max |mergecli - mergekit| {worst:.3g}, {differing / total:.2e} of entries differ"
+    share = differing / total
+    return f"outputs: max |mergecli - mergekit| {worst:.3g}, {share:.2e} of entries differ"
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, write_recipe
+from conftest import SMALL_MLP, run_cli, write_recipe
 from mergecli.io import checkpoint_sha256
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,12 @@ def test_run_average_end_to_end(tmp_path: Path, trained_pair: tuple[Path, Path])
         str(b): checkpoint_sha256(b),
     }
     assert json.loads(metadata["mergecli.steps"])[0] == {
-        "merge": {"method": "average", "normalize": True}
+        "merge": {
+            "method": "average",
+            "compute_dtype": "float32",
+            "missing": "error",
+            "normalize": True,
+        }
     }
     assert metadata["mergecli.seed"] == "0" and metadata["mergecli.version"]
     resolved = (out / "recipe.resolved.yaml").read_text()
@@ -354,3 +359,22 @@ def test_user_model_and_data_without_model_key(tmp_path: Path) -> None:
     merged = load_file(tmp_path / "out/r/model.safetensors")
     a, b = load_file(tmp_path / "m0.safetensors"), load_file(tmp_path / "m1.safetensors")
     torch.testing.assert_close(merged["1.weight"], 0.25 * a["1.weight"] + 0.75 * b["1.weight"])
+
+
+def test_train_init_fine_tunes_from_a_checkpoint(tmp_path: Path, trained_pair) -> None:
+    base = trained_pair[0]
+    out = tmp_path / "ft.safetensors"
+    # lr 0: a fine-tune that cannot move is its starting checkpoint.
+    run_cli(
+        "train", *SMALL_MLP, "--init", str(base), "--data", "{source: mnist, split: '0:300', "
+        "classes: [0, 1]}", "--eval-data", "none", "--epochs", "1", "--lr", "0", "--out", str(out),
+        check=True,
+    )  # fmt: skip
+    start, tuned = load_file(base), load_file(out)
+    assert all(torch.equal(start[k], tuned[k]) for k in start)
+    wrong = run_cli(
+        "train", "--arch", "mlp", "--arg", "depth=2", "--init", str(base),
+        "--eval-data", "none", "--epochs", "1", "--out", str(tmp_path / "x.safetensors"),
+    )  # fmt: skip
+    assert wrong.returncode == 1 and "--init" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert not (tmp_path / "x.safetensors").exists()

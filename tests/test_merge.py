@@ -46,6 +46,6 @@ def test_zero_weight_sum_is_refused() -> None:
 def test_registered_method_parameters_come_from_the_signature() -> None:
     method = methods_of("merge")["average"]
     fields = method.params.model_fields
-    assert list(fields) == ["normalize"]
+    assert list(fields) == ["compute_dtype", "missing", "normalize"]
     assert fields["normalize"].default is True
     assert method.doc.startswith("Weighted average of the models")

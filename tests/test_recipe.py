@@ -48,7 +48,14 @@ def test_good_recipe_resolves_defaults(tmp_path: Path) -> None:
     resolved = loaded.resolved()
     assert resolved["seed"] == 0 and resolved["device"] == "auto"
     assert resolved["output"] == {"dir": "out/demo", "dtype": "auto", "shard_size": 5_000_000_000}
-    assert resolved["steps"][0] == {"merge": {"method": "average", "normalize": True}}
+    assert resolved["steps"][0] == {
+        "merge": {
+            "method": "average",
+            "compute_dtype": "float32",
+            "missing": "error",
+            "normalize": True,
+        }
+    }
     assert resolved["steps"][1]["evaluate"]["method"] == "classification"
     assert resolved["steps"][1]["evaluate"]["baselines"] == ["endpoints", "ensemble", "average"]
     assert resolved["checkpoints"][1]["weight"] == 2.0

@@ -138,3 +138,61 @@ def test_streamed_merge_errors_name_the_tensor(tmp_path: Path) -> None:
     result = run_cli("run", str(recipe))
     assert "lacks 'model.layers.1.mlp.weight'" in result.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_missing_tensors_copied_from_the_base(tmp_path: Path) -> None:
+    base, a, b = (llama_dir(tmp_path / n, s) for n, s in (("base", 0), ("a", 1), ("b", 2)))
+    state = load_file(a / "model.safetensors")
+    del state["model.layers.3.mlp.weight"]  # e.g. a fine-tune saved without its frozen layer
+    save_file(state, a / "model.safetensors")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\ncheckpoints: [{{path: {base}, role: base}}, {{path: {a}}}, {{path: {b}}}]\n"
+        "steps: [{merge: {method: task_arithmetic, missing: copy_from_base}}]\n"
+        f"output: {{dir: {tmp_path / 'out'}}}\n"
+    )
+    result = run_cli("--log", "plain", "run", str(recipe), check=True)
+    assert "1 tensor(s) missing from some models are copied from the base" in result.stderr
+    merged, tb = load_state_dict(tmp_path / "out"), load_file(base / "model.safetensors")
+    tb_b = load_file(b / "model.safetensors")
+    assert list(merged) == list(LazyTensors(base))
+    assert torch.equal(merged["model.layers.3.mlp.weight"], tb["model.layers.3.mlp.weight"])
+    name = "model.layers.0.mlp.weight"
+    expected = tb[name] + (state[name] - tb[name]) + (tb_b[name] - tb[name])
+    torch.testing.assert_close(merged[name], expected)
+    # A tensor the base lacks cannot be copied from it.
+    state["extra.weight"] = torch.ones(2)
+    save_file(state, a / "model.safetensors")
+    result = run_cli("run", str(recipe))
+    assert result.returncode == 1
+    assert "has 'extra.weight', which the base" in result.stderr
+    # Without a base there is nothing to copy from.
+    recipe.write_text(
+        f"version: 1\ncheckpoints: [{{path: {a}}}, {{path: {b}}}]\n"
+        "steps: [{merge: {method: average, missing: copy_from_base}}]\n"
+    )
+    result = run_cli("run", str(recipe))
+    assert result.returncode == 1 and "needs a checkpoint with `role: base`" in result.stderr
+
+
+@pytest.mark.parametrize("compute_dtype", ["float64", "bfloat16"])
+def test_compute_dtype(tmp_path: Path, compute_dtype: str) -> None:
+    a, b = llama_dir(tmp_path / "a", 1), llama_dir(tmp_path / "b", 2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\ncheckpoints: [{{path: {a}, weight: 0.3}}, {{path: {b}, weight: 0.7}}]\n"
+        f"steps: [{{merge: {{method: linear, compute_dtype: {compute_dtype}}}}}]\n"
+        f"output: {{dir: {tmp_path / 'out'}, dtype: float32}}\n"
+    )
+    run_cli("run", str(recipe), check=True)
+    merged = load_state_dict(tmp_path / "out")
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.float32, "written in output.dtype"
+        expected = 0.3 * ta[name].double() + 0.7 * tb[name].double()
+        if compute_dtype == "float64":  # one rounding, at the end
+            assert torch.equal(tensor, expected.float())
+        else:  # bfloat16 keeps 8 bits of mantissa
+            error = (tensor.double() - expected).abs().max() / expected.abs().max()
+            assert 1e-4 < error < 1e-2

@@ -252,6 +252,10 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     optimizer: Annotated[Optimizer, typer.Option()] = Optimizer.adam,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    init: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Start from this checkpoint (fine-tuning) instead of a seeded init."),
+    ] = None,
 ) -> None:
     """Train a model on a data source and write a checkpoint that recipes can merge."""
     with user_errors():
@@ -276,8 +280,11 @@ def train(
             optimizer=optimizer.value,
             device=resolve_device(device),
             log=log,
+            init=init,
         )
         metadata = {"arch": arch, "args": args, "seed": str(seed), "data": train_spec, **metrics}
+        if init is not None:
+            metadata["init"] = str(init)
         if eval_spec is not None:
             metadata["eval_data"] = eval_spec
         save_trained(module, out, metadata)

@@ -86,11 +86,17 @@ def prepare_state(loaded: LoadedRecipe, log: Log) -> MergeState:
             _check_finite(spec.path, tensors)
         checkpoints.append(Checkpoint(spec, name, digest, tensors, read_metadata(spec.path)))
         log.info(f"loaded {spec.path}", tensors=len(tensors), sha256=digest[:12])
-    _check_same_tensors(checkpoints)
+    copied = _check_tensors(loaded, checkpoints)
     reference = _reference_index(recipe.checkpoints)
     model_spec = recipe.model or _model_from_metadata(checkpoints[reference])
     state = MergeState(loaded, checkpoints, reference, device, log, model_spec)
     state.streaming = streaming
+    state.copied_from_base = copied
+    if copied:
+        log.warn(
+            f"{len(copied)} tensor(s) missing from some models are copied from the base "
+            f"(missing: copy_from_base): {_names(sorted(copied))}"
+        )
     if recipe.model is not None or _needs_model(loaded):
         _check_checkpoints_fit(state)
     state.report["inputs"] = [
@@ -131,6 +137,38 @@ def _check_finite(path: str, tensors: StateDict) -> None:
             )
 
 
+def _check_tensors(loaded: LoadedRecipe, checkpoints: list[Checkpoint]) -> frozenset[str]:
+    """The names and shapes must agree; returns the tensors to copy from the base instead."""
+    copy_steps = [
+        s for s in loaded.steps if getattr(s.params, "missing", "error") == "copy_from_base"
+    ]
+    base = next((c for c in checkpoints if c.spec.role == "base"), None)
+    if not copy_steps:
+        _check_same_tensors(checkpoints)
+        return frozenset()
+    if base is None:
+        raise MergeCliError(
+            f"{loaded.source}: steps.{copy_steps[0].index}: `missing: copy_from_base` needs a "
+            "checkpoint with `role: base` to copy from"
+        )
+    copied: set[str] = set()
+    for other in checkpoints:
+        if other is base:
+            continue
+        extra = [n for n in other.tensors if n not in base.tensors]
+        if extra:
+            raise MergeCliError(
+                f"{other.spec.path}: has {_names(extra)}, which the base {base.spec.path} lacks; "
+                "`missing: copy_from_base` can only copy tensors the base has"
+            )
+        copied.update(n for n in base.tensors if n not in other.tensors)
+    for name in base.tensors:
+        holders = [c for c in checkpoints if name in c.tensors]
+        for other in holders[1:]:
+            _check_shape(holders[0], other, name)
+    return frozenset(copied)
+
+
 def _check_same_tensors(checkpoints: list[Checkpoint]) -> None:
     """Every checkpoint must hold the same tensor names and shapes as the first."""
     first = checkpoints[0]
@@ -148,12 +186,16 @@ def _check_same_tensors(checkpoints: list[Checkpoint]) -> None:
                 "checkpoints to merge must have the same tensors"
             )
         for name in first.tensors:
-            theirs, ours = tensor_shape(other.tensors, name), tensor_shape(first.tensors, name)
-            if theirs != ours:
-                raise MergeCliError(
-                    f"{other.spec.path}: tensor '{name}' has shape {theirs}, {first.spec.path} "
-                    f"has {ours}; checkpoints to merge must have the same shapes"
-                )
+            _check_shape(first, other, name)
+
+
+def _check_shape(first: Checkpoint, other: Checkpoint, name: str) -> None:
+    theirs, ours = tensor_shape(other.tensors, name), tensor_shape(first.tensors, name)
+    if theirs != ours:
+        raise MergeCliError(
+            f"{other.spec.path}: tensor '{name}' has shape {theirs}, {first.spec.path} "
+            f"has {ours}; checkpoints to merge must have the same shapes"
+        )
 
 
 def _names(names: list[str], limit: int = 5) -> str:
@@ -243,7 +285,7 @@ def write_outputs(state: MergeState, out_dir: Path) -> None:
 
 def _output_plan(state: MergeState, dtype: torch.dtype | None) -> list:
     """Name, shape and dtype of every output tensor, read from the reference's headers."""
-    reference = state.reference.tensors
+    reference = state.layout
     plan = []
     for name in reference:
         own = reference.dtype(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +56,8 @@ class MergeState:
     # (name, tensor) that the writer consumes, so a model never sits whole in memory.
     streaming: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    # Tensors some model lacks, taken unchanged from the base (merge `missing: copy_from_base`).
+    copied_from_base: frozenset[str] = frozenset()
     # Extra files for the output dir (relative name -> tensors, metadata), written atomically
     # with the merged model at the end of a successful run.
     artifacts: dict[str, tuple[StateDict, dict[str, str]]] = field(default_factory=dict)
@@ -64,6 +66,14 @@ class MergeState:
     @property
     def reference(self) -> Checkpoint:
         return self.checkpoints[self.reference_index]
+
+    @property
+    def layout(self) -> Mapping[str, Tensor]:
+        """The tensors whose names, shapes and dtypes the output has: the reference's, or the
+        base's when tensors missing from some models are copied from it."""
+        if self.copied_from_base and self.base is not None:
+            return self.base.tensors
+        return self.reference.tensors
 
     @property
     def base(self) -> Checkpoint | None:

@@ -29,14 +29,23 @@ def train_model(
     optimizer: Literal["adam", "sgd"],
     device: torch.device,
     log: Log,
+    init: Path | None = None,
 ) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train ``arch(**args)`` with cross-entropy; return the module and its final accuracies."""
+    """Train ``arch(**args)`` with cross-entropy; return the module and its final accuracies.
+
+    With ``init``, training starts from that checkpoint's weights: a fine-tune, the kind of
+    model that task arithmetic, TIES and DARE merge.
+    """
     from mergecli.data import load_data
     from mergecli.evaluate.metrics import accuracy
-    from mergecli.models import build_model
+    from mergecli.io import load_state_dict
+    from mergecli.models import build_model, load_into_model
 
     torch.manual_seed(seed)
-    module = build_model(arch, args).to(device)
+    module = build_model(arch, args)
+    if init is not None:
+        load_into_model(module, load_state_dict(init), f"--init {init}")
+    module = module.to(device)
     train = load_data(train_spec, seed=seed, where="--data")
     held_out = load_data(eval_spec, seed=seed, where="--eval-data") if eval_spec else None
     if optimizer == "adam":

@@ -59,7 +59,7 @@ class ShardWriter:
         data = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
         try:
             if data.numel():
-                self._handle.write(data.view(torch.uint8).numpy().tobytes())
+                self._handle.write(memoryview(data.view(torch.uint8).numpy()))
         except OSError as exc:
             self.abort()
             raise self._error(exc) from None

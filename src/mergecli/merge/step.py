@@ -6,7 +6,7 @@ import hashlib
 import inspect
 import typing
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, create_model
@@ -23,6 +23,19 @@ from mergecli.state import MergeState, StateDict
 TENSOR_ARGUMENTS = ("models", "weights", "base", "generator")
 
 MergeFunction = Callable[..., Tensor]
+COMPUTE_DTYPES = {
+    "float32": torch.float32, "float64": torch.float64,
+    "bfloat16": torch.bfloat16, "float16": torch.float16,
+}  # fmt: skip
+
+
+class MergeOptions(StepParams):
+    """Keys every merge method takes besides its own."""
+
+    # Inputs are converted to this dtype per tensor; the output dtype is `output.dtype`.
+    compute_dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    # A tensor that some models lack: an error, or the base model's tensor unchanged.
+    missing: Literal["error", "copy_from_base"] = "error"
 
 
 def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction], MergeFunction]:
@@ -39,7 +52,9 @@ def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction
         params = _params_model(name, fn)
 
         def run(state: MergeState, options: StepParams) -> None:
-            stream = merge_tensors(state, fn, options.model_dump(), needs_base)
+            values = options.model_dump(exclude=set(MergeOptions.model_fields))
+            dtype = COMPUTE_DTYPES[options.compute_dtype]
+            stream = merge_tensors(state, fn, values, needs_base, compute_dtype=dtype)
             state.merged = stream if state.streaming else dict(stream)
 
         run.__doc__ = fn.__doc__
@@ -59,7 +74,7 @@ def _params_model(name: str, fn: MergeFunction) -> type[StepParams]:
         annotation, alias = _split_alias(hints.get(parameter.name, Any))
         field = Field(default, alias=alias) if alias else default
         fields[parameter.name] = (varying(f"{name}_{parameter.name}", annotation), field)
-    return create_model(f"{name}_params", __base__=StepParams, **fields)
+    return create_model(f"{name}_params", __base__=MergeOptions, **fields)
 
 
 def _split_alias(annotation: Any) -> tuple[Any, str | None]:
@@ -91,8 +106,9 @@ def merge_tensors(
     options: dict[str, Any],
     needs_base: bool,
     aligned: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[str, Tensor]]:
-    """Merge tensor by tensor in float32; non-floating tensors come from the reference.
+    """Merge tensor by tensor in ``compute_dtype``; non-floating tensors come from the reference.
 
     Yields (name, merged tensor) one at a time, so a streaming writer holds one tensor's inputs.
     ``aligned`` merges the aligned tensors when an align step ran (False: the originals).
@@ -104,25 +120,26 @@ def merge_tensors(
             f"{state.loaded.source}: there is no checkpoint to merge besides the base"
         )
     weights = torch.tensor(
-        [m.spec.weight for m in models], dtype=torch.float32, device=state.device
+        [m.spec.weight for m in models], dtype=compute_dtype, device=state.device
     )
     takes_generator = "generator" in inspect.signature(fn).parameters
     takes_base = "base" in inspect.signature(fn).parameters
-    reference = state.reference.tensors
+    reference = state.layout
     names = list(reference)
     layers = count_layers(names)
     for name in state.log.progress(names, len(names), "merging tensors"):
         dtype = tensor_dtype(reference, name)
-        if not dtype.is_floating_point:
+        if not dtype.is_floating_point or name in state.copied_from_base:
             yield name, reference[name]
             continue
         # Each input is converted straight into its row: no float32 copy beside the stack.
-        stack = torch.empty((len(sources), *tensor_shape(reference, name)), device=state.device)
+        shape = (len(sources), *tensor_shape(reference, name))
+        stack = torch.empty(shape, dtype=compute_dtype, device=state.device)
         for row, source in zip(stack, sources, strict=True):
             row.copy_(source[name])
         extra = {}
         if needs_base or (takes_base and state.base is not None):
-            extra["base"] = state.base.tensors[name].to(state.device, torch.float32)
+            extra["base"] = state.base.tensors[name].to(state.device, compute_dtype)
         if takes_generator:
             extra["generator"] = _generator_for(state.loaded.recipe.seed, name, state.device)
         position = layer_position(name, layers)
