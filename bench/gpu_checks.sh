@@ -14,8 +14,8 @@ export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 COLUMNS=200
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
-echo "== GPU tests"
-python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
+echo "== GPU tests, and the transformers load test (transformers is installed there)"
+python3 -m pytest -q tests/test_gpu.py tests/test_transformers.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
 echo "== weight matching: LAP against everything else"
 for width in 1 4 8; do python3 bench/weight_matching.py --width "$width" --device cuda; done \
   2>&1 | tee "$OUT/weight-matching.log"
