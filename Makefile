@@ -23,11 +23,12 @@ runs/mlp8-seed%.safetensors: | $(VENV)/.installed
 
 # Plain averaging collapses; weight matching aligns the hidden units first; REPAIR then
 # restores the activation statistics that averaging shrinks; NP Merge learns a coefficient
-# per parameter.
+# per parameter; the analysis recipe writes report.md with every analysis and its plots.
 demo: $(VENV)/.installed runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-mlp8-average.yaml
 	$(BIN)/mergecli run configs/examples/mnist-mlp8-weight-matching-repair.yaml
 	$(BIN)/mergecli run configs/examples/mnist-mlp8-np-merge.yaml
+	$(BIN)/mergecli run configs/examples/mnist-analysis.yaml
 
 runs/resnet20-seed%.safetensors: | $(VENV)/.installed
 	$(BIN)/mergecli --log plain train --arch resnet20 --arg in_channels=1 \

@@ -16,7 +16,7 @@ from mergecli.io import checkpoint_sha256
 
 pytestmark = pytest.mark.slow
 
-OUTPUTS = ("model.safetensors", "report.json", "recipe.resolved.yaml")
+OUTPUTS = ("model.safetensors", "report.json", "report.md", "recipe.resolved.yaml")
 
 
 def assert_nothing_written(out_dir: Path) -> None:

@@ -171,6 +171,30 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
 
 
 @app.command()
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="The output dir of a finished `run`.")],
+) -> None:
+    """Re-render report.md and the analysis plots of an output dir from its report.json."""
+    with user_errors():
+        import json
+
+        from mergecli.errors import MergeCliError
+        from mergecli.report import render_report
+
+        path = output_dir / "report.json"
+        if not path.is_file():
+            raise MergeCliError(
+                f"{path}: not found; give the output dir of a finished `mergecli run`"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MergeCliError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        for written in render_report(output_dir, data):
+            _log().info(f"wrote {written}")
+
+
+@app.command()
 def inspect(
     checkpoint: Annotated[str, typer.Argument(help="A safetensors file or checkpoint directory.")],
     other: Annotated[

@@ -20,6 +20,7 @@ from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.stream_writer import ShardWriter
 from mergecli.recipe import LoadedRecipe, ModelSpec
 from mergecli.registry import methods_of
+from mergecli.report import render_report
 from mergecli.runtime.device import resolve_device
 from mergecli.runtime.log import Log
 from mergecli.state import Checkpoint, MergeState, StateDict
@@ -276,11 +277,14 @@ def write_outputs(state: MergeState, out_dir: Path) -> None:
         with atomic_target(path) as tmp:
             write_safetensors(tmp, tensors, metadata)
         state.report.setdefault("artifacts", []).append(name)
+    state.report["name"] = state.loaded.recipe.name
     state.report["recipe_sha256"] = state.loaded.sha256()
     state.report["mergecli_version"] = __version__
     write_text_atomic(out_dir / "recipe.resolved.yaml", state.loaded.resolved_yaml())
-    write_text_atomic(out_dir / "report.json", json.dumps(_plain(state.report), indent=2) + "\n")
-    state.log.info(f"wrote {out_dir / 'report.json'}")
+    report = _plain(state.report)
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    written = render_report(out_dir, report)
+    state.log.info(f"wrote {out_dir / 'report.json'}, {', '.join(str(p) for p in written)}")
 
 
 def _output_plan(state: MergeState, dtype: torch.dtype | None) -> list:

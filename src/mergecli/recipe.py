@@ -155,7 +155,8 @@ class StepSpec:
 
     def as_dict(self) -> dict[str, Any]:
         params = self.params.model_dump(mode="json", by_alias=True)
-        return {self.kind: {"method": self.method, **params}}
+        key = "kind" if self.kind == "analyze" else "method"
+        return {self.kind: {key: self.method, **params}}
 
 
 @dataclass(frozen=True)
@@ -303,16 +304,19 @@ def _validate_step(
         problems.append(where((*at, kind), "must be a mapping of parameters, e.g. {method: ...}"))
         return None
     available = methods_of(kind)
-    method = body.get("method", default_method(kind))
+    # An analysis is named by `kind:` (`analyze: {kind: interpolation}`); `method:` also works.
+    key = "kind" if kind == "analyze" and "kind" in body else "method"
+    method = body.get(key, default_method(kind))
     if method is None:
         names = ", ".join(available) or "none yet"
         problems.append(where((*at, kind), f"needs `method:` (available: {names})"))
         return None
     if method not in available:
-        problems.append(where((*at, kind, "method"), _unknown(f"{kind} method", method, available)))
+        what = "analysis kind" if kind == "analyze" else f"{kind} method"
+        problems.append(where((*at, kind, key), _unknown(what, method, available)))
         return None
     params_cls = available[method].params
-    params = {k: v for k, v in body.items() if k != "method"}
+    params = {k: v for k, v in body.items() if k != key}
     try:
         validated = params_cls.model_validate(params)
     except ValidationError as exc:
@@ -334,6 +338,13 @@ def _unmet_needs(recipe: Recipe, steps: list[StepSpec], where: _Locator) -> list
                     where(
                         ("steps", step.index, step.kind),
                         f"{step.method} needs {need}; add `data: {{{need[5:]}: {{source: ...}}}}`",
+                    )
+                )
+            if need == "data" and recipe.data.fit is None and recipe.data.eval is None:
+                problems.append(
+                    where(
+                        ("steps", step.index, step.kind),
+                        f"{step.method} needs data; add `data: {{eval: {{source: ...}}}}`",
                     )
                 )
             if need == "base" and not any(c.role == "base" for c in recipe.checkpoints):

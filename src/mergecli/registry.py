@@ -21,6 +21,7 @@ BUILTIN_METHOD_MODULES = (
     "mergecli.merge.fit",
     "mergecli.evaluate.step",
     "mergecli.merge.repair",
+    "mergecli.analyze",
 )
 
 

@@ -34,3 +34,37 @@ def ensemble_logits(logits: list[Tensor]) -> Tensor:
     """Output ensemble: the log of the mean of the members' softmax distributions."""
     probabilities = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(dim=0)
     return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+
+
+def logit_ensemble(logits: list[Tensor]) -> Tensor:
+    """Logit ensemble: the mean of the members' logits."""
+    return torch.stack(logits).mean(dim=0)
+
+
+def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -> float:
+    """ECE (Guo et al., 2017): sum over confidence bins of |accuracy - confidence| x bin share."""
+    confidence, predicted = F.softmax(logits.float(), dim=1).max(dim=1)
+    correct = (predicted == labels).float()
+    # Bins (i/B, (i+1)/B]; a confidence of exactly 0 cannot occur with softmax.
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    # Per bin, n_b/N x |acc_b - conf_b| = |sum over the bin of (correct - confidence)| / N.
+    gap = torch.zeros(bins).index_add_(0, index, correct - confidence).abs()
+    return float(gap.sum() / max(1, len(labels)))
+
+
+def per_class_accuracy(logits: Tensor, labels: Tensor) -> dict[int, float]:
+    """Accuracy on the examples of each class present in ``labels``."""
+    correct = logits.argmax(dim=1) == labels
+    return {
+        int(c): float(correct[labels == c].float().mean()) for c in torch.unique(labels).tolist()
+    }
+
+
+def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, object]:
+    """The evaluate step's numbers for one model's logits."""
+    return {
+        "accuracy": accuracy(logits, labels),
+        "loss": cross_entropy(logits, labels),
+        "ece": expected_calibration_error(logits, labels),
+        "per_class_accuracy": per_class_accuracy(logits, labels),
+    }

@@ -7,11 +7,16 @@ from typing import Literal
 from pydantic import Field
 
 from mergecli.errors import MergeCliError
-from mergecli.evaluate.metrics import accuracy, collect_logits, cross_entropy, ensemble_logits
+from mergecli.evaluate.metrics import (
+    classification_metrics,
+    collect_logits,
+    ensemble_logits,
+    logit_ensemble,
+)
 from mergecli.registry import StepParams, step_method
 from mergecli.state import MergeState
 
-Baseline = Literal["endpoints", "ensemble", "average", "aligned_average"]
+Baseline = Literal["endpoints", "ensemble", "logit_ensemble", "average", "aligned_average"]
 
 
 class EvaluateParams(StepParams):
@@ -23,7 +28,10 @@ class EvaluateParams(StepParams):
     "evaluate", "classification", EvaluateParams, needs=("model", "data.eval"), default=True
 )
 def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
-    """Accuracy and cross-entropy of the merged model and of the chosen baselines."""
+    """Accuracy, cross-entropy, calibration and per-class accuracy: merged model and baselines.
+
+    Rows follow the order of ``baselines`` in the recipe, the merged model last.
+    """
     from mergecli.merge.average import average
     from mergecli.merge.step import merge_state_dicts
 
@@ -38,57 +46,73 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
     rows: list[dict] = []
 
     def add(name: str, kind: str, logits) -> None:
-        rows.append(
-            {
-                "name": name,
-                "kind": kind,
-                "accuracy": accuracy(logits, labels),
-                "loss": cross_entropy(logits, labels),
-            }
-        )
+        rows.append({"name": name, "kind": kind, **classification_metrics(logits, labels)})
 
     endpoint_logits = {c.name: logits_of(c.tensors) for c in state.models}
-    if "endpoints" in params.baselines:
-        for checkpoint in state.checkpoints:
-            logits = endpoint_logits.get(checkpoint.name)
-            if logits is None:
-                logits = logits_of(checkpoint.tensors)
-            add(checkpoint.name, "base" if checkpoint.spec.role == "base" else "endpoint", logits)
-    if "ensemble" in params.baselines:
-        add("ensemble", "ensemble", ensemble_logits(list(endpoint_logits.values())))
-    if "average" in params.baselines:
-        averaged = merge_state_dicts(state, average, {"normalize": True}, False, aligned=False)
-        add("average", "average", logits_of(averaged))
-    if "aligned_average" in params.baselines:
-        if not any(c.aligned is not None for c in state.models):
-            raise MergeCliError(
-                "evaluate: baseline aligned_average needs an `align` step before `evaluate`"
-            )
-        averaged = merge_state_dicts(state, average, {"normalize": True}, False, aligned=True)
-        add("aligned average", "aligned_average", logits_of(averaged))
+    for baseline in dict.fromkeys(params.baselines):
+        if baseline == "endpoints":
+            for checkpoint in state.checkpoints:
+                logits = endpoint_logits.get(checkpoint.name)
+                if logits is None:
+                    logits = logits_of(checkpoint.tensors)
+                role = "base" if checkpoint.spec.role == "base" else "endpoint"
+                add(checkpoint.name, role, logits)
+        elif baseline == "ensemble":
+            add("ensemble", "ensemble", ensemble_logits(list(endpoint_logits.values())))
+        elif baseline == "logit_ensemble":
+            add("logit ensemble", "logit_ensemble", logit_ensemble(list(endpoint_logits.values())))
+        elif baseline == "average":
+            averaged = merge_state_dicts(state, average, {"normalize": True}, False, aligned=False)
+            add("average", "average", logits_of(averaged))
+        elif baseline == "aligned_average":
+            if not any(c.aligned is not None for c in state.models):
+                raise MergeCliError(
+                    "evaluate: baseline aligned_average needs an `align` step before `evaluate`"
+                )
+            averaged = merge_state_dicts(state, average, {"normalize": True}, False, aligned=True)
+            add("aligned average", "aligned_average", logits_of(averaged))
     if state.merged is not None:
         add(f"merged ({' + '.join(state.history)})", "merged", logits_of(state.merged))
         if "fit" in state.report:
             rows[-1]["fit_seconds"] = state.report["fit"]["seconds"]
 
-    best = max((r["accuracy"] for r in rows if r["kind"] == "endpoint"), default=None)
+    endpoint_accuracies = [r["accuracy"] for r in rows if r["kind"] == "endpoint"] or [
+        classification_metrics(z, labels)["accuracy"] for z in endpoint_logits.values()
+    ]
+    best = max(endpoint_accuracies, default=None)
+    ensemble = next((r["accuracy"] for r in rows if r["kind"] == "ensemble"), None)
     for row in rows:
         row["delta_vs_best_endpoint"] = None if best is None else row["accuracy"] - best
+        row["delta_vs_ensemble"] = None if ensemble is None else row["accuracy"] - ensemble
     state.report["evaluate"] = {"split": params.split, "examples": len(data), "results": rows}
     state.log.table(
         f"evaluation on data.{params.split} ({len(data)} examples)",
-        ["model", "kind", "accuracy", "loss", "Δ acc vs best (pts)", "fit time"],
         [
-            [
-                r["name"],
-                r["kind"],
-                f"{100 * r['accuracy']:.2f}%",
-                f"{r['loss']:.4f}",
-                ""
-                if r["delta_vs_best_endpoint"] is None
-                else f"{100 * r['delta_vs_best_endpoint']:+.2f}",
-                f"{r['fit_seconds']:.1f} s" if "fit_seconds" in r else "",
-            ]
-            for r in rows
+            "model",
+            "kind",
+            "accuracy",
+            "loss",
+            "ECE",
+            "Δ vs best (pts)",
+            "Δ vs ensemble",
+            "fit time",
         ],
+        [_table_row(r) for r in rows],
     )
+
+
+def _points(delta: float | None) -> str:
+    return "" if delta is None else f"{100 * delta:+.2f}"
+
+
+def _table_row(r: dict) -> list[str]:
+    return [
+        r["name"],
+        r["kind"],
+        f"{100 * r['accuracy']:.2f}%",
+        f"{r['loss']:.4f}",
+        f"{r['ece']:.3f}",
+        _points(r["delta_vs_best_endpoint"]),
+        _points(r["delta_vs_ensemble"]),
+        f"{r['fit_seconds']:.1f} s" if "fit_seconds" in r else "",
+    ]

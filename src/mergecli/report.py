@@ -1,0 +1,161 @@
+"""report.md and the analysis files, rendered from report.json alone (`mergecli report DIR`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mergecli.io.atomic import write_text_atomic
+
+
+def render_report(out_dir: Path, report: dict[str, Any]) -> list[Path]:
+    """Write analysis/KIND.json and analysis/KIND.png for each analysis, then report.md."""
+    from mergecli.analyze.plots import PLOTS
+
+    written: list[Path] = []
+    analyses = report.get("analysis", {})
+    if analyses:
+        folder = out_dir / "analysis"
+        folder.mkdir(parents=True, exist_ok=True)
+        for kind, data in analyses.items():
+            json_path = folder / f"{kind}.json"
+            write_text_atomic(json_path, json.dumps(data, indent=1) + "\n")
+            written.append(json_path)
+            if kind in PLOTS:
+                PLOTS[kind](data, folder / f"{kind}.png")
+                written.append(folder / f"{kind}.png")
+    path = out_dir / "report.md"
+    write_text_atomic(path, markdown(report))
+    written.append(path)
+    return written
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as GitHub-readable Markdown: tables, and the analysis plots as images."""
+    lines = [f"# mergecli report: {report.get('name') or 'merge'}", ""]
+    lines += [f"mergecli {report.get('mergecli_version', '?')}, recipe sha256 "
+              f"`{str(report.get('recipe_sha256', '?'))[:16]}`", ""]  # fmt: skip
+    inputs = report.get("inputs", [])
+    if inputs:
+        lines += _table(["checkpoint", "role", "path", "sha256"],
+                        [[i["name"], i.get("role") or "", f"`{i['path']}`", f"`{i['sha256'][:12]}`"]
+                         for i in inputs])  # fmt: skip
+    if "align" in report:
+        align = report["align"]
+        lines += ["## Alignment", "", f"Method `{align['method']}`, reference "
+                  f"`{align['reference']}`, {len(align['groups'])} groups.", ""]  # fmt: skip
+        lines += _table(["model", "weight distance before", "after"],
+                        [[n, f"{d['before']:.3f}", f"{d['after']:.3f}"]
+                         for n, d in align.get("weight_distance", {}).items()])  # fmt: skip
+    if "fit" in report:
+        fit = report["fit"]
+        last = fit["stages"][-1]["history"][-1] if fit["stages"][-1]["history"] else {}
+        accuracy = f", last validation accuracy {100 * last['val_accuracy']:.2f}%" if (
+            "val_accuracy" in last) else ""  # fmt: skip
+        lines += ["## Fit", "", f"`{fit['method']}` ({fit['granularity']}, {fit['multi']}), "
+                  f"{sum(s['steps'] for s in fit['stages'])} steps in {fit['seconds']:.1f} s on "
+                  f"{fit['examples']} examples{accuracy}.", ""]  # fmt: skip
+    if "evaluate" in report:
+        lines += _evaluation(report["evaluate"])
+    analyses = report.get("analysis", {})
+    for kind, data in analyses.items():
+        lines += [f"## Analysis: {kind.replace('_', ' ')}", ""]
+        lines += SECTIONS.get(kind, lambda _d: [])(data)
+        lines += [f"![{kind}](analysis/{kind}.png)", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _evaluation(evaluation: dict[str, Any]) -> list[str]:
+    rows = evaluation["results"]
+    lines = ["## Evaluation", "", f"On data.{evaluation['split']} ({evaluation['examples']} "
+             "examples).", ""]  # fmt: skip
+    lines += _table(
+        ["model", "kind", "accuracy", "loss", "ECE", "Δ vs best endpoint (pts)",
+         "Δ vs ensemble (pts)"],
+        [[r["name"], r["kind"], f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}",
+          f"{r['ece']:.3f}" if "ece" in r else "", _points(r.get("delta_vs_best_endpoint")),
+          _points(r.get("delta_vs_ensemble"))] for r in rows],
+    )  # fmt: skip
+    classes = sorted({c for r in rows for c in r.get("per_class_accuracy", {})}, key=int)
+    if classes:
+        lines += ["Accuracy per class (%):", ""]
+        lines += _table(["model", *[str(c) for c in classes]],
+                        [[r["name"], *[f"{100 * r['per_class_accuracy'][c]:.1f}"
+                                       if c in r["per_class_accuracy"] else "" for c in classes]]
+                         for r in rows])  # fmt: skip
+    return lines
+
+
+def _interpolation(data: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, path in data["paths"].items():
+        for split in ("fit", "eval"):
+            if split in path:
+                c = path[split]
+                rows.append([name, f"{path['from']} → {path['to']}", split,
+                             f"{c['loss_barrier']:.4f}", f"{c['loss_barrier_midpoint']:.4f}",
+                             f"{100 * c['accuracy_barrier']:.2f}"])  # fmt: skip
+    note = " BatchNorm statistics were recomputed at every point." if data.get("bn_reset") else ""
+    return [f"{len(data['lambdas'])} points per path.{note}", "", *_table(
+        ["path", "between", "data", "loss barrier", "loss barrier at λ=½", "accuracy drop (pts)"],
+        rows)]  # fmt: skip
+
+
+def _averaging(data: dict[str, Any]) -> list[str]:
+    rows = [[r["name"], f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}",
+             ", ".join(r.get("ingredients", []))] for r in data["results"]]  # fmt: skip
+    aligned = "aligned" if data.get("aligned") else "unaligned"
+    return [f"On data.{data['split']}, {aligned} weights.", "",
+            *_table(["model", "accuracy", "loss", "greedy soup ingredients"], rows)]  # fmt: skip
+
+
+def _scaling(data: dict[str, Any]) -> list[str]:
+    rows = [[f"{r['factor']:g}", r["apply_to"], r["subject"], f"{100 * r['accuracy']:.2f}%",
+             f"{100 * r['agreement']:.1f}%"] for r in data["results"]]  # fmt: skip
+    columns = ["c", "scaled", "model", "accuracy", "agreement with unscaled"]
+    return [f"Rule: {data['rule']}. On data.{data['split']}.", "", *_table(columns, rows)]
+
+
+def _templates(data: dict[str, Any]) -> list[str]:
+    lines = [f"Rows of `{data['layer']}` of {data['model']} as {data['image_shape']} images; "
+             f"class means from data.{data['split']}."]  # fmt: skip
+    pair = data.get("pair")
+    if pair:
+        lines[0] += (f" Mean cosine of matching rows with {pair['other']}: "
+                     f"{pair['mean_cosine_before']:.3f} before alignment")  # fmt: skip
+        if "mean_cosine_after" in pair:
+            lines[0] += f", {pair['mean_cosine_after']:.3f} after"
+        lines[0] += "."
+    rows = [[r["unit"], r["class"], f"{r['cosine']:.3f}"] for r in data["rows"]]
+    return [*lines, "", *_table(["row", "closest class mean", "cosine"], rows)]
+
+
+def _coefficients(data: dict[str, Any]) -> list[str]:
+    rows = [[r["tensor"], r["count"], f"{r['mean']:.3f}", f"{r['std']:.3f}"]
+            for r in data["layers"]]  # fmt: skip
+    return [f"Weight of {data['reference']} in each merged parameter ({data['multi']}); an "
+            f"even mix is {data['even']:.2f}.", "",
+            *_table(["tensor", "parameters", "mean", "std"], rows)]  # fmt: skip
+
+
+SECTIONS = {
+    "interpolation": _interpolation,
+    "averaging_vs_ensembling": _averaging,
+    "scaling": _scaling,
+    "templates": _templates,
+    "coefficients": _coefficients,
+}
+
+
+def _points(delta: float | None) -> str:
+    return "" if delta is None else f"{100 * delta:+.2f}"
+
+
+def _table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return [*lines, ""]
