@@ -46,7 +46,15 @@ METHODS = {
     "dare_linear": ({"density": 1.0}, {"method": "dare_linear", "density": 1.0}, True),
     "dare_ties": ({"density": 1.0}, {"method": "dare_ties", "density": 1.0}, True),
     "slerp": ({"t": 0.3}, {"method": "slerp", "t": 0.3}, False),
+    "ties_per_model_density": (
+        {"density": 0.5, "normalize": True, "lambda": 1.0},
+        {"method": "ties", "density": 0.5, "lambda": 1.0},
+        True,
+    ),
 }
+# Parameters one model sets for itself (mergekit: models[].parameters; mergecli:
+# checkpoints[].parameters), by case.
+PER_MODEL = {"ties_per_model_density": {"ft-a": {"density": 0.3}}}
 
 
 def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, tuple]:
@@ -105,14 +113,17 @@ def ensure_mergekit(venv: Path) -> Path:
 def run_mergekit(
     exe: Path, paths: dict[str, Path], method: str, out: Path
 ) -> dict[str, torch.Tensor]:
-    global_params, _, uses_base = METHODS[method]
+    global_params, step, uses_base = METHODS[method]
     weights = {"ft-a": 0.6, "ft-b": 0.4}
-    if method == "slerp":
+    own = PER_MODEL.get(method, {})
+    merge_method = step["method"]
+    if merge_method == "slerp":
         models = [{"model": str(paths["ft-a"])}, {"model": str(paths["ft-b"])}]
-        config = {"merge_method": method, "base_model": str(paths["ft-a"]), "models": models}
+        config = {"merge_method": merge_method, "base_model": str(paths["ft-a"]), "models": models}
     else:
-        models = [{"model": str(paths[n]), "parameters": {"weight": w}} for n, w in weights.items()]
-        config = {"merge_method": method, "models": models}
+        models = [{"model": str(paths[n]), "parameters": {"weight": w, **own.get(n, {})}}
+                  for n, w in weights.items()]  # fmt: skip
+        config = {"merge_method": merge_method, "models": models}
         if uses_base:
             config["base_model"] = str(paths["base"])
     config.update({"parameters": global_params, "dtype": "float32"})
@@ -128,9 +139,10 @@ def run_mergekit(
 
 def run_mergecli(paths: dict[str, Path], method: str, out: Path) -> dict[str, torch.Tensor]:
     _, step, uses_base = METHODS[method]
+    own = PER_MODEL.get(method, {})
     checkpoints = [
-        {"path": str(paths["ft-a"]), "weight": 0.6},
-        {"path": str(paths["ft-b"]), "weight": 0.4},
+        {"path": str(paths[n]), "weight": w, **({"parameters": own[n]} if n in own else {})}
+        for n, w in (("ft-a", 0.6), ("ft-b", 0.4))
     ]
     if uses_base:
         checkpoints.insert(0, {"path": str(paths["base"]), "role": "base"})

@@ -196,3 +196,47 @@ def test_compute_dtype(tmp_path: Path, compute_dtype: str) -> None:
         else:  # bfloat16 keeps 8 bits of mantissa
             error = (tensor.double() - expected).abs().max() / expected.abs().max()
             assert 1e-4 < error < 1e-2
+
+
+def _ties_by_hand(base, models, weights, densities):
+    """TIES written out with a full sort: trim, elect the sign, average the agreeing entries."""
+    trimmed = []
+    for model, density in zip(models, densities, strict=True):
+        delta = (model - base).reshape(-1)
+        k = int(density * delta.numel())
+        keep = torch.zeros_like(delta, dtype=torch.bool)
+        keep[delta.abs().argsort(descending=True)[:k]] = True
+        trimmed.append((delta * keep).reshape(base.shape))
+    weighted = torch.stack([w * t for w, t in zip(weights, trimmed, strict=True)])
+    sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = (weighted * sign) > 0
+    total = (weighted * agree).sum(0)
+    divisor = (agree * torch.tensor(weights).reshape(-1, *[1] * base.dim())).sum(0)
+    return base + total / divisor.clamp_min(1e-12).where(divisor > 0, torch.ones(()))
+
+
+def test_per_model_density(tmp_path: Path) -> None:
+    base, a, b = (llama_dir(tmp_path / n, s) for n, s in (("base", 0), ("a", 1), ("b", 2)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\ncheckpoints:\n  - {{path: {base}, role: base}}\n"
+        f"  - {{path: {a}, weight: 0.6, parameters: {{density: 0.2}}}}\n"
+        f"  - {{path: {b}, weight: 0.4}}\n"
+        "steps: [{merge: {method: ties, density: 0.7}}]\n"
+        f"output: {{dir: {tmp_path / 'out'}, dtype: float32}}\n"
+    )
+    run_cli("run", str(recipe), check=True)
+    merged = load_state_dict(tmp_path / "out")
+    tb, ta, tt = (load_file(p / "model.safetensors") for p in (base, a, b))
+    for name in tb:
+        expected = _ties_by_hand(tb[name], [ta[name], tt[name]], [0.6, 0.4], [0.2, 0.7])
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+    # A key that is not a per-model parameter, and a density out of range, name their line.
+    wrong = "parameters: {lambda: 2, density: 1.5}"
+    recipe.write_text(recipe.read_text().replace("parameters: {density: 0.2}", wrong))
+    result = run_cli("validate", str(recipe))
+    assert result.returncode == 2
+    assert ":4: checkpoints.1.parameters.lambda: not a per-model parameter of ties" in result.stderr
+    assert "checkpoints.1.parameters.density: Input should be less than or equal to 1" in (
+        result.stderr
+    )

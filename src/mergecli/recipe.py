@@ -46,6 +46,9 @@ class CheckpointSpec(Strict):
     role: Literal["reference", "base"] | None = None
     weight: float = 1.0
     name: str | None = None
+    # This model's own values of the merge method's per-model parameters (e.g. density),
+    # like mergekit's `models[].parameters`.
+    parameters: dict[str, Any] | None = None
 
     @field_validator("sha256")
     @classmethod
@@ -283,6 +286,7 @@ def validate_recipe(data: dict[str, Any], where: _Locator, default_name: str) ->
         if step is not None:
             steps.append(step)
     problems += _unmet_needs(recipe, steps, where)
+    problems += _per_model_problems(recipe, steps, data, where)
     if problems:
         raise RecipeError(problems)
     return LoadedRecipe(recipe, steps, where.filename)
@@ -323,6 +327,31 @@ def _validate_step(
         problems += _problems(exc, params_cls, (*at, kind), data, where)
         return None
     return StepSpec(index, kind, method, validated)
+
+
+def _per_model_problems(
+    recipe: Recipe, steps: list[StepSpec], data: dict[str, Any], where: _Locator
+) -> list[str]:
+    """`checkpoints[].parameters` must be per-model parameters of the recipe's merge steps."""
+    problems = []
+    merges = [methods_of("merge")[s.method] for s in steps if s.kind == "merge"]
+    for index, checkpoint in enumerate(recipe.checkpoints):
+        for key, value in (checkpoint.parameters or {}).items():
+            at = ("checkpoints", index, "parameters", key)
+            takers = [m for m in merges if key in m.per_model]
+            if not takers:
+                offered = sorted({p for m in merges for p in m.per_model})
+                names = ", ".join(m.name for m in merges) or "no merge step"
+                problems.append(where(at, f"not a per-model parameter of {names} (these are: "
+                                          f"{', '.join(offered) or 'none'})"))  # fmt: skip
+                continue
+            for method in takers:
+                try:
+                    method.params.model_validate({key: value})
+                except ValidationError as exc:
+                    problems.append(where(at, exc.errors()[0]["msg"]))
+                    break
+    return problems
 
 
 def _unmet_needs(recipe: Recipe, steps: list[StepSpec], where: _Locator) -> list[str]:

@@ -42,6 +42,8 @@ class StepMethod:
     needs: frozenset[str]
     doc: str
     default: bool
+    # Parameters a checkpoint may set for itself (`checkpoints[].parameters`), e.g. density.
+    per_model: tuple[str, ...] = ()
 
 
 _METHODS: dict[tuple[str, str], StepMethod] = {}
@@ -53,6 +55,7 @@ def step_method(
     params: type[StepParams] = StepParams,
     needs: tuple[str, ...] = (),
     default: bool = False,
+    per_model: tuple[str, ...] = (),
 ) -> Callable[[Callable[[MergeState, Any], None]], Callable[[MergeState, Any], None]]:
     """Register ``fn(state, params)`` as method ``name`` of step ``kind``.
 
@@ -64,7 +67,9 @@ def step_method(
 
     def register(fn: Callable[[MergeState, Any], None]) -> Callable[[MergeState, Any], None]:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _METHODS[(kind, name)] = StepMethod(kind, name, fn, params, frozenset(needs), doc, default)
+        _METHODS[(kind, name)] = StepMethod(
+            kind, name, fn, params, frozenset(needs), doc, default, per_model
+        )
         return fn
 
     return register

@@ -38,7 +38,9 @@ class MergeOptions(StepParams):
     missing: Literal["error", "copy_from_base"] = "error"
 
 
-def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction], MergeFunction]:
+def merge_method(
+    name: str, needs_base: bool = False, per_model: tuple[str, ...] = ()
+) -> Callable[[MergeFunction], MergeFunction]:
     """Register a function over one tensor's stack ``models`` (N, ...) as ``merge: {method: name}``.
 
     ``models`` is a fresh float32 stack per call, which the function may overwrite to save
@@ -46,6 +48,8 @@ def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction
     method's recipe parameters, with their type hints and defaults (``Annotated[float,
     Field(...)]`` adds bounds or an alias). A function that takes ``generator`` gets one seeded
     by the recipe's seed and the tensor's name, so results do not depend on processing order.
+    Parameters named in ``per_model`` may be set per checkpoint (`checkpoints[].parameters`);
+    when any checkpoint does, the function receives a list with one value per model.
     """
 
     def register(fn: MergeFunction) -> MergeFunction:
@@ -54,11 +58,13 @@ def merge_method(name: str, needs_base: bool = False) -> Callable[[MergeFunction
         def run(state: MergeState, options: StepParams) -> None:
             values = options.model_dump(exclude=set(MergeOptions.model_fields))
             dtype = COMPUTE_DTYPES[options.compute_dtype]
-            stream = merge_tensors(state, fn, values, needs_base, compute_dtype=dtype)
+            own = _per_model_values(state, params, values, per_model)
+            stream = merge_tensors(state, fn, values, needs_base, compute_dtype=dtype, own=own)
             state.merged = stream if state.streaming else dict(stream)
 
         run.__doc__ = fn.__doc__
-        step_method("merge", name, params, needs=("base",) if needs_base else ())(run)
+        needs = ("base",) if needs_base else ()
+        step_method("merge", name, params, needs=needs, per_model=per_model)(run)
         return fn
 
     return register
@@ -107,6 +113,7 @@ def merge_tensors(
     needs_base: bool,
     aligned: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    own: dict[str, list[Any]] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Merge tensor by tensor in ``compute_dtype``; non-floating tensors come from the reference.
 
@@ -144,7 +151,13 @@ def merge_tensors(
             extra["generator"] = _generator_for(state.loaded.recipe.seed, name, state.device)
         position = layer_position(name, layers)
         values = {key: resolve(value, name, position) for key, value in options.items()}
-        unset = [key for key, value in values.items() if value is None]
+        for key, per_model in (own or {}).items():
+            values[key] = [resolve(value, name, position) for value in per_model]
+        unset = [
+            key
+            for key, value in values.items()
+            if value is None or (isinstance(value, list) and None in value)
+        ]
         if unset:
             raise MergeCliError(
                 f"merge: no value of {', '.join(unset)} applies to tensor '{name}'; add an "
@@ -160,6 +173,25 @@ def merge_tensors(
                 "parameters (e.g. weights that sum to 0)"
             )
         yield name, result.to(dtype).cpu()
+
+
+def _per_model_values(
+    state: MergeState, params: type[StepParams], values: dict[str, Any], names: tuple[str, ...]
+) -> dict[str, list[Any]]:
+    """Per parameter that some checkpoint sets for itself, every model's value (in model order;
+    the step's value where a checkpoint sets none), validated like the step's own."""
+    own: dict[str, list[Any]] = {}
+    for key in names:
+        settings = [m.spec.parameters or {} for m in state.models]
+        if not any(key in setting for setting in settings):
+            continue
+        own[key] = [
+            getattr(params.model_validate({key: setting[key]}), key)
+            if key in setting
+            else values[key]
+            for setting in settings
+        ]
+    return own
 
 
 def _generator_for(seed: int, tensor_name: str, device: torch.device) -> torch.Generator:

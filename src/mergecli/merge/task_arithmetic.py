@@ -15,6 +15,8 @@ from mergecli.merge.step import merge_method
 
 Lambda = Annotated[float, Field(alias="lambda")]
 Density = Annotated[float, annotated_types.Gt(0), annotated_types.Le(1)]
+# The engine passes one density per model when checkpoints set their own.
+Densities = Density | list[float]
 # Entries per block of combine_task_vectors: N x 64k float32 stays within a core's cache.
 _BLOCK = 1 << 16
 
@@ -55,11 +57,14 @@ def combine_task_vectors(
     return out.reshape(shape)
 
 
-def task_vectors(models: Tensor, base: Tensor, sparsify: Callable[[Tensor], Tensor]) -> Tensor:
-    """theta_i - base for every model, each sparsified; computed in place in ``models``."""
+def task_vectors(
+    models: Tensor, base: Tensor, sparsify: Callable[[Tensor, float], Tensor], density: Densities
+) -> Tensor:
+    """theta_i - base for every model, each sparsified at its density; in place in ``models``."""
     deltas = models.sub_(base)  # the engine hands each method a fresh stack
-    for delta in deltas:
-        sparsify(delta)  # in place
+    densities = density if isinstance(density, list) else [density] * len(deltas)
+    for delta, own in zip(deltas, densities, strict=True):
+        sparsify(delta, own)  # in place
     return deltas
 
 
@@ -71,7 +76,7 @@ def task_arithmetic(
     return base + combine_task_vectors(models.sub_(base), weights, False, normalize, lam)
 
 
-@merge_method("ties", needs_base=True)
+@merge_method("ties", needs_base=True, per_model=("density",))
 def ties(
     models: Tensor,
     weights: Tensor,
@@ -81,11 +86,11 @@ def ties(
     normalize: bool = True,
 ) -> Tensor:
     """TIES (Yadav et al., 2023): trim each task vector, elect signs, average the agreeing."""
-    deltas = task_vectors(models, base, lambda d: keep_top_magnitude(d, density))
+    deltas = task_vectors(models, base, keep_top_magnitude, density)
     return base + combine_task_vectors(deltas, weights, True, normalize, lam)
 
 
-@merge_method("dare_linear", needs_base=True)
+@merge_method("dare_linear", needs_base=True, per_model=("density",))
 def dare_linear(
     models: Tensor,
     weights: Tensor,
@@ -96,11 +101,11 @@ def dare_linear(
     normalize: bool = False,
 ) -> Tensor:
     """DARE (Yu et al., 2024): drop task-vector entries at random, rescale, add linearly."""
-    deltas = task_vectors(models, base, lambda d: drop_and_rescale(d, density, generator))
+    deltas = task_vectors(models, base, lambda d, p: drop_and_rescale(d, p, generator), density)
     return base + combine_task_vectors(deltas, weights, False, normalize, lam)
 
 
-@merge_method("dare_ties", needs_base=True)
+@merge_method("dare_ties", needs_base=True, per_model=("density",))
 def dare_ties(
     models: Tensor,
     weights: Tensor,
@@ -111,5 +116,5 @@ def dare_ties(
     normalize: bool = False,
 ) -> Tensor:
     """DARE with TIES sign election (Yu et al., 2024; Yadav et al., 2023)."""
-    deltas = task_vectors(models, base, lambda d: drop_and_rescale(d, density, generator))
+    deltas = task_vectors(models, base, lambda d, p: drop_and_rescale(d, p, generator), density)
     return base + combine_task_vectors(deltas, weights, True, normalize, lam)
