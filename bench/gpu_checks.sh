@@ -21,6 +21,11 @@ for width in 1 4 8; do python3 bench/weight_matching.py --width "$width" --devic
   2>&1 | tee "$OUT/weight-matching.log"
 echo "== NP Merge fit step against a plain training step"
 python3 bench/fit_step.py 2>&1 | tee "$OUT/fit-step.log"
+if [ -f runs/mlp8-seed0.safetensors ]; then
+  echo "== the analysis example on the GPU (device: auto)"
+  python3 -m mergecli --log plain run configs/examples/mnist-analysis.yaml 2>&1 \
+    | tee "$OUT/analysis.log" | tail -25
+fi
 echo "== whole suite with the GPU visible (device: auto picks it)"
-timeout "${SUITE_TIMEOUT:-240}" python3 -m pytest -q -x -n 8 -p no:cacheprovider tests \
+timeout "${SUITE_TIMEOUT:-240}" python3 -m pytest -q -n 8 -p no:cacheprovider tests \
   2>&1 | tee "$OUT/suite.log" | tail -15
