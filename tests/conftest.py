@@ -10,19 +10,26 @@ from pathlib import Path
 import pytest
 
 SMALL_MLP = ["--arch", "mlp", "--arg", "depth=3", "--arg", "hidden=32"]
+TESTS = Path(__file__).parent
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a mergecli subprocess: this one, with tests/ importable (for test
+    models such as gated_mlp) and ``extra`` set."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "COLUMNS": "200", "PYTHONPATH": path, **extra}
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, check: bool = False
+    *args: str, cwd: Path | None = None, check: bool = False, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run `python -m mergecli ARGS` as a user would, capturing its output."""
-    env = {**os.environ, "COLUMNS": "200"}
     result = subprocess.run(
         [sys.executable, "-m", "mergecli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        env=env,
+        env=env or cli_env(),
         timeout=300,
     )
     if check and result.returncode != 0:

@@ -1,0 +1,178 @@
+"""Stop signals: a real `mergecli run` signalled mid-fit or mid-step saves, exits with the
+signal's code, and the next run resumes to the same bytes as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_env, run_cli
+from mergecli.runtime.signals import Stopped, StopSignals, exit_code
+
+OUTPUTS = ("model.safetensors", "coefficients.safetensors", "alignment.safetensors")
+STEPS = 40
+
+
+def gated_recipe(a: Path, b: Path) -> str:
+    """A small NP Merge recipe on the gated MLP; the output dir is relative, so the same recipe
+    run from different directories has the same resolved text (and output bytes)."""
+    return f"""\
+version: 1
+name: gated
+model: {{arch: "gated_mlp:build", args: {{depth: 3, hidden: 32}}}}
+checkpoints:
+  - path: {a}
+  - path: {b}
+data:
+  fit: {{source: mnist, split: "3000:4000", batch_size: 64}}
+  eval: {{source: mnist, split: "9000:"}}
+steps:
+  - align: {{method: weight_matching}}
+  - fit: {{steps: {STEPS}, lr: 0.01, checkpoint_every: 1000}}
+  - evaluate: {{baselines: [endpoints]}}
+output: {{dir: out}}
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, trained_pair) -> dict[str, bytes]:
+    """The output files of the recipe run once without interruption (json logs, a progress
+    record after every step)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    (folder / "recipe.yaml").write_text(gated_recipe(*trained_pair))
+    result = run_cli("--log", "json", "--log-every", "0", "run", "recipe.yaml", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    progress = [r for r in records if r["msg"] == "fit progress"]
+    assert [r["step"] for r in progress] == list(range(1, STEPS + 1))
+    for record in progress:
+        assert {"time", "rank", "step", "steps", "epoch", "epochs", "loss"} <= record.keys()
+        assert record["rank"] == 0 and record["steps"] == STEPS and record["loss"] > 0
+        assert record["examples_per_s"] > 0 and record["steps_per_s"] > 0
+    return {name: (folder / "out" / name).read_bytes() for name in OUTPUTS}
+
+
+def start_gated(folder: Path, trained_pair, rule: str, *args: str) -> subprocess.Popen:
+    """Start `mergecli run` on the gated recipe; it waits at ``rule`` until released."""
+    (folder / "recipe.yaml").write_text(gated_recipe(*trained_pair))
+    env = cli_env(MERGECLI_TEST_GATE=rule, MERGECLI_TEST_GATE_DIR=str(folder))
+    return subprocess.Popen(
+        [sys.executable, "-m", "mergecli", "--log", "plain", "run", "recipe.yaml", *args],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def signal_at_gate(process: subprocess.Popen, folder: Path, signum: int) -> str:
+    """Wait for the run to reach its gate, signal it there, release it; return its stderr."""
+    deadline = time.monotonic() + 120
+    while not (folder / "reached").exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "the run never reached its gate"
+        time.sleep(0.02)
+    process.send_signal(signum)
+    (folder / "release").touch()
+    _, stderr = process.communicate(timeout=120)
+    return stderr
+
+
+def stop_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "stopped by" in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), (signal.SIGUSR1, 138), (signal.SIGINT, 130)],
+    ids=["TERM", "USR1", "INT"],
+)
+def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
+    tmp_path: Path, trained_pair, uninterrupted, signum: int, code: int
+) -> None:
+    process = start_gated(tmp_path, trained_pair, "fit:5")
+    stderr = signal_at_gate(process, tmp_path, signum)
+    assert process.returncode == code, stderr
+    # One line says what happened: the step it finished, where the state is, the exit code.
+    name = signal.Signals(signum).name
+    state = Path("out") / ".state" / "fit-stage1.pt"
+    [line] = stop_lines(stderr)
+    assert re.search(
+        rf"stopped by {name} after fit step 5/{STEPS} \(epoch 1\); fit state saved in "
+        rf"{re.escape(str(state))}; run the same command to resume; exit {code}$",
+        line,
+    ), line
+    assert "Traceback" not in stderr
+    saved = torch.load(tmp_path / state, weights_only=False)
+    assert saved["step"] == 5 and not saved["finished"]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [".state"], "no output under a final name"
+    # The next run resumes from step 5 and ends with the bytes of an uninterrupted run.
+    resumed = run_cli("--log", "plain", "--log-every", "0", "run", "recipe.yaml", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "fit: resuming from out/.state/fit-stage1.pt step=5 epoch=1" in resumed.stderr
+    # Batch-log lines: time, rank, step, epoch, loss and throughput, from step 6 on.
+    progress = re.findall(
+        r"^\S+ fit rank=0 step=(\d+)/40 epoch=\d/3 loss=\d\.\d{4} "
+        r"examples/s=[\d.]+ steps/s=[\d.]+$",
+        resumed.stderr,
+        re.MULTILINE,
+    )
+    assert [int(s) for s in progress] == list(range(6, STEPS + 1))
+    for name, expected in uninterrupted.items():
+        assert (out / name).read_bytes() == expected, f"{name} differs from the uninterrupted run"
+    assert not (out / ".state").exists()
+
+
+@pytest.mark.slow
+def test_signal_outside_the_fit_stops_at_once_and_the_rerun_skips_the_finished_fit(
+    tmp_path: Path, trained_pair, uninterrupted
+) -> None:
+    process = start_gated(tmp_path, trained_pair, "evaluate")
+    stderr = signal_at_gate(process, tmp_path, signal.SIGTERM)
+    assert process.returncode == 143, stderr
+    [line] = stop_lines(stderr)
+    assert line.endswith(
+        "stopped by SIGTERM during step 2 (evaluate); fit state saved in out/.state; "
+        "run the same command to resume; exit 143"
+    ), line
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [".state"]
+    assert torch.load(out / ".state" / "fit-stage1.pt", weights_only=False)["finished"]
+    resumed = run_cli("--log", "plain", "--log-every", "0", "run", "recipe.yaml", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"fit: already finished in an earlier run (out/.state/fit-stage1.pt) steps={STEPS}" in (
+        resumed.stderr
+    )
+    assert " fit rank=0 step=" not in resumed.stderr, "no fit step runs again"
+    for name, expected in uninterrupted.items():
+        assert (out / name).read_bytes() == expected
+
+
+def test_stop_signals_raise_outside_deferred_blocks_and_wait_inside() -> None:
+    stops = StopSignals()
+    with stops.installed():
+        with pytest.raises(Stopped) as raised:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+        assert raised.value.exit_code == 138 and stops.pending() == signal.SIGUSR1
+    with stops.installed():
+        assert stops.pending() is None  # a fresh run forgets the last one's signal
+        with stops.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGUSR1)  # later signals do not replace the first
+            time.sleep(0.01)
+        assert stops.pending() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "handlers are restored"
+    assert (exit_code(signal.SIGTERM), exit_code(signal.SIGINT)) == (143, 130)
