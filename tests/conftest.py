@@ -76,3 +76,69 @@ output:
 """
     )
     return path
+
+
+def data_parallel_recipe(a: Path, b: Path, arch: str = "mlp") -> str:
+    """A recipe exercising every all-reduce of a multi-process run: activation statistics
+    (activation matching), the fit's gradients (a global batch of 50 over 999 examples, so the
+    last batch splits unevenly), its l2 term and validation, and the evaluation. The output dir
+    is relative: run it from different directories."""
+    return f"""\
+version: 1
+name: data-parallel
+model: {{arch: "{arch}", args: {{depth: 3, hidden: 32}}}}
+checkpoints:
+  - path: {a}
+  - path: {b}
+data:
+  fit: {{source: mnist, split: "3000:3999", batch_size: 50}}
+  eval: {{source: mnist, split: "9000:9999"}}
+steps:
+  - align: {{method: activation_matching}}
+  - fit: {{steps: 30, lr: 0.01, l2: 0.01}}
+  - evaluate: {{baselines: [endpoints, ensemble]}}
+output: {{dir: out}}
+"""
+
+
+@pytest.fixture(scope="session")
+def one_process_fit(tmp_path_factory: pytest.TempPathFactory, trained_pair) -> Path:
+    """The output directory of the data-parallel recipe run by one process."""
+    folder = tmp_path_factory.mktemp("one-process")
+    (folder / "recipe.yaml").write_text(data_parallel_recipe(*trained_pair))
+    run_cli("run", "recipe.yaml", cwd=folder, check=True)
+    return folder / "out"
+
+
+def assert_same_fit(one: Path, several: Path) -> None:
+    """What several processes computed equals what one did: the same alignment, coefficients
+    within 1e-4, the same evaluation (counts all-reduced or gathered)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    assert (
+        load_file(several / "alignment.safetensors").keys()
+        == load_file(one / "alignment.safetensors").keys()
+    )
+    for name, tensor in load_file(one / "alignment.safetensors").items():
+        assert torch.equal(load_file(several / "alignment.safetensors")[name], tensor), name
+    expected, got = (
+        load_file(one / "coefficients.safetensors"),
+        load_file(several / "coefficients.safetensors"),
+    )
+    assert expected.keys() == got.keys()
+    worst = max(float((expected[k] - got[k]).abs().max()) for k in expected)
+    assert worst <= 1e-4, f"coefficients differ by up to {worst:.3g}"
+    assert any(float((expected[k] - 0.5).abs().max()) > 1e-3 for k in expected), "nothing fit"
+    reports = [json.loads((d / "report.json").read_text()) for d in (one, several)]
+    rows = [{r["name"]: r for r in rep["evaluate"]["results"]} for rep in reports]
+    assert rows[0].keys() == rows[1].keys()
+    for name, row in rows[0].items():
+        assert abs(rows[1][name]["accuracy"] - row["accuracy"]) <= 1e-3, name
+        assert abs(rows[1][name]["loss"] - row["loss"]) <= 1e-4, name
+    histories = [rep["fit"]["stages"][0]["history"] for rep in reports]
+    for first, second in zip(*histories, strict=True):
+        assert abs(first["val_loss"] - second["val_loss"]) <= 1e-4
+        assert abs(first["train_loss"] - second["train_loss"]) <= 1e-4

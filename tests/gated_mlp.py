@@ -2,9 +2,9 @@
 
 `arch: "gated_mlp:build"` is the built-in MLP (same tensors, so any MLP checkpoint loads) whose
 forward can stop and wait: with MERGECLI_TEST_GATE=fit:K it waits in the K-th fit step, with
-MERGECLI_TEST_GATE=evaluate in the evaluate step's first batch. It touches
+MERGECLI_TEST_GATE=evaluate in the evaluate step's first batch. It writes its process id to
 ``$MERGECLI_TEST_GATE_DIR/reached[-RANK]`` and waits until ``release`` appears there, so the
-test can send its signal while the run is exactly there. Once ``reached`` exists the gate
+test can signal the run (or one rank of it) exactly there. Once ``reached`` exists the gate
 stays open: the rerun (or the requeued SLURM job) runs freely.
 """
 
@@ -48,7 +48,9 @@ class _Gate:
         self.calls += 1
         if self.calls != self.count or self.reached.exists():
             return
-        self.reached.touch()
+        partial = self.reached.with_suffix(".tmp")
+        partial.write_text(str(os.getpid()))
+        partial.rename(self.reached)  # whole or absent: the test reads the pid at once
         deadline = time.monotonic() + 120
         while not (self.folder / "release").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
