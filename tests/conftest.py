@@ -1,13 +1,17 @@
-"""Shared fixtures: a real pair of small MLPs trained on bundled MNIST, and a CLI runner."""
+"""Shared fixtures: a real pair of small MLPs trained on bundled MNIST, a CLI runner, and the
+recipes (with their one-process results) that the signal, multi-process and SLURM tests share."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 SMALL_MLP = ["--arch", "mlp", "--arg", "depth=3", "--arg", "hidden=32"]
 TESTS = Path(__file__).parent
@@ -113,11 +117,6 @@ def one_process_fit(tmp_path_factory: pytest.TempPathFactory, trained_pair) -> P
 def assert_same_fit(one: Path, several: Path) -> None:
     """What several processes computed equals what one did: the same alignment, coefficients
     within 1e-4, the same evaluation (counts all-reduced or gathered)."""
-    import json
-
-    import torch
-    from safetensors.torch import load_file
-
     assert (
         load_file(several / "alignment.safetensors").keys()
         == load_file(one / "alignment.safetensors").keys()
@@ -142,3 +141,46 @@ def assert_same_fit(one: Path, several: Path) -> None:
     for first, second in zip(*histories, strict=True):
         assert abs(first["val_loss"] - second["val_loss"]) <= 1e-4
         assert abs(first["train_loss"] - second["train_loss"]) <= 1e-4
+
+
+GATED_OUTPUTS = ("model.safetensors", "coefficients.safetensors", "alignment.safetensors")
+GATED_STEPS = 40
+
+
+def gated_recipe(a: Path, b: Path) -> str:
+    """A small NP Merge recipe on the gated MLP; the output dir is relative, so the same recipe
+    run from different directories has the same resolved text (and output bytes)."""
+    return f"""\
+version: 1
+name: gated
+model: {{arch: "gated_mlp:build", args: {{depth: 3, hidden: 32}}}}
+checkpoints:
+  - path: {a}
+  - path: {b}
+data:
+  fit: {{source: mnist, split: "3000:4000", batch_size: 64}}
+  eval: {{source: mnist, split: "9000:"}}
+steps:
+  - align: {{method: weight_matching}}
+  - fit: {{steps: {GATED_STEPS}, lr: 0.01, checkpoint_every: 1000}}
+  - evaluate: {{baselines: [endpoints]}}
+output: {{dir: out}}
+"""
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_gated(tmp_path_factory: pytest.TempPathFactory, trained_pair) -> dict[str, bytes]:
+    """The output files of the recipe run once without interruption (json logs, a progress
+    record after every step)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    (folder / "recipe.yaml").write_text(gated_recipe(*trained_pair))
+    result = run_cli("--log", "json", "--log-every", "0", "run", "recipe.yaml", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    progress = [r for r in records if r["msg"] == "fit progress"]
+    assert [r["step"] for r in progress] == list(range(1, GATED_STEPS + 1))
+    for record in progress:
+        assert {"time", "rank", "step", "steps", "epoch", "epochs", "loss"} <= record.keys()
+        assert record["rank"] == 0 and record["steps"] == GATED_STEPS and record["loss"] > 0
+        assert record["examples_per_s"] > 0 and record["steps_per_s"] > 0
+    return {name: (folder / "out" / name).read_bytes() for name in GATED_OUTPUTS}

@@ -32,8 +32,10 @@ class _Gate:
     def __init__(self, rule: str, folder: Path) -> None:
         where, _, count = rule.partition(":")
         self.where, self.count, self.folder, self.calls = where, int(count or 1), folder, 0
-        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
-        self.reached = folder / (f"reached-{rank}" if rank else "reached")
+        env = os.environ
+        several = int(env.get("WORLD_SIZE", env.get("SLURM_STEP_NUM_TASKS", "1"))) > 1
+        rank = env.get("RANK", env.get("SLURM_PROCID"))
+        self.reached = folder / (f"reached-{rank}" if several else "reached")
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         real_weights = isinstance(module.head.weight, nn.Parameter)

@@ -108,12 +108,12 @@ def test_log_lines_name_their_rank(capsys: pytest.CaptureFixture) -> None:
 # --- real processes ------------------------------------------------------------------------
 
 
-def torchrun(folder: Path, *args: str) -> list[str]:
-    """The torchrun command line for 2 processes of `mergecli run recipe.yaml` in ``folder``."""
-    # `--` keeps torchrun from reading mergecli's options (--log looks like its --log-dir).
+def torchrun(*args: str) -> list[str]:
+    """The torchrun command line for 2 processes of `mergecli run recipe.yaml`;
+    the log mode comes from MERGECLI_LOG (torchrun would take --log for its --log-dir)."""
     return [
-        str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "mergecli", "--",
-        "--log", "plain", "run", "recipe.yaml", *args,
+        str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "mergecli",
+        "run", "recipe.yaml", *args,
     ]  # fmt: skip
 
 
@@ -123,8 +123,8 @@ def test_two_processes_under_torchrun_compute_what_one_does(
 ) -> None:
     (tmp_path / "recipe.yaml").write_text(data_parallel_recipe(*trained_pair))
     result = subprocess.run(
-        torchrun(tmp_path), cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
-        timeout=300,
+        torchrun(), cwd=tmp_path, env=cli_env(MERGECLI_LOG="plain"), capture_output=True,
+        text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert_same_fit(one_process_fit, tmp_path / "out")
@@ -146,9 +146,11 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     (tmp_path / "recipe.yaml").write_text(
         data_parallel_recipe(*trained_pair, arch="gated_mlp:build")
     )
-    env = cli_env(MERGECLI_TEST_GATE="fit:5", MERGECLI_TEST_GATE_DIR=str(tmp_path))
+    env = cli_env(
+        MERGECLI_LOG="plain", MERGECLI_TEST_GATE="fit:5", MERGECLI_TEST_GATE_DIR=str(tmp_path)
+    )
     process = subprocess.Popen(
-        torchrun(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        torchrun(), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     reached = [tmp_path / "reached-0", tmp_path / "reached-1"]

@@ -3,7 +3,6 @@ signal's code, and the next run resumes to the same bytes as an uninterrupted ru
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -15,50 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, run_cli
+from conftest import GATED_STEPS, cli_env, gated_recipe, run_cli
 from mergecli.runtime.signals import Stopped, StopSignals, exit_code
-
-OUTPUTS = ("model.safetensors", "coefficients.safetensors", "alignment.safetensors")
-STEPS = 40
-
-
-def gated_recipe(a: Path, b: Path) -> str:
-    """A small NP Merge recipe on the gated MLP; the output dir is relative, so the same recipe
-    run from different directories has the same resolved text (and output bytes)."""
-    return f"""\
-version: 1
-name: gated
-model: {{arch: "gated_mlp:build", args: {{depth: 3, hidden: 32}}}}
-checkpoints:
-  - path: {a}
-  - path: {b}
-data:
-  fit: {{source: mnist, split: "3000:4000", batch_size: 64}}
-  eval: {{source: mnist, split: "9000:"}}
-steps:
-  - align: {{method: weight_matching}}
-  - fit: {{steps: {STEPS}, lr: 0.01, checkpoint_every: 1000}}
-  - evaluate: {{baselines: [endpoints]}}
-output: {{dir: out}}
-"""
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, trained_pair) -> dict[str, bytes]:
-    """The output files of the recipe run once without interruption (json logs, a progress
-    record after every step)."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    (folder / "recipe.yaml").write_text(gated_recipe(*trained_pair))
-    result = run_cli("--log", "json", "--log-every", "0", "run", "recipe.yaml", cwd=folder)
-    assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in result.stderr.splitlines()]
-    progress = [r for r in records if r["msg"] == "fit progress"]
-    assert [r["step"] for r in progress] == list(range(1, STEPS + 1))
-    for record in progress:
-        assert {"time", "rank", "step", "steps", "epoch", "epochs", "loss"} <= record.keys()
-        assert record["rank"] == 0 and record["steps"] == STEPS and record["loss"] > 0
-        assert record["examples_per_s"] > 0 and record["steps_per_s"] > 0
-    return {name: (folder / "out" / name).read_bytes() for name in OUTPUTS}
 
 
 def start_gated(folder: Path, trained_pair, rule: str, *args: str) -> subprocess.Popen:
@@ -99,7 +56,7 @@ def stop_lines(stderr: str) -> list[str]:
     ids=["TERM", "USR1", "INT"],
 )
 def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
-    tmp_path: Path, trained_pair, uninterrupted, signum: int, code: int
+    tmp_path: Path, trained_pair, uninterrupted_gated, signum: int, code: int
 ) -> None:
     process = start_gated(tmp_path, trained_pair, "fit:5")
     stderr = signal_at_gate(process, tmp_path, signum)
@@ -109,7 +66,7 @@ def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
     state = Path("out") / ".state" / "fit-stage1.pt"
     [line] = stop_lines(stderr)
     assert re.search(
-        rf"stopped by {name} after fit step 5/{STEPS} \(epoch 1\); fit state saved in "
+        rf"stopped by {name} after fit step 5/{GATED_STEPS} \(epoch 1\); fit state saved in "
         rf"{re.escape(str(state))}; run the same command to resume; exit {code}$",
         line,
     ), line
@@ -129,15 +86,15 @@ def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
         resumed.stderr,
         re.MULTILINE,
     )
-    assert [int(s) for s in progress] == list(range(6, STEPS + 1))
-    for name, expected in uninterrupted.items():
+    assert [int(s) for s in progress] == list(range(6, GATED_STEPS + 1))
+    for name, expected in uninterrupted_gated.items():
         assert (out / name).read_bytes() == expected, f"{name} differs from the uninterrupted run"
     assert not (out / ".state").exists()
 
 
 @pytest.mark.slow
 def test_signal_outside_the_fit_stops_at_once_and_the_rerun_skips_the_finished_fit(
-    tmp_path: Path, trained_pair, uninterrupted
+    tmp_path: Path, trained_pair, uninterrupted_gated
 ) -> None:
     process = start_gated(tmp_path, trained_pair, "evaluate")
     stderr = signal_at_gate(process, tmp_path, signal.SIGTERM)
@@ -152,11 +109,10 @@ def test_signal_outside_the_fit_stops_at_once_and_the_rerun_skips_the_finished_f
     assert torch.load(out / ".state" / "fit-stage1.pt", weights_only=False)["finished"]
     resumed = run_cli("--log", "plain", "--log-every", "0", "run", "recipe.yaml", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"fit: already finished in an earlier run (out/.state/fit-stage1.pt) steps={STEPS}" in (
-        resumed.stderr
-    )
+    finished = "fit: already finished in an earlier run (out/.state/fit-stage1.pt)"
+    assert f"{finished} steps={GATED_STEPS}" in resumed.stderr
     assert " fit rank=0 step=" not in resumed.stderr, "no fit step runs again"
-    for name, expected in uninterrupted.items():
+    for name, expected in uninterrupted_gated.items():
         assert (out / name).read_bytes() == expected
 
 

@@ -49,15 +49,21 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def options(
+    # The environment variables serve launchers that read options themselves (torchrun takes
+    # --log for its --log-dir) and job scripts that set them once.
     log: Annotated[
         LogChoice,
-        typer.Option(help="How to print progress: rich on a terminal, plain lines or JSON."),
+        typer.Option(
+            envvar="MERGECLI_LOG",
+            help="How to print progress: rich on a terminal, plain lines or JSON.",
+        ),
     ] = LogChoice.auto,
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
     log_every: Annotated[
         float,
         typer.Option(
             min=0.0,
+            envvar="MERGECLI_LOG_EVERY",
             help="Seconds between progress lines (plain and json logs): step, loss, throughput.",
         ),
     ] = 10.0,
@@ -215,7 +221,7 @@ def _stop_line(stop, requeue: bool) -> str:
             parts.append("not requeued: not inside a SLURM job")
         else:
             problem = slurm.requeue(job)
-            parts.append(f"SLURM job {job} requeued" if problem is None else f"{problem}")
+            parts.append(f"SLURM job {job} requeued" if problem is None else problem)
     parts.append(f"exit {stop.exit_code}")
     return "; ".join(parts)
 

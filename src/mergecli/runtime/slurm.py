@@ -53,32 +53,37 @@ def requeue(job: str) -> str | None:
     """Put the job back in the queue (``scontrol requeue``); None on success, else why not.
 
     SLURM then ends this run of the job (SIGTERM, SIGKILL after KillWait) and starts the batch
-    script again later with SLURM_RESTART_COUNT one higher.
+    script again later with SLURM_RESTART_COUNT one higher. A job that is ending for another
+    reason than its time limit is left alone: its SIGTERM came from `scancel` (someone wants it
+    gone) or from a preemption (SLURM requeues or cancels it itself, as configured).
     """
-    state = _job_state(job)
-    if state is not None and state.startswith("CANCELLED"):
-        # Someone ran `scancel`: the SIGTERM came from them, and they want the job gone.
-        return f"job {job} is being cancelled (scancel), not requeueing it"
+    state, reason = _job_state(job)
+    ending = state is not None and state != "RUNNING"
+    if ending and reason != "TimeLimit":
+        why = "cancelled" if reason in (None, "None") else reason
+        return f"not requeued: SLURM job {job} is ending ({state}, {why})"
     try:
         result = subprocess.run(
             ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
         )
     except FileNotFoundError:
-        return "scontrol is not on PATH"
+        return "not requeued: scontrol is not on PATH"
     except subprocess.TimeoutExpired:
-        return "scontrol requeue did not answer within 60 s"
+        return "not requeued: scontrol requeue did not answer within 60 s"
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
-        return f"scontrol requeue {job} failed: {message[-1] if message else result.returncode}"
+        return f"not requeued: scontrol requeue {job}: {message[-1] if message else 'failed'}"
     return None
 
 
-def _job_state(job: str) -> str | None:
+def _job_state(job: str) -> tuple[str | None, str | None]:
+    """The job's state and reason as `scontrol show job` tells them (None: unknown)."""
     try:
         result = subprocess.run(
             ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30
         )
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r"\bJobState=(\S+)", result.stdout)
-    return found.group(1) if found else None
+        return None, None
+    state = re.search(r"\bJobState=(\S+)", result.stdout)
+    reason = re.search(r"\bReason=(\S+)", result.stdout)
+    return (state.group(1) if state else None), (reason.group(1) if reason else None)
