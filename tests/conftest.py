@@ -17,11 +17,22 @@ SMALL_MLP = ["--arch", "mlp", "--arg", "depth=3", "--arg", "hidden=32"]
 TESTS = Path(__file__).parent
 
 
+# Set by SLURM and torchrun: a test run inside a job (or under torchrun) must not hand them
+# to the runs it starts, which would join that job's ranks or requeue it.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                    "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
+
+
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a mergecli subprocess: this one, with tests/ importable (for test
-    models such as gated_mlp) and ``extra`` set."""
+    """The environment of a mergecli subprocess: this one without launcher or SLURM variables,
+    with tests/ importable (for test models such as gated_mlp) and ``extra`` set."""
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "COLUMNS": "200", "PYTHONPATH": path, **extra}
+    own = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")
+    }
+    return {**own, "COLUMNS": "200", "PYTHONPATH": path, **extra}
 
 
 def run_cli(

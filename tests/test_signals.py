@@ -58,7 +58,8 @@ def stop_lines(stderr: str) -> list[str]:
 def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
     tmp_path: Path, trained_pair, uninterrupted_gated, signum: int, code: int
 ) -> None:
-    process = start_gated(tmp_path, trained_pair, "fit:5")
+    # --requeue outside a SLURM job only says so.
+    process = start_gated(tmp_path, trained_pair, "fit:5", "--requeue")
     stderr = signal_at_gate(process, tmp_path, signum)
     assert process.returncode == code, stderr
     # One line says what happened: the step it finished, where the state is, the exit code.
@@ -67,7 +68,9 @@ def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
     [line] = stop_lines(stderr)
     assert re.search(
         rf"stopped by {name} after fit step 5/{GATED_STEPS} \(epoch 1\); fit state saved in "
-        rf"{re.escape(str(state))}; run the same command to resume; exit {code}$",
+        rf"{re.escape(str(state))}; run the same command to resume; "
+        rf"{'' if signum == signal.SIGINT else 'not requeued: not inside a SLURM job; '}"
+        rf"exit {code}$",
         line,
     ), line
     assert "Traceback" not in stderr
@@ -75,8 +78,18 @@ def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
     assert saved["step"] == 5 and not saved["finished"]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [".state"], "no output under a final name"
-    # The next run resumes from step 5 and ends with the bytes of an uninterrupted run.
-    resumed = run_cli("--log", "plain", "--log-every", "0", "run", "recipe.yaml", cwd=tmp_path)
+    # A changed recipe refuses the saved state rather than mixing two fits.
+    changed = run_cli("run", "recipe.yaml", "--set", "steps.1.fit.lr=0.02", cwd=tmp_path)
+    assert changed.returncode == 1
+    assert "belongs to a different recipe or different inputs; run with --resume never" in (
+        changed.stderr
+    )
+    # The next run resumes from step 5 and ends with the bytes of an uninterrupted run; how it
+    # runs (`slurm:`) is not what it computes, so adding it does not stop the resume.
+    resumed = run_cli(
+        "--log", "plain", "--log-every", "0", "run", "recipe.yaml", "--set", "slurm.requeue=true",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert "fit: resuming from out/.state/fit-stage1.pt step=5 epoch=1" in resumed.stderr
     # Batch-log lines: time, rank, step, epoch, loss and throughput, from step 6 on.
@@ -132,3 +145,35 @@ def test_stop_signals_raise_outside_deferred_blocks_and_wait_inside() -> None:
         assert stops.pending() == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "handlers are restored"
     assert (exit_code(signal.SIGTERM), exit_code(signal.SIGINT)) == (143, 130)
+
+
+@pytest.mark.parametrize(
+    ("state", "requeued"),
+    [
+        ("JobState=RUNNING Reason=None", True),  # --signal=USR1@N, scancel --signal
+        ("JobState=COMPLETING Reason=TimeLimit", True),  # SIGTERM at the time limit
+        ("JobState=COMPLETING Reason=None", False),  # scancel: someone wants the job gone
+        ("JobState=PREEMPTED Reason=Preempted", False),  # SLURM requeues or cancels it itself
+    ],
+)
+def test_requeue_only_a_job_that_runs_or_reached_its_time_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str, requeued: bool
+) -> None:
+    from mergecli.runtime import slurm
+
+    # A stand-in scontrol that reports the job's state and records what it was asked.
+    calls = tmp_path / "calls"
+    fake = tmp_path / "scontrol"
+    fake.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\n'
+        f'[ "$1" = show ] && echo "JobId=7 JobName=x {state} Restarts=0"\nexit 0\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    problem = slurm.requeue("7")
+    asked = calls.read_text().splitlines()
+    assert asked[0] == "show job -o 7"
+    if requeued:
+        assert problem is None and asked[1:] == ["requeue 7"]
+    else:
+        assert problem.startswith("not requeued: SLURM job 7 is ending") and asked[1:] == []

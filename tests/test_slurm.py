@@ -33,8 +33,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SCRIPT = TESTS / "slurm" / "local-slurm.sh"
 PYTHON = sys.executable
-# Launcher variables of the process running pytest must not leak into the jobs.
-FOREIGN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _unavailable(reason: str) -> None:
@@ -58,7 +56,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     if missing:
         _unavailable(f"{', '.join(missing)} not installed (tests/slurm/local-slurm.sh install)")
     folder = tmp_path_factory.mktemp("slurm")
-    env = {k: v for k, v in cli_env().items() if k not in FOREIGN and not k.startswith("SLURM")}
+    env = {k: v for k, v in cli_env().items() if k != "SLURM_CONF"}
     ports = {"SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
     started = subprocess.run(
         [str(SCRIPT), "start", str(folder)], env={**env, **ports}, capture_output=True,

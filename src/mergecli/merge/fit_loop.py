@@ -136,20 +136,27 @@ class CoefficientStep:
         decide to stop together (a signal may reach only some of them), at the loss exchange;
         a single process asks after its update, so a signal stops it after the step it is in.
         """
+        if not world.distributed:
+            loss = self.loss(x, index)
+            total = loss.item()
+            if not math.isfinite(total):
+                return total, None
+            self.update(loss)
+            return total, ask_stop() or None
         self.optimizer.zero_grad(set_to_none=True)
         if len(index):
             loss = self.loss(x, index, weight=len(index) / examples, regularise=world.is_main)
         else:  # fewer examples than ranks: this rank adds nothing but must still take part
             loss = torch.zeros((), device=self.device)
-        # One small exchange: the loss and which stop signals reached which ranks.
+        # One small exchange: the loss, and which stop signals reached which ranks.
         stats = torch.zeros(1 + len(STOP_SIGNALS), dtype=torch.float64, device=self.device)
         stats[0] = loss.detach()
-        stop = ask_stop() if world.distributed else None
+        stop = ask_stop()
         if stop is not None:
             stats[1 + STOP_SIGNALS.index(stop)] = 1
         stats = world.all_reduce_(stats).cpu()
         total = float(stats[0])
-        if not math.isfinite(total):
+        if not math.isfinite(total):  # every rank sees it: all stop with the same error
             return total, None
         if loss.requires_grad:
             loss.backward()
@@ -157,8 +164,6 @@ class CoefficientStep:
             self.logits.grad = torch.zeros_like(self.logits)
         world.all_reduce_(self.logits.grad)
         self.optimizer.step()
-        if not world.distributed:
-            return total, ask_stop() or None
         # The same choice on every rank: the first of the signals any rank received.
         signalled = [s for s, n in zip(STOP_SIGNALS, stats[1:].tolist(), strict=True) if n]
         return total, (signalled[0] if signalled else None)
