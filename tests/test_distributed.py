@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_fit, cli_env, data_parallel_recipe, run_cli
+from conftest import TESTS, assert_same_fit, cli_env, data_parallel_recipe, run_cli
 from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
 from mergecli.runtime import slurm
@@ -176,3 +176,27 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     assert result.returncode == 0, result.stderr
     assert "fit: resuming from out/.state/fit-stage1.pt step=5" in result.stderr
     assert_same_fit(one_process_fit, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "script", sorted((TESTS.parent / "configs" / "slurm").glob("*.sbatch")), ids=lambda p: p.stem
+)
+def test_example_sbatch_scripts_signal_requeue_and_resume(script: Path) -> None:
+    """The examples keep what preemption needs (see README, Running on a cluster)."""
+    text = script.read_text()
+    options = re.findall(r"^#SBATCH (\S+)", text, re.MULTILINE)
+    assert {"--requeue", "--open-mode=append"} <= set(options), script.name
+    [signal_option] = [o for o in options if o.startswith("--signal=")]
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    [command] = [line for line in lines if "mergecli run" in line]
+    if command.startswith("srun"):
+        # Every task of the step gets the signal; a failed rank stops the others.
+        assert command.startswith("srun --kill-on-bad-exit=1 mergecli run ")
+        assert signal_option == "--signal=USR1@120"
+    else:
+        # The batch shell gets the signal: exec makes it mergecli.
+        assert command.startswith("exec mergecli run ") and signal_option == "--signal=B:USR1@120"
+    assert command.endswith(" --requeue")
+    recipe = command.split("mergecli run ")[1].split()[0]
+    assert (TESTS.parent / recipe).is_file(), recipe
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
