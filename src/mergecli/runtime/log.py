@@ -56,12 +56,8 @@ class Log:
     def warn(self, message: str, **fields: Any) -> None:
         self._emit("warning", message, fields)
 
-    def error(self, message: str) -> None:
-        """A line for a failure or a stop, from whichever rank has it."""
-        self._emit("error", message, {})
-
     def _emit(self, level: str, message: str, fields: dict[str, Any]) -> None:
-        prefix = {"warning": "warning: ", "error": "error: "}.get(level, "")
+        prefix = "warning: " if level == "warning" else ""
         if self.mode == "json":
             ranks = {"rank": self.rank, "world": self.world} if self.world > 1 else {}
             record = {"time": _now(), "level": level, **ranks, "msg": message, **fields}
@@ -70,8 +66,11 @@ class Log:
         tag = f"[rank {self.rank}/{self.world}] " if self.world > 1 else ""
         extra = "".join(f" {k}={_fmt(v)}" for k, v in fields.items())
         if self.mode == "rich":
-            style = {"warning": "yellow", "error": "red"}.get(level, "dim")
-            self.console.print(f"[{style}]{tag}{prefix}[/]{message}{extra}", markup=True)
+            from rich.markup import escape
+
+            style = "yellow" if level == "warning" else "dim"
+            # "[rank 1/2]" would read as a style tag.
+            self.console.print(f"[{style}]{escape(tag)}{prefix}[/]{message}{extra}", markup=True)
         else:
             print(f"{_now()} {tag}{prefix}{message}{extra}", file=sys.stderr, flush=True)
 
