@@ -178,6 +178,40 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     assert_same_fit(one_process_fit, tmp_path / "out")
 
 
+LEAVE_SCRIPT = """
+import os, torch
+from mergecli.runtime import distributed
+distributed.start("cpu")
+logits = torch.zeros(5, requires_grad=True)
+optimizer = torch.optim.Adam([logits])
+logits.sum().backward()
+distributed.current().all_reduce_(logits.grad)
+optimizer.step()
+distributed.stop()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(f"threads-{os.environ['RANK']}", "w") as out:
+    out.write(" ".join(sorted(threads)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_leaving_the_process_group_ends_its_threads(tmp_path: Path) -> None:
+    """A process group that outlives destroy_process_group (torch._dynamo, imported by the
+    optimiser's first step, holds it) keeps gloo's threads running, and the process can abort
+    at exit; mergecli imports it first."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_SCRIPT)
+    result = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for rank in (0, 1):
+        threads = (tmp_path / f"threads-{rank}").read_text()
+        assert "gloo" not in threads, f"rank {rank} still runs {threads}"
+
+
 @pytest.mark.parametrize(
     "script", sorted((TESTS.parent / "configs" / "slurm").glob("*.sbatch")), ids=lambda p: p.stem
 )

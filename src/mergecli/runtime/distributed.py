@@ -180,8 +180,13 @@ def start(requested_device: str, env: Mapping[str, str] = os.environ) -> World:
     if launch is None:
         _CURRENT = World()
         return _CURRENT
+    import torch._dynamo  # noqa: F401 - see below
     import torch.distributed as dist
 
+    # Imported after the process group exists, torch._dynamo (which the optimisers import on
+    # their first step) keeps a reference to it: destroy_process_group then leaves gloo's
+    # threads running and the process may abort at exit ("terminate called without an active
+    # exception"). Imported first, it does not.
     device = _rank_device(requested_device, launch)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
