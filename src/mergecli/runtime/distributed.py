@@ -147,14 +147,8 @@ class World:
             return flag
         return bool(self.all_reduce_(torch.tensor([float(flag)]))[0] > 0)
 
-    def barrier(self) -> None:
-        if self._group:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def _carrier(self, tensor: Tensor) -> Tensor:
-        """NCCL moves CUDA tensors only; gloo, CPU ones (and CUDA ones, more slowly)."""
+        """The tensor on the device the backend works on: CUDA for nccl, the CPU for gloo."""
         if self.backend == "nccl" and tensor.device.type != "cuda":
             return tensor.to(self.device)
         if self.backend == "gloo" and tensor.device.type != "cpu":
