@@ -61,7 +61,7 @@ class Log:
         if self.mode == "json":
             ranks = {"rank": self.rank, "world": self.world} if self.world > 1 else {}
             record = {"time": _now(), "level": level, **ranks, "msg": message, **fields}
-            print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+            _write_line(json.dumps(record, default=str))
             return
         tag = f"[rank {self.rank}/{self.world}] " if self.world > 1 else ""
         extra = "".join(f" {k}={_fmt(v)}" for k, v in fields.items())
@@ -72,7 +72,7 @@ class Log:
             # "[rank 1/2]" would read as a style tag.
             self.console.print(f"[{style}]{escape(tag)}{prefix}[/]{message}{extra}", markup=True)
         else:
-            print(f"{_now()} {tag}{prefix}{message}{extra}", file=sys.stderr, flush=True)
+            _write_line(f"{_now()} {tag}{prefix}{message}{extra}")
 
     def progress(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
         """Iterate, showing a progress bar on a terminal and periodic lines otherwise."""
@@ -188,6 +188,13 @@ class StepMeter:
                 f"examples/s={fields['examples_per_s']:.1f} steps/s={fields['steps_per_s']:.2f}"
             )
         self._last, self._loss_sum, self._examples, self._steps = now, 0.0, 0, 0
+
+
+def _write_line(line: str) -> None:
+    """One write per line, flushed at once: the ranks of a job share its log file, and print()
+    writes the text and its newline apart, so unbuffered lines of two ranks could interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _now() -> str:
