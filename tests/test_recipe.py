@@ -183,3 +183,18 @@ def test_example_recipes_validate() -> None:
         loaded = load_recipe(path)
         assert loaded.steps, path
         assert yaml.safe_load(loaded.resolved_yaml())["version"] == 1
+
+
+def test_slurm_section_says_how_to_run_not_what_to_compute(tmp_path: Path) -> None:
+    plain = load_recipe(write(tmp_path, GOOD))
+    assert plain.recipe.slurm is None and "slurm" not in plain.resolved()
+    requeued = load_recipe(write(tmp_path, GOOD), ["slurm.requeue=true"])
+    assert requeued.recipe.slurm.requeue is True
+    assert requeued.resolved()["slurm"] == {"requeue": True}
+    # The same computation: the output's recipe hash and the fit-state fingerprint agree.
+    assert requeued.sha256() == plain.sha256()
+    [problem] = problems(tmp_path, GOOD + "slurm: {requeu: true}\n")
+    assert problem.endswith(
+        "recipe.yaml:18: slurm.requeu: unknown key 'requeu'; did you mean 'requeue'? "
+        "(allowed: requeue)"
+    )

@@ -35,6 +35,7 @@ class LogChoice(str, Enum):
 class Settings:
     log: str = "auto"
     debug: bool = False
+    log_every: float = 10.0
 
 
 SETTINGS = Settings()
@@ -48,11 +49,24 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def options(
+    # The environment variables serve launchers that read options themselves (torchrun takes
+    # --log for its --log-dir) and job scripts that set them once.
     log: Annotated[
         LogChoice,
-        typer.Option(help="How to print progress: rich on a terminal, plain lines or JSON."),
+        typer.Option(
+            envvar="MERGECLI_LOG",
+            help="How to print progress: rich on a terminal, plain lines or JSON.",
+        ),
     ] = LogChoice.auto,
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    log_every: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            envvar="MERGECLI_LOG_EVERY",
+            help="Seconds between progress lines (plain and json logs): step, loss, throughput.",
+        ),
+    ] = 10.0,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
@@ -61,6 +75,7 @@ def options(
     """Global options."""
     SETTINGS.log = log.value
     SETTINGS.debug = debug
+    SETTINGS.log_every = log_every
 
 
 @contextmanager
@@ -73,7 +88,7 @@ def user_errors() -> Iterator[None]:
     except MergeCliError as exc:
         if SETTINGS.debug:
             raise
-        prefix = "" if isinstance(exc, RecipeError) else "error: "
+        prefix = "" if isinstance(exc, RecipeError) else "error: " + _rank_tag()
         for line in str(exc).splitlines():
             typer.echo(f"{prefix}{line}", err=True)
         raise typer.Exit(exc.exit_code) from None
@@ -93,10 +108,22 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(70) from None
 
 
-def _log():
+def _rank_tag() -> str:
+    """Several processes share one job log: an error says which one failed."""
+    import sys
+
+    if "mergecli.runtime.distributed" not in sys.modules:  # never started: one process
+        return ""
+    from mergecli.runtime.distributed import current
+
+    world = current()
+    return f"[rank {world.rank}/{world.size}] " if world.distributed else ""
+
+
+def _log(rank: int = 0, world: int = 1):
     from mergecli.runtime.log import Log
 
-    return Log(SETTINGS.log)  # type: ignore[arg-type]
+    return Log(SETTINGS.log, rank, world, SETTINGS.log_every)  # type: ignore[arg-type]
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.")]
@@ -121,16 +148,82 @@ def run(
             help="auto: continue an interrupted fit from output.dir/.state; never: start over."
         ),
     ] = Resume.auto,
+    requeue: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--requeue/--no-requeue",
+            help="Inside a SLURM job, requeue it after a stop signal has saved the fit "
+            "(default: the recipe's slurm.requeue).",
+        ),
+    ] = None,
 ) -> None:
-    """Run a recipe: load, align, merge or fit, repair, evaluate, and write the output dir."""
+    """Run a recipe: load, align, merge or fit, repair, evaluate, and write the output dir.
+
+    SIGTERM, SIGUSR1 and SIGINT stop the run: a fit saves its state after the step it is in
+    and the next run resumes it. Under torchrun or srun, each process takes one device.
+    """
     with user_errors():
         from mergecli.pipeline import run_recipe
         from mergecli.recipe import load_recipe
+        from mergecli.runtime import distributed
+        from mergecli.runtime.signals import STOP, Stopped, signal_name
 
-        loaded = load_recipe(recipe, set_ or [])
-        log = _log()
-        log.info(f"recipe {loaded.recipe.name}: {len(loaded.steps)} step(s) -> {loaded.output_dir}")
-        run_recipe(loaded, log, resume=resume is Resume.auto)
+        log, main, wants_requeue = _log(), True, bool(requeue)
+        with STOP.installed():
+            try:
+                loaded = load_recipe(recipe, set_ or [])
+                slurm = loaded.recipe.slurm
+                wants_requeue = requeue if requeue is not None else bool(slurm and slurm.requeue)
+                world = distributed.start(loaded.recipe.device)
+                main = world.is_main
+                try:
+                    log = _log(world.rank, world.size)
+                    if world.distributed:
+                        log.info(
+                            f"rank {world.rank} of {world.size} ({world.launcher}, "
+                            f"{world.backend}) on {world.device}",
+                            every_rank=True,
+                        )
+                    log.info(
+                        f"recipe {loaded.recipe.name}: {len(loaded.steps)} step(s) -> "
+                        f"{loaded.output_dir}"
+                    )
+                    run_recipe(loaded, log, resume=resume is Resume.auto)
+                finally:
+                    distributed.stop()
+            except Stopped as stop:
+                log.info(_stop_line(stop, wants_requeue and main), every_rank=True)
+                raise typer.Exit(stop.exit_code) from None
+            if STOP.pending() is not None:
+                log.info(
+                    f"received {signal_name(STOP.pending())} after the output was complete; "
+                    "the run finished"
+                )
+
+
+def _stop_line(stop, requeue: bool) -> str:
+    """The one line a stopped run logs: why, where, what was kept, whether the job requeued.
+    ``requeue`` is false on ranks other than 0: a job is requeued once."""
+    import signal
+
+    from mergecli.runtime import slurm
+    from mergecli.runtime.signals import signal_name
+
+    parts = [f"stopped by {signal_name(stop.signum)} {stop.detail}".rstrip()]
+    if stop.saved is not None:
+        parts.append(f"fit state saved in {stop.saved}; run the same command to resume")
+    else:
+        parts.append("no output written; run the same command to start again")
+    # Never after Ctrl-C: a person stopped the run and wants it stopped.
+    if requeue and stop.signum != signal.SIGINT:
+        job = slurm.job_id()
+        if job is None:
+            parts.append("not requeued: not inside a SLURM job")
+        else:
+            problem = slurm.requeue(job)
+            parts.append(f"SLURM job {job} requeued" if problem is None else problem)
+    parts.append(f"exit {stop.exit_code}")
+    return "; ".join(parts)
 
 
 @app.command()

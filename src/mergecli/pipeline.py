@@ -21,8 +21,9 @@ from mergecli.io.stream_writer import ShardWriter
 from mergecli.recipe import LoadedRecipe, ModelSpec
 from mergecli.registry import methods_of
 from mergecli.report import render_report
-from mergecli.runtime.device import resolve_device
+from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
+from mergecli.runtime.signals import STOP, Stopped
 from mergecli.state import Checkpoint, MergeState, StateDict
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -35,11 +36,21 @@ def run_recipe(loaded: LoadedRecipe, log: Log, resume: bool = True) -> MergeStat
     """
     recipe = loaded.recipe
     torch.manual_seed(recipe.seed)
+    world = current_world()
     out_dir = loaded.output_dir
-    created = _check_writable(out_dir)
     resume_dir = out_dir / ".state"
-    if not resume and resume_dir.exists():
-        shutil.rmtree(resume_dir)
+    # Rank 0 alone touches the output directory; the others read the fit state it keeps.
+    created, problem = False, None
+    if world.is_main:
+        try:
+            created = _check_writable(out_dir)
+            if not resume and resume_dir.exists():
+                shutil.rmtree(resume_dir)
+        except MergeCliError as exc:
+            problem = exc
+    if world.any(problem is not None):  # also the barrier: .state is cleared before any reads
+        raise problem or MergeCliError(f"{out_dir}: rank 0 cannot write the output directory")
+    step = None
     try:
         state = prepare_state(loaded, log)
         state.resume_dir = resume_dir
@@ -53,21 +64,37 @@ def run_recipe(loaded: LoadedRecipe, log: Log, resume: bool = True) -> MergeStat
             state.report.setdefault("timings_s", {})[f"{step.index}.{step.kind}"] = round(
                 time.perf_counter() - started, 3
             )
-        write_outputs(state, out_dir)
-        # The run finished: its resumable state has served its purpose.
-        shutil.rmtree(resume_dir, ignore_errors=True)
+        step = None
+        if world.is_main:
+            write_outputs(state, out_dir)
+            with STOP.deferred():
+                # The run finished: its resumable state has served its purpose.
+                shutil.rmtree(resume_dir, ignore_errors=True)
+    except Stopped as stop:
+        if not stop.detail:
+            stop.detail = (
+                f"during step {step.index} ({step.kind})" if step else "while writing the output"
+            )
+        if stop.saved is None and resume_dir.is_dir() and any(resume_dir.iterdir()):
+            stop.saved = resume_dir
+        _remove_if_made_empty(created, out_dir)
+        raise
     except BaseException:
-        # A failed run must not leave a directory it made itself, empty, behind.
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        _remove_if_made_empty(created, out_dir)
         raise
     return state
+
+
+def _remove_if_made_empty(created: bool, out_dir: Path) -> None:
+    """A failed run must not leave a directory it made itself, empty, behind."""
+    if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
 
 
 def prepare_state(loaded: LoadedRecipe, log: Log) -> MergeState:
     """Verify pins, load and cross-check every checkpoint, and decide the model."""
     recipe = loaded.recipe
-    device = resolve_device(recipe.device)
+    device = current_world().device_for(recipe.device)
     streaming = is_data_free(loaded)
     checkpoints: list[Checkpoint] = []
     for index, spec in enumerate(recipe.checkpoints):
@@ -260,14 +287,26 @@ def output_metadata(state: MergeState) -> dict[str, str]:
 def write_outputs(state: MergeState, out_dir: Path) -> None:
     """Merged checkpoint, resolved recipe and report, each written whole under its final name."""
     output = state.loaded.recipe.output
-    if state.merged is not None:
-        dtype = OUTPUT_DTYPES.get(output.dtype)
+    paths: list[Path] = []
+    if state.merged is not None and not isinstance(state.merged, dict):
+        # A streamed merge computes while it writes (long); a stop signal aborts it, and the
+        # shards, still under temporary names, go away.
+        plan = _output_plan(state, OUTPUT_DTYPES.get(output.dtype))
         metadata = output_metadata(state)
+        paths = _write_stream(state.merged, out_dir, plan, metadata, output.shard_size)
+    # The rest takes seconds: a signal now waits until every file is in place, so the
+    # directory never mixes this run's files with an earlier run's.
+    with STOP.deferred():
+        _write_finished(state, out_dir, paths)
+
+
+def _write_finished(state: MergeState, out_dir: Path, paths: list[Path]) -> None:
+    output = state.loaded.recipe.output
+    if state.merged is not None:
         if isinstance(state.merged, dict):
+            dtype = OUTPUT_DTYPES.get(output.dtype)
+            metadata = output_metadata(state)
             paths = save_state_dict(state.merged, out_dir, metadata, output.shard_size, dtype)
-        else:
-            plan = _output_plan(state, dtype)
-            paths = _write_stream(state.merged, out_dir, plan, metadata, output.shard_size)
         paths += copy_model_files(state, out_dir)
         state.report["output"] = {"files": [p.name for p in paths], "dtype": output.dtype}
         state.log.info(f"wrote {', '.join(str(p) for p in paths)}")

@@ -118,6 +118,12 @@ class OutputSpec(Strict):
         return value
 
 
+class SlurmSpec(Strict):
+    """How the run behaves inside a SLURM job (not what it computes)."""
+
+    requeue: bool = False  # after a stop signal, put the job back in the queue
+
+
 class Recipe(Strict):
     """The top level of a recipe file."""
 
@@ -131,6 +137,7 @@ class Recipe(Strict):
     data: DataSection = Field(default_factory=DataSection)
     steps: list[Any] = Field(default_factory=list)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    slurm: SlurmSpec | None = None
 
     @field_validator("device")
     @classmethod
@@ -185,7 +192,12 @@ class LoadedRecipe:
         return yaml.safe_dump(self.resolved(), sort_keys=False)
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.resolved_yaml().encode()).hexdigest()
+        """What the run computes: the resolved recipe without its `slurm` section, which only
+        says how to run, so that adding `requeue` neither changes the output's metadata nor
+        stops an interrupted run from resuming."""
+        resolved = self.resolved()
+        resolved.pop("slurm", None)
+        return hashlib.sha256(yaml.safe_dump(resolved, sort_keys=False).encode()).hexdigest()
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:

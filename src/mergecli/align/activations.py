@@ -10,6 +10,7 @@ from torch import Tensor
 
 from mergecli.align.permute import StateDict
 from mergecli.align.spec import PermutationSpec
+from mergecli.runtime.distributed import World
 
 
 @dataclass
@@ -45,6 +46,13 @@ class PairStatistics:
 
     def cross_moment(self) -> Tensor:
         return self.sum_xy / self.count
+
+    def all_reduce_(self, world: World) -> None:
+        """Sum every rank's statistics into each rank's (the ranks saw different examples)."""
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum_x.device)
+        self.count = int(world.all_reduce_(count)[0])
+        for tensor in (self.sum_x, self.sum_y, self.sum_xx, self.sum_yy, self.sum_xy):
+            world.all_reduce_(tensor)
 
 
 def probe_module(graph_module: fx.GraphModule, nodes: list[str]) -> fx.GraphModule:

@@ -18,6 +18,7 @@ from mergecli.align.transform import Transforms, apply_transforms
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
 from mergecli.registry import StepParams, step_method
+from mergecli.runtime.distributed import current as current_world
 from mergecli.state import Checkpoint, MergeState
 
 ALIGNMENT_FILE = "alignment.safetensors"
@@ -114,13 +115,22 @@ def align_cca(state: MergeState, params: CCAParams) -> None:
 
 
 def _statistics(state: MergeState, spec: PermutationSpec, other: Checkpoint, limit: int | None):
+    """Activation statistics over the first ``limit`` batches of data.fit. With several ranks,
+    each takes its share of every batch and the sums are all-reduced: the same batches, hence
+    the same statistics (and transforms) as one process, on every rank."""
+    world = current_world()
     data = state.data("fit")
-    batches = data.batches(state.batch_size("fit"), device=state.device)
+    part = (world.rank, world.size) if world.distributed else None
+    batches = data.batches(state.batch_size("fit"), device=state.device, part=part)
     inputs = (x for i, (x, _) in enumerate(batches) if limit is None or i < limit)
     graph_module = trace(state.build_module())
     to_device = {k: v.to(state.device) for k, v in state.reference.tensors.items()}
     other_tensors = {k: v.to(state.device) for k, v in other.tensors.items()}
-    return pair_statistics(graph_module, spec, to_device, other_tensors, inputs)
+    stats = pair_statistics(graph_module, spec, to_device, other_tensors, inputs)
+    if world.distributed:
+        for s in stats.values():
+            s.all_reduce_(world)
+    return stats
 
 
 def _align(

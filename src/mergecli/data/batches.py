@@ -42,8 +42,14 @@ class TensorData:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
+        part: tuple[int, int] | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x, y)`` batches on ``device``; one full pass (epoch) per call."""
+        """Yield ``(x, y)`` batches on ``device``; one full pass (epoch) per call.
+
+        ``part=(rank, world)`` yields only that rank's contiguous share of every batch (shares
+        differ by at most one example and may be empty), cut before the copy to ``device``:
+        the batches, their order and the shuffle stay those of one process, whatever the world.
+        """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise MergeCliError(f"batch_size must be a positive integer, got {batch_size!r}")
         device = torch.device(device)
@@ -66,7 +72,15 @@ class TensorData:
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
             end = min(start + batch_size, n)
+            if part is not None:
+                start, end = share(start, end, *part)
             yield (
                 x[start:end].to(device, non_blocking=non_blocking),
                 y[start:end].to(device, non_blocking=non_blocking),
             )
+
+
+def share(start: int, end: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank's contiguous piece of [start, end) when ``world`` ranks split it."""
+    size = end - start
+    return start + size * rank // world, start + size * (rank + 1) // world

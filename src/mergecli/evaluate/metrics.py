@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mergecli.data import TensorData
+from mergecli.runtime.distributed import current as current_world
 from mergecli.state import StateDict
 
 
@@ -13,11 +15,19 @@ from mergecli.state import StateDict
 def collect_logits(
     module: nn.Module, state_dict: StateDict, data, batch_size: int, device: torch.device
 ) -> Tensor:
-    """Logits of ``module`` with ``state_dict`` loaded, for all of ``data``, on the CPU."""
+    """Logits of ``module`` with ``state_dict`` loaded, for all of ``data``, on the CPU.
+
+    With several ranks each runs its contiguous share of ``data`` and the shares are gathered
+    in order, so every rank gets all the logits and counts the same results."""
     module.load_state_dict(state_dict, strict=True)
     module.eval()
-    outputs = [module(x).float().cpu() for x, _ in data.batches(batch_size, device=device)]
-    return torch.cat(outputs)
+    world = current_world()
+    start, end = world.part(len(data))
+    shard = data if not world.distributed else TensorData(data.x[start:end], data.y[start:end])
+    outputs = [module(x).float().cpu() for x, _ in shard.batches(batch_size, device=device)]
+    if not outputs:  # fewer examples than ranks: an empty batch still gives the logits' width
+        outputs = [module(data.x[:0].to(device)).float().cpu()]
+    return world.gather_rows(torch.cat(outputs))
 
 
 def accuracy(probabilities_or_logits: Tensor, labels: Tensor) -> float:

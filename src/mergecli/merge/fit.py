@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Literal
 
 import torch
@@ -23,6 +24,8 @@ from mergecli.merge.coefficients import (
 )
 from mergecli.merge.fit_loop import FitCheckpoint, FitConfig, fit_logits
 from mergecli.registry import StepParams, step_method
+from mergecli.runtime.distributed import current as current_world
+from mergecli.runtime.signals import STOP, STOP_SIGNALS
 from mergecli.state import MergeState, StateDict
 
 COEFFICIENTS_FILE = "coefficients.safetensors"
@@ -123,10 +126,22 @@ def _fit(
             merge = pairwise_merge
         validate = _validator(state, module, flat, buffers, merge, params)
         checkpoint = _checkpoint(state, stage)
-        outcome = fit_logits(
-            module, flat, buffers, merge, initial, indexed, loss_fn, config, device,
-            state.log, validate, checkpoint,
-        )  # fmt: skip
+        # A stop signal ends the fit after the step it is in, with the state saved; it is
+        # never raised in the middle of a step or of a save.
+        with STOP.deferred():
+            outcome = fit_logits(
+                module, flat, buffers, merge, initial, indexed, loss_fn, config, device,
+                state.log, validate, checkpoint, should_stop=lambda _: STOP.pending(),
+            )  # fmt: skip
+        if outcome.stopped_by is not None:
+            total = config.steps or math.ceil(len(indexed) / config.batch_size) * config.epochs
+            stage_name = f"stage {stage + 1}/{len(stages)} " if len(stages) > 1 else ""
+            raise STOP.stopping(
+                outcome.stopped_by,
+                f"after fit {stage_name}step {outcome.steps}/{total} (epoch {outcome.epoch + 1})",
+                checkpoint.path if checkpoint is not None else None,
+            )
+        _stop_if_signalled(f"after fit stage {stage + 1}", checkpoint)
         values = coefficient_values(outcome.logits, params.multi)
         merged_flat = _merge_with_values(flat, values, params)
         running = {k: v.detach().cpu() for k, v in flat.views(merged_flat).items()}
@@ -280,24 +295,44 @@ def _mean_softmax(state: MergeState, data: TensorData, models: list) -> Tensor:
 
 
 def _validator(state, module, flat, buffers, merge, params):
-    """Validation loss and accuracy on data.eval after each epoch, when the recipe has it."""
+    """Validation loss and accuracy on data.eval after each epoch, when the recipe has it.
+
+    With several ranks each evaluates its share of data.eval and the sums are all-reduced."""
     if state.loaded.recipe.data.eval is None:
         return None
     data = state.data("eval")
+    world = current_world()
+    start, end = world.part(len(data))
+    shard = TensorData(data.x[start:end], data.y[start:end])
     index = flat.tensor_index() if params.granularity == "tensor" else None
 
     @torch.no_grad()
     def validate(logits: Tensor) -> dict[str, float]:
         merged = merge(flat.thetas, expand(logits, params.granularity, index))
         weights = {**flat.views(merged), **buffers}
-        loss, correct = 0.0, 0
-        for x, y in data.batches(state.batch_size("eval"), device=state.device):
+        sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # loss, correct
+        for x, y in shard.batches(state.batch_size("eval"), device=state.device):
             outputs = torch.func.functional_call(module, weights, (x,)).float()
-            loss += F.cross_entropy(outputs, y, reduction="sum").item()
-            correct += (outputs.argmax(1) == y).sum().item()
+            sums[0] += F.cross_entropy(outputs, y, reduction="sum")
+            sums[1] += (outputs.argmax(1) == y).sum()
+        loss, correct = world.all_reduce_(sums).tolist()
         return {"val_loss": loss / len(data), "val_accuracy": correct / len(data)}
 
     return validate
+
+
+def _stop_if_signalled(detail: str, checkpoint: FitCheckpoint | None) -> None:
+    """A signal that came during the fit's last save or validation: stop before going on.
+    Ranks decide together, since one rank going on alone would wait for the others forever."""
+    pending = STOP.pending()
+    flags = torch.zeros(len(STOP_SIGNALS), dtype=torch.float64)
+    if pending is not None:
+        flags[STOP_SIGNALS.index(pending)] = 1
+    flags = current_world().all_reduce_(flags)
+    signalled = [s for s, n in zip(STOP_SIGNALS, flags.tolist(), strict=True) if n]
+    if signalled:
+        saved = checkpoint.path if checkpoint is not None else None
+        raise STOP.stopping(signalled[0], detail, saved)
 
 
 def _set_fit_mode(module: nn.Module) -> None:

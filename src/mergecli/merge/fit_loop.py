@@ -16,7 +16,10 @@ from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
 from mergecli.io.atomic import atomic_target
 from mergecli.merge.coefficients import FlatParameters, Granularity, expand
+from mergecli.runtime.distributed import World
+from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
+from mergecli.runtime.signals import STOP_SIGNALS
 
 MergeFn = Callable[[Tensor, Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (model outputs, example indices) -> loss
@@ -43,6 +46,8 @@ class FitOutcome:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
+    stopped_by: int | None = None  # the signal that stopped the fit early, if one did
+    epoch: int = 0  # epochs completed
 
 
 @dataclass
@@ -90,7 +95,11 @@ class CoefficientStep:
         self.optimizer = _optimizer(config, self.logits)
         self.tensor_index = flat.tensor_index() if config.granularity == "tensor" else None
 
-    def loss(self, x: Tensor, index: Tensor) -> Tensor:
+    def loss(
+        self, x: Tensor, index: Tensor, weight: float = 1.0, regularise: bool = True
+    ) -> Tensor:
+        """The loss of the batch ``x``; ``weight`` scales the task loss (a rank's share of the
+        global batch), ``regularise`` adds the l2 pull (once per step, not once per rank)."""
         merged = self.merge(
             self.flat.thetas, expand(self.logits, self.config.granularity, self.tensor_index)
         )
@@ -99,7 +108,9 @@ class CoefficientStep:
             weights = {**self.flat.views(merged), **self.buffers}
             outputs = torch.func.functional_call(self.module, weights, (x,))
         loss = self.loss_fn(outputs.float(), index)
-        if self.config.l2:
+        if weight != 1.0:
+            loss = loss * weight
+        if self.config.l2 and regularise:
             loss = loss + self.config.l2 * (self.logits - self.anchor).pow(2).mean()
         return loss
 
@@ -107,6 +118,55 @@ class CoefficientStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    def parallel_step(
+        self,
+        x: Tensor,
+        index: Tensor,
+        examples: int,
+        world: World,
+        ask_stop: Callable[[], int | None],
+    ) -> tuple[float, int | None]:
+        """One data-parallel step over a global batch of ``examples``, of which ``x`` is this
+        rank's share. Returns the global mean loss and the signal to stop for after this step.
+
+        Each rank's loss is (sum over its examples) / examples, so the sum of the ranks'
+        gradients, all-reduced as DDP does, is the gradient of the mean over the whole batch:
+        the same step as one process taking the whole batch, whatever the world size. Ranks
+        decide to stop together (a signal may reach only some of them), at the loss exchange;
+        a single process asks after its update, so a signal stops it after the step it is in.
+        """
+        if not world.distributed:
+            loss = self.loss(x, index)
+            total = loss.item()
+            if not math.isfinite(total):
+                return total, None
+            self.update(loss)
+            return total, ask_stop() or None
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(index):
+            loss = self.loss(x, index, weight=len(index) / examples, regularise=world.is_main)
+        else:  # fewer examples than ranks: this rank adds nothing but must still take part
+            loss = torch.zeros((), device=self.device)
+        # One small exchange: the loss, and which stop signals reached which ranks.
+        stats = torch.zeros(1 + len(STOP_SIGNALS), dtype=torch.float64, device=self.device)
+        stats[0] = loss.detach()
+        stop = ask_stop()
+        if stop is not None:
+            stats[1 + STOP_SIGNALS.index(stop)] = 1
+        stats = world.all_reduce_(stats).cpu()
+        total = float(stats[0])
+        if not math.isfinite(total):  # every rank sees it: all stop with the same error
+            return total, None
+        if loss.requires_grad:
+            loss.backward()
+        if self.logits.grad is None:
+            self.logits.grad = torch.zeros_like(self.logits)
+        world.all_reduce_(self.logits.grad)
+        self.optimizer.step()
+        # The same choice on every rank: the first of the signals any rank received.
+        signalled = [s for s, n in zip(STOP_SIGNALS, stats[1:].tolist(), strict=True) if n]
+        return total, (signalled[0] if signalled else None)
 
 
 def _optimizer(config: FitConfig, logits: Tensor) -> torch.optim.Optimizer:
@@ -134,16 +194,26 @@ def fit_logits(
     log: Log,
     validate: Callable[[Tensor], dict[str, float]] | None = None,
     checkpoint: FitCheckpoint | None = None,
-    should_stop: Callable[[int], bool] | None = None,
+    should_stop: Callable[[int], int | None] | None = None,
+    world: World | None = None,
 ) -> FitOutcome:
-    """Minimise ``loss_fn`` over the logits only; ``data.y`` holds example indices."""
+    """Minimise ``loss_fn`` over the logits only; ``data.y`` holds example indices.
+
+    ``should_stop(step)`` is asked after every step and returns the signal number to stop for
+    (None: go on); the fit then saves its state and returns early. With several ranks every
+    rank draws the same shuffle and takes its share of each batch; rank 0 alone saves.
+    """
+    world = world or current_world()
     step_fn = CoefficientStep(module, flat, buffers, merge, initial, loss_fn, config, device)
     logits, optimizer = step_fn.logits, step_fn.optimizer
 
     per_epoch = math.ceil(len(data) / config.batch_size)
     epochs = config.epochs if config.epochs is not None else math.ceil(config.steps / per_epoch)
+    total_steps = config.steps if config.steps is not None else epochs * per_epoch
+    part = (world.rank, world.size) if world.distributed else None
     generator = torch.Generator().manual_seed(config.seed)
     step, epoch, position, history, elapsed = 0, 0, 0, [], 0.0
+    loss_sum, seen = 0.0, 0
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         with torch.no_grad():
@@ -152,55 +222,81 @@ def fit_logits(
         generator.set_state(saved["epoch_generator"])
         step, epoch, position = saved["step"], saved["epoch"], saved["position"]
         history, elapsed = saved["history"], saved["seconds"]
-        log.info(f"fit: resuming from {checkpoint.path}", step=step, epoch=epoch + 1)
+        loss_sum, seen = saved.get("loss_sum", 0.0), saved.get("seen", 0)
+        if saved.get("finished"):
+            log.info(f"fit: already finished in an earlier run ({checkpoint.path})", steps=step)
+        else:
+            log.info(f"fit: resuming from {checkpoint.path}", step=step, epoch=epoch + 1)
 
-    def snapshot(epoch_generator: Tensor) -> dict[str, Any]:
-        return {
-            "logits": logits.detach().cpu().clone(),
-            "optimizer": optimizer.state_dict(),
-            "epoch_generator": epoch_generator,
-            "step": step,
-            "epoch": epoch,
-            "position": position,
-            "history": history,
-            "seconds": elapsed + time.perf_counter() - started,
-        }
+    def save(epoch_generator: Tensor, finished: bool = False) -> None:
+        if checkpoint is None or not world.is_main:
+            return
+        checkpoint.save(
+            {
+                "logits": logits.detach().cpu().clone(),
+                "optimizer": optimizer.state_dict(),
+                "epoch_generator": epoch_generator,
+                "step": step,
+                "epoch": epoch,
+                "position": position,
+                "history": history,
+                "loss_sum": loss_sum,
+                "seen": seen,
+                "seconds": elapsed + time.perf_counter() - started,
+                "finished": finished,
+            }
+        )
+
+    def outcome(stopped_by: int | None = None) -> FitOutcome:
+        seconds = elapsed + time.perf_counter() - started
+        return FitOutcome(
+            logits.detach(), step, seconds, history, stopped_by is not None, stopped_by, epoch
+        )
 
     started = time.perf_counter()
-    while epoch < epochs and (config.steps is None or step < config.steps):
-        # The shuffle of an epoch is drawn from this state, so a resumed run replays it exactly.
-        epoch_generator = generator.get_state()
-        batches = data.batches(config.batch_size, shuffle=True, generator=generator, device=device)
-        loss_sum, seen = 0.0, 0
-        for i, (x, index) in enumerate(log.progress(batches, per_epoch, f"fit epoch {epoch + 1}")):
-            if i < position:
-                continue
-            loss = step_fn.loss(x, index)
-            if not torch.isfinite(loss):
-                where = f"step {step + 1} (epoch {epoch + 1})"
-                if checkpoint is not None:
-                    checkpoint.save(snapshot(epoch_generator))
-                    where += f"; the last good state is in {checkpoint.path}"
-                raise MergeCliError(f"fit: the loss became {loss.item()} at {where}; lower fit.lr")
-            step_fn.update(loss)
-            step, position = step + 1, i + 1
-            loss_sum, seen = loss_sum + loss.item() * len(index), seen + len(index)
-            if checkpoint is not None and step % config.checkpoint_every == 0:
-                checkpoint.save(snapshot(epoch_generator))
-            if should_stop is not None and should_stop(step):
-                if checkpoint is not None:
-                    checkpoint.save(snapshot(epoch_generator))
-                seconds = elapsed + time.perf_counter() - started
-                return FitOutcome(logits.detach(), step, seconds, history, stopped=True)
-            if config.steps is not None and step >= config.steps:
-                break
-        epoch, position = epoch + 1, 0
-        record: dict[str, Any] = {"epoch": epoch, "step": step}
-        if seen:
-            record["train_loss"] = loss_sum / seen
-        if validate is not None:
-            record.update(validate(logits.detach()))
-        history.append(record)
-        log.info(f"fit epoch {epoch}/{epochs}", **{k: round(v, 4) for k, v in record.items()})
-    seconds = elapsed + time.perf_counter() - started
-    return FitOutcome(logits.detach(), step, seconds, history)
+    epoch_generator = generator.get_state()
+    with log.meter(total_steps, epochs) as meter:
+        while epoch < epochs and (config.steps is None or step < config.steps):
+            # An epoch's shuffle is drawn from this state, so a resumed run replays it exactly.
+            epoch_generator = generator.get_state()
+            batches = data.batches(
+                config.batch_size, shuffle=True, generator=generator, device=device, part=part
+            )
+            for i, (x, index) in enumerate(batches):
+                if i < position:
+                    continue
+                examples = min(config.batch_size, len(data) - i * config.batch_size)
+
+                def ask(done: int = step + 1) -> int | None:
+                    return should_stop(done) if should_stop is not None else None
+
+                loss, stop = step_fn.parallel_step(x, index, examples, world, ask)
+                if not math.isfinite(loss):
+                    where = f"step {step + 1} (epoch {epoch + 1})"
+                    if checkpoint is not None:
+                        save(epoch_generator)
+                        where += f"; the last good state is in {checkpoint.path}"
+                    raise MergeCliError(f"fit: the loss became {loss} at {where}; lower fit.lr")
+                step, position = step + 1, i + 1
+                loss_sum, seen = loss_sum + loss * examples, seen + examples
+                meter.update(step, epoch + 1, loss, examples)
+                if stop is not None:
+                    save(epoch_generator)
+                    return outcome(stop)
+                if checkpoint is not None and step % config.checkpoint_every == 0:
+                    save(epoch_generator)
+                if config.steps is not None and step >= config.steps:
+                    break
+            epoch, position = epoch + 1, 0
+            record: dict[str, Any] = {"epoch": epoch, "step": step}
+            if seen:
+                record["train_loss"] = loss_sum / seen
+            loss_sum, seen = 0.0, 0
+            if validate is not None:
+                record.update(validate(logits.detach()))
+            history.append(record)
+            log.info(f"fit epoch {epoch}/{epochs}", **{k: round(v, 4) for k, v in record.items()})
+    if saved is None or not saved.get("finished"):
+        # A run stopped in a later step resumes after the fit instead of redoing its tail.
+        save(epoch_generator, finished=True)
+    return outcome()

@@ -17,13 +17,29 @@ PLAIN_PROGRESS_SECONDS = 10.0
 
 
 class Log:
-    """Messages, progress and tables, rendered for the chosen mode; messages go to stderr."""
+    """Messages, progress and tables, rendered for the chosen mode; messages go to stderr.
 
-    def __init__(self, mode: LogMode = "auto") -> None:
+    With several processes (``world`` > 1) every line names its rank; rank 0 prints the
+    messages, progress and tables, the other ranks only warnings and what concerns them alone
+    (``every_rank=True``), so a job's log does not repeat each line once per GPU.
+    """
+
+    def __init__(
+        self,
+        mode: LogMode = "auto",
+        rank: int = 0,
+        world: int = 1,
+        every: float = PLAIN_PROGRESS_SECONDS,
+    ) -> None:
         if mode == "auto":
             mode = "rich" if sys.stderr.isatty() else "plain"
         self.mode = mode
+        self.rank, self.world, self.every = rank, world, every
         self._console = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
     @property
     def console(self):  # noqa: ANN201 - rich is imported lazily to keep start-up fast
@@ -33,28 +49,36 @@ class Log:
             self._console = Console(stderr=True, highlight=False)
         return self._console
 
-    def info(self, message: str, **fields: Any) -> None:
-        self._emit("info", message, fields)
+    def info(self, message: str, every_rank: bool = False, **fields: Any) -> None:
+        if self.main or every_rank:
+            self._emit("info", message, fields)
 
     def warn(self, message: str, **fields: Any) -> None:
         self._emit("warning", message, fields)
 
     def _emit(self, level: str, message: str, fields: dict[str, Any]) -> None:
+        prefix = "warning: " if level == "warning" else ""
         if self.mode == "json":
-            record = {"time": _now(), "level": level, "msg": message, **fields}
-            print(json.dumps(record, default=str), file=sys.stderr, flush=True)
-        elif self.mode == "rich":
+            ranks = {"rank": self.rank, "world": self.world} if self.world > 1 else {}
+            record = {"time": _now(), "level": level, **ranks, "msg": message, **fields}
+            _write_line(json.dumps(record, default=str))
+            return
+        tag = f"[rank {self.rank}/{self.world}] " if self.world > 1 else ""
+        extra = "".join(f" {k}={_fmt(v)}" for k, v in fields.items())
+        if self.mode == "rich":
+            from rich.markup import escape
+
             style = "yellow" if level == "warning" else "dim"
-            prefix = "warning: " if level == "warning" else ""
-            extra = "".join(f" {k}={_fmt(v)}" for k, v in fields.items())
-            self.console.print(f"[{style}]{prefix}[/]{message}{extra}", markup=True)
+            # "[rank 1/2]" would read as a style tag.
+            self.console.print(f"[{style}]{escape(tag)}{prefix}[/]{message}{extra}", markup=True)
         else:
-            prefix = "warning: " if level == "warning" else ""
-            extra = "".join(f" {k}={_fmt(v)}" for k, v in fields.items())
-            print(f"{_now()} {prefix}{message}{extra}", file=sys.stderr, flush=True)
+            _write_line(f"{_now()} {tag}{prefix}{message}{extra}")
 
     def progress(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
         """Iterate, showing a progress bar on a terminal and periodic lines otherwise."""
+        if not self.main:
+            yield from items
+            return
         if self.mode == "rich":
             from rich.progress import Progress
 
@@ -68,12 +92,14 @@ class Log:
         for done, item in enumerate(items, start=1):
             yield item
             now = time.monotonic()
-            if now - last >= PLAIN_PROGRESS_SECONDS:
+            if now - last >= self.every:
                 last = now
                 self.info(f"{description}: {done}/{total or '?'}", elapsed_s=round(now - start, 1))
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Print a table to stdout (a JSON object per table in json mode)."""
+        """Print a table to stdout (a JSON object per table in json mode); rank 0 only."""
+        if not self.main:
+            return
         if self.mode == "json":
             records = [dict(zip(columns, row, strict=True)) for row in rows]
             print(json.dumps({"table": title, "rows": records}, default=str), flush=True)
@@ -93,6 +119,82 @@ class Log:
         if not console.is_terminal:
             console.width = max(console.width, 120)
         console.print(table)
+
+    def meter(self, total_steps: int, epochs: int, description: str = "fit") -> StepMeter:
+        """Progress of a training loop: a live bar on a terminal, periodic lines otherwise."""
+        return StepMeter(self, total_steps, epochs, description)
+
+
+class StepMeter:
+    """Training progress for people and batch logs.
+
+    Plain and json modes print, every ``log.every`` seconds, one line with the time, rank,
+    step, epoch, mean loss since the previous line and throughput (examples and steps per
+    second); rich mode shows a bar. Use as a context manager around the loop.
+    """
+
+    def __init__(self, log: Log, total_steps: int, epochs: int, description: str) -> None:
+        self.log, self.total, self.epochs, self.description = log, total_steps, epochs, description
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> StepMeter:
+        self._last = time.monotonic()
+        self._loss_sum, self._examples, self._steps = 0.0, 0, 0
+        if self.log.mode == "rich" and self.log.main:
+            from rich.progress import Progress
+
+            self._bar = Progress(console=self.log.console, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, step: int, epoch: int, loss: float, examples: int) -> None:
+        """Record one finished step: its (global) mean loss over ``examples`` examples."""
+        self._loss_sum += loss * examples
+        self._examples += examples
+        self._steps += 1
+        if self._bar is not None:
+            self._bar.update(
+                self._task,
+                completed=step,
+                description=f"{self.description} epoch {epoch}/{self.epochs} loss {loss:.4g}",
+            )
+            return
+        now = time.monotonic()
+        if not self.log.main or now - self._last < self.log.every:
+            return
+        seconds = max(now - self._last, 1e-9)
+        fields = {
+            "rank": self.log.rank,
+            "step": step,
+            "steps": self.total,
+            "epoch": epoch,
+            "epochs": self.epochs,
+            "loss": round(self._loss_sum / max(self._examples, 1), 6),
+            "examples_per_s": round(self._examples / seconds, 1),
+            "steps_per_s": round(self._steps / seconds, 2),
+        }
+        if self.log.mode == "json":
+            self.log.info(f"{self.description} progress", **fields)
+        else:
+            self.log.info(
+                f"{self.description} rank={fields['rank']} step={step}/{self.total} "
+                f"epoch={epoch}/{self.epochs} loss={fields['loss']:.4f} "
+                f"examples/s={fields['examples_per_s']:.1f} steps/s={fields['steps_per_s']:.2f}"
+            )
+        self._last, self._loss_sum, self._examples, self._steps = now, 0.0, 0, 0
+
+
+def _write_line(line: str) -> None:
+    """One write per line, flushed at once: the ranks of a job share its log file, and print()
+    writes the text and its newline apart, so unbuffered lines of two ranks could interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _now() -> str:
