@@ -26,6 +26,12 @@ if [ -f runs/mlp8-seed0.safetensors ]; then
   python3 -m mergecli --log plain run configs/examples/mnist-analysis.yaml 2>&1 \
     | tee "$OUT/analysis.log" | tail -25
 fi
+if [ -f runs/mlp8-seed0.safetensors ]; then
+  echo "== NP Merge under torchrun, one process on the GPU (nccl)"
+  MERGECLI_LOG=plain timeout 120 torchrun --standalone --nproc-per-node 1 -m mergecli run \
+    configs/examples/mnist-mlp8-np-merge.yaml --set output.dir=out/torchrun-gpu 2>&1 \
+    | tee "$OUT/torchrun.log" | tail -14
+fi
 echo "== whole suite with the GPU visible (device: auto picks it)"
 timeout "${SUITE_TIMEOUT:-240}" python3 -m pytest -q -n 8 -p no:cacheprovider tests \
   2>&1 | tee "$OUT/suite.log" | tail -15

@@ -322,8 +322,9 @@ def _write_finished(state: MergeState, out_dir: Path, paths: list[Path]) -> None
     write_text_atomic(out_dir / "recipe.resolved.yaml", state.loaded.resolved_yaml())
     report = _plain(state.report)
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    state.log.info(f"wrote {out_dir / 'report.json'}")
     written = render_report(out_dir, report)
-    state.log.info(f"wrote {out_dir / 'report.json'}, {', '.join(str(p) for p in written)}")
+    state.log.info(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def _output_plan(state: MergeState, dtype: torch.dtype | None) -> list:
