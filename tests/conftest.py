@@ -96,11 +96,13 @@ output:
 def data_parallel_recipe(a: Path, b: Path, arch: str = "mlp") -> str:
     """A recipe exercising every all-reduce of a multi-process run: activation statistics
     (activation matching), the fit's gradients (a global batch of 50 over 999 examples, so the
-    last batch splits unevenly), its l2 term and validation, and the evaluation. The output dir
-    is relative: run it from different directories."""
+    last batch splits unevenly), its l2 term and validation, and the evaluation. On the CPU
+    (gloo) on any machine, so that a GPU machine's nccl is not asked to share one GPU between
+    two processes. The output dir is relative: run it from different directories."""
     return f"""\
 version: 1
 name: data-parallel
+device: cpu
 model: {{arch: "{arch}", args: {{depth: 3, hidden: 32}}}}
 checkpoints:
   - path: {a}

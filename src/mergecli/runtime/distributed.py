@@ -240,11 +240,14 @@ def _rank_device(requested: str, launch: Launch) -> torch.device:
     count = torch.cuda.device_count()
     if launch.local_rank < count:
         return torch.device("cuda", launch.local_rank)
-    if count == 1:
+    if count == 1 and launch.launcher == "srun":
+        # SLURM binds one GPU per task (--gpus-per-task=1): each task sees its own as GPU 0.
+        # torchrun's processes all see the same GPUs, so there one GPU would be shared, which
+        # nccl refuses.
         return torch.device("cuda", 0)
     raise MergeCliError(
         f"local rank {launch.local_rank} has no GPU of its own ({count} visible); start at most "
-        f"{count} processes per node"
+        f"{count} processes per node, or set device: cpu"
     )
 
 
