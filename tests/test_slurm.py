@@ -133,26 +133,18 @@ def test_a_signalled_job_requeues_resumes_and_ends_like_an_uninterrupted_run(
         time.sleep(0.05)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True)
     (tmp_path / "release").touch()
-    # The job saves, requeues itself and waits (BeginTime) before it may start again; the
-    # test lets it start at once instead of after the cluster's 10 s credential delay.
-    sped_up = False
+    # The job saves, requeues itself and waits (BeginTime, the cluster's 10 s cred_expire)
+    # before it starts again. Not sooner: a job started at once after its requeue is killed
+    # with "Job credential revoked" (seen in slurmctld.log on a loaded machine).
     deadline = time.monotonic() + 180
     seen: list[str] = []
-    ended_at: float | None = None
     while (state := job_field(cluster, job, "JobState")) != "COMPLETED":
         if not seen or seen[-1] != state:
             seen.append(state)
-        # The requeued run's exit (138) can show as FAILED for a moment before slurmctld
-        # processes the requeue (seen on a loaded 2-core machine): only a lasting end fails.
-        if state in ("FAILED", "CANCELLED", "TIMEOUT"):
-            ended_at = ended_at or time.monotonic()
-            assert time.monotonic() - ended_at < 15, f"{' -> '.join(seen)}:\n{log(tmp_path)}"
-        else:
-            ended_at = None
+        assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), (
+            f"{' -> '.join(seen)}:\n{log(tmp_path)}"
+        )
         assert time.monotonic() < deadline, f"job {job} is still {state}:\n{log(tmp_path)}"
-        if state == "PENDING" and not sped_up:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster)
-            sped_up = True
         time.sleep(0.25)
     assert job_field(cluster, job, "Restarts") == "1"
     text = log(tmp_path)
