@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from mergecli.errors import MergeCliError
-from mergecli.evaluate.metrics import accuracy, cross_entropy
-from mergecli.merge.repair import batch_norms, reset_batchnorm_stats
+from mergecli.evaluate.metrics import accuracy, collect_logits, cross_entropy
+from mergecli.merge.repair import batch_norms, batchnorm_buffers, reset_batchnorm_stats
 from mergecli.state import MergeState, StateDict
 
 Split = Literal["fit", "eval"]
@@ -44,17 +44,17 @@ class Scorer:
 
     @torch.no_grad()
     def logits(self, state_dict: StateDict, split: Split) -> Tensor:
-        self.module.load_state_dict(state_dict, strict=True)
         if self.reset_bn:
             # Interpolated weights carry no meaningful BN statistics of their own.
+            self.module.load_state_dict(state_dict, strict=True)
             data = self.state.data("fit")
             batches = data.batches(self.state.batch_size("fit"), device=self.state.device)
             inputs = itertools.islice((x for x, _ in batches), self.bn_batches)
             reset_batchnorm_stats(self.module, inputs)
-        self.module.eval()
+            state_dict = {**state_dict, **batchnorm_buffers(self.module)}
         data = self.state.data(split)
-        batches = data.batches(self.state.batch_size(split), device=self.state.device)
-        return torch.cat([self.module(x).float().cpu() for x, _ in batches])
+        batch_size = self.state.batch_size(split)
+        return collect_logits(self.module, state_dict, data, batch_size, self.state.device)
 
     def labels(self, split: Split) -> Tensor:
         return self.state.data(split).y

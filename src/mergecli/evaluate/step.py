@@ -8,6 +8,7 @@ from pydantic import Field
 
 from mergecli.errors import MergeCliError
 from mergecli.evaluate.metrics import (
+    accuracy,
     classification_metrics,
     collect_logits,
     ensemble_logits,
@@ -76,10 +77,7 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
         if "fit" in state.report:
             rows[-1]["fit_seconds"] = state.report["fit"]["seconds"]
 
-    endpoint_accuracies = [r["accuracy"] for r in rows if r["kind"] == "endpoint"] or [
-        classification_metrics(z, labels)["accuracy"] for z in endpoint_logits.values()
-    ]
-    best = max(endpoint_accuracies, default=None)
+    best = max((accuracy(z, labels) for z in endpoint_logits.values()), default=None)
     ensemble = next((r["accuracy"] for r in rows if r["kind"] == "ensemble"), None)
     for row in rows:
         row["delta_vs_best_endpoint"] = None if best is None else row["accuracy"] - best
