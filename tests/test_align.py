@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from mergecli.align.cca import cca_transform
 from mergecli.align.permute import apply_permutations, check_spec, random_permutations
 from mergecli.align.spec import AxisSlice, PermGroup, PermutationSpec, derive_spec, trace
 from mergecli.align.transform import apply_transforms
-from mergecli.align.weight_matching import weight_matching
+from mergecli.align.weight_matching import _current_cost, _prepare, weight_matching
 from mergecli.errors import MergeCliError
 from mergecli.models import build_model
 
@@ -73,6 +74,21 @@ class UserVGG(nn.Module):
         return self.classifier(self.features(x))
 
 
+class Inception(nn.Module):
+    """Two branches concatenated along channels: each is a block of the next layer's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = nn.Conv2d(10, 5, 1)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        return self.head(F.relu(self.mix(y)).mean((2, 3)))
+
+
 MODELS = {
     "mlp": (lambda: build_model("mlp", {"depth": 4, "hidden": 16}), (1, 28, 28), 3),
     "mlp-bn": (
@@ -98,6 +114,7 @@ MODELS = {
     ),
     "user-resnet": (UserResNet, (3, 16, 16), 5),
     "user-vgg": (UserVGG, (3, 16, 16), 4),
+    "inception": (Inception, (3, 8, 8), 3),
 }
 
 
@@ -125,6 +142,42 @@ def test_spec_preserves_function_and_weight_matching_recovers_permutation(name: 
         assert torch.equal(aligned[key], state[key]), key
 
 
+@pytest.mark.parametrize("per_block", [True, False], ids=["cached-blocks", "one-matmul"])
+@pytest.mark.parametrize("name", ["resnet20", "vgg16-bn", "vit", "inception"])
+def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
+    name: str, per_block: bool
+) -> None:
+    # Independent formula: permute B on every group but g with apply_permutations, then
+    # cost_g = sum over g's members of A_m (units as rows) @ B'_m (units as rows)^T.
+    factory, shape, _ = MODELS[name]
+    torch.manual_seed(0)
+    model_a, model_b = factory().eval(), factory().eval()
+    spec = derive_spec(model_a, torch.randn(2, *shape))
+    a, b = model_a.state_dict(), model_b.state_dict()
+    costs, flat, perms = _prepare(spec, a, b, "cpu", per_block)
+    version = dict.fromkeys(perms, 0)
+    for sweep in range(2):  # the second pass reuses cached blocks of unchanged neighbours
+        chosen = random_permutations(spec, torch.Generator().manual_seed(sweep))
+        for g in spec.groups[sweep::2]:
+            perms[g.name][:] = chosen[g.name].numpy()
+            version[g.name] += 1
+        for group in spec.groups:
+            others = {n: torch.as_tensor(p) for n, p in perms.items() if n != group.name}
+            b_permuted = apply_permutations(b, spec, others)
+            expected = sum(
+                _units_as_rows(a[m.tensor], m).double()
+                @ _units_as_rows(b_permuted[m.tensor], m).double().T
+                for m in group.members
+            )
+            found = _current_cost(costs[group.name], flat, version)
+            np.testing.assert_allclose(found, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _units_as_rows(tensor: torch.Tensor, m: AxisSlice) -> torch.Tensor:
+    part = tensor.narrow(m.axis, m.offset, m.length)
+    return part.movedim(m.axis, 0).reshape(m.length, -1)
+
+
 def test_mlp_spec_groups_and_members() -> None:
     model = build_model("mlp", {"depth": 3, "hidden": 8, "batchnorm": True})
     spec = derive_spec(model, torch.randn(2, 784))
@@ -145,18 +198,6 @@ def test_mlp_spec_groups_and_members() -> None:
 
 
 def test_concat_along_channels_is_blocks() -> None:
-    class Inception(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(3, 4, 1)
-            self.b = nn.Conv2d(3, 6, 3, padding=1)
-            self.mix = nn.Conv2d(10, 5, 1)
-            self.head = nn.Linear(5, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
-            return self.head(F.relu(self.mix(y)).mean((2, 3)))
-
     model = Inception().eval()
     x = torch.randn(2, 3, 8, 8)
     spec = derive_spec(model, x)

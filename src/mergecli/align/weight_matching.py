@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import reduce
+from itertools import groupby
 
 import numpy as np
 import torch
@@ -13,6 +17,9 @@ from torch import Tensor
 from mergecli.align.permute import Permutations, StateDict
 from mergecli.align.spec import AxisSlice, PermGroup, PermutationSpec
 
+# Which groups permute which slice of each tensor.
+Placements = dict[str, list[tuple[PermGroup, AxisSlice]]]
+
 
 @dataclass
 class MatchingStats:
@@ -21,7 +28,44 @@ class MatchingStats:
     sweeps: int = 0
     lap_seconds: float = 0.0
     other_seconds: float = 0.0
+    setup_seconds: float = 0.0  # part of other_seconds: both models laid out on the device
     improvements: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Shift:
+    """How one permuted axis moves B's rows: gather[at] += (perm[source] - unit) * stride."""
+
+    at: np.ndarray
+    source: np.ndarray  # positions in the flat array of all permutations
+    unit: np.ndarray
+    stride: np.ndarray
+
+
+@dataclass
+class _Block:
+    """Consecutive columns of a group's cost whose product is computed, and cached, as one."""
+
+    columns: slice  # in the group's A_rows, and rows in its B_cols
+    neighbours: tuple[str, ...]  # the groups permuting these members' other axes
+    shifts: list[_Shift]
+    seen: tuple[int, ...] | None = None
+    product: Tensor | None = None
+
+
+@dataclass
+class _GroupCost:
+    """A group's cost matrix: the sum over blocks of A_rows[:, block] @ B_cols[gather(block)].
+
+    In A_rows every member's units are rows and everything else columns, members side by
+    side; B_cols is the same for B, transposed, so that the gather applying the other
+    groups' permutations to B moves whole contiguous rows.
+    """
+
+    a_rows: Tensor
+    b_cols: Tensor
+    blocks: list[_Block]
+    cost: np.ndarray | None = None
 
 
 def weight_matching(
@@ -40,73 +84,188 @@ def weight_matching(
     """
     stats = stats if stats is not None else MatchingStats()
     start = time.perf_counter()
-    # float32 matmuls (the cost), float64 sums for the assignment's score.
-    a = {name: reference[name].to(device, torch.float32) for name in spec.tensors()}
-    b = {name: other[name].to(device, torch.float32) for name in spec.tensors()}
-    # Host copies of the permutations score the assignment without waiting on the device.
-    perms = {g.name: np.arange(g.size) for g in spec.groups}
+    # On the CPU the matmuls dominate, so a group's cost is cached block by block; on a GPU
+    # launches and copies dominate, so it is one gather and one matmul.
+    per_block = torch.device(device).type == "cpu"
+    costs, flat, perms = _prepare(spec, reference, other, device, per_block)
+    stats.setup_seconds += time.perf_counter() - start
     version = dict.fromkeys(perms, 0)
-    # Which groups permute which axis of each tensor, so "all other axes" is a short loop.
-    on_tensor: dict[str, list[tuple[PermGroup, AxisSlice]]] = {}
-    for group in spec.groups:
-        for m in group.members:
-            on_tensor.setdefault(m.tensor, []).append((group, m))
-    # One gather index per permuted (tensor, axis), kept current as permutations change, so
-    # permuting a tensor's other axes is one index_select per axis on the device.
-    axis_index = {
-        (name, axis): torch.arange(b[name].shape[axis], device=device)
-        for name, axis in {(name, m.axis) for name, ms in on_tensor.items() for _, m in ms}
-    }
-    a_rows = {
-        (g.name, i): _rows(a[m.tensor], m) for g in spec.groups for i, m in enumerate(g.members)
-    }
-    # A member's share of its group's cost changes only when a group on its other axes changes.
-    cache: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
     generator = torch.Generator().manual_seed(seed)
     lap_seconds = 0.0
     for sweep in range(max_iter):
         improved = 0.0
         for index in torch.randperm(len(spec.groups), generator=generator).tolist():
             group = spec.groups[index]
-            shares = []
-            for i, m in enumerate(group.members):
-                others = [(g, o) for g, o in on_tensor[m.tensor] if o is not m]
-                key = tuple(version[g.name] for g, _ in others)
-                hit = cache.get((group.name, i))
-                if hit is None or hit[0] != key:
-                    b_other = b[m.tensor]
-                    # Other slices on this member's own axis are cut away by _rows.
-                    for axis in {o.axis for _, o in others if o.axis != m.axis}:
-                        b_other = b_other.index_select(axis, axis_index[(m.tensor, axis)])
-                    hit = (key, a_rows[(group.name, i)] @ _rows(b_other, m).T)
-                    cache[(group.name, i)] = hit
-                shares.append(hit[1])
-            # The copy waits for the device's matmuls, so it is counted outside the LAP time.
-            cost = torch.stack(shares).sum(0).cpu().double().numpy()
+            cost = _current_cost(costs[group.name], flat, version)
             tic = time.perf_counter()
             rows, cols = linear_sum_assignment(cost, maximize=True)
             lap_seconds += time.perf_counter() - tic
             best = cost[rows, cols].sum()
             gain = best - cost[rows, perms[group.name]].sum()
             if gain > 1e-9 * max(1.0, abs(best)):
-                perms[group.name] = cols
+                perms[group.name][:] = cols
                 version[group.name] += 1
                 improved += gain
-                shifted = torch.as_tensor(cols, device=device)
-                for m in group.members:
-                    axis_index[(m.tensor, m.axis)][m.offset : m.offset + m.length] = (
-                        shifted + m.offset
-                    )
         stats.sweeps = sweep + 1
         stats.improvements.append(float(improved))
         if improved == 0.0:
             break
     stats.lap_seconds += lap_seconds
     stats.other_seconds += time.perf_counter() - start - lap_seconds
-    return {name: torch.as_tensor(p, dtype=torch.int64) for name, p in perms.items()}
+    return {name: torch.tensor(p, dtype=torch.int64) for name, p in perms.items()}
 
 
-def _rows(tensor: Tensor, m: AxisSlice) -> Tensor:
-    """The slice's units as rows: (length, everything else)."""
-    part = tensor.narrow(m.axis, m.offset, m.length)
-    return part.movedim(m.axis, 0).reshape(m.length, -1)
+def _prepare(
+    spec: PermutationSpec,
+    reference: StateDict,
+    other: StateDict,
+    device: torch.device | str,
+    per_block: bool,
+) -> tuple[dict[str, _GroupCost], np.ndarray, dict[str, np.ndarray]]:
+    """Every group's cost layout, and identity permutations as views into one flat array."""
+    placements: Placements = {}
+    for group in spec.groups:
+        for m in group.members:
+            placements.setdefault(m.tensor, []).append((group, m))
+    # Tensors with more than one axis go to the device once each, from a background thread
+    # while the host plans the layouts; vectors (biases, norms) are stacked on the host.
+    names = [name for name in placements if reference[name].dim() > 1]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        moving = pool.submit(
+            lambda: [{n: state[n].to(device) for n in names} for state in (reference, other)]
+        )
+        # One host array holds every permutation, so a block's gather is a few vector ops.
+        offsets = {g.name: sum(h.size for h in spec.groups[:i]) for i, g in enumerate(spec.groups)}
+        flat = np.concatenate([np.arange(g.size) for g in spec.groups] + [np.zeros(0, np.int64)])
+        shapes = {name: tuple(reference[name].shape) for name in placements}
+        plans = {g.name: _plan(g, shapes, placements, offsets, per_block) for g in spec.groups}
+        a, b = moving.result()
+    costs = {
+        g.name: _lay_out(g, plans[g.name], reference, other, a, b, device) for g in spec.groups
+    }
+    perms = {g.name: flat[offsets[g.name] : offsets[g.name] + g.size] for g in spec.groups}
+    return costs, flat, perms
+
+
+def _current_cost(entry: _GroupCost, flat: np.ndarray, version: dict[str, int]) -> np.ndarray:
+    """The group's cost under the current permutations, recomputing only stale blocks."""
+    stale = False
+    for block in entry.blocks:
+        seen = tuple(version[name] for name in block.neighbours)
+        if block.seen == seen:
+            continue
+        gather = np.arange(block.columns.start, block.columns.stop)
+        for shift in block.shifts:
+            gather[shift.at] += (flat[shift.source] - shift.unit) * shift.stride
+        rows = entry.b_cols.index_select(0, torch.from_numpy(gather).to(entry.b_cols.device))
+        block.product = entry.a_rows[:, block.columns] @ rows
+        block.seen, stale = seen, True
+    if stale or entry.cost is None:
+        total = reduce(torch.add, (block.product for block in entry.blocks))
+        # The copy waits for the device's matmuls, so it is counted outside the LAP time.
+        entry.cost = total.cpu().double().numpy()
+    return entry.cost
+
+
+@dataclass
+class _Plan:
+    """Where each member of a group goes among its columns, decided on the host."""
+
+    vectors: list[AxisSlice]  # one column each, first
+    matrices: list[tuple[AxisSlice, list[int], int]]  # member, its other axes, first column
+    blocks: list[_Block]
+    width: int
+
+
+def _plan(
+    group: PermGroup,
+    shapes: dict[str, tuple[int, ...]],
+    placements: Placements,
+    offsets: dict[str, int],
+    per_block: bool,
+) -> _Plan:
+    """Order a group's members into blocks, and record how permutations move their columns."""
+    # Other slices on the member's own axis are not among its columns.
+    neighbours = {
+        m: tuple(sorted({g.name for g, o in placements[m.tensor] if o.axis != m.axis}))
+        for m in group.members
+    }
+    vectors = [m for m in group.members if len(shapes[m.tensor]) == 1]
+    others = [m for m in group.members if len(shapes[m.tensor]) > 1]
+    # Per block, members permuted by the same neighbours; otherwise all in one block.
+    others = sorted(others, key=neighbours.get) if per_block else others
+    chunks = groupby(others, key=neighbours.get if per_block else lambda m: ())
+    blocks = [_Block(slice(0, len(vectors)), (), [])] if vectors and per_block else []
+    matrices, start = [], len(vectors)
+    for _, chunk in chunks:
+        first, names, pieces = start if per_block else 0, set(), []
+        for m in chunk:
+            rest = [n for axis, n in enumerate(shapes[m.tensor]) if axis != m.axis]
+            matrices.append((m, rest, start))
+            _add_pieces(pieces, m, rest, start - first, placements, offsets)
+            names.update(neighbours[m])
+            start += math.prod(rest)
+        shifts = [_Shift(*(np.concatenate(part) for part in zip(*p, strict=True))) for p in pieces]
+        blocks.append(_Block(slice(first, start), tuple(sorted(names)), shifts))
+    if not blocks:  # vectors only, without per-block caching
+        blocks = [_Block(slice(0, start), (), [])]
+    return _Plan(vectors, matrices, blocks, start)
+
+
+def _lay_out(
+    group: PermGroup,
+    plan: _Plan,
+    reference: StateDict,
+    other: StateDict,
+    a: StateDict,
+    b: StateDict,
+    device: torch.device | str,
+) -> _GroupCost:
+    """Both models' rows for every member of ``group``, side by side, in float32 on ``device``."""
+    # float32 matmuls (the cost); the assignment's scores are summed in float64 on the host.
+    a_rows = torch.empty(group.size, plan.width, device=device)
+    b_cols = torch.empty(plan.width, group.size, device=device)
+    if plan.vectors:
+        k = len(plan.vectors)
+        a_rows[:, :k].copy_(torch.stack([_vector(reference, m) for m in plan.vectors], dim=1))
+        b_cols[:k].copy_(torch.stack([_vector(other, m) for m in plan.vectors], dim=0))
+    for m, rest, start in plan.matrices:
+        width = math.prod(rest)
+        a_part = a[m.tensor].narrow(m.axis, m.offset, m.length).movedim(m.axis, 0)
+        a_rows[:, start : start + width].view(m.length, *rest).copy_(a_part)
+        b_part = b[m.tensor].narrow(m.axis, m.offset, m.length).movedim(m.axis, -1)
+        b_cols[start : start + width].view(*rest, m.length).copy_(b_part)
+    return _GroupCost(a_rows, b_cols, plan.blocks)
+
+
+def _vector(state: StateDict, m: AxisSlice) -> Tensor:
+    return state[m.tensor].narrow(0, m.offset, m.length).float()
+
+
+def _add_pieces(
+    pieces: list[list[tuple[np.ndarray, ...]]],
+    m: AxisSlice,
+    rest: list[int],
+    at: int,
+    placements: Placements,
+    offsets: dict[str, int],
+) -> None:
+    """Record where each permuted other axis of ``m`` moves its columns, one list per axis.
+
+    Slices of one axis are disjoint, so within a list every column appears at most once.
+    """
+    axes = [axis for axis in range(len(rest) + 1) if axis != m.axis]
+    strides = np.cumprod([1, *rest[:0:-1]])[::-1]  # row-major strides of the other axes
+    column = np.arange(math.prod(rest))
+    moved = sorted({o.axis for _, o in placements[m.tensor] if o.axis != m.axis})
+    while len(pieces) < len(moved):
+        pieces.append([])
+    for g, o in placements[m.tensor]:
+        if o.axis == m.axis:
+            continue
+        j = axes.index(o.axis)
+        coordinate = column // strides[j] % rest[j]
+        inside = np.flatnonzero((coordinate >= o.offset) & (coordinate < o.offset + o.length))
+        unit = coordinate[inside] - o.offset
+        stride = np.full(inside.size, strides[j])
+        pieces[moved.index(o.axis)].append((inside + at, unit + offsets[g.name], unit, stride))
