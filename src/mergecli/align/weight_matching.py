@@ -230,11 +230,18 @@ def _lay_out(
         a_rows[:, :k].copy_(torch.stack([_vector(reference, m) for m in plan.vectors], dim=1))
         b_cols[:k].copy_(torch.stack([_vector(other, m) for m in plan.vectors], dim=0))
     for m, rest, start in plan.matrices:
-        width = math.prod(rest)
-        a_part = a[m.tensor].narrow(m.axis, m.offset, m.length).movedim(m.axis, 0)
-        a_rows[:, start : start + width].view(m.length, *rest).copy_(a_part)
-        b_part = b[m.tensor].narrow(m.axis, m.offset, m.length).movedim(m.axis, -1)
-        b_cols[start : start + width].view(*rest, m.length).copy_(b_part)
+        width, shape = math.prod(rest), a[m.tensor].shape
+        # (before, units, after): copies out of it are at most 3-d, and a plain 2-d transpose
+        # where the units lead, which torch copies blockwise.
+        before, after = math.prod(shape[: m.axis]), math.prod(shape[m.axis + 1 :])
+        a_part = a[m.tensor].reshape(before, -1, after).narrow(1, m.offset, m.length)
+        a_rows[:, start : start + width].view(m.length, before, after).copy_(a_part.transpose(0, 1))
+        b_part = b[m.tensor].reshape(before, -1, after).narrow(1, m.offset, m.length)
+        b_block = b_cols[start : start + width]
+        if before == 1:
+            b_block.copy_(b_part[0].T)
+        else:
+            b_block.view(before, after, m.length).copy_(b_part.transpose(1, 2))
     return _GroupCost(a_rows, b_cols, plan.blocks)
 
 
