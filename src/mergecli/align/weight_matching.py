@@ -135,7 +135,9 @@ def _prepare(
             lambda: [{n: state[n].to(device) for n in names} for state in (reference, other)]
         )
         # One host array holds every permutation, so a block's gather is a few vector ops.
-        offsets = {g.name: sum(h.size for h in spec.groups[:i]) for i, g in enumerate(spec.groups)}
+        offsets, total = {}, 0
+        for g in spec.groups:
+            offsets[g.name], total = total, total + g.size
         flat = np.concatenate([np.arange(g.size) for g in spec.groups] + [np.zeros(0, np.int64)])
         shapes = {name: tuple(reference[name].shape) for name in placements}
         plans = {g.name: _plan(g, shapes, placements, offsets, per_block) for g in spec.groups}
