@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tutorial_cnn import TutorialNet
 
 from mergecli.align.activation_matching import match_activations
 from mergecli.align.activations import PairStatistics, pair_statistics
@@ -89,6 +90,21 @@ class Inception(nn.Module):
         return self.head(F.relu(self.mix(y)).mean((2, 3)))
 
 
+class FlattenedConcat(nn.Module):
+    """torch.flatten of a channel concat: every branch's units are runs of 4 positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 1)
+        self.b = nn.Conv2d(2, 5, 3, padding=1)
+        self.norm = nn.BatchNorm1d(8 * 4)
+        self.fc = nn.Linear(8 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        return self.fc(self.norm(torch.flatten(h, 1)))
+
+
 MODELS = {
     "mlp": (lambda: build_model("mlp", {"depth": 4, "hidden": 16}), (1, 28, 28), 3),
     "mlp-bn": (
@@ -115,6 +131,8 @@ MODELS = {
     "user-resnet": (UserResNet, (3, 16, 16), 5),
     "user-vgg": (UserVGG, (3, 16, 16), 4),
     "inception": (Inception, (3, 8, 8), 3),
+    "tutorial-cnn": (TutorialNet, (3, 32, 32), 3),
+    "flattened-concat": (FlattenedConcat, (2, 2, 2), 2),
 }
 
 
@@ -143,7 +161,9 @@ def test_spec_preserves_function_and_weight_matching_recovers_permutation(name: 
 
 
 @pytest.mark.parametrize("per_block", [True, False], ids=["cached-blocks", "one-matmul"])
-@pytest.mark.parametrize("name", ["resnet20", "vgg16-bn", "vit", "inception"])
+@pytest.mark.parametrize(
+    "name", ["resnet20", "vgg16-bn", "vit", "inception", "tutorial-cnn", "flattened-concat"]
+)
 def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
     name: str, per_block: bool
 ) -> None:
@@ -174,8 +194,8 @@ def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
 
 
 def _units_as_rows(tensor: torch.Tensor, m: AxisSlice) -> torch.Tensor:
-    part = tensor.narrow(m.axis, m.offset, m.length)
-    return part.movedim(m.axis, 0).reshape(m.length, -1)
+    part = tensor.narrow(m.axis, m.offset * m.inner, m.length * m.inner)
+    return part.unflatten(m.axis, (m.length, m.inner)).movedim(m.axis, 0).reshape(m.length, -1)
 
 
 def test_mlp_spec_groups_and_members() -> None:
@@ -204,6 +224,37 @@ def test_concat_along_channels_is_blocks() -> None:
     slices = {(m.tensor, m.offset, m.length) for g in spec.groups for m in g.members}
     assert ("mix.weight", 0, 4) in slices and ("mix.weight", 4, 6) in slices
     check_spec(model, spec, x)
+
+
+def test_flatten_after_conv_moves_each_channel_as_a_run_of_positions() -> None:
+    model = TutorialNet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    spec = derive_spec(model, x)
+    consumer = next(m for m in spec.group("conv2").members if m.tensor == "fc1.weight")
+    assert (consumer.axis, consumer.offset, consumer.length, consumer.inner) == (1, 0, 16, 25)
+    # Channel c of conv2 is columns 25c .. 25c + 24 of fc1: permuting the channels moves
+    # those runs whole, and the activation to match stays the conv map (units on axis 1).
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    moved = apply_permutations(model.state_dict(), spec, {"conv2": perm})
+    expected = model.fc1.weight.unflatten(1, (16, 25))[:, perm].flatten(1)
+    assert torch.equal(moved["fc1.weight"], expected)
+    assert spec.group("conv2").activation_axis == 1
+    check_spec(model, spec, x)
+
+    # Units after positions (channels last) cannot move as runs: left unpermuted, said so.
+    class ChannelsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 1)
+            self.fc = nn.Linear(4 * 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(F.relu(self.conv(x)).permute(0, 2, 3, 1).flatten(1))
+
+    spec = derive_spec(ChannelsLast(), torch.randn(2, 2, 2, 2))
+    assert spec.groups == () and "flattens units together with axes before them" in str(
+        spec.warnings
+    )
 
 
 def test_unhandled_operation_leaves_group_unpermuted_with_warning() -> None:
@@ -311,3 +362,25 @@ def test_linear_transform_preserves_a_linear_network() -> None:
     out = torch.func.functional_call(model, mapped, (x,))
     torch.testing.assert_close(out, model(x))
     torch.testing.assert_close(mapped["fc1.weight"], m @ model.fc1.weight)
+
+
+def test_linear_transform_through_a_flatten_preserves_a_linear_network() -> None:
+    # conv (no nonlinearity) -> flatten -> linear: mixing the conv's channels by M at every
+    # position and undoing it in the linear's runs of positions keeps the function.
+    class ConvFlatten(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 5, 3, padding=1)
+            self.fc = nn.Linear(5 * 9, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(self.conv(x), 1))
+
+    model = ConvFlatten().double().eval()
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    spec = derive_spec(model, x)
+    m = torch.randn(5, 5, dtype=torch.float64) + 3 * torch.eye(5, dtype=torch.float64)
+    mapped = apply_transforms(
+        model.state_dict(), spec, {"conv": torch.stack([m, torch.linalg.inv(m)])}
+    )
+    torch.testing.assert_close(torch.func.functional_call(model, mapped, (x,)), model(x))

@@ -163,3 +163,28 @@ def test_three_models_all_aligned_to_the_reference(tmp_path: Path, trained_pair)
     realigned = load_file(out / "aligned" / "a-shuffled.safetensors")
     original = load_file(a)
     assert all(torch.equal(realigned[k], original[k]) for k in original)
+
+
+def test_user_cnn_whose_classifier_reads_flattened_conv_maps(tmp_path: Path) -> None:
+    """PyTorch's tutorial CNN (x.view(-1, 16*4*4) before fc1), brought as user code: the last
+    conv's channels are permuted too, each as a run of 16 columns of fc1."""
+    paths = []
+    for seed in (0, 1):
+        paths.append(tmp_path / f"cnn-seed{seed}.safetensors")
+        run_cli(
+            "--log", "plain", "train", "--arch", "tutorial_cnn:build", "--arg", "channels=1",
+            "--arg", "image_size=28", "--data", "mnist:0:3000", "--epochs", "3",
+            "--seed", str(seed), "--out", str(paths[-1]), check=True,
+        )  # fmt: skip
+    recipe = align_recipe(tmp_path, (paths[0], paths[1]), "{method: weight_matching}")
+    recipe.write_text(
+        recipe.read_text().replace(
+            "arch: mlp\n  args: {depth: 3, hidden: 32}",
+            'arch: "tutorial_cnn:build"\n  args: {channels: 1, image_size: 28}',
+        )
+    )
+    spec = run_cli("align-spec", str(recipe), check=True)
+    assert "fc1.weight[1] (runs of 16)" in spec.stdout and "left unpermuted" not in spec.stderr
+    run_cli("run", str(recipe), check=True)
+    found = rows(tmp_path / "out")
+    assert found["aligned average"]["accuracy"] >= found["average"]["accuracy"] + 0.2

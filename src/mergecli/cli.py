@@ -252,9 +252,11 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
         for group in spec.groups:
             axes = []
             for m in group.members:
-                sizes = state.reference.tensors[m.tensor].shape
-                part = "" if m.length == sizes[m.axis] else f"[{m.offset}:{m.offset + m.length}]"
-                axes.append(f"{m.tensor}[{m.axis}]{part}")
+                entries = state.reference.tensors[m.tensor].shape[m.axis]
+                start, stop = m.offset * m.inner, (m.offset + m.length) * m.inner
+                part = "" if stop - start == entries else f"[{start}:{stop}]"
+                runs = f" (runs of {m.inner})" if m.inner > 1 else ""
+                axes.append(f"{m.tensor}[{m.axis}]{part}{runs}")
             rows.append([group.name, group.size, group.activation, ", ".join(axes)])
         log.table(
             f"permutation groups of {state.model_spec.arch} (self-check passed)",

@@ -25,7 +25,10 @@ def axis_indices(spec: PermutationSpec, perms: Permutations, shapes: dict[str, t
             axes = indices.setdefault(m.tensor, {})
             if m.axis not in axes:
                 axes[m.axis] = torch.arange(shapes[m.tensor][m.axis], device=perm.device)
-            axes[m.axis][m.offset : m.offset + m.length] = m.offset + perm
+            # Unit u covers entries [u * inner, (u + 1) * inner): its whole run moves.
+            runs = (m.offset + perm)[:, None] * m.inner + torch.arange(m.inner, device=perm.device)
+            start = m.offset * m.inner
+            axes[m.axis][start : start + m.length * m.inner] = runs.reshape(-1)
     return indices
 
 

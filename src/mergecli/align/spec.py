@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -33,6 +33,10 @@ class AxisSlice:
 
     ``role`` says how a general linear map M (CCA) acts there: ``out`` produces the units
     (W -> M W), ``in`` consumes them (W -> W M^-1), ``norm`` scales them one by one.
+    Each unit spans ``inner`` consecutive entries of the axis (a channel flattened together
+    with the positions after it, as a classifier after a conv stack sees it); ``offset`` and
+    ``length`` count units, so the slice covers entries [offset * inner, (offset + length) *
+    inner).
     """
 
     tensor: str
@@ -40,6 +44,7 @@ class AxisSlice:
     offset: int
     length: int
     role: Role
+    inner: int = 1
 
 
 @dataclass(frozen=True)
@@ -109,10 +114,18 @@ class _Feature:
 
     axis: int
     blocks: list[tuple[int, int]]  # (element, length)
+    inner: int = 1  # entries per unit along the axis: >1 once flattened with positions
 
     @property
     def length(self) -> int:
         return sum(n for _, n in self.blocks)
+
+    @property
+    def entries(self) -> int:
+        return self.length * self.inner
+
+    def at(self, axis: int) -> _Feature:
+        return _Feature(axis, self.blocks, self.inner)
 
 
 @dataclass
@@ -175,6 +188,36 @@ def derive_spec(module: nn.Module, example_input: torch.Tensor) -> PermutationSp
     return _SpecBuilder(graph_module).build()
 
 
+def split_flattened(
+    spec: PermutationSpec, shapes: Mapping[str, Sequence[int]]
+) -> tuple[PermutationSpec, dict[str, tuple[int, ...]]]:
+    """The spec on views in which every flattened unit axis is split into (units, inner).
+
+    Returns that spec, whose members all have ``inner`` 1, and the view shape of each tensor
+    that changes; reshaping a tensor to it is a view, nothing is copied.
+    """
+    split: dict[str, dict[int, int]] = {}
+    for m in (m for g in spec.groups for m in g.members if m.inner > 1):
+        split.setdefault(m.tensor, {})[m.axis] = m.inner
+    if not split:
+        return spec, {}
+    views = {}
+    for name, axes in split.items():
+        shape = list(shapes[name])
+        for axis in sorted(axes, reverse=True):
+            shape[axis : axis + 1] = [shape[axis] // axes[axis], axes[axis]]
+        views[name] = tuple(shape)
+
+    def on_view(m: AxisSlice) -> AxisSlice:
+        axes = split.get(m.tensor, {})
+        if m.axis in axes and m.inner != axes[m.axis]:
+            raise ValueError(f"{m.tensor} axis {m.axis}: units flattened in different ways")
+        return replace(m, axis=m.axis + sum(a < m.axis for a in axes), inner=1)
+
+    groups = tuple(replace(g, members=tuple(map(on_view, g.members))) for g in spec.groups)
+    return replace(spec, groups=groups), views
+
+
 def trace(module: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace`` with a one-line error for models it cannot trace."""
     try:
@@ -226,7 +269,8 @@ class _SpecBuilder:
     def _member(self, feature: _Feature, tensor: str, axis: int, role: Role) -> None:
         offset = 0
         for element, length in feature.blocks:
-            self.members.append((element, AxisSlice(tensor, axis, offset, length, role)))
+            member = AxisSlice(tensor, axis, offset, length, role, feature.inner)
+            self.members.append((element, member))
             offset += length
 
     def _new(self, tensor_prefix: str, size: int, axis: int, bias: bool) -> _Feature:
@@ -250,8 +294,8 @@ class _SpecBuilder:
         feature = self._require(value, axis, what)
         if feature is None:
             return
-        if feature.length != size:
-            raise _Unhandled(f"{what}: {feature.length} units into an axis of {size}")
+        if feature.entries != size:
+            raise _Unhandled(f"{what}: {feature.entries} units into an axis of {size}")
         self._member(feature, tensor, 1, "in")
 
     # -- the rules -------------------------------------------------------------------------
@@ -391,11 +435,12 @@ class _SpecBuilder:
         if x.axis < start:
             return x
         if x.axis > end:
-            return _Feature(x.axis - (end - start), x.blocks)
-        others = [shape[d] for d in range(start, end + 1) if d != x.axis]
-        if math.prod(others) == 1:
-            return _Feature(start, x.blocks)
-        raise _Unhandled("flattens units together with other axes")
+            return x.at(x.axis - (end - start))
+        if math.prod(shape[start : x.axis]) == 1:
+            # Units lead what is flattened (channels before positions): each unit becomes a
+            # run of consecutive entries, which a permutation moves as one block.
+            return _Feature(start, x.blocks, x.inner * math.prod(shape[x.axis + 1 : end + 1]))
+        raise _Unhandled("flattens units together with axes before them")
 
     def _reshape(self, node: fx.Node, x: Any) -> Any:
         if not isinstance(x, _Feature):
@@ -403,8 +448,13 @@ class _SpecBuilder:
         before, after = self._in_shape(node), self._shape(node)
         lead = math.prod(before[: x.axis])
         for axis in range(len(after)):
-            if math.prod(after[:axis]) == lead and after[axis] == before[x.axis]:
-                return _Feature(axis, x.blocks)
+            if math.prod(after[:axis]) != lead:
+                continue
+            # The unit axis kept, or merged with the axes after it (x.view(x.size(0), -1)).
+            for last in range(x.axis, len(before)):
+                if after[axis] == math.prod(before[x.axis : last + 1]):
+                    inner = x.inner * math.prod(before[x.axis + 1 : last + 1])
+                    return _Feature(axis, x.blocks, inner)
         raise _Unhandled("reshapes the unit axis")
 
     def _move(self, node: fx.Node, name: str, x: Any) -> Any:
@@ -417,17 +467,17 @@ class _SpecBuilder:
         if name == "transpose":
             a, b = (d % len(before) for d in args[:2])
             axis = b if x.axis == a else a if x.axis == b else x.axis
-            return _Feature(axis, x.blocks)
+            return x.at(axis)
         if name == "permute":
             dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
             dims = [d % len(before) for d in dims]
-            return _Feature(dims.index(x.axis), x.blocks)
+            return x.at(dims.index(x.axis))
         if name == "expand":
-            return _Feature(x.axis + len(after) - len(before), x.blocks)
+            return x.at(x.axis + len(after) - len(before))
         dim = args[0] % len(before)  # unflatten
         if dim == x.axis:
             raise _Unhandled("splits the unit axis")
-        return _Feature(x.axis + (len(after) - len(before) if dim < x.axis else 0), x.blocks)
+        return x.at(x.axis + (len(after) - len(before) if dim < x.axis else 0))
 
     def _reduce(self, node: fx.Node) -> Any:
         x = self._arg(node)
@@ -443,7 +493,7 @@ class _SpecBuilder:
             return FIXED_TENSOR  # a sum over units does not depend on their order
         if keepdim:
             return x
-        return _Feature(x.axis - sum(d < x.axis for d in dims), x.blocks)
+        return x.at(x.axis - sum(d < x.axis for d in dims))
 
     def _getitem(self, node: fx.Node) -> Any:
         x = self._arg(node)
@@ -463,7 +513,7 @@ class _SpecBuilder:
                 continue
             if axis == x.axis:
                 if item == slice(None):
-                    return _Feature(out_axis, x.blocks)
+                    return x.at(out_axis)
                 raise _Unhandled("selects some units only")
             if isinstance(item, int):
                 axis += 1
@@ -471,7 +521,7 @@ class _SpecBuilder:
                 axis, out_axis = axis + 1, out_axis + 1
             else:
                 raise _Unhandled("indexes with a tensor")
-        return _Feature(out_axis + x.axis - axis, x.blocks)
+        return x.at(out_axis + x.axis - axis)
 
     def _elementwise(self, node: fx.Node, operands: Sequence[Any]) -> Any:
         """add / sub / mul / div: tensor operands broadcast together must share their units."""
@@ -507,6 +557,8 @@ class _SpecBuilder:
         return first
 
     def _join_blocks(self, a: _Feature, b: _Feature) -> None:
+        if a.inner != b.inner:
+            raise _Unhandled("combines units flattened with different numbers of positions")
         if [n for _, n in a.blocks] != [n for _, n in b.blocks]:
             if a.length != b.length:
                 raise _Unhandled(f"combines {a.length} units with {b.length}")
@@ -524,18 +576,23 @@ class _SpecBuilder:
         if features[0].axis != dim:
             # Concatenating along another axis (e.g. tokens): all pieces share their units.
             return self._elementwise(node, tensors)
+        inner = features[0].inner
         blocks: list[tuple[int, int]] = []
         for tensor, value in zip(tensors, values, strict=True):
             if isinstance(value, _Feature):
                 if value.axis != dim:
                     raise _Unhandled("concatenates tensors with units on different axes")
+                if value.inner != inner:
+                    raise _Unhandled("concatenates units flattened with different positions")
                 blocks += value.blocks
             else:
-                size = self._shape(tensor)[dim]
+                size, rest = divmod(self._shape(tensor)[dim], inner)
+                if rest:
+                    raise _Unhandled("concatenates flattened units with other entries")
                 element = self.units.new(size)
                 self.units.join(_Units.FIXED, element)
                 blocks.append((element, size))
-        return _Feature(dim, blocks)
+        return _Feature(dim, blocks, inner)
 
     # -- result ------------------------------------------------------------------------------
 
@@ -548,7 +605,7 @@ class _SpecBuilder:
         activation: dict[int, tuple[int, int, str, int]] = {}
         for index, node in enumerate(self.order):
             value = self.values.get(node)
-            if isinstance(value, _Feature) and len(value.blocks) == 1:
+            if isinstance(value, _Feature) and len(value.blocks) == 1 and value.inner == 1:
                 shape = self._shape(node)
                 samples = math.prod(shape) // shape[value.axis]
                 root = self.units.find(value.blocks[0][0])

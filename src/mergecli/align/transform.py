@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from mergecli.align.permute import StateDict, apply_permutations
-from mergecli.align.spec import PermutationSpec
+from mergecli.align.spec import AxisSlice, PermutationSpec
 
 # group name -> a permutation (int64, 1-D) or a linear map stacked with its inverse (2, n, n)
 Transforms = dict[str, Tensor]
@@ -28,15 +28,16 @@ def apply_transforms(
             # The producing side maps units forward (W -> M W); the consuming side undoes it
             # (V -> V M^-1), i.e. its axis is multiplied by (M^-1)^T.
             along = matrix if m.role == "out" else inverse_t
-            result[m.tensor] = _map_axis(result[m.tensor], m.axis, m.offset, m.length, along)
+            result[m.tensor] = _map_axis(result[m.tensor], m, along)
     return result
 
 
-def _map_axis(tensor: Tensor, axis: int, offset: int, length: int, matrix: Tensor) -> Tensor:
-    part = tensor.narrow(axis, offset, length).movedim(axis, 0)
-    shape = part.shape
-    mapped = matrix.to(tensor.device) @ part.reshape(length, -1).double()
-    mapped = mapped.reshape(shape).movedim(0, axis)
+def _map_axis(tensor: Tensor, m: AxisSlice, matrix: Tensor) -> Tensor:
+    """``matrix`` applied to the units of ``m``; a flattened unit's entries move together."""
+    part = tensor.narrow(m.axis, m.offset * m.inner, m.length * m.inner)
+    units = part.unflatten(m.axis, (m.length, m.inner)).movedim(m.axis, 0)
+    mapped = matrix.to(tensor.device) @ units.reshape(m.length, -1).double()
+    mapped = mapped.reshape(units.shape).movedim(0, m.axis).flatten(m.axis, m.axis + 1)
     out = tensor.clone()
-    out.narrow(axis, offset, length).copy_(mapped.to(tensor.dtype))
+    out.narrow(m.axis, m.offset * m.inner, m.length * m.inner).copy_(mapped.to(tensor.dtype))
     return out

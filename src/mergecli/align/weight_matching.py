@@ -15,7 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from mergecli.align.permute import Permutations, StateDict
-from mergecli.align.spec import AxisSlice, PermGroup, PermutationSpec
+from mergecli.align.spec import AxisSlice, PermGroup, PermutationSpec, split_flattened
 
 # Which groups permute which slice of each tensor.
 Placements = dict[str, list[tuple[PermGroup, AxisSlice]]]
@@ -123,6 +123,12 @@ def _prepare(
     per_block: bool,
 ) -> tuple[dict[str, _GroupCost], np.ndarray, dict[str, np.ndarray]]:
     """Every group's cost layout, and identity permutations as views into one flat array."""
+    # A flattened unit's run of entries becomes an axis of its own, so below every member's
+    # units are whole rows of one axis.
+    spec, views = split_flattened(spec, {name: t.shape for name, t in reference.items()})
+    for name, view in views.items():
+        reference = {**reference, name: reference[name].reshape(view)}
+        other = {**other, name: other[name].reshape(view)}
     placements: Placements = {}
     for group in spec.groups:
         for m in group.members:
