@@ -105,6 +105,39 @@ class FlattenedConcat(nn.Module):
         return self.fc(self.norm(torch.flatten(h, 1)))
 
 
+class TorchTransformer(nn.Module):
+    """nn.TransformerEncoder as users stack it: sequence first, pre-norm, GELU, final norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        layer = nn.TransformerEncoderLayer(
+            16, 4, 24, dropout=0.1, activation="gelu", norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, nn.LayerNorm(16), enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x.transpose(0, 1)))[0])
+
+
+class AttentionBlock(nn.Module):
+    """A block written around nn.MultiheadAttention, attention weights returned and dropped."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        x = x + self.attn(h, h, h)[0]
+        return x + self.mlp(x)
+
+
 MODELS = {
     "mlp": (lambda: build_model("mlp", {"depth": 4, "hidden": 16}), (1, 28, 28), 3),
     "mlp-bn": (
@@ -133,6 +166,15 @@ MODELS = {
     "inception": (Inception, (3, 8, 8), 3),
     "tutorial-cnn": (TutorialNet, (3, 32, 32), 3),
     "flattened-concat": (FlattenedConcat, (2, 2, 2), 2),
+    # The residual stream (through attention's projections) and each feed-forward hidden layer.
+    "torch-transformer": (TorchTransformer, (5, 6), 3),
+    "user-attention": (
+        lambda: nn.Sequential(
+            nn.Linear(6, 16), AttentionBlock(), AttentionBlock(), nn.Linear(16, 3)
+        ),
+        (5, 6),
+        3,
+    ),
 }
 
 
@@ -162,7 +204,16 @@ def test_spec_preserves_function_and_weight_matching_recovers_permutation(name: 
 
 @pytest.mark.parametrize("per_block", [True, False], ids=["cached-blocks", "one-matmul"])
 @pytest.mark.parametrize(
-    "name", ["resnet20", "vgg16-bn", "vit", "inception", "tutorial-cnn", "flattened-concat"]
+    "name",
+    [
+        "resnet20",
+        "vgg16-bn",
+        "vit",
+        "inception",
+        "tutorial-cnn",
+        "flattened-concat",
+        "torch-transformer",
+    ],
 )
 def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
     name: str, per_block: bool
@@ -257,6 +308,32 @@ def test_flatten_after_conv_moves_each_channel_as_a_run_of_positions() -> None:
     )
 
 
+def test_attention_permutes_its_inputs_together_or_not_at_all() -> None:
+    spec = derive_spec(TorchTransformer(), torch.randn(2, 5, 6))
+    stream = next(g for g in spec.groups if g.size == 16)
+    members = {(m.tensor, m.axis) for m in stream.members}
+    assert ("encoder.layers.1.self_attn.in_proj_weight", 1) in members
+    assert ("encoder.layers.1.self_attn.out_proj.weight", 0) in members
+    assert not any(m.tensor.endswith("in_proj_weight") and m.axis == 0 for m in stream.members)
+
+    class QueryOnly(nn.Module):  # keys and values are the model's input: never permuted
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(6, 6)
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(self.q(x), x, x, need_weights=False)[0].mean(1))
+
+    model = QueryOnly().eval()
+    x = torch.randn(2, 5, 6)
+    spec = derive_spec(model, x)
+    assert spec.groups == ()
+    assert "only some can be permuted" in " ".join(spec.warnings)
+    check_spec(model, spec, x)
+
+
 def test_unhandled_operation_leaves_group_unpermuted_with_warning() -> None:
     class Gated(nn.Module):
         def __init__(self) -> None:
@@ -318,6 +395,20 @@ def test_activation_matching_recovers_permutation_of_the_same_model() -> None:
     stats = pair_statistics(trace(model), spec, state, shuffled, [x[:128], x[128:]])
     found = match_activations(stats)
     aligned = apply_permutations(shuffled, spec, found)
+    for key in state:
+        torch.testing.assert_close(aligned[key], state[key])
+
+
+def test_activation_matching_recovers_a_permuted_torch_transformer() -> None:
+    torch.manual_seed(0)
+    model = TorchTransformer().eval()
+    x = torch.randn(64, 5, 6)
+    spec = derive_spec(model, x[:2])
+    state = model.state_dict()
+    perms = random_permutations(spec, torch.Generator().manual_seed(3))
+    shuffled = apply_permutations(state, spec, perms)
+    stats = pair_statistics(trace(model), spec, state, shuffled, [x[:32], x[32:]])
+    aligned = apply_permutations(shuffled, spec, match_activations(stats))
     for key in state:
         torch.testing.assert_close(aligned[key], state[key])
 

@@ -218,10 +218,70 @@ def split_flattened(
     return replace(spec, groups=groups), views
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, which also goes inside torch's transformer encoder layers.
+
+    Their own forward checks the input to choose a fused fast path, which symbolic tracing
+    cannot follow; the plain path below computes the same function from their submodules.
+    """
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        plain = _PLAIN_FORWARDS.get(type(m))
+        if plain is not None:
+            return plain(m, *args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _encoder_layer(
+    layer: nn.TransformerEncoderLayer,
+    src: Any,
+    src_mask: Any = None,
+    src_key_padding_mask: Any = None,
+    is_causal: bool = False,
+) -> Any:
+    def attend(x: Any) -> Any:
+        out = layer.self_attn(
+            x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+            need_weights=False, is_causal=is_causal,
+        )[0]  # fmt: skip
+        return layer.dropout1(out)
+
+    def feed_forward(x: Any) -> Any:
+        hidden = layer.dropout(layer.activation(layer.linear1(x)))
+        return layer.dropout2(layer.linear2(hidden))
+
+    x = src
+    if layer.norm_first:
+        x = x + attend(layer.norm1(x))
+        return x + feed_forward(layer.norm2(x))
+    x = layer.norm1(x + attend(x))
+    return layer.norm2(x + feed_forward(x))
+
+
+def _encoder(
+    encoder: nn.TransformerEncoder,
+    src: Any,
+    mask: Any = None,
+    src_key_padding_mask: Any = None,
+    is_causal: bool | None = None,
+) -> Any:
+    x = src
+    for layer in encoder.layers:
+        x = layer(
+            x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal)
+        )
+    return x if encoder.norm is None else encoder.norm(x)
+
+
+_PLAIN_FORWARDS = {nn.TransformerEncoderLayer: _encoder_layer, nn.TransformerEncoder: _encoder}
+
+
 def trace(module: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace`` with a one-line error for models it cannot trace."""
     try:
-        return fx.symbolic_trace(module)
+        tracer = _Tracer()
+        graph = tracer.trace(module)
+        return fx.GraphModule(tracer.root, graph, type(module).__name__)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300]
         raise MergeCliError(
@@ -261,6 +321,9 @@ class _SpecBuilder:
         return tuple(meta.shape)
 
     def _fix(self, value: Any, why: str) -> None:
+        if isinstance(value, tuple):  # e.g. attention's (output, weights)
+            for item in value:
+                self._fix(item, why)
         if isinstance(value, _Feature):
             self.fixed_notes.append(({e for e, _ in value.blocks}, why))
             for element, _ in value.blocks:
@@ -326,6 +389,8 @@ class _SpecBuilder:
 
     def _module(self, node: fx.Node, module: nn.Module) -> Any:
         prefix = f"{node.target}."
+        if isinstance(module, nn.MultiheadAttention):
+            return self._attention(node, module, prefix)
         x = self._arg(node)
         ndim = len(self._shape(node))
         if isinstance(module, nn.Linear):
@@ -366,6 +431,35 @@ class _SpecBuilder:
         if isinstance(module, nn.Flatten):
             return self._flatten(node, x, module.start_dim, module.end_dim)
         raise _Unhandled("is a module the tracer does not know")
+
+    def _attention(self, node: fx.Node, module: nn.MultiheadAttention, prefix: str) -> Any:
+        """Query, key and value units enter the projections' columns; heads stay as they are.
+
+        The output is out_proj's units, and the attention weights carry none.
+        """
+        names = ("query", "key", "value")
+        inputs = [
+            node.args[i] if i < len(node.args) else node.kwargs[n] for i, n in enumerate(names)
+        ]
+        axis = len(self._shape(inputs[0])) - 1
+        values = [self.values.get(t) if isinstance(t, fx.Node) else None for t in inputs]
+        features = [self._require(v, axis, "MultiheadAttention") for v in values]
+        if module._qkv_same_embed_dim:
+            # One packed in_proj: a permutation of its columns moves all three inputs alike.
+            if any(f is None for f in features):
+                if any(f is not None for f in features):
+                    raise _Unhandled("attends over inputs of which only some can be permuted")
+            else:
+                for other in features[1:]:
+                    self._join_blocks(features[0], other)
+                self._member(features[0], f"{prefix}in_proj_weight", 1, "in")
+        else:
+            for feature, name in zip(features, ("q", "k", "v"), strict=True):
+                if feature is not None:
+                    self._member(feature, f"{prefix}{name}_proj_weight", 1, "in")
+        out = module.out_proj
+        output = self._new(f"{prefix}out_proj.", out.out_features, axis, out.bias is not None)
+        return (output, FIXED_TENSOR)
 
     def _norm(self, x: Any, axis: int, prefix: str, module: nn.Module, names: tuple) -> Any:
         feature = self._require(x, axis, type(module).__name__)
@@ -497,6 +591,9 @@ class _SpecBuilder:
 
     def _getitem(self, node: fx.Node) -> Any:
         x = self._arg(node)
+        if isinstance(x, tuple):
+            index = node.args[1]
+            return x[index] if isinstance(index, int) else FIXED_TENSOR
         if not isinstance(x, _Feature):
             return None if x is None else FIXED_TENSOR
         index = node.args[1]
