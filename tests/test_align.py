@@ -138,6 +138,59 @@ class AttentionBlock(nn.Module):
         return x + self.mlp(x)
 
 
+class TinyUNet(nn.Module):
+    """Down, up by a transposed conv, skip concat, interpolate, Upsample, padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.down2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.fuse = nn.Conv2d(16, 8, 3)
+        self.resize = nn.Upsample(scale_factor=2.0)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.down1(x))
+        u = F.relu(self.up(F.relu(self.down2(a))))
+        h = F.relu(self.fuse(F.pad(torch.cat([u, a], 1), (1, 1, 1, 1), mode="reflect")))
+        h = F.avg_pool2d(F.interpolate(h, scale_factor=2.0), 2)
+        return self.out(self.resize(h))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, channels-last LayerNorm and Linears, a learned per-channel scale."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1 = nn.Linear(dim, 4 * dim)
+        self.pw2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pw2(F.gelu(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        return x + (self.gamma * h).permute(0, 3, 1, 2)
+
+
+class NormsAndPadding(nn.Module):
+    """InstanceNorm, per-channel PReLU, reflection padding, a head after squeeze."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.act = nn.PReLU(8)
+        self.pad = nn.ReflectionPad2d(1)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv2(self.pad(self.act(self.norm(self.conv1(x))))))
+        return self.head(F.adaptive_avg_pool2d(h, 1).squeeze(-1).squeeze(-1))
+
+
 MODELS = {
     "mlp": (lambda: build_model("mlp", {"depth": 4, "hidden": 16}), (1, 28, 28), 3),
     "mlp-bn": (
@@ -168,6 +221,21 @@ MODELS = {
     "flattened-concat": (FlattenedConcat, (2, 2, 2), 2),
     # The residual stream (through attention's projections) and each feed-forward hidden layer.
     "torch-transformer": (TorchTransformer, (5, 6), 3),
+    "unet": (TinyUNet, (1, 8, 8), 4),
+    "convnext": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 4, 4),
+            ConvNeXtBlock(8),
+            ConvNeXtBlock(8),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.LayerNorm(8),
+            nn.Linear(8, 3),
+        ),  # fmt: skip
+        (3, 16, 16),
+        3,
+    ),
+    "norms-and-padding": (NormsAndPadding, (3, 8, 8), 2),
     "user-attention": (
         lambda: nn.Sequential(
             nn.Linear(6, 16), AttentionBlock(), AttentionBlock(), nn.Linear(16, 3)
@@ -305,6 +373,31 @@ def test_flatten_after_conv_moves_each_channel_as_a_run_of_positions() -> None:
     spec = derive_spec(ChannelsLast(), torch.randn(2, 2, 2, 2))
     assert spec.groups == () and "flattens units together with axes before them" in str(
         spec.warnings
+    )
+
+
+def test_embedding_units_are_a_group_and_token_ids_stay_integers() -> None:
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids).mean(1))
+
+    model = Bag().eval()
+    x = torch.randint(0, 50, (4, 7))
+    spec = derive_spec(model, x)
+    members = {(m.tensor, m.axis) for m in spec.group("embed").members}
+    assert members == {("embed.weight", 1), ("head.weight", 1)}
+    check_spec(model, spec, x)
+    shuffled = apply_permutations(
+        model.state_dict(), spec, random_permutations(spec, torch.Generator().manual_seed(0))
+    )
+    found = weight_matching(spec, model.state_dict(), shuffled)
+    assert torch.equal(
+        apply_permutations(shuffled, spec, found)["embed.weight"], model.embed.weight
     )
 
 
@@ -474,4 +567,30 @@ def test_linear_transform_through_a_flatten_preserves_a_linear_network() -> None
     mapped = apply_transforms(
         model.state_dict(), spec, {"conv": torch.stack([m, torch.linalg.inv(m)])}
     )
+    torch.testing.assert_close(torch.func.functional_call(model, mapped, (x,)), model(x))
+
+
+@pytest.mark.parametrize("kind", ["transposed-conv", "embedding"])
+def test_linear_transform_through_other_weight_layouts(kind: str) -> None:
+    # A transposed conv's weight is (in, out, k, k) and an embedding's (tokens, units): mixing
+    # their units by M (no nonlinearity after) and undoing it downstream keeps the function.
+    if kind == "transposed-conv":
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.ConvTranspose2d(4, 5, 2, stride=2),
+            nn.Conv2d(5, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Embedding(20, 6), nn.Linear(6, 4), nn.Linear(4, 3))
+        x = torch.randint(0, 20, (3, 5))
+    model = model.double().eval()
+    spec = derive_spec(model, x)
+    generator = torch.Generator().manual_seed(0)
+    transforms = {}
+    for group in spec.groups:
+        m = torch.randn(group.size, group.size, generator=generator, dtype=torch.float64)
+        m += 3 * torch.eye(group.size, dtype=torch.float64)
+        transforms[group.name] = torch.stack([m, torch.linalg.inv(m)])
+    assert len(transforms) == 2
+    mapped = apply_transforms(model.state_dict(), spec, transforms)
     torch.testing.assert_close(torch.func.functional_call(model, mapped, (x,)), model(x))

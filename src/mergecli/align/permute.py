@@ -55,7 +55,7 @@ def check_spec(module: nn.Module, spec: PermutationSpec, example_input: Tensor) 
     probe = copy.deepcopy(module).double().eval()
     generator = torch.Generator().manual_seed(0)
     state = _distinct_values(probe.state_dict(), generator)
-    x = example_input.double()
+    x = example_input.double() if example_input.is_floating_point() else example_input  # ids
 
     def output(sd: StateDict) -> Tensor:
         return torch.func.functional_call(probe, sd, (x,))

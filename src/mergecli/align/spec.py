@@ -147,6 +147,12 @@ POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    # Padding modules pad the trailing (spatial) axes only.
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+    nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
+    nn.CircularPad2d, nn.CircularPad3d,
 )  # fmt: skip
 PASS_FUNCTIONS = {
     torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.gelu,
@@ -161,6 +167,7 @@ POOL_FUNCTIONS = {
     torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d,
     torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
     torch.nn.functional.adaptive_avg_pool3d, torch.nn.functional.adaptive_max_pool2d,
+    torch.nn.functional.interpolate, torch.nn.functional.upsample,
 }  # fmt: skip
 PASS_METHODS = {
     "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "double", "half",
@@ -336,9 +343,13 @@ class _SpecBuilder:
             self.members.append((element, member))
             offset += length
 
-    def _new(self, tensor_prefix: str, size: int, axis: int, bias: bool) -> _Feature:
+    def _new(
+        self, tensor_prefix: str, size: int, axis: int, bias: bool, weight_axis: int = 0
+    ) -> _Feature:
+        """New units on ``axis`` of the output, made by the weight's ``weight_axis``."""
         element = self.units.new(size)
-        self.members.append((element, AxisSlice(f"{tensor_prefix}weight", 0, 0, size, "out")))
+        weight = AxisSlice(f"{tensor_prefix}weight", weight_axis, 0, size, "out")
+        self.members.append((element, weight))
         if bias:
             self.members.append((element, AxisSlice(f"{tensor_prefix}bias", 0, 0, size, "out")))
         return _Feature(axis, [(element, size)])
@@ -353,13 +364,15 @@ class _SpecBuilder:
             raise _Unhandled(f"{what}: units on axis {value.axis}, expected axis {axis}")
         return value
 
-    def _consume(self, value: Any, axis: int, tensor: str, size: int, what: str) -> None:
+    def _consume(
+        self, value: Any, axis: int, tensor: str, size: int, what: str, weight_axis: int = 1
+    ) -> None:
         feature = self._require(value, axis, what)
         if feature is None:
             return
         if feature.entries != size:
             raise _Unhandled(f"{what}: {feature.entries} units into an axis of {size}")
-        self._member(feature, tensor, 1, "in")
+        self._member(feature, tensor, weight_axis, "in")
 
     # -- the rules -------------------------------------------------------------------------
 
@@ -409,6 +422,15 @@ class _SpecBuilder:
                     self._member(feature, f"{prefix}bias", 0, "norm")
                 return feature
             raise _Unhandled(f"is a grouped conv (groups={module.groups})")
+        if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            if module.groups != 1:
+                raise _Unhandled(f"is a grouped transposed conv (groups={module.groups})")
+            # Its weight is (in, out, *kernel): the axes the other way round from a conv's.
+            weight, bias = f"{prefix}weight", module.bias is not None
+            self._consume(x, 1, weight, module.in_channels, "transposed conv", weight_axis=0)
+            return self._new(prefix, module.out_channels, 1, bias, weight_axis=1)
+        if isinstance(module, nn.Embedding):
+            return self._new(prefix, module.embedding_dim, ndim - 1, False, weight_axis=1)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return self._norm(
                 x, 1, prefix, module, ("weight", "bias", "running_mean", "running_var")
@@ -419,6 +441,14 @@ class _SpecBuilder:
             if isinstance(x, _Feature) and x.axis != ndim - 1:
                 return x  # normalises other units than ours, and does not mix ours
             return self._norm(x, ndim - 1, prefix, module, ("weight", "bias"))
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+            return self._norm(
+                x, 1, prefix, module, ("weight", "bias", "running_mean", "running_var")
+            )
+        if isinstance(module, nn.PReLU):
+            if module.num_parameters == 1:
+                return x
+            return self._norm(x, 1, prefix, module, ("weight",))
         if isinstance(module, nn.GroupNorm):
             if module.num_groups not in (1, module.num_channels):
                 raise _Unhandled(f"mixes channels in {module.num_groups} groups")
@@ -479,6 +509,10 @@ class _SpecBuilder:
             return self._arg(node)
         if target in ELEMENTWISE:
             return self._elementwise(node, node.args[:2])
+        if target in (torch.squeeze, torch.unsqueeze, torch.reshape):
+            return self._reshape(node, self._arg(node))
+        if target is torch.nn.functional.pad:
+            return self._pad(node, self._arg(node))
         if target is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -507,7 +541,7 @@ class _SpecBuilder:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self._flatten(node, x, start, end)
-        if name in ("view", "reshape"):
+        if name in ("view", "reshape", "squeeze", "unsqueeze"):
             return self._reshape(node, x)
         if name in ("transpose", "permute", "expand", "unflatten"):
             return self._move(node, name, x)
@@ -535,6 +569,14 @@ class _SpecBuilder:
             # run of consecutive entries, which a permutation moves as one block.
             return _Feature(start, x.blocks, x.inner * math.prod(shape[x.axis + 1 : end + 1]))
         raise _Unhandled("flattens units together with axes before them")
+
+    def _pad(self, node: fx.Node, x: Any) -> Any:
+        if not isinstance(x, _Feature):
+            return x if x is None else FIXED_TENSOR
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+        if x.axis < len(self._in_shape(node)) - len(pad) // 2:
+            return x  # pads axes after the units only
+        raise _Unhandled("pads the unit axis")
 
     def _reshape(self, node: fx.Node, x: Any) -> Any:
         if not isinstance(x, _Feature):
