@@ -111,6 +111,15 @@ def test_unknown_step_kind_and_method(tmp_path: Path) -> None:
     )
 
 
+def test_a_method_name_alone_is_short_for_its_mapping(tmp_path: Path) -> None:
+    loaded = load_recipe(write(tmp_path, GOOD.replace("{method: average}", "slerp")), [])
+    assert (loaded.steps[0].kind, loaded.steps[0].method) == ("merge", "slerp")
+    [problem] = problems(tmp_path, GOOD.replace("{method: average}", "averag"))
+    assert ":13: steps.0.merge.method: unknown merge method 'averag'; did you mean" in problem
+    [problem] = problems(tmp_path, GOOD.replace("{method: average}", "[average]"))
+    assert ":13: steps.0.merge: must be a mapping of parameters" in problem
+
+
 def test_step_needs_are_checked(tmp_path: Path) -> None:
     text = GOOD.replace("data:\n  eval: {source: mnist, split: test}\n", "")
     [problem] = problems(tmp_path, text)

@@ -316,6 +316,8 @@ def _validate_step(
         problems.append(where((*at, kind), _unknown("step kind", kind, STEP_KINDS)))
         return None
     body = {} if body is None else body
+    if isinstance(body, str):  # `- merge: ties` is short for `- merge: {method: ties}`
+        body = {"kind" if kind == "analyze" else "method": body}
     if not isinstance(body, dict):
         problems.append(where((*at, kind), "must be a mapping of parameters, e.g. {method: ...}"))
         return None
