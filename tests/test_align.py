@@ -191,6 +191,45 @@ class NormsAndPadding(nn.Module):
         return self.head(F.adaptive_avg_pool2d(h, 1).squeeze(-1).squeeze(-1))
 
 
+class GroupNormResNet(nn.Module):
+    """GroupNorm blocks, the first with a projection shortcut: channels move within groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.norm1 = nn.GroupNorm(2, 8)
+        self.project = nn.Conv2d(4, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm2 = nn.GroupNorm(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.stem(x))
+        h = self.project(x) + self.norm1(self.conv1(x))
+        h = F.silu(h + self.norm2(self.conv2(F.silu(h))))
+        return self.head(h.mean((2, 3)))
+
+
+class GatedChunks(nn.Module):
+    """A fused gated MLP (one Linear, chunked into value and gate) and concats that meet
+    with other block sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 10)
+        self.gate_value = nn.Linear(10, 2 * 12)
+        self.down = nn.Linear(12, 10)
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 6)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.gate_value(self.inp(x)).chunk(2, dim=-1)
+        h = self.down(value * F.silu(gate))
+        parts = torch.split(h, [6, 4], dim=1)  # cut 6 | 4, met by a cat cut 4 | 6
+        return self.head(torch.cat(parts, 1) + torch.cat([self.a(x), self.b(x)], 1))
+
+
 MODELS = {
     "mlp": (lambda: build_model("mlp", {"depth": 4, "hidden": 16}), (1, 28, 28), 3),
     "mlp-bn": (
@@ -222,6 +261,10 @@ MODELS = {
     # The residual stream (through attention's projections) and each feed-forward hidden layer.
     "torch-transformer": (TorchTransformer, (5, 6), 3),
     "unet": (TinyUNet, (1, 8, 8), 4),
+    # stem; the stream cut into GroupNorm(4)'s groups of 2 (GroupNorm(2)'s fit inside them)
+    "groupnorm-resnet": (GroupNormResNet, (3, 6, 6), 5),
+    # inp; the gated hidden units; the output stream's pieces 0:4, 4:6, 6:10
+    "gated-chunks": (GatedChunks, (6,), 5),
     "convnext": (
         lambda: nn.Sequential(
             nn.Conv2d(3, 8, 4, 4),
@@ -281,12 +324,16 @@ def test_spec_preserves_function_and_weight_matching_recovers_permutation(name: 
         "tutorial-cnn",
         "flattened-concat",
         "torch-transformer",
+        "groupnorm-resnet",
+        "gated-chunks",
     ],
 )
 def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
     name: str, per_block: bool
 ) -> None:
-    # Independent formula: permute B on every group but g with apply_permutations, then
+    # Independent formula: B' = B with every group's current permutation applied
+    # (apply_permutations), a member's own units put back in B's order (other axes of the
+    # same tensor may belong to g too: a conv from a residual stream into it), then
     # cost_g = sum over g's members of A_m (units as rows) @ B'_m (units as rows)^T.
     factory, shape, _ = MODELS[name]
     torch.manual_seed(0)
@@ -300,12 +347,12 @@ def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
         for g in spec.groups[sweep::2]:
             perms[g.name][:] = chosen[g.name].numpy()
             version[g.name] += 1
+        b_permuted = apply_permutations(b, spec, {n: torch.as_tensor(p) for n, p in perms.items()})
         for group in spec.groups:
-            others = {n: torch.as_tensor(p) for n, p in perms.items() if n != group.name}
-            b_permuted = apply_permutations(b, spec, others)
+            back = torch.argsort(torch.as_tensor(perms[group.name]))
             expected = sum(
                 _units_as_rows(a[m.tensor], m).double()
-                @ _units_as_rows(b_permuted[m.tensor], m).double().T
+                @ _units_as_rows(b_permuted[m.tensor], m)[back].double().T
                 for m in group.members
             )
             found = _current_cost(costs[group.name], flat, version)
@@ -374,6 +421,23 @@ def test_flatten_after_conv_moves_each_channel_as_a_run_of_positions() -> None:
     assert spec.groups == () and "flattens units together with axes before them" in str(
         spec.warnings
     )
+
+
+def test_groupnorm_groups_and_chunks_cut_units_into_pieces() -> None:
+    spec = derive_spec(GroupNormResNet(), torch.randn(2, 3, 6, 6))
+    norm2 = sorted(
+        (m.offset, m.length) for g in spec.groups for m in g.members if m.tensor == "norm2.weight"
+    )
+    assert norm2 == [(0, 2), (2, 2), (4, 2), (6, 2)]  # channels stay within their GroupNorm group
+    spec = derive_spec(GatedChunks(), torch.randn(2, 6))
+    [gated] = [
+        g
+        for g in spec.groups
+        if ("gate_value.weight", 0) in {(m.tensor, m.axis) for m in g.members}
+    ]
+    rows = sorted(m.offset for m in gated.members if m.tensor == "gate_value.weight")
+    assert gated.size == 12 and rows == [0, 12]  # value and gate halves move alike
+    assert (gated.activation_axis, gated.activation_offset) == (1, 0)
 
 
 def test_embedding_units_are_a_group_and_token_ids_stay_integers() -> None:
@@ -492,10 +556,14 @@ def test_activation_matching_recovers_permutation_of_the_same_model() -> None:
         torch.testing.assert_close(aligned[key], state[key])
 
 
-def test_activation_matching_recovers_a_permuted_torch_transformer() -> None:
+@pytest.mark.parametrize("name", ["torch-transformer", "groupnorm-resnet", "gated-chunks"])
+def test_activation_matching_recovers_permutations_of_smooth_models(name: str) -> None:
+    # Smooth activations (no dead ReLU units, whose order no activation can tell), including
+    # groups whose units are a slice of their activation (GroupNorm groups, chunks).
+    factory, shape, _ = MODELS[name]
     torch.manual_seed(0)
-    model = TorchTransformer().eval()
-    x = torch.randn(64, 5, 6)
+    model = factory().eval()
+    x = torch.randn(64, *shape)
     spec = derive_spec(model, x[:2])
     state = model.state_dict()
     perms = random_permutations(spec, torch.Generator().manual_seed(3))

@@ -83,8 +83,12 @@ def pair_statistics(
         )
         outputs_b = dict(zip(nodes, torch.func.functional_call(probe, other, (x,)), strict=True))
         for group in spec.groups:
-            a = _units_last(outputs_a[group.activation], group.activation_axis)
-            b = _units_last(outputs_b[group.activation], group.activation_axis)
+            a, b = (
+                _units_last(out[group.activation], group.activation_axis).narrow(
+                    1, group.activation_offset, group.size
+                )
+                for out in (outputs_a, outputs_b)
+            )
             s = stats.get(group.name)
             if s is None:
                 zeros = torch.zeros(group.size, group.size, dtype=torch.float64, device=a.device)

@@ -11,9 +11,10 @@ joined with FIXED and never permuted; a warning names each such group and why.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -56,6 +57,7 @@ class PermGroup:
     members: tuple[AxisSlice, ...]
     activation: str  # the graph node whose output carries these units (for activation matching)
     activation_axis: int
+    activation_offset: int = 0  # where the units start on that axis (a chunk of a larger layer)
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,8 @@ class _SpecBuilder:
     values: dict[fx.Node, Any] = field(default_factory=dict)
     order: list[fx.Node] = field(default_factory=list)
     fixed_notes: list[tuple[set[int], str]] = field(default_factory=list)
+    # Elements cut into pieces (GroupNorm groups, chunks): element -> (piece, offset, length).
+    replaced: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
 
     def build(self) -> PermutationSpec:
         for node in self.gm.graph.nodes:
@@ -450,8 +454,12 @@ class _SpecBuilder:
                 return x
             return self._norm(x, 1, prefix, module, ("weight",))
         if isinstance(module, nn.GroupNorm):
-            if module.num_groups not in (1, module.num_channels):
-                raise _Unhandled(f"mixes channels in {module.num_groups} groups")
+            feature = self._require(x, 1, "GroupNorm")
+            if feature is not None and module.num_groups > 1:
+                # Statistics are shared within each group of channels: units may move only
+                # inside their group, so each group of channels becomes units of its own.
+                size = module.num_channels // module.num_groups
+                x = self._cut(feature, range(size, module.num_channels, size))
             return self._norm(x, 1, prefix, module, ("weight", "bias"))
         if isinstance(module, PASS_MODULES):
             return x
@@ -480,9 +488,10 @@ class _SpecBuilder:
                 if any(f is not None for f in features):
                     raise _Unhandled("attends over inputs of which only some can be permuted")
             else:
+                joined = features[0]
                 for other in features[1:]:
-                    self._join_blocks(features[0], other)
-                self._member(features[0], f"{prefix}in_proj_weight", 1, "in")
+                    joined = self._join_blocks(joined, other)
+                self._member(joined, f"{prefix}in_proj_weight", 1, "in")
         else:
             for feature, name in zip(features, ("q", "k", "v"), strict=True):
                 if feature is not None:
@@ -513,6 +522,8 @@ class _SpecBuilder:
             return self._reshape(node, self._arg(node))
         if target is torch.nn.functional.pad:
             return self._pad(node, self._arg(node))
+        if target in (torch.chunk, torch.split):
+            return self._chunks(node, self._arg(node), str(target.__name__))
         if target is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -541,6 +552,8 @@ class _SpecBuilder:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self._flatten(node, x, start, end)
+        if name in ("chunk", "split"):
+            return self._chunks(node, x, name)
         if name in ("view", "reshape", "squeeze", "unsqueeze"):
             return self._reshape(node, x)
         if name in ("transpose", "permute", "expand", "unflatten"):
@@ -569,6 +582,107 @@ class _SpecBuilder:
             # run of consecutive entries, which a permutation moves as one block.
             return _Feature(start, x.blocks, x.inner * math.prod(shape[x.axis + 1 : end + 1]))
         raise _Unhandled("flattens units together with axes before them")
+
+    def _chunks(self, node: fx.Node, x: Any, name: str) -> Any:
+        """``chunk``/``split``: a tuple of pieces; cut along the unit axis, each piece's units are
+        its own (joined again if they meet, as the halves of a gated unit do)."""
+        pieces = self._shape_list(node)
+        if not isinstance(x, _Feature):
+            return tuple(x if x is None else FIXED_TENSOR for _ in pieces)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        dim %= len(self._in_shape(node))
+        if dim != x.axis:
+            return tuple(x for _ in pieces)
+        sizes = [shape[dim] for shape in pieces]
+        if any(size % x.inner for size in sizes):
+            raise _Unhandled(f"{name} cuts flattened units apart")
+        bounds = list(itertools.accumulate(size // x.inner for size in sizes))
+        cut = self._cut(x, bounds[:-1])
+        spans = itertools.pairwise([0, *bounds])
+        return tuple(self._units_between(cut, lo, hi) for lo, hi in spans)
+
+    def _shape_list(self, node: fx.Node) -> list[tuple[int, ...]]:
+        meta = node.meta.get("tensor_meta")
+        if not isinstance(meta, (list, tuple)) or not all(hasattr(m, "shape") for m in meta):
+            raise _Unhandled("produces no tuple of tensors")
+        return [tuple(m.shape) for m in meta]
+
+    def _units_between(self, x: _Feature, lo: int, hi: int) -> _Feature:
+        """The blocks of ``x`` covering units [lo, hi), which ``_cut`` made block boundaries."""
+        blocks, start = [], 0
+        for element, length in x.blocks:
+            if lo <= start and start + length <= hi:
+                blocks.append((element, length))
+            start += length
+        return _Feature(x.axis, blocks, x.inner)
+
+    def _cut(self, x: _Feature, positions: Iterable[int]) -> _Feature:
+        """``x`` with its blocks cut at unit ``positions``: the pieces become separate units.
+
+        A block's element shares its units with every element joined to it, so all of them
+        are cut alike and their pieces joined piece by piece; every member and value that
+        refers to them is rewritten in terms of the pieces.
+        """
+        x = self._current(x)
+        wanted, start = set(positions), 0
+        by_class: dict[int, tuple[list[int], set[int]]] = {}  # root -> elements, cuts
+        for element, length in x.blocks:
+            inside = {p - start for p in wanted if start < p < start + length}
+            start += length
+            if not inside:
+                continue
+            root = self.units.find(element)
+            # Fixed elements share a root without sharing units: each is cut on its own.
+            key = -element if root == _Units.FIXED else root
+            if key not in by_class:
+                if root == _Units.FIXED:
+                    elements = [element]
+                else:
+                    elements = [
+                        e for e in range(1, len(self.units.parent)) if self.units.find(e) == root
+                    ]
+                by_class[key] = (elements, set())
+            by_class[key][1].update(inside)
+        if not by_class:
+            return x
+        replaced: dict[int, list[tuple[int, int, int]]] = {}
+        for elements, inside in by_class.values():
+            bounds = [0, *sorted(inside), self.units.size[elements[0]]]
+            firsts: list[int] = []
+            for element in elements:
+                pieces = [(self.units.new(b - a), a, b - a) for a, b in itertools.pairwise(bounds)]
+                replaced[element] = pieces
+                for k, (piece, _, _) in enumerate(pieces):
+                    if len(firsts) <= k:
+                        firsts.append(piece)
+                    self.units.join(firsts[k], piece)
+                    if self.units.find(element) == _Units.FIXED:
+                        self.units.join(_Units.FIXED, piece)
+        self.replaced.update(replaced)
+        self.members = [
+            (piece, replace(m, offset=m.offset + offset, length=length))
+            for element, m in self.members
+            for piece, offset, length in replaced.get(element, [(element, 0, m.length)])
+        ]
+        self.fixed_notes = [
+            (elements | {p for e in elements for p, _, _ in replaced.get(e, [])}, why)
+            for elements, why in self.fixed_notes
+        ]
+        self.values = {node: self._current(value) for node, value in self.values.items()}
+        return self._current(x)
+
+    def _current(self, value: Any) -> Any:
+        """``value`` with every block of an element since cut replaced by its pieces."""
+        if isinstance(value, tuple):
+            return tuple(self._current(v) for v in value)
+        if not isinstance(value, _Feature) or not any(e in self.replaced for e, _ in value.blocks):
+            return value
+        blocks = [
+            (piece, length)
+            for element, size in value.blocks
+            for piece, _, length in self.replaced.get(element, [(element, 0, size)])
+        ]
+        return self._current(_Feature(value.axis, blocks, value.inner))
 
     def _pad(self, node: fx.Node, x: Any) -> Any:
         if not isinstance(x, _Feature):
@@ -683,7 +797,7 @@ class _SpecBuilder:
         for other_axis, other in features[1:]:
             if other_axis != axis:
                 raise _Unhandled("combines tensors whose units are on different axes")
-            self._join_blocks(first, other)
+            first = self._join_blocks(first, other)
         for operand in fixed:
             shape = self._shape(operand)
             position = axis - (out_ndim - len(shape))
@@ -695,19 +809,38 @@ class _SpecBuilder:
                 self._member(first, param.name, position, "out")
         return first
 
-    def _join_blocks(self, a: _Feature, b: _Feature) -> None:
+    def _join_blocks(self, a: _Feature, b: _Feature) -> _Feature:
+        """Join ``a``'s units with ``b``'s one by one; returns ``a`` as it stands after.
+
+        Where their blocks differ (concats of other sizes, GroupNorm groups on one side), both
+        are first cut at each other's block boundaries.
+        """
         if a.inner != b.inner:
             raise _Unhandled("combines units flattened with different numbers of positions")
-        if [n for _, n in a.blocks] != [n for _, n in b.blocks]:
-            if a.length != b.length:
-                raise _Unhandled(f"combines {a.length} units with {b.length}")
-            raise _Unhandled("combines concatenations with different block sizes")
+        if a.length != b.length:
+            raise _Unhandled(f"combines {a.length} units with {b.length}")
+        a = self._cut(a, _boundaries(self._current(b)))
+        b = self._cut(b, _boundaries(a))
+        a = self._current(a)
         for (ea, _), (eb, _) in zip(a.blocks, b.blocks, strict=True):
             self.units.join(ea, eb)
+        return a
 
     def _cat(self, node: fx.Node, tensors: Sequence[Any], dim: int) -> Any:
         out_shape = self._shape(node)
         dim = dim % len(out_shape)
+        if isinstance(tensors, fx.Node):  # torch.cat(pieces) of a tuple made in the graph
+            pieces = self.values.get(tensors)
+            if not isinstance(pieces, tuple) or not all(isinstance(p, _Feature) for p in pieces):
+                raise _Unhandled("concatenates a sequence whose pieces it cannot see")
+            if pieces[0].axis != dim:  # along tokens, say: every piece has the same units
+                joined = pieces[0]
+                for piece in pieces[1:]:
+                    joined = self._join_blocks(joined, piece)
+                return joined
+            if any(p.axis != dim or p.inner != pieces[0].inner for p in pieces):
+                raise _Unhandled("concatenates pieces with units laid out differently")
+            return _Feature(dim, [b for p in pieces for b in p.blocks], pieces[0].inner)
         values = [self.values.get(t) if isinstance(t, fx.Node) else None for t in tensors]
         features = [v for v in values if isinstance(v, _Feature)]
         if not features:
@@ -741,15 +874,19 @@ class _SpecBuilder:
             by_root.setdefault(self.units.find(element), []).append(member)
         # Per group, the node whose output shows its units on the most samples (conv maps before
         # pooling), the last such node (after the nonlinearity) on ties.
-        activation: dict[int, tuple[int, int, str, int]] = {}
+        activation: dict[int, tuple[int, int, str, int, int]] = {}
         for index, node in enumerate(self.order):
             value = self.values.get(node)
-            if isinstance(value, _Feature) and len(value.blocks) == 1 and value.inner == 1:
-                shape = self._shape(node)
-                samples = math.prod(shape) // shape[value.axis]
-                root = self.units.find(value.blocks[0][0])
-                candidate = (samples, index, node.name, value.axis)
+            if not isinstance(value, _Feature) or value.inner != 1:
+                continue
+            shape = self._shape(node)
+            samples = math.prod(shape) // shape[value.axis]
+            offset = 0
+            for element, length in value.blocks:
+                root = self.units.find(element)
+                candidate = (samples, index, node.name, value.axis, offset)
                 activation[root] = max(activation.get(root, candidate), candidate)
+                offset += length
         groups, warnings, names = [], [], set()
         for root, members in by_root.items():
             name = _group_name(members, names)
@@ -758,14 +895,19 @@ class _SpecBuilder:
             if root not in activation:
                 warnings.append(f"group '{name}' has no activation in the graph; left unpermuted")
                 continue
-            _, _, node_name, axis = activation[root]
-            groups.append(PermGroup(name, self.units.size[root], tuple(members), node_name, axis))
+            _, _, node_name, axis, offset = activation[root]
+            size = self.units.size[root]
+            groups.append(PermGroup(name, size, tuple(members), node_name, axis, offset))
         for elements, why in self.fixed_notes:
             touched = [m for e, m in self.members if e in elements]
             if touched and "model output" not in why:
                 name = _group_name(touched, set())
                 warnings.append(f"units of '{name}' left unpermuted: {why}")
         return PermutationSpec(tuple(groups), tuple(dict.fromkeys(warnings)))
+
+
+def _boundaries(x: _Feature) -> list[int]:
+    return list(itertools.accumulate(length for _, length in x.blocks))[:-1]
 
 
 def _group_name(members: list[AxisSlice], taken: set[str]) -> str:
