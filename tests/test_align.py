@@ -527,6 +527,36 @@ def test_self_check_names_a_wrong_group() -> None:
         check_spec(model, PermutationSpec((wrong,)), x)
 
 
+def test_untraceable_submodule_is_kept_whole_with_a_warning() -> None:
+    class ShapeDependent(nn.Module):  # Python control flow on a shape: fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.fc(x.mean(1) if x.dim() == 3 else x))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 8)
+            self.odd = ShapeDependent()
+            self.c, self.head = nn.Linear(8, 6), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.odd(F.relu(self.b(F.relu(self.a(x)))))
+            return self.head(F.relu(self.c(h)))
+
+    model = Model().eval()
+    x = torch.randn(3, 4)
+    spec = derive_spec(model, x)
+    # b's units enter the opaque module, so they stay; a and c around it are still groups.
+    assert [g.name for g in spec.groups] == ["a", "c"]
+    [warning] = spec.warnings
+    assert "units of 'b' left unpermuted: odd (ShapeDependent) cannot be traced" in warning
+    check_spec(model, spec, x)
+
+
 def test_untraceable_model_is_one_line_error() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:

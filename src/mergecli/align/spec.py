@@ -228,17 +228,34 @@ def split_flattened(
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer, which also goes inside torch's transformer encoder layers.
+    """fx's tracer, which also goes inside torch's transformer encoder layers, and keeps the
+    submodules named in ``opaque`` whole.
 
-    Their own forward checks the input to choose a fused fast path, which symbolic tracing
-    cannot follow; the plain path below computes the same function from their submodules.
+    Transformer layers' own forward checks the input to choose a fused fast path, which
+    symbolic tracing cannot follow; the plain path below computes the same function from their
+    submodules. When tracing fails, ``failed`` names the innermost submodule being traced.
     """
 
+    def __init__(self, opaque: set[str]) -> None:
+        super().__init__()
+        self.opaque = opaque
+        self.failed: tuple[str, Exception] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.opaque or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        plain = _PLAIN_FORWARDS.get(type(m))
-        if plain is not None:
-            return plain(m, *args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        try:
+            plain = _PLAIN_FORWARDS.get(type(m))
+            if plain is not None and self.path_of_module(m) not in self.opaque:
+                return plain(m, *args, **kwargs)
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if self.failed is None:
+                self.failed = (self.path_of_module(m), exc)
+            raise
 
 
 def _encoder_layer(
@@ -286,18 +303,28 @@ _PLAIN_FORWARDS = {nn.TransformerEncoderLayer: _encoder_layer, nn.TransformerEnc
 
 
 def trace(module: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with a one-line error for models it cannot trace."""
-    try:
-        tracer = _Tracer()
-        graph = tracer.trace(module)
-        return fx.GraphModule(tracer.root, graph, type(module).__name__)
-    except Exception as exc:
-        reason = " ".join(str(exc).split())[:300]
-        raise MergeCliError(
-            f"model {type(module).__name__}: torch.fx cannot trace it ({type(exc).__name__}: "
-            f"{reason}); alignment needs a traceable forward (no data-dependent Python control "
-            "flow), or give the checkpoints already aligned"
-        ) from None
+    """The module's graph (torch.fx); a submodule fx cannot trace is kept whole, and named with
+    the reason in ``graph_module.meta["untraceable"]``. The model's own forward must trace."""
+    untraceable: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(set(untraceable))
+        try:
+            graph = tracer.trace(module)
+        except Exception as exc:
+            if tracer.failed is None or tracer.failed[0] in untraceable:
+                reason = " ".join(str(exc).split())[:300]
+                raise MergeCliError(
+                    f"model {type(module).__name__}: torch.fx cannot trace it "
+                    f"({type(exc).__name__}: {reason}); alignment needs a traceable forward "
+                    "(no Python control flow on tensor values or shapes), or give the "
+                    "checkpoints already aligned"
+                ) from None
+            name, error = tracer.failed
+            untraceable[name] = " ".join(f"{type(error).__name__}: {error}".split())[:160]
+            continue
+        graph_module = fx.GraphModule(tracer.root, graph, type(module).__name__)
+        graph_module.meta["untraceable"] = untraceable
+        return graph_module
 
 
 @dataclass
@@ -468,6 +495,9 @@ class _SpecBuilder:
             return x
         if isinstance(module, nn.Flatten):
             return self._flatten(node, x, module.start_dim, module.end_dim)
+        reason = self.gm.meta.get("untraceable", {}).get(str(node.target))
+        if reason is not None:
+            raise _Unhandled(f"cannot be traced by torch.fx inside ({reason})")
         raise _Unhandled("is a module the tracer does not know")
 
     def _attention(self, node: fx.Node, module: nn.MultiheadAttention, prefix: str) -> Any:
