@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tutorial_cnn import TutorialNet
+from user_models import USER_MODELS
 
 from mergecli.align.activation_matching import match_activations
 from mergecli.align.activations import PairStatistics, pair_statistics
@@ -311,6 +312,25 @@ def test_spec_preserves_function_and_weight_matching_recovers_permutation(name: 
     aligned = apply_permutations(shuffled, spec, found)
     for key in state:
         assert torch.equal(aligned[key], state[key]), key
+
+
+@pytest.mark.parametrize("name", list(USER_MODELS))
+def test_user_models_align_or_say_why_not(name: str) -> None:
+    factory, shape, groups, warned = USER_MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(4, *shape)
+    spec = derive_spec(model, x)
+    assert len(spec.groups) == groups, [g.name for g in spec.groups]
+    assert bool(spec.warnings) == bool(warned), spec.warnings
+    assert all(warned in w for w in spec.warnings), spec.warnings
+    check_spec(model, spec, x)
+    state = model.state_dict()
+    shuffled = apply_permutations(
+        state, spec, random_permutations(spec, torch.Generator().manual_seed(1))
+    )
+    aligned = apply_permutations(shuffled, spec, weight_matching(spec, state, shuffled))
+    assert all(torch.equal(aligned[key], state[key]) for key in state)
 
 
 @pytest.mark.parametrize("per_block", [True, False], ids=["cached-blocks", "one-matmul"])
