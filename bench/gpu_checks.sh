@@ -19,6 +19,8 @@ python3 -m pytest -q tests/test_gpu.py tests/test_transformers.py 2>&1 | tee "$O
 echo "== weight matching: LAP against everything else"
 for width in 1 4 8; do python3 bench/weight_matching.py --width "$width" --device cuda; done \
   2>&1 | tee "$OUT/weight-matching.log"
+echo "== the same on this host's CPU cores (no host-to-device copy), for comparison"
+python3 bench/weight_matching.py --width 4 --device cpu 2>&1 | tee -a "$OUT/weight-matching.log"
 echo "== NP Merge fit step against a plain training step"
 python3 bench/fit_step.py 2>&1 | tee "$OUT/fit-step.log"
 if [ -f runs/mlp8-seed0.safetensors ]; then

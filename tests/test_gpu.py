@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_align import MODELS
 
 from conftest import run_cli, write_recipe
+from mergecli.align.activations import pair_statistics
 from mergecli.align.permute import apply_permutations, random_permutations
-from mergecli.align.spec import derive_spec
+from mergecli.align.spec import derive_spec, trace
 from mergecli.align.weight_matching import weight_matching
 from mergecli.merge.coefficients import FlatParameters, logits_per_model, pairwise_merge
 from mergecli.merge.fit_loop import CoefficientStep, FitConfig
@@ -36,6 +38,36 @@ def test_weight_matching_on_the_gpu_recovers_a_permutation_like_the_cpu() -> Non
     assert all(torch.equal(on_gpu[n], on_cpu[n]) for n in on_cpu)
     recovered = apply_permutations(shuffled, spec, on_gpu)
     assert all(torch.equal(recovered[n], original[n]) for n in original)
+
+
+@pytest.mark.parametrize(
+    "name", ["tutorial-cnn", "groupnorm-resnet", "gated-chunks", "torch-transformer"]
+)
+def test_flattened_and_cut_groups_on_the_gpu_match_the_cpu(name: str, device: str = "cuda") -> None:
+    # Runs of positions (flatten), GroupNorm groups and chunks (activation offsets), attention.
+    factory, shape, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(64, *shape)
+    spec = derive_spec(model, x[:2])
+    state = model.state_dict()
+    shuffled = apply_permutations(
+        state, spec, random_permutations(spec, torch.Generator().manual_seed(1))
+    )
+    on_gpu = weight_matching(spec, state, shuffled, device=device)
+    on_cpu = weight_matching(spec, state, shuffled, device="cpu")
+    assert all(torch.equal(on_gpu[n], on_cpu[n]) for n in on_cpu)
+
+    def moved(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in tensors.items()}
+
+    graph_module = trace(model).to(device)
+    found = pair_statistics(graph_module, spec, moved(state), moved(shuffled), [x.to(device)])
+    expected = pair_statistics(trace(model), spec, state, shuffled, [x])
+    for group in spec.groups:
+        torch.testing.assert_close(
+            found[group.name].sum_xy.cpu(), expected[group.name].sum_xy, rtol=1e-4, atol=1e-3
+        )
 
 
 def test_fit_step_on_the_gpu_matches_the_cpu_in_fp32() -> None:
