@@ -272,15 +272,25 @@ def _add_pieces(
     axes = [axis for axis in range(len(rest) + 1) if axis != m.axis]
     strides = np.cumprod([1, *rest[:0:-1]])[::-1]  # row-major strides of the other axes
     column = np.arange(math.prod(rest))
-    moved = sorted({o.axis for _, o in placements[m.tensor] if o.axis != m.axis})
+    by_axis: dict[int, list[tuple[PermGroup, AxisSlice]]] = {}
+    for g, o in placements[m.tensor]:
+        if o.axis != m.axis:
+            by_axis.setdefault(o.axis, []).append((g, o))
+    moved = sorted(by_axis)
     while len(pieces) < len(moved):
         pieces.append([])
-    for g, o in placements[m.tensor]:
-        if o.axis == m.axis:
-            continue
-        j = axes.index(o.axis)
+    for axis, slices in by_axis.items():
+        j = axes.index(axis)
         coordinate = column // strides[j] % rest[j]
-        inside = np.flatnonzero((coordinate >= o.offset) & (coordinate < o.offset + o.length))
-        unit = coordinate[inside] - o.offset
+        # Which slice each column's coordinate falls in, for all of the axis's slices at once
+        # (GroupNorm groups cut an axis into many).
+        slices = sorted(slices, key=lambda placed: placed[1].offset)
+        starts = np.array([o.offset for _, o in slices])
+        ends = starts + np.array([o.length for _, o in slices])
+        first = np.array([offsets[g.name] for g, _ in slices])
+        which = np.searchsorted(starts, coordinate, side="right") - 1
+        inside = np.flatnonzero((which >= 0) & (coordinate < ends[which.clip(0)]))
+        which = which[inside]
+        unit = coordinate[inside] - starts[which]
         stride = np.full(inside.size, strides[j])
-        pieces[moved.index(o.axis)].append((inside + at, unit + offsets[g.name], unit, stride))
+        pieces[moved.index(axis)].append((inside + at, unit + first[which], unit, stride))
