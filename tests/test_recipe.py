@@ -118,6 +118,12 @@ def test_a_method_name_alone_is_short_for_its_mapping(tmp_path: Path) -> None:
     assert ":13: steps.0.merge.method: unknown merge method 'averag'; did you mean" in problem
     [problem] = problems(tmp_path, GOOD.replace("{method: average}", "[average]"))
     assert ":13: steps.0.merge: must be a mapping of parameters" in problem
+    # Overrides reach inside the short form, and both forms are the same recipe.
+    short = write(tmp_path, GOOD.replace("{method: average}", "ties"))
+    loaded = load_recipe(short, ["steps.0.merge.method=slerp", "steps.0.merge.t=0.3"])
+    full = tmp_path / "full.yaml"
+    full.write_text(GOOD.replace("{method: average}", "{method: slerp, t: 0.3}"))
+    assert loaded.sha256() == load_recipe(full, []).sha256()
 
 
 def test_step_needs_are_checked(tmp_path: Path) -> None:

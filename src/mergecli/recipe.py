@@ -215,9 +215,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
         data = {}
     if not isinstance(data, dict):
         raise RecipeError([f"{filename}:1: the recipe must be a mapping of keys (version, ...)"])
+    _expand_method_names(data)
     overridden = apply_overrides(data, overrides or [])
     where = _Locator(filename, lines, overridden)
     return validate_recipe(data, where, default_name=path.stem)
+
+
+def _expand_method_names(data: dict[str, Any]) -> None:
+    """``- merge: ties`` is short for ``- merge: {method: ties}`` (``analyze``: ``{kind: ...}``),
+    expanded before overrides so that ``--set steps.0.merge.density=0.3`` finds a mapping."""
+    steps = data.get("steps")
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and len(step) == 1:
+            kind, body = next(iter(step.items()))
+            if isinstance(body, str):
+                step[kind] = {"kind" if kind == "analyze" else "method": body}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[Path_]:
@@ -316,8 +328,6 @@ def _validate_step(
         problems.append(where((*at, kind), _unknown("step kind", kind, STEP_KINDS)))
         return None
     body = {} if body is None else body
-    if isinstance(body, str):  # `- merge: ties` is short for `- merge: {method: ties}`
-        body = {"kind" if kind == "analyze" else "method": body}
     if not isinstance(body, dict):
         problems.append(where((*at, kind), "must be a mapping of parameters, e.g. {method: ...}"))
         return None
