@@ -449,6 +449,8 @@ def test_groupnorm_groups_and_chunks_cut_units_into_pieces() -> None:
         (m.offset, m.length) for g in spec.groups for m in g.members if m.tensor == "norm2.weight"
     )
     assert norm2 == [(0, 2), (2, 2), (4, 2), (6, 2)]  # channels stay within their GroupNorm group
+    per_channel = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(8, 8), nn.Conv2d(8, 2, 1))
+    assert [g.size for g in derive_spec(per_channel, torch.randn(2, 3, 4, 4)).groups] == [8]
     spec = derive_spec(GatedChunks(), torch.randn(2, 6))
     [gated] = [
         g

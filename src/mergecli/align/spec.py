@@ -482,9 +482,10 @@ class _SpecBuilder:
             return self._norm(x, 1, prefix, module, ("weight",))
         if isinstance(module, nn.GroupNorm):
             feature = self._require(x, 1, "GroupNorm")
-            if feature is not None and module.num_groups > 1:
+            if feature is not None and 1 < module.num_groups < module.num_channels:
                 # Statistics are shared within each group of channels: units may move only
                 # inside their group, so each group of channels becomes units of its own.
+                # (One group, or one per channel, constrains nothing.)
                 size = module.num_channels // module.num_groups
                 x = self._cut(feature, range(size, module.num_channels, size))
             return self._norm(x, 1, prefix, module, ("weight", "bias"))
@@ -512,7 +513,7 @@ class _SpecBuilder:
         axis = len(self._shape(inputs[0])) - 1
         values = [self.values.get(t) if isinstance(t, fx.Node) else None for t in inputs]
         features = [self._require(v, axis, "MultiheadAttention") for v in values]
-        if module._qkv_same_embed_dim:
+        if module.in_proj_weight is not None:
             # One packed in_proj: a permutation of its columns moves all three inputs alike.
             if any(f is None for f in features):
                 if any(f is not None for f in features):
