@@ -138,7 +138,11 @@ def _prepare(
     names = [name for name in placements if reference[name].dim() > 1]
     with ThreadPoolExecutor(max_workers=1) as pool:
         moving = pool.submit(
-            lambda: [{n: state[n].to(device) for n in names} for state in (reference, other)]
+            # Asynchronous from pinned memory; the layout copies queue behind it on the stream.
+            lambda: [
+                {n: state[n].to(device, non_blocking=True) for n in names}
+                for state in (reference, other)
+            ]
         )
         # One host array holds every permutation, so a block's gather is a few vector ops.
         offsets, total = {}, 0
