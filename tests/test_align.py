@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tutorial_cnn import TutorialNet
-from user_models import USER_MODELS
+from user_models import USER_MODELS, ChannelsLastClassifier
 
 from mergecli.align.activation_matching import match_activations
 from mergecli.align.activations import PairStatistics, pair_statistics
 from mergecli.align.cca import cca_transform
-from mergecli.align.permute import apply_permutations, check_spec, random_permutations
+from mergecli.align.permute import (
+    StateDict,
+    apply_permutations,
+    check_spec,
+    random_permutations,
+)
 from mergecli.align.spec import AxisSlice, PermGroup, PermutationSpec, derive_spec, trace
 from mergecli.align.transform import apply_transforms
 from mergecli.align.weight_matching import _current_cost, _prepare, weight_matching
@@ -290,18 +297,26 @@ MODELS = {
 }
 
 
+def permuted_copy(
+    factory: Callable[[], nn.Module], shape: tuple[int, ...], samples: int = 4, seed: int = 1
+) -> tuple[nn.Module, torch.Tensor, PermutationSpec, StateDict, StateDict]:
+    """A seeded model in eval mode, ``samples`` random inputs, the model's spec, its weights,
+    and those weights with every group permuted at random (the same function)."""
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(samples, *shape)
+    spec = derive_spec(model, x[:2])
+    state = model.state_dict()
+    perms = random_permutations(spec, torch.Generator().manual_seed(seed))
+    return model, x, spec, state, apply_permutations(state, spec, perms)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_spec_preserves_function_and_weight_matching_recovers_permutation(name: str) -> None:
     factory, shape, groups = MODELS[name]
-    torch.manual_seed(0)
-    model = factory().eval()
-    x = torch.randn(4, *shape)
-    spec = derive_spec(model, x)
+    model, x, spec, state, shuffled = permuted_copy(factory, shape)
     assert len(spec.groups) == groups, [g.name for g in spec.groups]
     check_spec(model, spec, x)
-    state = model.state_dict()
-    perms = random_permutations(spec, torch.Generator().manual_seed(1))
-    shuffled = apply_permutations(state, spec, perms)
     # The shuffled model is the same function with other weights...
     other = factory().eval()
     other.load_state_dict(shuffled)
@@ -317,18 +332,11 @@ def test_spec_preserves_function_and_weight_matching_recovers_permutation(name: 
 @pytest.mark.parametrize("name", list(USER_MODELS))
 def test_user_models_align_or_say_why_not(name: str) -> None:
     factory, shape, groups, warned = USER_MODELS[name]
-    torch.manual_seed(0)
-    model = factory().eval()
-    x = torch.randn(4, *shape)
-    spec = derive_spec(model, x)
+    model, x, spec, state, shuffled = permuted_copy(factory, shape)
     assert len(spec.groups) == groups, [g.name for g in spec.groups]
     assert bool(spec.warnings) == bool(warned), spec.warnings
     assert all(warned in w for w in spec.warnings), spec.warnings
     check_spec(model, spec, x)
-    state = model.state_dict()
-    shuffled = apply_permutations(
-        state, spec, random_permutations(spec, torch.Generator().manual_seed(1))
-    )
     aligned = apply_permutations(shuffled, spec, weight_matching(spec, state, shuffled))
     assert all(torch.equal(aligned[key], state[key]) for key in state)
 
@@ -428,16 +436,7 @@ def test_flatten_after_conv_moves_each_channel_as_a_run_of_positions() -> None:
     check_spec(model, spec, x)
 
     # Units after positions (channels last) cannot move as runs: left unpermuted, said so.
-    class ChannelsLast(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(2, 4, 1)
-            self.fc = nn.Linear(4 * 4, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(F.relu(self.conv(x)).permute(0, 2, 3, 1).flatten(1))
-
-    spec = derive_spec(ChannelsLast(), torch.randn(2, 2, 2, 2))
+    spec = derive_spec(ChannelsLastClassifier(), torch.randn(2, 2, 2, 2))
     assert spec.groups == () and "flattens units together with axes before them" in str(
         spec.warnings
     )
@@ -613,13 +612,7 @@ def test_activation_matching_recovers_permutations_of_smooth_models(name: str) -
     # Smooth activations (no dead ReLU units, whose order no activation can tell), including
     # groups whose units are a slice of their activation (GroupNorm groups, chunks).
     factory, shape, _ = MODELS[name]
-    torch.manual_seed(0)
-    model = factory().eval()
-    x = torch.randn(64, *shape)
-    spec = derive_spec(model, x[:2])
-    state = model.state_dict()
-    perms = random_permutations(spec, torch.Generator().manual_seed(3))
-    shuffled = apply_permutations(state, spec, perms)
+    model, x, spec, state, shuffled = permuted_copy(factory, shape, samples=64, seed=3)
     stats = pair_statistics(trace(model), spec, state, shuffled, [x[:32], x[32:]])
     aligned = apply_permutations(shuffled, spec, match_activations(stats))
     for key in state:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_align import MODELS
+from test_align import MODELS, permuted_copy
 
 from conftest import run_cli, write_recipe
 from mergecli.align.activations import pair_statistics
@@ -45,15 +45,7 @@ def test_weight_matching_on_the_gpu_recovers_a_permutation_like_the_cpu() -> Non
 )
 def test_flattened_and_cut_groups_on_the_gpu_match_the_cpu(name: str, device: str = "cuda") -> None:
     # Runs of positions (flatten), GroupNorm groups and chunks (activation offsets), attention.
-    factory, shape, _ = MODELS[name]
-    torch.manual_seed(0)
-    model = factory().eval()
-    x = torch.randn(64, *shape)
-    spec = derive_spec(model, x[:2])
-    state = model.state_dict()
-    shuffled = apply_permutations(
-        state, spec, random_permutations(spec, torch.Generator().manual_seed(1))
-    )
+    model, x, spec, state, shuffled = permuted_copy(*MODELS[name][:2], samples=64)
     on_gpu = weight_matching(spec, state, shuffled, device=device)
     on_cpu = weight_matching(spec, state, shuffled, device="cpu")
     assert all(torch.equal(on_gpu[n], on_cpu[n]) for n in on_cpu)

@@ -126,9 +126,9 @@ def _prepare(
     # A flattened unit's run of entries becomes an axis of its own, so below every member's
     # units are whole rows of one axis.
     spec, views = split_flattened(spec, {name: t.shape for name, t in reference.items()})
-    for name, view in views.items():
-        reference = {**reference, name: reference[name].reshape(view)}
-        other = {**other, name: other[name].reshape(view)}
+    if views:
+        reference = {**reference, **{n: reference[n].reshape(v) for n, v in views.items()}}
+        other = {**other, **{n: other[n].reshape(v) for n, v in views.items()}}
     placements: Placements = {}
     for group in spec.groups:
         for m in group.members:
