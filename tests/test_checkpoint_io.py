@@ -268,16 +268,16 @@ def test_pt_path(tmp_path: Path) -> None:
 def test_failure_on_second_shard_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_save = writer_mod.write_safetensors
+    real_open = open
     calls = {"n": 0}
 
-    def flaky_save(*args, **kwargs):
+    def flaky_open(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device")
-        return real_save(*args, **kwargs)
+        return real_open(*args, **kwargs)
 
-    monkeypatch.setattr(writer_mod, "write_safetensors", flaky_save)
+    monkeypatch.setattr(writer_mod, "open", flaky_open, raising=False)
     state = {f"t{i}": torch.zeros(25) for i in range(4)}
     with pytest.raises(MergeCliError, match="cannot write the output directory"):
         save_state_dict(state, tmp_path / "out", shard_size=200)

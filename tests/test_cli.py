@@ -17,6 +17,7 @@ from mergecli.io import checkpoint_sha256
 pytestmark = pytest.mark.slow
 
 OUTPUTS = ("model.safetensors", "report.json", "report.md", "recipe.resolved.yaml")
+MANIFEST = ".mergecli-manifest.json"  # what the run wrote, so that a rerun replaces only that
 
 
 def assert_nothing_written(out_dir: Path) -> None:
@@ -60,7 +61,7 @@ def test_run_average_end_to_end(tmp_path: Path, trained_pair: tuple[Path, Path])
     recipe = write_recipe(tmp_path, a, b)
     result = run_cli("--log", "plain", "run", str(recipe), check=True)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUTS, MANIFEST])
     # The table is printed, and the report holds the same rows.
     assert "ensemble" in result.stdout and "merged (average)" in result.stdout
     report = json.loads((out / "report.json").read_text())

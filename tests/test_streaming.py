@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import mergecli.io.stream_writer as stream_writer
+import mergecli.io.writer as writer_module
 from conftest import run_cli
 from mergecli.errors import MergeCliError
 from mergecli.io import load_state_dict
 from mergecli.io.lazy import LazyTensors
-from mergecli.io.stream_writer import ShardWriter
+from mergecli.io.writer import ShardWriter
 
 
 def llama_dir(folder: Path, seed: int) -> Path:
@@ -75,10 +75,16 @@ def test_disk_full_mid_write_leaves_nothing(
                 raise OSError(28, "No space left on device")
             return self.inner.write(data)
 
+        def flush(self):
+            self.inner.flush()
+
+        def fileno(self):
+            return self.inner.fileno()
+
         def close(self):
             self.inner.close()
 
-    monkeypatch.setattr(stream_writer, "open", FillingFile, raising=False)
+    monkeypatch.setattr(writer_module, "open", FillingFile, raising=False)
     plan = [(f"t{i}", (20, 20), torch.float32) for i in range(6)]
     writer = ShardWriter(tmp_path, plan, {}, shard_size=1600)
     with pytest.raises(MergeCliError, match="No space left on device"):

@@ -156,6 +156,13 @@ def run(
             "(default: the recipe's slurm.requeue).",
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an output dir that holds files mergecli did not write (never one "
+            "that holds an input)."
+        ),
+    ] = False,
 ) -> None:
     """Run a recipe: load, align, merge or fit, repair, evaluate, and write the output dir.
 
@@ -188,7 +195,7 @@ def run(
                         f"recipe {loaded.recipe.name}: {len(loaded.steps)} step(s) -> "
                         f"{loaded.output_dir}"
                     )
-                    run_recipe(loaded, log, resume=resume is Resume.auto)
+                    run_recipe(loaded, log, resume=resume is Resume.auto, overwrite=overwrite)
                 finally:
                     distributed.stop()
             except Stopped as stop:
@@ -274,6 +281,7 @@ def report(
         import json
 
         from mergecli.errors import MergeCliError
+        from mergecli.io.output_dir import OutputDir, record_files
         from mergecli.report import render_report
 
         path = output_dir / "report.json"
@@ -285,8 +293,15 @@ def report(
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise MergeCliError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        for written in render_report(output_dir, data):
-            _log().info(f"wrote {written}")
+        output = OutputDir(output_dir)
+        output.lock_in_place()
+        try:
+            written = render_report(output_dir, data)
+            record_files(output_dir, [p.relative_to(output_dir).as_posix() for p in written])
+        finally:
+            output.release()
+        for path in written:
+            _log().info(f"wrote {path}")
 
 
 @app.command()

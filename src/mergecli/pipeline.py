@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,10 @@ import torch
 from mergecli import __version__
 from mergecli.errors import MergeCliError
 from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
-from mergecli.io.atomic import atomic_target, write_bytes_atomic, write_text_atomic
 from mergecli.io.lazy import LazyTensors, tensor_shape
+from mergecli.io.output_dir import STATE, OutputDir
 from mergecli.io.safetensors_format import write_safetensors
-from mergecli.io.stream_writer import ShardWriter
+from mergecli.io.writer import ShardWriter
 from mergecli.recipe import LoadedRecipe, ModelSpec
 from mergecli.registry import methods_of
 from mergecli.report import render_report
@@ -29,21 +28,25 @@ from mergecli.state import Checkpoint, MergeState, StateDict
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def run_recipe(loaded: LoadedRecipe, log: Log, resume: bool = True) -> MergeState:
+def run_recipe(
+    loaded: LoadedRecipe, log: Log, resume: bool = True, overwrite: bool = False
+) -> MergeState:
     """Everything `mergecli run` does after the recipe validated.
 
     Long steps keep resumable state in ``output.dir/.state/``; ``resume=False`` discards it.
+    ``overwrite`` lets the run replace an output directory holding files it did not write.
     """
     recipe = loaded.recipe
     torch.manual_seed(recipe.seed)
     world = current_world()
     out_dir = loaded.output_dir
-    resume_dir = out_dir / ".state"
+    output = OutputDir(out_dir, input_paths(loaded), overwrite)
+    resume_dir = out_dir / STATE
     # Rank 0 alone touches the output directory; the others read the fit state it keeps.
-    created, problem = False, None
+    problem = None
     if world.is_main:
         try:
-            created = _check_writable(out_dir)
+            output.open()
             if not resume and resume_dir.exists():
                 shutil.rmtree(resume_dir)
         except MergeCliError as exc:
@@ -66,10 +69,8 @@ def run_recipe(loaded: LoadedRecipe, log: Log, resume: bool = True) -> MergeStat
             )
         step = None
         if world.is_main:
-            write_outputs(state, out_dir)
-            with STOP.deferred():
-                # The run finished: its resumable state has served its purpose.
-                shutil.rmtree(resume_dir, ignore_errors=True)
+            # Publishing replaces the directory, and its resumable state with it.
+            write_outputs(state, output)
     except Stopped as stop:
         if not stop.detail:
             stop.detail = (
@@ -77,18 +78,20 @@ def run_recipe(loaded: LoadedRecipe, log: Log, resume: bool = True) -> MergeStat
             )
         if stop.saved is None and resume_dir.is_dir() and any(resume_dir.iterdir()):
             stop.saved = resume_dir
-        _remove_if_made_empty(created, out_dir)
         raise
-    except BaseException:
-        _remove_if_made_empty(created, out_dir)
-        raise
+    finally:
+        if world.is_main:
+            output.release()
     return state
 
 
-def _remove_if_made_empty(created: bool, out_dir: Path) -> None:
-    """A failed run must not leave a directory it made itself, empty, behind."""
-    if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
+def input_paths(loaded: LoadedRecipe) -> list[Path]:
+    """Every file the recipe reads: the recipe, checkpoints, data files, saved alignments."""
+    recipe = loaded.recipe
+    paths = [Path(loaded.source)] + [Path(c.path) for c in recipe.checkpoints]
+    paths += [Path(s.path) for s in (recipe.data.fit, recipe.data.eval) if s and s.path]
+    paths += [Path(p) for s in loaded.steps if (p := getattr(s.params, "from_", None))]
+    return paths
 
 
 def prepare_state(loaded: LoadedRecipe, log: Log) -> MergeState:
@@ -252,21 +255,6 @@ def _check_checkpoints_fit(state: MergeState) -> None:
         load_into_model(module, checkpoint.tensors, checkpoint.spec.path)
 
 
-def _check_writable(out_dir: Path) -> bool:
-    """Fail before any work if the output directory cannot be written; return whether we made it."""
-    existed = out_dir.is_dir()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise MergeCliError(
-            f"{out_dir}: cannot write the output directory ({exc.strerror or exc}); "
-            "choose another output.dir or fix its permissions"
-        ) from None
-    return not existed
-
-
 def output_metadata(state: MergeState) -> dict[str, str]:
     """What the merged safetensors carry so that a merge can be traced and reproduced."""
     loaded = state.loaded
@@ -284,47 +272,51 @@ def output_metadata(state: MergeState) -> dict[str, str]:
     return metadata
 
 
-def write_outputs(state: MergeState, out_dir: Path) -> None:
-    """Merged checkpoint, resolved recipe and report, each written whole under its final name."""
+def write_outputs(state: MergeState, output_dir: OutputDir) -> None:
+    """Merged checkpoint, artifacts, resolved recipe and report, staged and then published as
+    one set: the output directory shows either all of this run's files or none of them."""
     output = state.loaded.recipe.output
+    staging = output_dir.staging
     paths: list[Path] = []
     if state.merged is not None and not isinstance(state.merged, dict):
         # A streamed merge computes while it writes (long); a stop signal aborts it, and the
-        # shards, still under temporary names, go away.
+        # staged files go away with the staging directory.
         plan = _output_plan(state, OUTPUT_DTYPES.get(output.dtype))
         metadata = output_metadata(state)
-        paths = _write_stream(state.merged, out_dir, plan, metadata, output.shard_size)
-    # The rest takes seconds: a signal now waits until every file is in place, so the
-    # directory never mixes this run's files with an earlier run's.
+        paths = _write_stream(state.merged, staging, plan, metadata, output.shard_size)
+    # The rest takes seconds: a signal now waits until the new set is in place.
     with STOP.deferred():
-        _write_finished(state, out_dir, paths)
+        rendered = _write_finished(state, output_dir, paths)
+        output_dir.publish()
+    log = state.log
+    model = state.report.get("output", {}).get("files", [])
+    if model:
+        log.info(f"wrote {', '.join(str(output_dir.final(n)) for n in model)}")
+    log.info(f"wrote {output_dir.final('report.json')}")
+    log.info(f"wrote {', '.join(str(output_dir.final(n)) for n in rendered)}")
 
 
-def _write_finished(state: MergeState, out_dir: Path, paths: list[Path]) -> None:
+def _write_finished(state: MergeState, output_dir: OutputDir, paths: list[Path]) -> list[str]:
+    """Write everything but a streamed model into staging; return the rendered report files."""
     output = state.loaded.recipe.output
+    staging = output_dir.staging
     if state.merged is not None:
         if isinstance(state.merged, dict):
             dtype = OUTPUT_DTYPES.get(output.dtype)
             metadata = output_metadata(state)
-            paths = save_state_dict(state.merged, out_dir, metadata, output.shard_size, dtype)
-        paths += copy_model_files(state, out_dir)
+            paths = save_state_dict(state.merged, staging, metadata, output.shard_size, dtype)
+        paths += copy_model_files(state, staging)
         state.report["output"] = {"files": [p.name for p in paths], "dtype": output.dtype}
-        state.log.info(f"wrote {', '.join(str(p) for p in paths)}")
     for name, (tensors, metadata) in state.artifacts.items():
-        path = out_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_target(path) as tmp:
-            write_safetensors(tmp, tensors, metadata)
+        write_safetensors(output_dir.file(name), tensors, metadata)
         state.report.setdefault("artifacts", []).append(name)
     state.report["name"] = state.loaded.recipe.name
     state.report["recipe_sha256"] = state.loaded.sha256()
     state.report["mergecli_version"] = __version__
-    write_text_atomic(out_dir / "recipe.resolved.yaml", state.loaded.resolved_yaml())
+    (staging / "recipe.resolved.yaml").write_text(state.loaded.resolved_yaml())
     report = _plain(state.report)
-    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    state.log.info(f"wrote {out_dir / 'report.json'}")
-    written = render_report(out_dir, report)
-    state.log.info(f"wrote {', '.join(str(p) for p in written)}")
+    (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return [p.relative_to(staging).as_posix() for p in render_report(staging, report)]
 
 
 def _output_plan(state: MergeState, dtype: torch.dtype | None) -> list:
@@ -369,7 +361,7 @@ def copy_model_files(state: MergeState, out_dir: Path) -> list[Path]:
     copied = []
     for name in MODEL_FILES:
         if (folder / name).is_file():
-            write_bytes_atomic(out_dir / name, (folder / name).read_bytes())
+            shutil.copyfile(folder / name, out_dir / name)
             copied.append(out_dir / name)
     return copied
 

@@ -1,4 +1,12 @@
-"""Write state dicts as safetensors (single file or HF-style shards), atomically."""
+"""The one writer of model files: planned shards streamed to temporary names, fsync'd, renamed.
+
+Every output tensor's name, shape and dtype are known before any is written (from the inputs'
+headers, or from the tensors themselves), so each shard's safetensors header is written first
+and each tensor appended the moment it is ready: nothing is buffered. Shards carry temporary
+names (``.shard-K.tmp-PID``) until ``close`` fsyncs them, renames them
+(``model-0000K-of-0000N.safetensors``, or ``model.safetensors`` for one), writes the index last
+and only then removes the files of an earlier save's other layout.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +20,12 @@ import torch
 
 from mergecli.errors import MergeCliError
 from mergecli.io.checkpoint import INDEX_NAME
-from mergecli.io.safetensors_format import write_safetensors
+from mergecli.io.safetensors_format import safetensors_header
 
 SINGLE_NAME = "model.safetensors"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+Plan = list[tuple[str, tuple[int, ...], torch.dtype]]
 
 
 def shard_name(index: int, count: int) -> str:
@@ -23,65 +33,17 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
-def _prepare(
-    state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None
-) -> dict[str, torch.Tensor]:
-    """Detach, cast floats to ``dtype``, move to CPU, make contiguous and unshare storage."""
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    out: dict[str, torch.Tensor] = {}
-    seen_storage: set[int] = set()
-    for name, tensor in state_dict.items():
-        if not isinstance(name, str):
-            raise TypeError(f"state_dict key {name!r} is not a string")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
-        t = tensor.detach().to("cpu")
-        # Integer/bool buffers (num_batches_tracked, position ids) must keep their exact values.
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        t = t.contiguous()
-        # safetensors refuses tensors that share memory (tied weights); give each its own copy.
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen_storage:
-            t = t.clone()
-            ptr = t.untyped_storage().data_ptr()
-        if t.numel():
-            seen_storage.add(ptr)
-        out[name] = t
-    return out
+def write_error(out_dir: Path, exc: BaseException) -> MergeCliError:
+    """The one-line error for an output directory that cannot be created or written."""
+    reason = getattr(exc, "strerror", None) or " ".join(str(exc).split()) or type(exc).__name__
+    return MergeCliError(
+        f"{out_dir}: cannot write the output directory ({reason}); free some space, fix its "
+        "permissions or choose another output.dir"
+    )
 
 
-def _plan_shards(tensors: dict[str, torch.Tensor], shard_size: int | None) -> list[list[str]]:
-    """Group tensor names, in order, into shards of at most ``shard_size`` bytes each."""
-    if shard_size is None:
-        return [list(tensors)]
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size}")
-    shards: list[list[str]] = [[]]
-    current = 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        # An oversized tensor still gets written: alone in its own shard.
-        if shards[-1] and current + size > shard_size:
-            shards.append([])
-            current = 0
-        shards[-1].append(name)
-        current += size
-    return shards
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush a written file to disk so a rename never exposes a file with missing data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist the renames; best effort, since some platforms cannot fsync a directory."""
+def fsync_dir(path: Path) -> None:
+    """Persist renames in ``path``; best effort, since some platforms cannot fsync a directory."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -94,24 +56,156 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_error(out_dir: Path, exc: BaseException) -> MergeCliError:
-    """Build the one-line error for an output directory that cannot be created or written."""
-    reason = " ".join(str(exc).split()) or type(exc).__name__
-    return MergeCliError(
-        f"{out_dir}: cannot write the output directory ({reason}); "
-        "choose another output.dir or fix its permissions"
-    )
+class ShardWriter:
+    """Streams tensors, in plan order, into shards of at most ``shard_size`` bytes."""
+
+    def __init__(
+        self, out_dir: Path, plan: Plan, metadata: dict[str, str], shard_size: int | None
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        # total_size must describe this save even if the caller's metadata has the key.
+        self.metadata = {str(k): str(v) for k, v in metadata.items() if k != "total_size"}
+        self.shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            spec = torch.empty(shape, dtype=dtype, device="meta")  # shape and dtype, no memory
+            nbytes = spec.numel() * spec.element_size()
+            # An oversized tensor still gets written: alone in its own shard.
+            if shard_size is not None and self.shards[-1] and size + nbytes > shard_size:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, spec))
+            size += nbytes
+        self.total_size = sum(
+            s.numel() * s.element_size() for shard in self.shards for _, s in shard
+        )
+        self._order = [
+            (i, name, spec) for i, shard in enumerate(self.shards) for name, spec in shard
+        ]
+        self._next = 0
+        self._temps: list[Path] = []
+        self._handle = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        shard, expected, spec = self._order[self._next]
+        if name != expected or tuple(tensor.shape) != tuple(spec.shape):
+            raise RuntimeError(f"writer expected {expected} {tuple(spec.shape)}, got {name}")
+        if shard == len(self._temps):
+            self._open(shard)
+        data = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
+        try:
+            if data.numel():
+                self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.out_dir, exc) from None
+        self._next += 1
+
+    def _open(self, shard: int) -> None:
+        self._finish_shard()
+        tmp = self.out_dir / f".shard-{shard + 1}.tmp-{os.getpid()}"
+        self._temps.append(tmp)
+        try:
+            self._handle = open(tmp, "wb")  # noqa: SIM115 - closed by the next shard or close()
+            self._handle.write(safetensors_header(dict(self.shards[shard]), self.metadata))
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.out_dir, exc) from None
+
+    def _finish_shard(self) -> None:
+        """Flush the open shard to disk, so that a rename never exposes missing data."""
+        if self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        try:
+            handle.flush()
+            os.fsync(handle.fileno())
+        finally:
+            handle.close()
+
+    def close(self) -> list[Path]:
+        """Move every shard (and the index) to its final name once all tensors are in.
+
+        Shards are renamed first and the index last; a failure removes this save's files
+        (temporary or renamed). Files of an earlier save's other layout go only at the end.
+        """
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
+        renamed: list[Path] = []
+        try:
+            if not self._temps:
+                self._open(0)
+            self._finish_shard()
+            count = len(self._temps)
+            names = (
+                [SINGLE_NAME] if count == 1 else [shard_name(i + 1, count) for i in range(count)]
+            )
+            pending = [
+                (tmp, self.out_dir / name) for tmp, name in zip(self._temps, names, strict=True)
+            ]
+            if count > 1:
+                pending.append((self._write_index(names), self.out_dir / INDEX_NAME))
+            for tmp, final in pending:
+                os.replace(tmp, final)
+                renamed.append(final)
+            fsync_dir(self.out_dir)
+            finals = [final for _, final in pending]
+            for stale in self._stale(finals):
+                stale.unlink(missing_ok=True)
+        except BaseException as exc:
+            self.abort()
+            # A half-renamed set would pair new shards with an old index; remove the new ones.
+            for final in renamed:
+                with contextlib.suppress(OSError):
+                    final.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise write_error(self.out_dir, exc) from exc
+            raise
+        return finals
+
+    def _write_index(self, names: list[str]) -> Path:
+        index = {
+            "metadata": {"total_size": self.total_size, **self.metadata},
+            "weight_map": {
+                n: f for shard, f in zip(self.shards, names, strict=True) for n, _ in shard
+            },
+        }
+        tmp = self.out_dir / f".{INDEX_NAME}.tmp-{os.getpid()}"
+        self._temps.append(tmp)
+        with tmp.open("w", encoding="utf-8") as handle:
+            json.dump(index, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return tmp
+
+    def _stale(self, finals: list[Path]) -> list[Path]:
+        """Files of an earlier save (either layout) that this save did not overwrite."""
+        keep = {f.name for f in finals}
+        stale = [
+            self.out_dir / name
+            for name in (INDEX_NAME, SINGLE_NAME)
+            if name not in keep and (self.out_dir / name).is_file()
+        ]
+        stale += sorted(
+            f for f in self.out_dir.iterdir() if _SHARD_RE.match(f.name) and f.name not in keep
+        )
+        return stale
+
+    def abort(self) -> None:
+        """Remove every temporary file written so far (a failed save leaves nothing behind)."""
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            self._handle = None
+        for tmp in self._temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
-def _stale_outputs(out_dir: Path, keep: set[str]) -> list[Path]:
-    """Files of an earlier save (either layout) that the new save does not overwrite."""
-    stale = []
-    # The index goes first: while it exists, readers ignore a lone model.safetensors.
-    for name in (INDEX_NAME, SINGLE_NAME):
-        if name not in keep and (out_dir / name).is_file():
-            stale.append(out_dir / name)
-    stale += sorted(f for f in out_dir.iterdir() if _SHARD_RE.match(f.name) and f.name not in keep)
-    return stale
+def _output_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    # Integer/bool buffers (num_batches_tracked, position ids) must keep their exact values.
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
 
 
 def save_state_dict(
@@ -125,77 +219,30 @@ def save_state_dict(
 
     Writes ``model.safetensors``, or, when ``shard_size`` (bytes) is given and the tensors
     exceed it, ``model-0000i-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``
-    (returned last). Tensors keep their order; a shard is closed when the next tensor would
-    overflow it, and a tensor larger than ``shard_size`` gets a shard of its own. ``dtype``
-    casts floating-point tensors only. ``metadata`` (keys and values coerced to ``str``) goes
-    into every file's ``__metadata__`` and into the index's ``metadata`` next to ``total_size``.
-
-    All files are written under temporary names (``.NAME.tmp-PID``) and fsync'd, then renamed
-    into place shards first, index last. On failure the temporary files and any already-renamed
-    new files are removed. Outputs of the other layout (or an old shard count) left from an
-    earlier save are deleted only once the new files are in place.
+    (returned last), through `ShardWriter`. ``dtype`` casts floating-point tensors only.
+    ``metadata`` (keys and values coerced to ``str``) goes into every file's ``__metadata__``
+    and into the index's ``metadata`` next to ``total_size``.
     """
     out = Path(out_dir)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    tensors = _prepare(state_dict, dtype)
-    groups = _plan_shards(tensors, shard_size)
-
-    if len(groups) == 1:
-        names = [SINGLE_NAME]
-    else:
-        names = [shard_name(i + 1, len(groups)) for i in range(len(groups))]
-    total_size = sum(t.numel() * t.element_size() for t in tensors.values())
-
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    if shard_size is not None and shard_size <= 0:
+        raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size}")
+    for name, tensor in state_dict.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state_dict key {name!r} is not a string")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _write_error(out, exc) from exc
-
-    pid = os.getpid()
-    pending: list[tuple[Path, Path]] = []  # (temporary, final), in rename order
-    renamed: list[Path] = []
+        raise write_error(out, exc) from exc
+    plan = [(n, tuple(t.shape), _output_dtype(t, dtype)) for n, t in state_dict.items()]
+    writer = ShardWriter(out, plan, dict(metadata or {}), shard_size)
     try:
-        for name, group in zip(names, groups, strict=True):
-            tmp = out / f".{name}.tmp-{pid}"
-            pending.append((tmp, out / name))
-            write_safetensors(tmp, {n: tensors[n] for n in group}, meta)
-            _fsync_file(tmp)
-        if len(names) > 1:
-            # total_size must describe this save even if the caller's metadata has the key.
-            extra = {k: v for k, v in meta.items() if k != "total_size"}
-            index = {
-                "metadata": {"total_size": total_size, **extra},
-                "weight_map": {
-                    n: name for name, group in zip(names, groups, strict=True) for n in group
-                },
-            }
-            tmp = out / f".{INDEX_NAME}.tmp-{pid}"
-            pending.append((tmp, out / INDEX_NAME))
-            with tmp.open("w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, final in pending:
-            os.replace(tmp, final)
-            renamed.append(final)
-    except BaseException as exc:
-        for tmp, _ in pending:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-        # A half-renamed set would pair new shards with an old index; remove the new ones.
-        for final in renamed:
-            with contextlib.suppress(OSError):
-                final.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _write_error(out, exc) from exc
+        for name, tensor in state_dict.items():
+            writer.add(name, tensor)
+    except BaseException:
+        writer.abort()
         raise
-    _fsync_dir(out)
-
-    finals = [final for _, final in pending]
-    try:
-        for stale in _stale_outputs(out, {f.name for f in finals}):
-            stale.unlink(missing_ok=True)
-    except OSError as exc:
-        raise _write_error(out, exc) from exc
-    return finals
+    return writer.close()
