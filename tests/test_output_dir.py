@@ -243,3 +243,15 @@ def test_output_file_names_stay_inside_and_cwd_is_never_replaced(
     monkeypatch.chdir(tmp_path / "runs" if (tmp_path / "runs").exists() else tmp_path)
     with pytest.raises(MergeCliError, match="contains the current directory"):
         OutputDir(tmp_path).open()
+
+
+def test_train_never_writes_over_its_init_checkpoint(tmp_path: Path) -> None:
+    base = tmp_path / "base.safetensors"
+    run_cli("train", "--arch", "mlp", "--arg", "depth=2", "--arg", "hidden=8", "--data",
+            "mnist:0:100", "--eval-data", "none", "--epochs", "1", "--out", str(base),
+            check=True)  # fmt: skip
+    before = base.read_bytes()
+    result = run_cli("train", "--arch", "mlp", "--arg", "depth=2", "--arg", "hidden=8",
+                     "--data", "mnist:0:100", "--init", str(base), "--out", str(base))  # fmt: skip
+    assert "is the --init checkpoint" in one_line_error(result, code=2)
+    assert base.read_bytes() == before

@@ -393,9 +393,19 @@ def train(
 ) -> None:
     """Train a model on a data source and write a checkpoint that recipes can merge."""
     with user_errors():
+        import os
+
+        from mergecli.errors import RecipeError
         from mergecli.runtime.device import resolve_device
         from mergecli.train import save_trained, train_model
 
+        if init is not None and os.path.realpath(out) == os.path.realpath(init):
+            raise RecipeError(
+                [
+                    f"--out {out}: is the --init checkpoint, an input that training "
+                    "must not replace; write the trained model to another file"
+                ]
+            )
         log = _log()
         args = _parse_assignments(arg or [], "--arg")
         train_spec = _parse_data_option(data, "--data")
