@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from conftest import SMALL_MLP, run_cli
 from mergecli.data import load_data
 from mergecli.errors import MergeCliError
 
@@ -71,12 +71,44 @@ def one_error_line(*args: str) -> str:
 
 
 @pytest.mark.parametrize("step", ["activation_matching", "fit", "evaluate"])
+def test_label_beyond_the_models_outputs(tmp_path: Path, trained_pair, step: str) -> None:
+    data = data_file(tmp_path, label=11)
+    line = one_error_line("run", str(recipe(tmp_path, trained_pair, step, data)))
+    split = STEPS[step][0]
+    for needle in (f"data.{split}", str(data), f"label 11 in row {BAD_ROW}", "10 outputs"):
+        assert needle in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_row_is_the_files_row_after_a_split(tmp_path: Path, trained_pair) -> None:
+    data = data_file(tmp_path, label=10)
+    path = recipe(tmp_path, trained_pair, "fit", data, extra=', split: "5:40"')
+    assert f"label 10 in row {BAD_ROW} " in one_error_line("run", str(path))
+
+
+@pytest.mark.parametrize("step", ["activation_matching", "fit", "evaluate", "repair"])
+def test_inputs_of_the_wrong_shape(tmp_path: Path, trained_pair, step: str) -> None:
+    data = data_file(tmp_path, features=100)
+    line = one_error_line("run", str(recipe(tmp_path, trained_pair, step, data)))
+    for needle in (f"data.{STEPS[step][0]}", str(data), "[100]", "mlp", "784 features"):
+        assert needle in line, line
+
+
+@pytest.mark.parametrize("step", ["activation_matching", "fit", "evaluate"])
 def test_nan_inputs(tmp_path: Path, trained_pair, step: str) -> None:
     data = data_file(tmp_path, value=float("nan"))
     line = one_error_line("run", str(recipe(tmp_path, trained_pair, step, data)))
     assert f"data.{STEPS[step][0]}.x" in line and str(data) in line, line
     assert f"NaN in row {BAD_ROW}" in line and "please report" not in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_labels_beyond_the_models_outputs(tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    args = ("train", *SMALL_MLP, "--arg", "num_classes=5", "--data", "mnist:0:300")
+    line = one_error_line(*args, "--eval-data", "none", "--epochs", "1", "--out", str(out))
+    assert "--data" in line and "5 outputs" in line and "label 7 in row 0" in line, line
+    assert not out.exists()
 
 
 def test_inf_inputs_named_with_their_file_row(tmp_path: Path) -> None:

@@ -287,6 +287,16 @@ _SOURCES: dict[str, Callable[[Mapping[str, Any], str], TensorData]] = {
 }
 
 
+def describe_source(spec: Mapping[str, Any]) -> str:
+    """A data spec in a few words for messages: the file, the factory, or the source."""
+    source = spec.get("source")
+    if source == "tensors":
+        return f"tensors file {spec.get('path')}"
+    if source == "python":
+        return f"python factory {spec.get('factory')}"
+    return f"{source} split {spec.get('split', 'train')!s}" if source == "mnist" else str(source)
+
+
 def load_data(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -> TensorData:
     """Load the dataset described by ``spec`` and apply its classes/balanced/fraction options."""
     if not isinstance(spec, Mapping):
