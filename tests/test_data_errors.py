@@ -94,6 +94,13 @@ def test_inputs_of_the_wrong_shape(tmp_path: Path, trained_pair, step: str) -> N
         assert needle in line, line
 
 
+def test_wrong_model_input_shape_prints_no_traceback(tmp_path: Path, trained_pair) -> None:
+    path = recipe(tmp_path, trained_pair, "activation_matching", data_file(tmp_path))
+    path.write_text(path.read_text().replace("hidden: 32}", "hidden: 32}, input_shape: [100]"))
+    line = one_error_line("run", str(path))
+    assert "[2, 100]" in line and "model.input_shape" in line, line
+
+
 @pytest.mark.parametrize("step", ["activation_matching", "fit", "evaluate"])
 def test_nan_inputs(tmp_path: Path, trained_pair, step: str) -> None:
     data = data_file(tmp_path, value=float("nan"))
