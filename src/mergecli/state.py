@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,9 @@ from torch import Tensor, nn
 from mergecli.errors import MergeCliError
 from mergecli.recipe import CheckpointSpec, LoadedRecipe, ModelSpec
 from mergecli.runtime.log import Log
+
+if TYPE_CHECKING:
+    from mergecli.data import TensorData
 
 StateDict = dict[str, Tensor]
 
@@ -96,7 +99,8 @@ class MergeState:
         return build_model(self.model_spec.arch, self.model_spec.args).to(self.device)
 
     def data(self, split: Literal["fit", "eval"]) -> Any:
-        """The recipe's ``data.fit`` or ``data.eval``, loaded once."""
+        """The recipe's ``data.fit`` or ``data.eval``, loaded once and checked against the model
+        (every step that runs the model on data gets it here)."""
         from mergecli.data import load_data
 
         if split not in self._data:
@@ -104,8 +108,22 @@ class MergeState:
             if spec is None:
                 raise MergeCliError(f"{self.loaded.source}: this step needs data.{split}")
             raw = spec.model_dump(exclude_none=True, exclude={"batch_size"})
-            self._data[split] = load_data(raw, seed=self.loaded.recipe.seed, where=f"data.{split}")
+            data = load_data(raw, seed=self.loaded.recipe.seed, where=f"data.{split}")
+            self._check_against_model(data, raw, f"data.{split}")
+            self._data[split] = data
         return self._data[split]
+
+    def _check_against_model(self, data: TensorData, raw: Mapping[str, Any], where: str) -> None:
+        """Inputs the model cannot take or labels it has no output for fail here, in one line,
+        rather than deep in a step. Without a model spec the step itself says it needs one."""
+        from mergecli.data.model_check import DataUse, check_against_model
+        from mergecli.data.sources import describe_source
+
+        if self.model_spec is None:
+            return
+        spec = self.model_spec
+        use = DataUse(where, describe_source(raw), spec.arch, spec.input_shape)
+        check_against_model(data, self.build_module(), use)
 
     def example_input(self) -> Tensor:
         """A small input batch for tracing: from ``model.input_shape``, else from the data."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from mergecli.errors import MergeCliError
 from mergecli.io.atomic import atomic_target
 from mergecli.io.safetensors_format import write_safetensors
 from mergecli.runtime.log import Log
+
+if TYPE_CHECKING:
+    from mergecli.data import TensorData
 
 
 def train_model(
@@ -36,7 +39,6 @@ def train_model(
     With ``init``, training starts from that checkpoint's weights: a fine-tune, the kind of
     model that task arithmetic, TIES and DARE merge.
     """
-    from mergecli.data import load_data
     from mergecli.evaluate.metrics import accuracy
     from mergecli.io import load_state_dict
     from mergecli.models import build_model, load_into_model
@@ -46,8 +48,8 @@ def train_model(
     if init is not None:
         load_into_model(module, load_state_dict(init), f"--init {init}")
     module = module.to(device)
-    train = load_data(train_spec, seed=seed, where="--data")
-    held_out = load_data(eval_spec, seed=seed, where="--eval-data") if eval_spec else None
+    train = _load_for(module, arch, train_spec, seed, "--data")
+    held_out = _load_for(module, arch, eval_spec, seed, "--eval-data") if eval_spec else None
     if optimizer == "adam":
         opt = torch.optim.Adam(module.parameters(), lr=lr)
     else:
@@ -77,6 +79,19 @@ def train_model(
     if held_out is not None:
         metrics["eval_accuracy"] = _accuracy(module, held_out, batch_size, device, accuracy)
     return module, metrics
+
+
+def _load_for(
+    module: torch.nn.Module, arch: str, spec: dict[str, Any], seed: int, where: str
+) -> TensorData:
+    """A data option loaded and checked against the model, before any training step."""
+    from mergecli.data import load_data
+    from mergecli.data.model_check import DataUse, check_against_model
+    from mergecli.data.sources import describe_source
+
+    data = load_data(spec, seed=seed, where=where)
+    check_against_model(data, module, DataUse(where, describe_source(spec), arch))
+    return data
 
 
 @torch.no_grad()

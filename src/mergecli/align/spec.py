@@ -11,6 +11,8 @@ joined with FIXED and never permuted; a warning names each such group and why.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import math
 import operator
@@ -187,13 +189,15 @@ def derive_spec(module: nn.Module, example_input: torch.Tensor) -> PermutationSp
     """Trace ``module``, propagate shapes on ``example_input``, and join the axes of each group."""
     graph_module = trace(module)
     try:
-        ShapeProp(graph_module).propagate(example_input)
+        # ShapeProp prints the traceback of a failing node itself; the one line below says it.
+        with contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(graph_module).propagate(example_input)
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:300]
+        reason = " ".join(str(exc.__cause__ or exc).split())[:300]
         raise MergeCliError(
             f"model {type(module).__name__} does not accept an example input of shape "
             f"{list(example_input.shape)} ({reason}); set model.input_shape (without the batch)"
-        ) from None
+        ) from exc
     return _SpecBuilder(graph_module).build()
 
 

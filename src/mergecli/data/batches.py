@@ -17,6 +17,9 @@ class TensorData:
 
     x: Tensor
     y: Tensor
+    # Each example's row in its source (file, dataset), so that messages about one example
+    # name the row a user can find; None: example i is row i.
+    rows: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.dim() == 0 or self.y.dim() != 1 or self.x.shape[0] != self.y.shape[0]:
@@ -24,16 +27,27 @@ class TensorData:
                 f"TensorData needs x (N, ...) and y (N,), got {tuple(self.x.shape)} "
                 f"and {tuple(self.y.shape)}"
             )
+        if self.rows is not None and self.rows.shape != self.y.shape:
+            raise ValueError(f"TensorData rows {tuple(self.rows.shape)} do not match y")
 
     def __len__(self) -> int:
         """Number of examples."""
         return int(self.y.shape[0])
 
+    def source_row(self, index: int) -> int:
+        """The row in its source of example ``index``."""
+        return index if self.rows is None else int(self.rows[index])
+
+    def take(self, index: Tensor) -> TensorData:
+        """The examples at ``index`` (a boolean mask or positions), with their source rows."""
+        rows = self.rows if self.rows is not None else torch.arange(len(self))
+        return TensorData(self.x[index], self.y[index], rows[index])
+
     def pin_memory(self) -> TensorData:
         """A copy in page-locked memory, so copies to the GPU can overlap compute (no-op on CPU)."""
         if not torch.cuda.is_available() or self.x.device.type != "cpu":
             return self
-        return TensorData(self.x.pin_memory(), self.y.pin_memory())
+        return TensorData(self.x.pin_memory(), self.y.pin_memory(), self.rows)
 
     def batches(
         self,

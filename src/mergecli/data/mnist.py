@@ -116,4 +116,4 @@ def load_mnist(spec: Mapping[str, Any], where: str) -> TensorData:
     x = torch.from_numpy(images[start:stop].astype(np.float32))
     x = x.div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
     y = torch.from_numpy(labels[start:stop].astype(np.int64))
-    return TensorData(x, y)
+    return TensorData(x, y, torch.arange(start, stop))

@@ -56,10 +56,12 @@ def _labels(y: Tensor, what: str, where: str) -> Tensor:
                 "labels must be integer class ids"
             )
     y = y.to(torch.int64)
-    if len(y) and int(y.min()) < 0:
+    negative = torch.nonzero(y < 0).flatten()
+    if len(negative):
+        row = int(negative[0])
         raise MergeCliError(
-            f"{where}.y: {what} has negative labels (min {int(y.min())}); "
-            "labels must be class ids 0, 1, 2, ..."
+            f"{where}.y: {what} has a negative label, {int(y[row])} in row {row} "
+            f"({len(negative)} row(s) in all); labels must be class ids 0, 1, 2, ..."
         )
     return y
 
@@ -71,6 +73,21 @@ def _inputs(x: Tensor, what: str, where: str) -> Tensor:
     if x.is_complex():
         raise MergeCliError(f"{where}.x: {what} has complex dtype {x.dtype}; use real numbers")
     return x.to(torch.float32)
+
+
+def _check_finite(x: Tensor, what: str, where: str, first_row: int = 0) -> None:
+    """Refuse NaN or infinite inputs: they poison every statistic, loss and metric downstream
+    (an evaluation would report loss nan and exit 0). ``first_row`` is the source row of x[0]."""
+    flat = x.reshape(len(x), -1)
+    bad = torch.nonzero(~torch.isfinite(flat).all(dim=1)).flatten()
+    if len(bad) == 0:
+        return
+    row = int(bad[0])
+    kind = "NaN" if bool(torch.isnan(flat[row]).any()) else "infinite values"
+    raise MergeCliError(
+        f"{where}.x: {what} has {kind} in row {first_row + row} ({len(bad)} row(s) with NaN "
+        "or inf in all); clean or drop those rows"
+    )
 
 
 def _read_tensors(path: Path, names: tuple[str, str], where: str) -> tuple[Tensor, Tensor]:
@@ -129,6 +146,7 @@ def load_tensors(spec: Mapping[str, Any], where: str) -> TensorData:
     x_key = _key(spec, "x", "x", where)
     y_key = _key(spec, "y", "y", where)
     x, y = _read_tensors(path, (x_key, y_key), where)
+    floating = x.is_floating_point()  # whole numbers (pixels, ids) cannot be NaN or inf
     x = _inputs(x, f"{x_key!r} in {path}", where)
     y = _labels(y, f"{y_key!r} in {path}", where)
     if x.shape[0] != y.shape[0]:
@@ -136,18 +154,24 @@ def load_tensors(spec: Mapping[str, Any], where: str) -> TensorData:
             f"{where}: x ({x_key!r}, {x.shape[0]} rows) and y ({y_key!r}, {y.shape[0]} rows) "
             f"in {path} have different lengths; they must match"
         )
-    split = spec.get("split")
-    if split is not None and split != "all":
-        if not isinstance(split, str) or ":" not in split:
-            raise MergeCliError(
-                f"{where}.split: cannot use {split!r} with source 'tensors'; "
-                f"use 'all' or {SPLIT_HELP}"
-            )
-        start, stop = parse_slice(split, len(y), where)
-        x, y = x[start:stop], y[start:stop]
+    start, stop = _split(spec.get("split"), len(y), where)
+    x, y = x[start:stop], y[start:stop]
     if len(y) == 0:
         raise MergeCliError(f"{where}.path: {path} holds no examples; use a non-empty file")
-    return TensorData(x.contiguous(), y.contiguous())
+    if floating:
+        _check_finite(x, f"{x_key!r} in {path}", where, first_row=start)
+    return TensorData(x.contiguous(), y.contiguous(), torch.arange(start, stop))
+
+
+def _split(split: Any, n: int, where: str) -> tuple[int, int]:
+    """The rows [start, stop) that a tensors source's ``split`` selects out of ``n``."""
+    if split is None or split == "all":
+        return 0, n
+    if not isinstance(split, str) or ":" not in split:
+        raise MergeCliError(
+            f"{where}.split: cannot use {split!r} with source 'tensors'; use 'all' or {SPLIT_HELP}"
+        )
+    return parse_slice(split, n, where)
 
 
 def _factory(spec: Mapping[str, Any], where: str) -> tuple[str, Callable[..., Any]]:
@@ -224,7 +248,11 @@ def load_python(spec: Mapping[str, Any], where: str) -> TensorData:
             "every input must have the same shape"
         ) from exc
     y = _labels(torch.tensor(labels, dtype=torch.int64), f"labels from {name}", where)
-    return TensorData(_inputs(x, f"inputs from {name}", where), y)
+    floating = x.is_floating_point()
+    x = _inputs(x, f"inputs from {name}", where)
+    if floating:
+        _check_finite(x, f"inputs from {name}", where)
+    return TensorData(x, y)
 
 
 def _item_input(value: Any, i: int, name: str, where: str) -> Tensor:
@@ -257,6 +285,16 @@ _SOURCES: dict[str, Callable[[Mapping[str, Any], str], TensorData]] = {
     "tensors": load_tensors,
     "python": load_python,
 }
+
+
+def describe_source(spec: Mapping[str, Any]) -> str:
+    """A data spec in a few words for messages: the file, the factory, or the source."""
+    source = spec.get("source")
+    if source == "tensors":
+        return f"tensors file {spec.get('path')}"
+    if source == "python":
+        return f"python factory {spec.get('factory')}"
+    return f"{source} split {spec.get('split', 'train')!s}" if source == "mnist" else str(source)
 
 
 def load_data(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -> TensorData:

@@ -65,7 +65,7 @@ def format_labels(labels: Tensor) -> str:
 def _take(data: TensorData, index: Tensor) -> TensorData:
     """Rows of ``data`` at ``index`` (kept in dataset order so results read naturally)."""
     index, _ = torch.sort(index)
-    return TensorData(data.x[index], data.y[index])
+    return data.take(index)
 
 
 def apply_subset(data: TensorData, spec: Mapping[str, Any], seed: int, where: str) -> TensorData:
@@ -83,7 +83,7 @@ def apply_subset(data: TensorData, spec: Mapping[str, Any], seed: int, where: st
                 f"{where}.classes: expected a list of integer labels, got {classes!r}"
             )
         keep = torch.isin(data.y, torch.tensor(list(classes), dtype=torch.int64))
-        data = TensorData(data.x[keep], data.y[keep])
+        data = data.take(keep)
         applied.append(f"classes={list(classes)}")
 
     balanced = spec.get("balanced", False)
