@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from mergecli.errors import RecipeError
 from mergecli.registry import STEP_KINDS, StepParams, default_method, methods_of
+from mergecli.schema import RecipeModel
 from mergecli.yaml_lines import Path_, load_yaml_with_lines
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(RecipeModel):
+    """A recipe section: unknown keys and non-finite floats are errors."""
 
 
 class ModelSpec(Strict):
@@ -309,6 +310,9 @@ def validate_recipe(data: dict[str, Any], where: _Locator, default_name: str) ->
         step = _validate_step(index, raw, data, where, problems)
         if step is not None:
             steps.append(step)
+    if not recipe.steps:
+        # A recipe without steps would run, write no model and exit 0: surely a mistake.
+        problems.append(where(("steps",), "no steps; add at least one, e.g. `- merge: average`"))
     problems += _unmet_needs(recipe, steps, where)
     problems += _per_model_problems(recipe, steps, data, where)
     if problems:

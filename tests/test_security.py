@@ -1,0 +1,94 @@
+"""Safe by construction: nothing read from a file decides what code runs, or where files go.
+
+Checkpoint metadata names only built-in architectures, report.json names only known analysis
+kinds inside its own directory, a recipe's name is one path component, YAML aliases and nesting
+are bounded before anything is built, and recipe numbers are finite."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from mergecli.recipe import (
+    CheckpointSpec,
+    DataSection,
+    DataSpec,
+    ModelSpec,
+    OutputSpec,
+    Recipe,
+    SlurmSpec,
+)
+from mergecli.registry import all_methods
+
+PROGRESS = re.compile(r"^\d{4}-\d\d-\d\dT\S+ ")  # a timestamped log line, not an error
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int) -> str:
+    """The run failed with ``code``, printing one error line and no traceback (after any
+    progress lines); return that line."""
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not PROGRESS.match(line)]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    return lines[0]
+
+
+# --- recipes --------------------------------------------------------------------------------
+
+RECIPE = """\
+version: 1
+name: {name}
+model: {{arch: mlp, args: {{depth: 2, hidden: 16}}}}
+checkpoints: [{{path: a.safetensors}}, {{path: b.safetensors}}]
+steps:
+  - merge: average
+{output}"""
+
+
+@pytest.mark.parametrize(
+    ("step", "where"),
+    [
+        ("fit: {lr: .inf}", "fit.lr: input should be a finite number"),
+        ("fit: {lr: .nan}", "fit.lr: input should be a finite number"),
+        ("merge: {method: slerp, t: [{filter: w, value: .inf}]}",
+         "merge.t.0.value: input should be a finite number"),
+    ],
+)  # fmt: skip
+def test_recipe_numbers_are_finite(tmp_path: Path, step: str, where: str) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    text = RECIPE.format(name="finite", output="").replace("merge: average", step)
+    recipe.write_text(text + "data: {fit: {source: mnist}}\n")
+    result = run_cli("validate", str(recipe))
+    # A value that fails every form of a varying parameter is reported once per form.
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{recipe}:6: steps.0.{where}" in result.stderr
+
+
+def test_checkpoint_weight_is_finite(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    text = RECIPE.format(name="finite", output="")
+    recipe.write_text(text.replace("{path: b.safetensors}", "{path: b.safetensors, weight: -.inf}"))
+    line = one_line_error(run_cli("validate", str(recipe)), 2)
+    assert line.startswith(f"{recipe}:4: checkpoints.1.weight: input should be a finite number")
+
+
+def test_every_recipe_model_refuses_inf_and_nan() -> None:
+    # By the class, not field by field: every section and every method's parameters.
+    models = [Recipe, ModelSpec, CheckpointSpec, DataSection, DataSpec, OutputSpec, SlurmSpec]
+    models += [method.params for method in all_methods()]
+    assert all(model.model_config.get("allow_inf_nan") is False for model in models)
+
+
+@pytest.mark.parametrize("steps", ["steps: []\n", ""])
+def test_a_recipe_needs_steps(tmp_path: Path, steps: str) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    text = RECIPE.format(name="nothing", output="").replace("steps:\n  - merge: average\n", steps)
+    recipe.write_text(text)
+    line = one_line_error(run_cli("run", str(recipe), cwd=tmp_path), 2)
+    where = ":5: steps:" if steps else ":1: steps:"
+    assert line.startswith(f"{recipe}{where} no steps; add at least one")
+    assert not (tmp_path / "out").exists()
