@@ -21,6 +21,7 @@ from mergecli.recipe import (
     OutputSpec,
     Recipe,
     SlurmSpec,
+    load_recipe,
 )
 from mergecli.registry import all_methods
 
@@ -92,3 +93,15 @@ def test_a_recipe_needs_steps(tmp_path: Path, steps: str) -> None:
     where = ":5: steps:" if steps else ":1: steps:"
     assert line.startswith(f"{recipe}{where} no steps; add at least one")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../../../tmp/x", "a/b", "'a\\\\b'", "'.'", "'..'", "''"])
+def test_recipe_name_is_one_path_component(tmp_path: Path, name: str) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(name=name, output=""))
+    line = one_line_error(run_cli("run", str(recipe), cwd=tmp_path), 2)
+    assert line.startswith(f"{recipe}:2: name: must be a plain name") and "output.dir" in line
+    assert not (tmp_path / "out").exists()
+    # An explicit output.dir may be anywhere.
+    recipe.write_text(RECIPE.format(name="x", output="output: {dir: ../elsewhere}\n"))
+    assert load_recipe(recipe).output_dir == Path("../elsewhere")

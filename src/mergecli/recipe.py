@@ -140,6 +140,19 @@ class Recipe(Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     slurm: SlurmSpec | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, value: str | None) -> str | None:
+        # The default output dir is out/<name>: a name with a path in it would write elsewhere.
+        if value is not None and (
+            value in ("", ".", "..") or any(c in value for c in ("/", "\\", "\0"))
+        ):
+            raise ValueError(
+                "must be a plain name (not empty, '.' or '..'; no '/', '\\' or NUL) since the "
+                "output goes to out/<name>; to write elsewhere set output.dir"
+            )
+        return value
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
