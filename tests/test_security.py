@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_env, run_cli
 from mergecli.recipe import (
     CheckpointSpec,
     DataSection,
@@ -105,3 +106,73 @@ def test_recipe_name_is_one_path_component(tmp_path: Path, name: str) -> None:
     # An explicit output.dir may be anywhere.
     recipe.write_text(RECIPE.format(name="x", output="output: {dir: ../elsewhere}\n"))
     assert load_recipe(recipe).output_dir == Path("../elsewhere")
+
+
+BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{name}: &{name} [{','.join([f'*{previous}'] * 9)}]\n"
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+MEASURE = """\
+import sys, time, tracemalloc
+from mergecli.errors import RecipeError
+from mergecli.recipe import load_recipe
+tracemalloc.start()
+started = time.perf_counter()
+try:
+    load_recipe(sys.argv[1])
+except RecipeError as exc:
+    print(exc)
+print(time.perf_counter() - started, tracemalloc.get_traced_memory()[1])
+"""
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    assert len(BOMB) < 400  # a billion "lol"s
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(BOMB)
+    # Measured in a process of its own: the old loader took seconds and gigabytes.
+    measured = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(recipe)],
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    message, numbers = measured.stdout.strip().splitlines()
+    seconds, peak_bytes = float(numbers.split()[0]), int(numbers.split()[1])
+    assert seconds < 1.0 and peak_bytes < 100 * 2**20, (seconds, peak_bytes)
+    assert message.startswith(f"{recipe}:") and "aliases expand to more than 100,000" in message
+    line = one_line_error(run_cli("validate", str(recipe)), 2)
+    assert "aliases expand to more than 100,000 values" in line
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[" * 5000 + "]" * 5000, ":1: nested deeper than 100 levels"),
+        ("a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 120)) + "  " * 120 + "v\n",
+         ":101: nested deeper than 100 levels"),
+        ("a: &a [*a]\n", ":1: an alias refers to a value that contains it"),
+    ],
+)  # fmt: skip
+def test_deep_or_recursive_yaml_is_a_recipe_error(tmp_path: Path, text: str, problem: str) -> None:
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text(text)
+    line = one_line_error(run_cli("validate", str(recipe)), 2)
+    assert line.startswith(str(recipe)) and problem in line
+
+
+def test_ordinary_aliases_still_work(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        RECIPE.format(name="aliases", output="")
+        + "data: {fit: &d {source: mnist, split: '0:100'}, eval: *d}\n"
+        + "x: &deep "
+        + "[" * 60
+        + "]" * 60
+        + "\n"
+    )
+    # An unknown key holding an alias is still reported on its own line.
+    line = one_line_error(run_cli("validate", str(recipe)), 2)
+    assert line.startswith(f"{recipe}:8: x: unknown key 'x'")
+    recipe.write_text(recipe.read_text().rpartition("x: &deep")[0])
+    result = run_cli("validate", str(recipe), check=True)
+    assert "split: 0:100" in result.stdout.replace("'", "")
