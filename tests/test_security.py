@@ -6,14 +6,19 @@ are bounded before anything is built, and recipe numbers are finite."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from conftest import cli_env, run_cli
+from mergecli.models import build_model
 from mergecli.recipe import (
     CheckpointSpec,
     DataSection,
@@ -26,6 +31,7 @@ from mergecli.recipe import (
 )
 from mergecli.registry import all_methods
 
+MLP_ARGS = {"depth": 2, "hidden": 16}
 PROGRESS = re.compile(r"^\d{4}-\d\d-\d\dT\S+ ")  # a timestamped log line, not an error
 
 
@@ -176,3 +182,84 @@ def test_ordinary_aliases_still_work(tmp_path: Path) -> None:
     recipe.write_text(recipe.read_text().rpartition("x: &deep")[0])
     result = run_cli("validate", str(recipe), check=True)
     assert "split: 0:100" in result.stdout.replace("'", "")
+
+
+# --- checkpoint metadata ---------------------------------------------------------------------
+
+
+def mlp_checkpoints(folder: Path, arch: str, args: str) -> tuple[Path, Path]:
+    """Two small MLPs whose safetensors metadata says ``mergecli.arch: arch`` and
+    ``mergecli.args: args``, as a file written by anyone may say."""
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        tensors = build_model("mlp", MLP_ARGS).state_dict()
+        path = folder / f"m{seed}.safetensors"
+        save_file(tensors, path, {"format": "pt", "mergecli.arch": arch, "mergecli.args": args})
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def recipe_without_model(folder: Path, a: Path, b: Path, steps: str) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(
+        f"version: 1\ncheckpoints: [{{path: {a}}}, {{path: {b}}}]\n"
+        "data: {eval: {source: mnist, split: '9000:9200'}}\n"
+        f"steps: {steps}\noutput: {{dir: {folder / 'out'}}}\n"
+    )
+    return path
+
+
+# A factory from a file's metadata: a shell command, and a module that acts on import.
+HOSTILE = [
+    ("os:system", {"command": "touch PWNED"}),
+    ("hostile:build", {}),
+]
+
+
+@pytest.mark.parametrize(("arch", "args"), HOSTILE)
+@pytest.mark.parametrize("command", ["run", "align-spec"])
+def test_checkpoint_metadata_never_chooses_code(
+    tmp_path: Path, arch: str, args: dict, command: str
+) -> None:
+    (tmp_path / "hostile.py").write_text(
+        "open('PWNED', 'w').close()\ndef build(**kwargs):\n    open('PWNED', 'w').close()\n"
+    )
+    a, b = mlp_checkpoints(tmp_path, arch, json.dumps(args))
+    recipe = recipe_without_model(tmp_path, a, b, "[merge: average, evaluate: {}]")
+    line = one_line_error(run_cli(command, str(recipe), cwd=tmp_path), 1)
+    assert not (tmp_path / "PWNED").exists(), "code named by a checkpoint ran"
+    assert line.startswith(f"error: {a}: its metadata names user code") and arch in line
+    assert "only a recipe may import" in line
+    assert f'model: {{arch: "{arch}", args: {json.dumps(args)}}}' in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_code_in_metadata_is_not_passed_on(tmp_path: Path) -> None:
+    # A data-free merge builds no model: it runs, and the output does not carry the name on.
+    a, b = mlp_checkpoints(tmp_path, "os:system", json.dumps({"command": "touch PWNED"}))
+    recipe = recipe_without_model(tmp_path, a, b, "[merge: average]")
+    run_cli("run", str(recipe), cwd=tmp_path, check=True)
+    assert not (tmp_path / "PWNED").exists()
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert "mergecli.arch" not in metadata and "mergecli.args" not in metadata
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [("{depth: 2", "invalid JSON"), ("[2, 16]", "it is a JSON list"), ('"x"', "JSON str")],
+)
+def test_malformed_metadata_args_name_the_file(tmp_path: Path, args: str, problem: str) -> None:
+    a, b = mlp_checkpoints(tmp_path, "mlp", args)
+    recipe = recipe_without_model(tmp_path, a, b, "[merge: average, evaluate: {}]")
+    line = one_line_error(run_cli("run", str(recipe), cwd=tmp_path), 1)
+    assert (
+        line.startswith(f"error: {a}: metadata mergecli.args is not a mapping") and problem in line
+    )
+    # The same checkpoints with well-formed arguments: a built-in named by metadata still works.
+    a, b = mlp_checkpoints(tmp_path, "mlp", json.dumps(MLP_ARGS))
+    run_cli("run", str(recipe), cwd=tmp_path, check=True)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["mergecli.arch"] == "mlp" and json.loads(metadata["mergecli.args"]) == MLP_ARGS

@@ -246,7 +246,7 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
         from mergecli.recipe import load_recipe
 
         log = _log()
-        state = prepare_state(load_recipe(recipe, set_ or []), log)
+        state = prepare_state(load_recipe(recipe, set_ or []), log, needs_model=True)
         spec = model_spec(state)
         rows = []
         for group in spec.groups:
