@@ -263,3 +263,64 @@ def test_malformed_metadata_args_name_the_file(tmp_path: Path, args: str, proble
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["mergecli.arch"] == "mlp" and json.loads(metadata["mergecli.args"]) == MLP_ARGS
+
+
+# --- report.json ----------------------------------------------------------------------------
+
+COEFFICIENTS = {
+    "reference": "a", "multi": "pairwise", "even": 0.5, "bin_edges": [0.0, 0.5, 1.0],
+    "layers": [{"tensor": "w", "count": 2, "mean": 0.5, "std": 0.1, "histogram": [1, 1]}],
+}  # fmt: skip
+
+
+def write_report(folder: Path, report: object) -> Path:
+    out = folder / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["../../escaped", "ABSOLUTE", "analysis", ""])
+def test_report_analysis_kinds_are_registered_names(tmp_path: Path, kind: str) -> None:
+    kind = str(tmp_path / "absolute") if kind == "ABSOLUTE" else kind
+    out = write_report(tmp_path / "deep", {"name": "x", "analysis": {kind: COEFFICIENTS}})
+    line = one_line_error(run_cli("report", str(out)), 1)
+    assert line.startswith(f"error: {out / 'report.json'}: analysis: unknown analysis kind")
+    assert json.dumps(kind) in line and "coefficients" in line
+    assert not list(tmp_path.glob("**/escaped*")) and not list(tmp_path.glob("absolute*"))
+    assert not (out / "report.md").exists()
+
+
+def test_report_writes_only_inside_its_dir(tmp_path: Path) -> None:
+    out = write_report(tmp_path, {"name": "x", "analysis": {"coefficients": COEFFICIENTS}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "analysis").symlink_to(elsewhere)
+    line = one_line_error(run_cli("report", str(out)), 1)
+    assert "resolves outside the output dir" in line and "analysis/coefficients.json" in line
+    assert not list(elsewhere.iterdir())
+    # The same report in a plain directory renders.
+    (out / "analysis").unlink()
+    run_cli("report", str(out), check=True)
+    assert (out / "analysis" / "coefficients.png").exists() and (out / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("report", "where"),
+    [
+        ([1, 2], "expected a JSON object, got a JSON array"),
+        ({"inputs": [{"name": "a", "path": "a.safetensors"}]}, "inputs.0.sha256: field required"),
+        ({"inputs": {"name": "a"}}, "inputs: input should be a valid list"),
+        ({"evaluate": {"split": "eval", "examples": 3}}, "evaluate.results: field required"),
+        ({"evaluate": None}, "evaluate: input should be a valid dictionary"),
+        ({"fit": {"method": "np", "stages": []}}, "fit.granularity: field required"),
+        ({"analysis": {"coefficients": {**COEFFICIENTS, "even": "half"}}}, "coefficients.even"),
+        ({"analysis": {"coefficients": {**COEFFICIENTS, "bin_edges": [0]}}}, "one count per bin"),
+    ],
+)
+def test_report_json_of_the_wrong_shape_is_one_line(
+    tmp_path: Path, report: object, where: str
+) -> None:
+    out = write_report(tmp_path, report)
+    line = one_line_error(run_cli("report", str(out)), 1)
+    assert line.startswith(f"error: {out / 'report.json'}: ") and where in line

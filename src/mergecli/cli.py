@@ -271,20 +271,9 @@ def report(
 ) -> None:
     """Re-render report.md and the analysis plots of an output dir from its report.json."""
     with user_errors():
-        import json
+        from mergecli.report import read_report, render_report
 
-        from mergecli.errors import MergeCliError
-        from mergecli.report import render_report
-
-        path = output_dir / "report.json"
-        if not path.is_file():
-            raise MergeCliError(
-                f"{path}: not found; give the output dir of a finished `mergecli run`"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MergeCliError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        data = read_report(output_dir / "report.json")
         for written in render_report(output_dir, data):
             _log().info(f"wrote {written}")
 
