@@ -324,3 +324,11 @@ def test_report_json_of_the_wrong_shape_is_one_line(
     out = write_report(tmp_path, report)
     line = one_line_error(run_cli("report", str(out)), 1)
     assert line.startswith(f"error: {out / 'report.json'}: ") and where in line
+
+
+def test_every_registered_analysis_kind_has_a_report_shape() -> None:
+    from mergecli.analyze.plots import PLOTS
+    from mergecli.registry import methods_of
+    from mergecli.report_shape import ANALYSES
+
+    assert set(ANALYSES) == set(methods_of("analyze")) == set(PLOTS)
