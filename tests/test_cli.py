@@ -323,8 +323,8 @@ def test_python_module_entry_point_and_demo_recipe(tmp_path: Path, trained_pair)
 
 
 def test_user_model_and_data_without_model_key(tmp_path: Path) -> None:
-    # A user's own architecture and dataset, importable from the working directory; the recipe
-    # names no model: the architecture comes from the checkpoints' metadata.
+    # A user's own architecture and dataset, importable from the working directory. Checkpoint
+    # metadata never chooses code: the recipe must name the user's model to build it.
     (tmp_path / "mymodels.py").write_text(
         "import torch\n"
         "def tiny(width=8):\n"
@@ -353,7 +353,11 @@ def test_user_model_and_data_without_model_key(tmp_path: Path) -> None:
         f"data: {{eval: {data}}}\n"
         "steps: [{merge: {method: average}}, {evaluate: {baselines: [endpoints]}}]\n"
     )
-    run_cli("run", "r.yaml", cwd=tmp_path, check=True)
+    refused = run_cli("run", "r.yaml", cwd=tmp_path)
+    assert refused.returncode == 1 and "its metadata names user code" in refused.stderr
+    assert 'add `model: {arch: "mymodels:tiny", args: {"width": 8}}`' in refused.stderr
+    sets = ["--set", "model.arch=mymodels:tiny", "--set", "model.args.width=8"]
+    run_cli("run", "r.yaml", *sets, cwd=tmp_path, check=True)
     report = json.loads((tmp_path / "out/r/report.json").read_text())
     rows = {row["name"]: row for row in report["evaluate"]["results"]}
     assert rows["m0"]["accuracy"] > 0.9 and rows["m1"]["accuracy"] > 0.9

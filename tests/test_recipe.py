@@ -67,7 +67,7 @@ def test_good_recipe_resolves_defaults(tmp_path: Path) -> None:
 
 def test_name_defaults_to_file_stem_and_output_dir_to_name(tmp_path: Path) -> None:
     path = tmp_path / "my-merge.yaml"
-    path.write_text("version: 1\ncheckpoints: [{path: a.safetensors}]\n")
+    path.write_text("version: 1\ncheckpoints: [{path: a.safetensors}]\nsteps: [merge: average]\n")
     loaded = load_recipe(path)
     assert loaded.recipe.name == "my-merge"
     assert loaded.output_dir == Path("out/my-merge")

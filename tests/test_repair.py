@@ -260,18 +260,22 @@ def test_reset_bn_step_on_batchnorm_models(tmp_path: Path, images: Tensor) -> No
 
 
 def test_each_method_refuses_the_other_kind_of_network(tmp_path: Path) -> None:
-    plain = prepare_state(load_recipe(write_pair(tmp_path / "plain", "[]")), Log("plain"))
+    plain = prepare_state(
+        load_recipe(write_pair(tmp_path / "plain", "[repair: repair]")), Log("plain")
+    )
     plain.merged = plain.reference.tensors
     with pytest.raises(MergeCliError, match="no BatchNorm layers; use `repair: {method: repair}`"):
         reset_bn(plain, ResetBNParams())
-    bn = prepare_state(load_recipe(write_pair(tmp_path / "bn", "[]", batchnorm=True)), Log("plain"))
+    bn = prepare_state(
+        load_recipe(write_pair(tmp_path / "bn", "[repair: repair]", batchnorm=True)), Log("plain")
+    )
     bn.merged = bn.reference.tensors
     with pytest.raises(MergeCliError, match="reset_bn"):
         repair_step(bn, RepairParams())
 
 
 def test_repair_needs_a_merged_model(tmp_path: Path) -> None:
-    state = prepare_state(load_recipe(write_pair(tmp_path, "[]")), Log("plain"))
+    state = prepare_state(load_recipe(write_pair(tmp_path, "[repair: repair]")), Log("plain"))
     with pytest.raises(MergeCliError, match="put a `merge`"):
         repair_step(state, RepairParams())
 

@@ -253,7 +253,7 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
         from mergecli.recipe import load_recipe
 
         log = _log()
-        state = prepare_state(load_recipe(recipe, set_ or []), log)
+        state = prepare_state(load_recipe(recipe, set_ or []), log, needs_model=True)
         spec = model_spec(state)
         rows = []
         for group in spec.groups:
@@ -278,21 +278,10 @@ def report(
 ) -> None:
     """Re-render report.md and the analysis plots of an output dir from its report.json."""
     with user_errors():
-        import json
-
-        from mergecli.errors import MergeCliError
         from mergecli.io.output_dir import OutputDir, record_files
-        from mergecli.report import render_report
+        from mergecli.report import read_report, render_report
 
-        path = output_dir / "report.json"
-        if not path.is_file():
-            raise MergeCliError(
-                f"{path}: not found; give the output dir of a finished `mergecli run`"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MergeCliError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        data = read_report(output_dir / "report.json")
         output = OutputDir(output_dir)
         output.lock_in_place()
         try:

@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from mergecli.errors import RecipeError
 from mergecli.registry import STEP_KINDS, StepParams, default_method, methods_of
+from mergecli.schema import RecipeModel
 from mergecli.yaml_lines import Path_, load_yaml_with_lines
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(RecipeModel):
+    """A recipe section: unknown keys and non-finite floats are errors."""
 
 
 class ModelSpec(Strict):
@@ -138,6 +139,19 @@ class Recipe(Strict):
     steps: list[Any] = Field(default_factory=list)
     output: OutputSpec = Field(default_factory=OutputSpec)
     slurm: SlurmSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, value: str | None) -> str | None:
+        # The default output dir is out/<name>: a name with a path in it would write elsewhere.
+        if value is not None and (
+            value in ("", ".", "..") or any(c in value for c in ("/", "\\", "\0"))
+        ):
+            raise ValueError(
+                "must be a plain name (not empty, '.' or '..'; no '/', '\\' or NUL) since the "
+                "output goes to out/<name>; to write elsewhere set output.dir"
+            )
+        return value
 
     @field_validator("device")
     @classmethod
@@ -309,6 +323,9 @@ def validate_recipe(data: dict[str, Any], where: _Locator, default_name: str) ->
         step = _validate_step(index, raw, data, where, problems)
         if step is not None:
             steps.append(step)
+    if not recipe.steps:
+        # A recipe without steps would run, write no model and exit 0: surely a mistake.
+        problems.append(where(("steps",), "no steps; add at least one, e.g. `- merge: average`"))
     problems += _unmet_needs(recipe, steps, where)
     problems += _per_model_problems(recipe, steps, data, where)
     if problems:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from mergecli.schema import RecipeModel
 
 if TYPE_CHECKING:
     from mergecli.state import MergeState
@@ -25,10 +25,8 @@ BUILTIN_METHOD_MODULES = (
 )
 
 
-class StepParams(BaseModel):
-    """Base of every method's parameter model: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
+class StepParams(RecipeModel):
+    """Base of every method's parameter model: unknown keys and non-finite floats are errors."""
 
 
 @dataclass(frozen=True)

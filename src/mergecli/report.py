@@ -6,7 +6,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mergecli.errors import MergeCliError
 from mergecli.io.atomic import write_text_atomic
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """report.json of an output dir, checked to be one the renderer can draw (else one line)."""
+    from mergecli.report_shape import check_report
+
+    if not path.is_file():
+        raise MergeCliError(f"{path}: not found; give the output dir of a finished `mergecli run`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MergeCliError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+        raise MergeCliError(f"{path}: cannot read it ({exc}); re-run the recipe") from None
+    check_report(data, str(path))
+    return data
 
 
 def render_report(out_dir: Path, report: dict[str, Any]) -> list[Path]:
@@ -16,19 +33,31 @@ def render_report(out_dir: Path, report: dict[str, Any]) -> list[Path]:
     written: list[Path] = []
     analyses = report.get("analysis", {})
     if analyses:
-        folder = out_dir / "analysis"
-        folder.mkdir(parents=True, exist_ok=True)
+        (out_dir / "analysis").mkdir(parents=True, exist_ok=True)
         for kind, data in analyses.items():
-            json_path = folder / f"{kind}.json"
+            json_path = _inside(out_dir, f"analysis/{kind}.json")
             write_text_atomic(json_path, json.dumps(data, indent=1) + "\n")
             written.append(json_path)
             if kind in PLOTS:
-                PLOTS[kind](data, folder / f"{kind}.png")
-                written.append(folder / f"{kind}.png")
-    path = out_dir / "report.md"
+                png_path = _inside(out_dir, f"analysis/{kind}.png")
+                PLOTS[kind](data, png_path)
+                written.append(png_path)
+    path = _inside(out_dir, "report.md")
     write_text_atomic(path, markdown(report))
     written.append(path)
     return written
+
+
+def _inside(out_dir: Path, relative: str) -> Path:
+    """``out_dir / relative``, refused unless it resolves inside out_dir: the names come from
+    report.json, and a report must never write elsewhere (checked once more, here)."""
+    path = out_dir / relative
+    if not path.resolve().is_relative_to(out_dir.resolve()):
+        raise MergeCliError(
+            f"{out_dir}: refusing to write {json.dumps(relative)}, which resolves outside the "
+            "output dir; remove that entry (or the link it goes through) and run again"
+        )
+    return path
 
 
 def markdown(report: dict[str, Any]) -> str:

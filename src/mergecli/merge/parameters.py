@@ -13,7 +13,9 @@ import fnmatch
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, create_model
+
+from mergecli.schema import RecipeModel
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 
@@ -22,7 +24,7 @@ def varying(name: str, annotation: Any) -> Any:
     """The annotation ``T | list[T] | list[{filter, value}]`` for a parameter of type ``T``."""
     entry = create_model(
         f"{name}_filter",
-        __config__=ConfigDict(extra="forbid"),
+        __base__=RecipeModel,  # unknown keys and inf/nan are errors, as in every step
         filter=(str | None, None),
         value=(annotation | list[annotation], ...),
     )
