@@ -1,0 +1,96 @@
+"""Broken or mismatched checkpoints, as `mergecli run` meets them: one line naming the file and
+the tensor, exit 1, no traceback, no model file written. Most run out of core (a data-free
+recipe), where tensors are read lazily from hand-checked headers."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run_cli
+
+GOOD = {"layers.0.weight": torch.ones(2, 2), "layers.0.bias": torch.zeros(2)}
+
+
+def raw_safetensors(path: Path, header: object, data: bytes = b"") -> Path:
+    """A file in the safetensors layout with whatever header it is given."""
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def entry(**fields: object) -> dict[str, object]:
+    """The header entry of a 2x2 float32 tensor, with ``fields`` changed (None: left out)."""
+    base = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+    return {k: v for k, v in {**base, **fields}.items() if v is not None}
+
+
+def run_average(tmp_path: Path, first: Path, second: Path, model: bool = False):
+    """`mergecli run` of an average of two checkpoints (out of core unless ``model``)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "version: 1\n"
+        + ("model: {arch: mlp, args: {depth: 3, hidden: 32}}\n" if model else "")
+        + f"checkpoints:\n  - {{path: {first}}}\n  - {{path: {second}}}\n"
+        + "steps:\n  - merge: {method: average}\n"
+        + f"output: {{dir: {tmp_path / 'out'}}}\n"
+    )
+    return run_cli("run", str(recipe))
+
+
+def one_error(tmp_path: Path, result) -> str:
+    """The run failed with exit 1 on one line, with no traceback and no model file."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    # Progress lines start with a timestamp; the failure itself is exactly one line.
+    lines = [line for line in result.stderr.strip().splitlines() if not line[:4].isdigit()]
+    assert len(lines) == 1, result.stderr
+    out = tmp_path / "out"
+    assert not (out.exists() and [p.name for p in out.iterdir() if "model" in p.name])
+    return lines[0]
+
+
+def good_checkpoint(tmp_path: Path) -> Path:
+    save_file(GOOD, tmp_path / "good.safetensors")
+    return tmp_path / "good.safetensors"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        pytest.param([1, 2], "the header is a JSON list, not an object", id="list"),
+        pytest.param({"w": 5}, "tensor 'w' has no header entry object", id="not-an-object"),
+        pytest.param(
+            {"w": entry(data_offsets=None)}, "tensor 'w' lacks 'data_offsets'", id="no-offsets"
+        ),
+        pytest.param({"w": entry(dtype=None)}, "tensor 'w' lacks 'dtype'", id="no-dtype"),
+        pytest.param({"w": entry(shape=None)}, "tensor 'w' lacks 'shape'", id="no-shape"),
+        pytest.param(
+            {"w": entry(data_offsets=16)},
+            "tensor 'w' has data_offsets 16, not [begin, end]",
+            id="offsets-not-a-list",
+        ),
+        pytest.param(
+            {"w": entry(data_offsets=[0, 64])},
+            "tensor 'w' lies past the end of the file, at bytes 0-64 of a 16-byte data section",
+            id="past-the-end",
+        ),
+        pytest.param(
+            {"w": entry(shape=[3, 3])},
+            "tensor 'w' holds 16 bytes; shape [3, 3] of F32 needs 36",
+            id="size-mismatch",
+        ),
+    ],
+)
+def test_malformed_header_is_a_user_error(tmp_path: Path, header, expected: str) -> None:
+    bad = raw_safetensors(tmp_path / "bad.safetensors", header, bytes(16))
+    line = one_error(tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), bad))
+    assert line.startswith(f"error: {bad}: not a readable safetensors file ("), line
+    assert expected in line and line.endswith("re-download or re-save it"), line
