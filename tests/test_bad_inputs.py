@@ -94,3 +94,16 @@ def test_malformed_header_is_a_user_error(tmp_path: Path, header, expected: str)
     line = one_error(tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), bad))
     assert line.startswith(f"error: {bad}: not a readable safetensors file ("), line
     assert expected in line and line.endswith("re-download or re-save it"), line
+
+
+@pytest.mark.slow
+def test_nan_in_a_checkpoint_read_out_of_core_names_the_file_and_tensor(tmp_path: Path) -> None:
+    broken = {**GOOD, "layers.0.weight": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}
+    save_file(broken, tmp_path / "nan.safetensors")
+    line = one_error(
+        tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), tmp_path / "nan.safetensors")
+    )
+    assert line == (
+        f"error: {tmp_path / 'nan.safetensors'}: tensor 'layers.0.weight' contains NaN or inf "
+        "values; the checkpoint is broken (re-train or re-export it)"
+    )
