@@ -5,6 +5,7 @@ recipe), where tensors are read lazily from hand-checked headers."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -107,3 +108,15 @@ def test_nan_in_a_checkpoint_read_out_of_core_names_the_file_and_tensor(tmp_path
         f"error: {tmp_path / 'nan.safetensors'}: tensor 'layers.0.weight' contains NaN or inf "
         "values; the checkpoint is broken (re-train or re-export it)"
     )
+
+
+@pytest.mark.slow
+def test_symlink_loop_and_dangling_link_say_so(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.safetensors"
+    os.symlink(loop.name, loop)
+    line = one_error(tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), loop))
+    assert line.startswith(f"error: {loop}: symbolic link loop"), line
+    dangling = tmp_path / "dangling.safetensors"
+    os.symlink("gone.safetensors", dangling)
+    line = one_error(tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), dangling))
+    assert f"{dangling}: symbolic link to gone.safetensors, which does not exist" in line
