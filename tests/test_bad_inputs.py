@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
 
@@ -120,3 +120,48 @@ def test_symlink_loop_and_dangling_link_say_so(tmp_path: Path) -> None:
     os.symlink("gone.safetensors", dangling)
     line = one_error(tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), dangling))
     assert f"{dangling}: symbolic link to gone.safetensors, which does not exist" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [False, True], ids=["out-of-core", "in-memory"])
+@pytest.mark.parametrize("integer_first", [True, False], ids=["integer-first", "float-first"])
+def test_tensor_integer_in_one_checkpoint_and_float_in_another(
+    tmp_path: Path, model: bool, integer_first: bool
+) -> None:
+    integer = tmp_path / "integer.safetensors"
+    save_file({**GOOD, "layers.0.weight": torch.ones(2, 2, dtype=torch.int64)}, integer)
+    good = good_checkpoint(tmp_path)
+    first, second = (integer, good) if integer_first else (good, integer)
+    line = one_error(tmp_path, run_average(tmp_path, first, second, model=model))
+    kinds = ["int64 (integer)", "float32 (floating-point)"]
+    kinds = kinds if integer_first else kinds[::-1]
+    assert line == (
+        f"error: {second}: tensor 'layers.0.weight' is {kinds[1]} but {kinds[0]} in {first}; "
+        "a tensor must be floating-point in every checkpoint or in none: re-export the odd one"
+    )
+
+
+@pytest.mark.slow
+def test_integer_tensors_are_copied_but_all_integer_checkpoints_are_refused(
+    tmp_path: Path,
+) -> None:
+    # Counters integer in every checkpoint come from the reference; the weights are averaged.
+    for name, value in (("a", 1.0), ("b", 3.0)):
+        tensors = {"w": torch.full((2, 2), value), "steps": torch.tensor(7 if name == "a" else 9)}
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+    result = run_average(tmp_path, tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert result.returncode == 0, result.stderr
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(merged["w"], torch.full((2, 2), 2.0)) and merged["steps"].item() == 7
+    # Nothing floating: nothing to merge, rather than an unchanged copy of the reference.
+    for name in ("c", "d"):
+        ids = {"position_ids": torch.arange(4), "mask": torch.ones(4, dtype=torch.bool)}
+        save_file(ids, tmp_path / f"{name}.safetensors")
+    (tmp_path / "out").rename(tmp_path / "first-out")
+    first = tmp_path / "c.safetensors"
+    line = one_error(tmp_path, run_average(tmp_path, first, tmp_path / "d.safetensors"))
+    assert line == (
+        f"error: {first}: none of its 2 tensors is floating-point (all are integer or bool), "
+        "nor are the other checkpoints', so there is nothing to merge; check that these are "
+        "model weights"
+    )
