@@ -52,6 +52,16 @@ def run_cli(
     return result
 
 
+def saved_fit_state(path: Path) -> dict:
+    """The plain values of a fit state (step, finished...), read as any safetensors reader would."""
+    from safetensors import safe_open
+
+    from mergecli.merge.fit_loop import PLAIN_KEY
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()[PLAIN_KEY])
+
+
 @pytest.fixture(scope="session")
 def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two 3-layer MLPs trained from different seeds on 3,000 MNIST images (a few seconds)."""

@@ -120,7 +120,7 @@ def test_fit_lowers_the_loss_and_is_deterministic() -> None:
 
 def test_resumed_fit_equals_uninterrupted(tmp_path: Path) -> None:
     uninterrupted = _fit()
-    checkpoint = FitCheckpoint(tmp_path / "fit.pt", "fingerprint")
+    checkpoint = FitCheckpoint(tmp_path / "fit.safetensors", "fingerprint")
     stopped = _fit(
         checkpoint=checkpoint, should_stop=lambda step: signal.SIGTERM if step == 13 else None
     )
@@ -143,10 +143,10 @@ def test_nan_loss_stops_with_step_and_epoch_and_keeps_state(tmp_path: Path) -> N
         loss = loss_fn(outputs, index)
         return loss * float("nan") if calls["n"] == 12 else loss
 
-    checkpoint = FitCheckpoint(tmp_path / "fit.pt", "x")
+    checkpoint = FitCheckpoint(tmp_path / "fit.safetensors", "x")
     with pytest.raises(MergeCliError, match=r"at step 12 \(epoch 2\); the last good state"):
         _fit(checkpoint=checkpoint, loss=poisoned)
-    saved = torch.load(checkpoint.path, weights_only=False)
+    saved = checkpoint.load()
     assert saved["step"] == 11 and torch.isfinite(saved["logits"]).all()
 
 

@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import GATED_STEPS, cli_env, gated_recipe, run_cli
+from conftest import GATED_STEPS, cli_env, gated_recipe, run_cli, saved_fit_state
 from mergecli.runtime.signals import Stopped, StopSignals, exit_code
 
 
@@ -64,7 +63,7 @@ def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
     assert process.returncode == code, stderr
     # One line says what happened: the step it finished, where the state is, the exit code.
     name = signal.Signals(signum).name
-    state = Path("out") / ".state" / "fit-stage1.pt"
+    state = Path("out") / ".state" / "fit-stage1.safetensors"
     [line] = stop_lines(stderr)
     assert re.search(
         rf"stopped by {name} after fit step 5/{GATED_STEPS} \(epoch 1\); fit state saved in "
@@ -74,7 +73,7 @@ def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
         line,
     ), line
     assert "Traceback" not in stderr
-    saved = torch.load(tmp_path / state, weights_only=False)
+    saved = saved_fit_state(tmp_path / state)
     assert saved["step"] == 5 and not saved["finished"]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [".state"], "no output under a final name"
@@ -94,7 +93,7 @@ def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
         *(["--resume", "never"] if never else []), cwd=tmp_path,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
-    resuming = "fit: resuming from out/.state/fit-stage1.pt step=5 epoch=1"
+    resuming = "fit: resuming from out/.state/fit-stage1.safetensors step=5 epoch=1"
     assert (resuming not in resumed.stderr) if never else (resuming in resumed.stderr)
     # Batch-log lines: time, rank, step, epoch, loss and throughput, after every step here.
     progress = re.findall(
@@ -123,10 +122,10 @@ def test_signal_outside_the_fit_stops_at_once_and_the_rerun_skips_the_finished_f
     ), line
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [".state"]
-    assert torch.load(out / ".state" / "fit-stage1.pt", weights_only=False)["finished"]
+    assert saved_fit_state(out / ".state" / "fit-stage1.safetensors")["finished"]
     resumed = run_cli("--log", "plain", "--log-every", "0", "run", "recipe.yaml", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    finished = "fit: already finished in an earlier run (out/.state/fit-stage1.pt)"
+    finished = "fit: already finished in an earlier run (out/.state/fit-stage1.safetensors)"
     assert f"{finished} steps={GATED_STEPS}" in resumed.stderr
     assert " fit rank=0 step=" not in resumed.stderr, "no fit step runs again"
     for name, expected in uninterrupted_gated.items():

@@ -13,7 +13,7 @@ import torch
 from mergecli import __version__
 from mergecli.errors import MergeCliError
 from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
-from mergecli.io.lazy import LazyTensors, tensor_shape
+from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.io.output_dir import STATE, OutputDir
 from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.writer import ShardWriter
@@ -179,6 +179,7 @@ def _check_tensors(loaded: LoadedRecipe, checkpoints: list[Checkpoint]) -> froze
     base = next((c for c in checkpoints if c.spec.role == "base"), None)
     if not copy_steps:
         _check_same_tensors(checkpoints)
+        _check_something_floating(checkpoints[0])
         return frozenset()
     if base is None:
         raise MergeCliError(
@@ -200,6 +201,7 @@ def _check_tensors(loaded: LoadedRecipe, checkpoints: list[Checkpoint]) -> froze
         holders = [c for c in checkpoints if name in c.tensors]
         for other in holders[1:]:
             _check_shape(holders[0], other, name)
+    _check_something_floating(base)
     return frozenset(copied)
 
 
@@ -224,11 +226,40 @@ def _check_same_tensors(checkpoints: list[Checkpoint]) -> None:
 
 
 def _check_shape(first: Checkpoint, other: Checkpoint, name: str) -> None:
+    """Same shape, and both floating or both not: merges average floating tensors and copy the
+    others (step counters, position ids) from the reference, so a tensor floating in one
+    checkpoint and integer in another would be cast, or copied unmerged, without a word."""
     theirs, ours = tensor_shape(other.tensors, name), tensor_shape(first.tensors, name)
     if theirs != ours:
         raise MergeCliError(
             f"{other.spec.path}: tensor '{name}' has shape {theirs}, {first.spec.path} "
             f"has {ours}; checkpoints to merge must have the same shapes"
+        )
+    theirs, ours = tensor_dtype(other.tensors, name), tensor_dtype(first.tensors, name)
+    if theirs.is_floating_point != ours.is_floating_point:
+        raise MergeCliError(
+            f"{other.spec.path}: tensor '{name}' is {_kind(theirs)} but {_kind(ours)} in "
+            f"{first.spec.path}; a tensor must be floating-point in every checkpoint or in none: "
+            "re-export the odd one"
+        )
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        kind = "floating-point"
+    else:
+        kind = "bool" if dtype == torch.bool else "integer"
+    return f"{str(dtype).removeprefix('torch.')} ({kind})"
+
+
+def _check_something_floating(checkpoint: Checkpoint) -> None:
+    """A merge changes floating tensors only: with none there is nothing to merge, and the
+    output would be an unchanged copy of the reference."""
+    if not any(tensor_dtype(checkpoint.tensors, n).is_floating_point for n in checkpoint.tensors):
+        raise MergeCliError(
+            f"{checkpoint.spec.path}: none of its {len(checkpoint.tensors)} tensors is "
+            "floating-point (all are integer or bool), nor are the other checkpoints', so there "
+            "is nothing to merge; check that these are model weights"
         )
 
 

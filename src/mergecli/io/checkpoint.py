@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +36,7 @@ def _resolve(path: str | Path) -> _Layout:
     """Classify ``path`` as file, sharded dir or single-file dir, or raise MergeCliError."""
     p = Path(path)
     if not p.exists():
-        raise MergeCliError(f"{p}: no such file or directory; check the path")
+        raise _missing(p)
     if p.is_dir():
         return _resolve_dir(p)
     if not p.is_file():
@@ -46,6 +48,25 @@ def _resolve(path: str | Path) -> _Layout:
     if p.suffix != ".safetensors":
         raise MergeCliError(f"{p}: not a .safetensors file; {_CONVERT_HINT}")
     return _Layout(root=p.parent, files=[p])
+
+
+def _missing(p: Path) -> MergeCliError:
+    """Why an existing-looking path cannot be opened: a symlink loop or dangling link (which
+    `Path.exists` reports as absent), else it is not there."""
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return MergeCliError(
+                f"{p}: symbolic link loop (the links never reach a file); "
+                "point the path at the checkpoint itself"
+            )
+    if p.is_symlink():
+        return MergeCliError(
+            f"{p}: symbolic link to {os.readlink(p)}, which does not exist; "
+            "fix the link or the path"
+        )
+    return MergeCliError(f"{p}: no such file or directory; check the path")
 
 
 def _resolve_dir(d: Path) -> _Layout:

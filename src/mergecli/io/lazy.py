@@ -8,9 +8,7 @@ the resident memory at the tensors in flight.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -18,14 +16,7 @@ import torch
 
 from mergecli.errors import MergeCliError
 from mergecli.io.checkpoint import _resolve
-
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+from mergecli.io.safetensors_format import BadSafetensors, TensorEntry, header_entries, read_header
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
@@ -34,7 +25,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def __init__(self, path: str | Path) -> None:
         layout = _resolve(path)
         self.path = Path(path)
-        self._entries: dict[str, tuple[Path, int, dict]] = {}
+        self._entries: dict[str, tuple[Path, int, TensorEntry]] = {}
         for file in layout.files:
             for name, (start, entry) in _header(file).items():
                 if name in self._entries:
@@ -47,16 +38,14 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         file, start, entry = self._entries[name]
-        begin, end = entry["data_offsets"]
-        buffer = bytearray(end - begin)
+        buffer = bytearray(entry.end - entry.begin)
         with open(file, "rb") as handle:
-            handle.seek(start + begin)
+            handle.seek(start + entry.begin)
             if handle.readinto(buffer) != len(buffer):
                 raise MergeCliError(f"{file}: tensor {name!r} is cut short; the file is truncated")
-        dtype = DTYPES[entry["dtype"]]
         if not buffer:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -65,39 +54,29 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self._names)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[name][2]["shape"])
+        return self._entries[name][2].shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self._entries[name][2]["dtype"]]
+        return self._entries[name][2].dtype
 
     def is_floating(self, name: str) -> bool:
-        return self._entries[name][2]["dtype"] in FLOATING
+        return self.dtype(name).is_floating_point
+
+    def file_of(self, name: str) -> Path:
+        """The file that holds ``name`` (a shard, for a sharded checkpoint)."""
+        return self._entries[name][0]
 
 
-def _header(file: Path) -> dict[str, tuple[int, dict]]:
+def _header(file: Path) -> dict[str, tuple[int, TensorEntry]]:
     """Tensor name -> (offset of the data section, header entry), checked against the file."""
-    size = os.path.getsize(file)
     try:
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(handle.read(length))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        header, start = read_header(file)
+        entries = header_entries(header, start, os.path.getsize(file))
+    except BadSafetensors as exc:
         raise MergeCliError(
             f"{file}: not a readable safetensors file ({exc}); re-download or re-save it"
         ) from None
-    header.pop("__metadata__", None)
-    start = 8 + length
-    entries = {}
-    for name, entry in header.items():
-        if entry.get("dtype") not in DTYPES or start + entry["data_offsets"][1] > size:
-            raise MergeCliError(
-                f"{file}: tensor {name!r} has an unknown dtype or lies past the end of the file; "
-                "re-download or re-save it"
-            )
-        entries[name] = (start, entry)
-    return entries
+    return {name: (start, entry) for name, entry in entries.items()}
 
 
 def tensor_shape(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:

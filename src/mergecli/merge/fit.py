@@ -381,7 +381,8 @@ def _checkpoint(state: MergeState, stage: int) -> FitCheckpoint | None:
     if not state.resume_dir:
         return None
     fingerprint = state.loaded.sha256() + "".join(c.sha256 for c in state.checkpoints)
-    return FitCheckpoint(state.resume_dir / f"fit-stage{stage + 1}.pt", f"{fingerprint}:{stage}")
+    path = state.resume_dir / f"fit-stage{stage + 1}.safetensors"
+    return FitCheckpoint(path, f"{fingerprint}:{stage}")
 
 
 def _warn_if_unaligned(state: MergeState, params: FitParams) -> None:

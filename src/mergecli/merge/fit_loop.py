@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -10,11 +11,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
 from mergecli.io.atomic import atomic_target
+from mergecli.io.safetensors_format import (
+    BadSafetensors,
+    header_metadata,
+    read_header,
+    write_safetensors,
+)
 from mergecli.merge.coefficients import FlatParameters, Granularity, expand
 from mergecli.runtime.distributed import World
 from mergecli.runtime.distributed import current as current_world
@@ -50,28 +58,113 @@ class FitOutcome:
     epoch: int = 0  # epochs completed
 
 
+# The fit state's ``__metadata__`` keys: its fingerprint, and its plain values as JSON.
+FINGERPRINT_KEY = "mergecli.fit_fingerprint"
+PLAIN_KEY = "mergecli.fit_state"
+RESUME_HINT = "run with --resume never to start over (or delete the .state directory)"
+
+
 @dataclass
 class FitCheckpoint:
-    """The fit's state on disk (``output.dir/.state/``), written atomically, tied to its inputs."""
+    """The fit's state on disk (``output.dir/.state/``), written atomically, tied to its inputs.
+
+    Safetensors (the tensors) with the plain values as JSON in its metadata, never a pickle:
+    the output directory may be writable by others, and loading a pickle runs its code. The
+    fingerprint is read from the header before any tensor, so another fit's state is refused
+    unread.
+    """
 
     path: Path
     fingerprint: str
 
+    @property
+    def legacy(self) -> Path:
+        """Where earlier mergecli versions kept this state, as a pickle: never loaded now."""
+        return self.path.with_suffix(".pt")
+
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
-        saved = torch.load(self.path, map_location="cpu", weights_only=False)
-        if saved.get("fingerprint") != self.fingerprint:
+        try:
+            header, _ = read_header(self.path)
+            metadata = header_metadata(header)
+        except (BadSafetensors, OSError) as exc:
+            raise self._unreadable(exc) from None
+        if PLAIN_KEY not in metadata:
+            raise MergeCliError(f"{self.path}: not a mergecli fit state; {RESUME_HINT}")
+        if metadata.get(FINGERPRINT_KEY) != self.fingerprint:
             raise MergeCliError(
-                f"{self.path}: saved fit state belongs to a different recipe or different inputs; "
-                "run with --resume never to start over (or delete the .state directory)"
+                f"{self.path}: saved fit state belongs to a different recipe or different "
+                f"inputs; {RESUME_HINT}"
             )
-        return saved
+        try:
+            return _from_saved(json.loads(metadata[PLAIN_KEY]), load_file(self.path))
+        except MemoryError:
+            raise
+        except Exception as exc:  # a broken file, whatever part of it: one line, not exit 70
+            raise self._unreadable(exc) from None
 
     def save(self, payload: dict[str, Any]) -> None:
+        tensors, plain = _to_saved(payload)
+        metadata = {FINGERPRINT_KEY: self.fingerprint, PLAIN_KEY: json.dumps(plain)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_target(self.path) as tmp:
-            torch.save({**payload, "fingerprint": self.fingerprint}, tmp)
+            write_safetensors(tmp, tensors, metadata)
+
+    def _unreadable(self, exc: BaseException) -> MergeCliError:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return MergeCliError(f"{self.path}: not a readable fit state ({reason}); {RESUME_HINT}")
+
+
+# The payload's tensors outside the optimizer; everything else in it is plain (JSON).
+PAYLOAD_TENSORS = ("logits", "epoch_generator")
+
+
+def _to_saved(payload: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split a payload into tensors and JSON: the optimizer's per-parameter tensors are named
+    ``optimizer.state.<param>.<key>`` and referred to as ``{"tensor": name}`` in the JSON."""
+    tensors = {name: payload[name] for name in PAYLOAD_TENSORS}
+    plain = {k: v for k, v in payload.items() if k not in PAYLOAD_TENSORS and k != "optimizer"}
+    optimizer = payload["optimizer"]
+    state: dict[str, dict[str, Any]] = {}
+    for index, values in optimizer["state"].items():
+        state[str(index)] = {}
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                name = f"optimizer.state.{index}.{key}"
+                tensors[name] = value
+                value = {"tensor": name}
+            state[str(index)][key] = value
+    plain["optimizer"] = {"state": state, "param_groups": optimizer["param_groups"]}
+    return tensors, plain
+
+
+# What a resumed fit reads besides the tensors and the optimizer.
+PLAIN_REQUIRED = ("step", "epoch", "position", "history", "seconds")
+
+
+def _from_saved(plain: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """The payload ``_to_saved`` split, whole again."""
+    lacking = [key for key in PLAIN_REQUIRED if key not in plain]
+    if lacking:
+        raise ValueError(f"it lacks {', '.join(lacking)}")
+    saved = {**plain, **{name: tensors[name] for name in PAYLOAD_TENSORS}}
+    optimizer = plain["optimizer"]
+    saved["optimizer"] = {
+        "state": {
+            int(index): {
+                key: tensors[value["tensor"]] if isinstance(value, dict) else value
+                for key, value in values.items()
+            }
+            for index, values in optimizer["state"].items()
+        },
+        # JSON has no tuples: Adam's betas come back as lists otherwise.
+        "param_groups": [
+            {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+            for g in optimizer["param_groups"]
+        ],
+    }
+    return saved
 
 
 class CoefficientStep:
@@ -181,6 +274,38 @@ def _optimizer(config: FitConfig, logits: Tensor) -> torch.optim.Optimizer:
         return make([logits], **options)
 
 
+def _load(checkpoint: FitCheckpoint, log: Log) -> dict[str, Any] | None:
+    if checkpoint.legacy != checkpoint.path and checkpoint.legacy.exists():
+        # Not refused: it cannot be read safely whatever the user does, so a refusal would only
+        # add a rerun with --resume never (and fail every requeue of a SLURM job).
+        log.warn(
+            f"fit: ignoring {checkpoint.legacy}, a fit state from an older mergecli (a pickle, "
+            "which could run code if loaded); the fit starts over"
+        )
+    return checkpoint.load()
+
+
+def _restore(
+    checkpoint: FitCheckpoint,
+    saved: dict[str, Any],
+    logits: Tensor,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> None:
+    """Put the saved logits, optimizer and shuffle state back; a state that does not fit this
+    fit (edited, or from a mergecli that saved something else) is a user error, not exit 70."""
+    try:
+        with torch.no_grad():
+            logits.copy_(saved["logits"].to(logits.device))
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["epoch_generator"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise MergeCliError(
+            f"{checkpoint.path}: the saved fit state does not fit this fit "
+            f"({' '.join(str(exc).split())}); {RESUME_HINT}"
+        ) from None
+
+
 def fit_logits(
     module: nn.Module,
     flat: FlatParameters,
@@ -214,12 +339,9 @@ def fit_logits(
     generator = torch.Generator().manual_seed(config.seed)
     step, epoch, position, history, elapsed = 0, 0, 0, [], 0.0
     loss_sum, seen = 0.0, 0
-    saved = checkpoint.load() if checkpoint is not None else None
+    saved = _load(checkpoint, log) if checkpoint is not None else None
     if saved is not None:
-        with torch.no_grad():
-            logits.copy_(saved["logits"].to(device))
-        optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["epoch_generator"])
+        _restore(checkpoint, saved, logits, optimizer, generator)
         step, epoch, position = saved["step"], saved["epoch"], saved["position"]
         history, elapsed = saved["history"], saved["seconds"]
         loss_sum, seen = saved.get("loss_sum", 0.0), saved.get("seen", 0)

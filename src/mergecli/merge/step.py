@@ -14,10 +14,10 @@ from pydantic.fields import FieldInfo
 from torch import Tensor
 
 from mergecli.errors import MergeCliError
-from mergecli.io.lazy import tensor_dtype, tensor_shape
+from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.merge.parameters import count_layers, layer_position, resolve, varying
 from mergecli.registry import StepParams, step_method
-from mergecli.state import MergeState, StateDict
+from mergecli.state import Checkpoint, MergeState, StateDict
 
 # Leading parameters of a merge function that the engine supplies; the rest are recipe keys.
 TENSOR_ARGUMENTS = ("models", "weights", "base", "generator")
@@ -142,11 +142,12 @@ def merge_tensors(
         # Each input is converted straight into its row: no float32 copy beside the stack.
         shape = (len(sources), *tensor_shape(reference, name))
         stack = torch.empty(shape, dtype=compute_dtype, device=state.device)
-        for row, source in zip(stack, sources, strict=True):
-            row.copy_(source[name])
+        for row, source, model in zip(stack, sources, models, strict=True):
+            row.copy_(_finite_input(state, model, source, name))
         extra = {}
         if needs_base or (takes_base and state.base is not None):
-            extra["base"] = state.base.tensors[name].to(state.device, compute_dtype)
+            base = _finite_input(state, state.base, state.base.tensors, name)
+            extra["base"] = base.to(state.device, compute_dtype)
         if takes_generator:
             extra["generator"] = _generator_for(state.loaded.recipe.seed, name, state.device)
         position = layer_position(name, layers)
@@ -164,15 +165,31 @@ def merge_tensors(
                 "entry without `filter` as the last one"
             )
         result = fn(stack, weights=weights, **extra, **values)
-        # max and min carry any NaN or inf; two reductions instead of a mask the tensor's size.
-        if result.numel() and not bool(
-            torch.isfinite(result.amax()) & torch.isfinite(result.amin())
-        ):
+        if result.numel() and not _finite(result):
             raise MergeCliError(
                 f"merge: tensor '{name}' came out with NaN or inf values; check the method's "
                 "parameters (e.g. weights that sum to 0)"
             )
         yield name, result.to(dtype).cpu()
+
+
+def _finite_input(state: MergeState, model: Checkpoint, source: StateDict, name: str) -> Tensor:
+    """``source[name]``, refused if it holds NaN or inf. Checkpoints read out of core were not
+    checked when loaded (that would read them twice), so a broken input is caught here, where
+    it can still be blamed on its file rather than on the method."""
+    tensor = source[name]
+    if state.streaming and tensor.numel() and not _finite(tensor):
+        where = source.file_of(name) if isinstance(source, LazyTensors) else model.spec.path
+        raise MergeCliError(
+            f"{where}: tensor '{name}' contains NaN or inf values; the checkpoint is broken "
+            "(re-train or re-export it)"
+        )
+    return tensor
+
+
+def _finite(tensor: Tensor) -> bool:
+    """max and min carry any NaN or inf: two reductions instead of a mask the tensor's size."""
+    return bool(torch.isfinite(tensor.amax()) & torch.isfinite(tensor.amin()))
 
 
 def _per_model_values(
