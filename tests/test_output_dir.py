@@ -255,3 +255,33 @@ def test_train_never_writes_over_its_init_checkpoint(tmp_path: Path) -> None:
                      "--data", "mnist:0:100", "--init", str(base), "--out", str(base))  # fmt: skip
     assert "is the --init checkpoint" in one_line_error(result, code=2)
     assert base.read_bytes() == before
+
+
+def test_the_two_rename_swap_and_its_recovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without RENAME_EXCHANGE the swap is two renames; a run killed between
+    them leaves the old set under .NAME.old-HOST-PID, which the next run puts back."""
+    import mergecli.io.output_dir as output_dir
+
+    class NoExchange:  # a C library without renameat2 (macOS, old glibc)
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+    monkeypatch.setattr(output_dir.ctypes, "CDLL", NoExchange)
+    new, old = tmp_path / "staging", tmp_path / "out"
+    for folder, text in ((new, "new"), (old, "old")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(text)
+    output_dir._swap(new, old)
+    assert (old / "model.safetensors").read_text() == "new"
+    assert (new / "model.safetensors").read_text() == "old", "the old set, for the caller to drop"
+    # Killed between the renames: no output dir, the old set beside it under a dead PID.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    leftover = tmp_path / f".out.old-{output_dir._HOST}-{dead}"
+    old.rename(leftover)
+    output = OutputDir(old, overwrite=True)  # no manifest in this hand-made set
+    output.open()
+    output.release()
+    assert (old / "model.safetensors").read_text() == "new" and not leftover.exists()
