@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mergecli.merge.coefficients import FlatParameters, pairwise_merge
-from mergecli.merge.fit_loop import CoefficientStep, FitConfig
+from mergecli.fit.coefficients import FlatParameters, pairwise_merge
+from mergecli.fit.loop import CoefficientStep, FitConfig
 from mergecli.models import build_model
 
 # name: (arch, args, input shape, share of --repeats: the ResNet step takes ~1 s on 2 cores)
@@ -93,7 +93,7 @@ def bench_case(arch: str, args: dict, shape: tuple, device: torch.device, repeat
 def bench_epoch(device: torch.device) -> tuple[float, float]:
     """A whole epoch on the 8,000 bundled MNIST training images: plain training vs fit_logits."""
     from mergecli.data import TensorData, load_data
-    from mergecli.merge.fit_loop import fit_logits
+    from mergecli.fit.loop import fit_logits
     from mergecli.runtime.log import Log
 
     data = load_data({"source": "mnist", "split": "train"})

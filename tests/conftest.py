@@ -56,7 +56,7 @@ def saved_fit_state(path: Path) -> dict:
     """The plain values of a fit state (step, finished...), read as any safetensors reader would."""
     from safetensors import safe_open
 
-    from mergecli.merge.fit_loop import PLAIN_KEY
+    from mergecli.fit.loop import PLAIN_KEY
 
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()[PLAIN_KEY])

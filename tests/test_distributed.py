@@ -189,17 +189,17 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     for rank in (0, 1):
         assert re.search(
             rf"\[rank {rank}/2\] stopped by SIGTERM after fit step 5/30 \(epoch 1\); fit state "
-            rf"saved in out/.state/fit-stage1.safetensors; run the same command to resume; "
+            rf"saved in out/.state/step1-fit-stage1.safetensors; run the same command to resume; "
             rf"exit 143$",
             stderr,
             re.MULTILINE,
         ), stderr
-    assert saved_fit_state(tmp_path / "out/.state/fit-stage1.safetensors")["step"] == 5
+    assert saved_fit_state(tmp_path / "out/.state/step1-fit-stage1.safetensors")["step"] == 5
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".state"]
     # The shares and the shuffle do not depend on the world size: one process may resume it.
     result = run_cli("--log", "plain", "run", "recipe.yaml", cwd=tmp_path, env=cli_env())
     assert result.returncode == 0, result.stderr
-    assert "fit: resuming from out/.state/fit-stage1.safetensors step=5" in result.stderr
+    assert "fit: resuming from out/.state/step1-fit-stage1.safetensors step=5" in result.stderr
     assert_same_fit(one_process_fit, tmp_path / "out")
 
 

@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import run_cli, write_recipe
 from mergecli.data import TensorData, load_data
 from mergecli.errors import MergeCliError
-from mergecli.merge.average import average
-from mergecli.merge.coefficients import (
+from mergecli.fit.coefficients import (
     FlatParameters,
     expand,
     joint_merge,
@@ -24,7 +23,8 @@ from mergecli.merge.coefficients import (
     logits_per_model,
     pairwise_merge,
 )
-from mergecli.merge.fit_loop import FitCheckpoint, FitConfig, fit_logits
+from mergecli.fit.loop import FitCheckpoint, FitConfig, fit_logits
+from mergecli.merge.average import average
 from mergecli.models import build_model
 from mergecli.runtime.log import Log
 

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from mergecli.errors import MergeCliError
+from mergecli.fit.loop import FINGERPRINT_KEY, PLAIN_KEY, FitCheckpoint
 from mergecli.io.safetensors_format import write_safetensors
-from mergecli.merge.fit_loop import FINGERPRINT_KEY, PLAIN_KEY, FitCheckpoint
 
 SRC = Path(__file__).parent.parent / "src" / "mergecli"
 RESUME_HINT = "run with --resume never to start over (or delete the .state directory)"
@@ -66,17 +66,20 @@ def test_a_planted_pickle_is_never_unpickled(tmp_path: Path, trained_pair) -> No
     fit_recipe(tmp_path, *trained_pair)
     state, marker = tmp_path / "out" / ".state", tmp_path / "code-ran"
     state.mkdir(parents=True)
-    for name in ("fit-stage1.safetensors", "fit-stage1.pt"):  # the name read, the old name
+    for name in ("step0-fit-stage1.safetensors", "fit-stage1.pt"):  # the name read, the old name
         torch.save({"fingerprint": "x", "step": Planted(marker)}, state / name)
     # Under the name the state has now, a pickle is a broken state: one line says what to do.
     result = run_cli("--log", "plain", "run", "recipe.yaml", cwd=tmp_path)
     assert not marker.exists(), "resuming ran code from the state directory"
     assert result.returncode == 1, result.stderr
     line = error_line(result)
-    assert line.startswith("error: out/.state/fit-stage1.safetensors: not a readable fit state")
+    assert line.startswith(
+        "error: steps.0 (fit np_merge): out/.state/step0-fit-stage1.safetensors: "
+        "not a readable fit state"
+    )
     assert line.endswith(RESUME_HINT), line
     # An earlier version's pickle is left unread, with a warning; the fit starts over.
-    (state / "fit-stage1.safetensors").unlink()
+    (state / "step0-fit-stage1.safetensors").unlink()
     result = run_cli("--log", "plain", "run", "recipe.yaml", cwd=tmp_path)
     assert not marker.exists(), "resuming ran code from the state directory"
     assert result.returncode == 0, result.stderr
@@ -93,7 +96,7 @@ def test_another_fits_state_is_refused_before_its_tensors_are_read(
     tmp_path: Path, trained_pair
 ) -> None:
     fit_recipe(tmp_path, *trained_pair)
-    path = tmp_path / "out" / ".state" / "fit-stage1.safetensors"
+    path = tmp_path / "out" / ".state" / "step0-fit-stage1.safetensors"
     path.parent.mkdir(parents=True)
     metadata = {FINGERPRINT_KEY: "another recipe", PLAIN_KEY: json.dumps({"step": 2})}
     write_safetensors(path, {"logits": torch.zeros(1000)}, metadata)
@@ -102,8 +105,8 @@ def test_another_fits_state_is_refused_before_its_tensors_are_read(
     result = run_cli("--log", "plain", "run", "recipe.yaml", cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert error_line(result) == (
-        "error: out/.state/fit-stage1.safetensors: saved fit state belongs to a different recipe "
-        f"or different inputs; {RESUME_HINT}"
+        "error: steps.0 (fit np_merge): out/.state/step0-fit-stage1.safetensors: saved fit state "
+        f"belongs to a different recipe or different inputs; {RESUME_HINT}"
     )
 
 

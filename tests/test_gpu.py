@@ -15,8 +15,8 @@ from mergecli.align.activations import pair_statistics
 from mergecli.align.permute import apply_permutations, random_permutations
 from mergecli.align.spec import derive_spec, trace
 from mergecli.align.weight_matching import weight_matching
-from mergecli.merge.coefficients import FlatParameters, logits_per_model, pairwise_merge
-from mergecli.merge.fit_loop import CoefficientStep, FitConfig
+from mergecli.fit.coefficients import FlatParameters, logits_per_model, pairwise_merge
+from mergecli.fit.loop import CoefficientStep, FitConfig
 from mergecli.models import build_model
 
 pytestmark = [

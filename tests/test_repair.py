@@ -14,20 +14,13 @@ from torch import Tensor, nn
 from conftest import run_cli
 from mergecli.data import load_data
 from mergecli.errors import MergeCliError
-from mergecli.merge.repair import (
-    RepairParams,
-    ResetBNParams,
-    batchnorm_buffers,
-    repair,
-    repair_step,
-    repairable_layers,
-    reset_batchnorm_stats,
-    reset_bn,
-)
 from mergecli.models import build_model
+from mergecli.models.batchnorm import batchnorm_buffers, reset_batchnorm_stats
 from mergecli.pipeline import prepare_state, run_recipe
 from mergecli.recipe import load_recipe
 from mergecli.registry import methods_of
+from mergecli.repair.repair import repair, repairable_layers
+from mergecli.repair.step import RepairParams, ResetBNParams, repair_step, reset_bn
 from mergecli.runtime.log import Log
 
 BATCH = 128

@@ -63,7 +63,7 @@ def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
     assert process.returncode == code, stderr
     # One line says what happened: the step it finished, where the state is, the exit code.
     name = signal.Signals(signum).name
-    state = Path("out") / ".state" / "fit-stage1.safetensors"
+    state = Path("out") / ".state" / "step1-fit-stage1.safetensors"
     [line] = stop_lines(stderr)
     assert re.search(
         rf"stopped by {name} after fit step 5/{GATED_STEPS} \(epoch 1\); fit state saved in "
@@ -93,7 +93,7 @@ def test_signal_mid_fit_saves_exits_and_resumes_bit_identical(
         *(["--resume", "never"] if never else []), cwd=tmp_path,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
-    resuming = "fit: resuming from out/.state/fit-stage1.safetensors step=5 epoch=1"
+    resuming = "fit: resuming from out/.state/step1-fit-stage1.safetensors step=5 epoch=1"
     assert (resuming not in resumed.stderr) if never else (resuming in resumed.stderr)
     # Batch-log lines: time, rank, step, epoch, loss and throughput, after every step here.
     progress = re.findall(
@@ -122,10 +122,10 @@ def test_signal_outside_the_fit_stops_at_once_and_the_rerun_skips_the_finished_f
     ), line
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [".state"]
-    assert saved_fit_state(out / ".state" / "fit-stage1.safetensors")["finished"]
+    assert saved_fit_state(out / ".state" / "step1-fit-stage1.safetensors")["finished"]
     resumed = run_cli("--log", "plain", "--log-every", "0", "run", "recipe.yaml", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    finished = "fit: already finished in an earlier run (out/.state/fit-stage1.safetensors)"
+    finished = "fit: already finished in an earlier run (out/.state/step1-fit-stage1.safetensors)"
     assert f"{finished} steps={GATED_STEPS}" in resumed.stderr
     assert " fit rank=0 step=" not in resumed.stderr, "no fit step runs again"
     for name, expected in uninterrupted_gated.items():

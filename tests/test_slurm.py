@@ -152,12 +152,12 @@ def test_a_signalled_job_requeues_resumes_and_ends_like_an_uninterrupted_run(
     assert "restart count 0" in first and second, text
     assert re.search(
         rf"stopped by SIGUSR1 after fit step 5/{GATED_STEPS} \(epoch 1\); fit state saved in "
-        rf"out/\.state/fit-stage1\.safetensors; run the same command to resume; SLURM job {job} "
-        r"requeued; exit 138$",
+        rf"out/\.state/step1-fit-stage1\.safetensors; run the same command to resume; "
+        rf"SLURM job {job} requeued; exit 138$",
         first,
         re.MULTILINE,
     ), text
-    assert "fit: resuming from out/.state/fit-stage1.safetensors step=5 epoch=1" in second
+    assert "fit: resuming from out/.state/step1-fit-stage1.safetensors step=5 epoch=1" in second
     out = tmp_path / "out"
     for name, expected in uninterrupted_gated.items():
         assert (out / name).read_bytes() == expected, f"{name} differs from the uninterrupted run"

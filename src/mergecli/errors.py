@@ -1,5 +1,7 @@
 """The one exception type that means "the user must change something"."""
 
+from __future__ import annotations
+
 
 class MergeCliError(Exception):
     """A user-facing failure: the message is one line saying what, where, and what to do.
@@ -8,6 +10,11 @@ class MergeCliError(Exception):
     """
 
     exit_code = 1
+
+    def within(self, where: str) -> MergeCliError:
+        """This error with ``where`` (e.g. ``steps.2 (fit np_merge)``) before its message."""
+        self.args = (f"{where}: {self}",)
+        return self
 
 
 class RecipeError(MergeCliError):
@@ -18,3 +25,8 @@ class RecipeError(MergeCliError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+    def within(self, where: str) -> RecipeError:
+        self.problems = [f"{where}: {problem}" for problem in self.problems]
+        self.args = ("\n".join(self.problems),)
+        return self

@@ -19,7 +19,7 @@ from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.writer import ShardWriter
 from mergecli.models.registry import builtin_architectures
 from mergecli.recipe import LoadedRecipe, ModelSpec
-from mergecli.registry import methods_of
+from mergecli.registry import changes_weights, methods_of
 from mergecli.report import render_report
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
@@ -62,8 +62,13 @@ def run_recipe(
             method = methods_of(step.kind)[step.method]
             log.info(f"step {step.index}: {step.kind} ({step.method})")
             started = time.perf_counter()
-            method.run(state, step.params)
-            if step.kind in ("align", "fit", "merge", "repair"):
+            state.step = step
+            try:
+                method.run(state, step.params)
+            except MergeCliError as exc:
+                exc.within(f"steps.{step.index} ({step.kind} {step.method})")
+                raise
+            if changes_weights(step.kind):
                 state.history.append(step.method)
             state.report.setdefault("timings_s", {})[f"{step.index}.{step.kind}"] = round(
                 time.perf_counter() - started, 3

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mergecli.errors import MergeCliError
-from mergecli.recipe import CheckpointSpec, LoadedRecipe, ModelSpec
+from mergecli.recipe import CheckpointSpec, LoadedRecipe, ModelSpec, StepSpec
 from mergecli.runtime.log import Log
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class MergeState:
     model_spec: ModelSpec | None
     merged: StateDict | Iterator[tuple[str, Tensor]] | None = None
     history: list[str] = field(default_factory=list)  # methods that shaped `merged`, in order
+    step: StepSpec | None = None  # the step running now, set by the pipeline
     spec: Any = None  # the model's PermutationSpec, once an align step derived it
     resume_dir: Path | None = None  # where long steps keep resumable state (None: never)
     # Data-free recipes stream: inputs are read lazily and `merged` is an iterator of
@@ -65,6 +66,14 @@ class MergeState:
     # with the merged model at the end of a successful run.
     artifacts: dict[str, tuple[StateDict, dict[str, str]]] = field(default_factory=dict)
     _data: dict[str, Any] = field(default_factory=dict)
+
+    def steps_before(self) -> list[StepSpec]:
+        """The recipe's steps that ran before the current one."""
+        return self.loaded.steps[: self.step.index] if self.step else []
+
+    def steps_after(self) -> list[StepSpec]:
+        """The recipe's steps that run after the current one."""
+        return self.loaded.steps[self.step.index + 1 :] if self.step else []
 
     @property
     def reference(self) -> Checkpoint:

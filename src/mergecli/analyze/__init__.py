@@ -2,12 +2,16 @@
 
 Each kind computes plain numbers into ``report["analysis"][kind]``; `mergecli.report` turns
 them into ``analysis/KIND.json``, ``analysis/KIND.png`` and ``report.md``.
+It reads weights and never changes the merged model.
 """
 
-from mergecli.analyze import (  # noqa: F401 - importing registers the kinds
-    averaging,
-    coefficients,
-    interpolation,
-    scaling,
-    templates,
+# Whether the kind's methods shape the merged weights (the report names them after it).
+CHANGES_WEIGHTS = False
+# The modules whose import registers the kind's methods.
+METHOD_MODULES = (
+    "mergecli.analyze.averaging",
+    "mergecli.analyze.coefficients",
+    "mergecli.analyze.interpolation",
+    "mergecli.analyze.scaling",
+    "mergecli.analyze.templates",
 )

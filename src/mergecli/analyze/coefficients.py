@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from mergecli.errors import MergeCliError
-from mergecli.merge.fit import COEFFICIENTS_FILE
+from mergecli.fit.step import COEFFICIENTS_FILE
 from mergecli.registry import StepParams, step_method
 from mergecli.state import MergeState
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mergecli.errors import MergeCliError
 from mergecli.evaluate.metrics import accuracy, collect_logits, cross_entropy
-from mergecli.merge.repair import batch_norms, batchnorm_buffers, reset_batchnorm_stats
+from mergecli.models.batchnorm import batch_norms, batchnorm_buffers, reset_batchnorm_stats
 from mergecli.state import MergeState, StateDict
 
 Split = Literal["fit", "eval"]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from mergecli.data.batches import TensorData
 from mergecli.data.mnist import load_mnist
 from mergecli.data.subset import SPLIT_HELP, apply_subset, parse_slice
 from mergecli.errors import MergeCliError
+from mergecli.user_code import import_object
 
 
 def _describe(exc: BaseException) -> str:
@@ -177,27 +176,9 @@ def _split(split: Any, n: int, where: str) -> tuple[int, int]:
 def _factory(spec: Mapping[str, Any], where: str) -> tuple[str, Callable[..., Any]]:
     """Import the ``package.module:function`` named by ``factory``."""
     name = spec.get("factory")
-    if not isinstance(name, str) or name.count(":") != 1 or not all(name.split(":")):
+    if not isinstance(name, str):
         raise MergeCliError(f"{where}.factory: expected 'package.module:function', got {name!r}")
-    module_name, func_name = name.split(":")
-    # Recipes refer to helper modules next to them; the CLI may be run as an installed script.
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    importlib.invalidate_caches()  # modules written since the last import must be visible
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise MergeCliError(
-            f"{where}.factory: cannot import {module_name!r} ({_describe(exc)}); make sure it "
-            f"is installed or lives under the working directory {cwd}"
-        ) from exc
-    func = getattr(module, func_name, None)
-    if func is None:
-        raise MergeCliError(
-            f"{where}.factory: module {module_name!r} has no attribute {func_name!r}; "
-            "check the function name"
-        )
+    func = import_object(name, f"{where}.factory", example="mydata:load")
     if not callable(func):
         raise MergeCliError(f"{where}.factory: {name!r} is not callable; name a function")
     return name, func

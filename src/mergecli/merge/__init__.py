@@ -1,3 +1,11 @@
-"""Merge methods; importing this package registers them (one module per method)."""
+"""The `merge` step: data-free methods, one module each, over the streaming engine (step.py);
+it makes the merged weights."""
 
-from mergecli.merge import average, slerp, task_arithmetic  # noqa: F401
+# Whether the kind's methods shape the merged weights (the report names them after it).
+CHANGES_WEIGHTS = True
+# The modules whose import registers the kind's methods.
+METHOD_MODULES = (
+    "mergecli.merge.average",
+    "mergecli.merge.slerp",
+    "mergecli.merge.task_arithmetic",
+)

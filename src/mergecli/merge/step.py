@@ -16,7 +16,7 @@ from torch import Tensor
 from mergecli.errors import MergeCliError
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.merge.parameters import count_layers, layer_position, resolve, varying
-from mergecli.registry import StepParams, step_method
+from mergecli.registry import StepParams, mark_registered, step_method
 from mergecli.state import Checkpoint, MergeState, StateDict
 
 # Leading parameters of a merge function that the engine supplies; the rest are recipe keys.
@@ -65,6 +65,7 @@ def merge_method(
         run.__doc__ = fn.__doc__
         needs = ("base",) if needs_base else ()
         step_method("merge", name, params, needs=needs, per_model=per_model)(run)
+        mark_registered(fn, "merge", name)
         return fn
 
     return register

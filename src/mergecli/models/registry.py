@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
-import os
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +15,7 @@ from mergecli.models.mlp import mlp
 from mergecli.models.resnet import resnet20
 from mergecli.models.vgg import vgg
 from mergecli.models.vit import vit
+from mergecli.user_code import import_object
 
 _BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
@@ -25,9 +23,6 @@ _BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "vit": vit,
 }
-
-_DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_NAME = re.compile(r"^[A-Za-z_]\w*$")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -84,57 +79,11 @@ def _unknown_builtin_message(arch: str) -> str:
 
 
 def _user_factory(arch: str) -> Callable[..., Any]:
-    """Import ``module`` from ``module:factory`` (cwd importable) and return the callable."""
-    module_name, sep, factory_name = arch.partition(":")
-    module_name, factory_name = module_name.strip(), factory_name.strip()
-    if (
-        not sep
-        or ":" in factory_name
-        or not _DOTTED_NAME.match(module_name)
-        or not _NAME.match(factory_name)
-    ):
-        raise MergeCliError(
-            f"model.arch: '{arch}' is not of the form 'package.module:factory' "
-            f"(e.g. 'mymodels:tiny_cnn'); use one ':' between a Python module path and a "
-            f"function name"
-        )
-    # Recipes refer to model files next to them; make `mergecli run` from that directory work.
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    importlib.invalidate_caches()  # files written after startup must be found too
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise MergeCliError(
-            f"model.arch '{arch}': cannot import module '{module_name}': {_one_line(exc)}; "
-            f"run mergecli from the directory that contains it or install its package"
-        ) from exc
-    except Exception as exc:
-        raise MergeCliError(
-            f"model.arch '{arch}': importing module '{module_name}' failed with "
-            f"{type(exc).__name__}: {_one_line(exc)}; fix the error in that module"
-        ) from exc
-    where = getattr(module, "__file__", None) or module_name
-    factory = getattr(module, factory_name, None)
-    if factory is None:
-        defined = sorted(
-            name
-            for name, value in vars(module).items()
-            if callable(value)
-            and not name.startswith("_")
-            and getattr(value, "__module__", None) == module.__name__
-        )
-        close = difflib.get_close_matches(factory_name, defined, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        listing = ", ".join(defined) if defined else "no public functions or classes"
-        raise MergeCliError(
-            f"model.arch '{arch}': module '{module_name}' ({where}) has no '{factory_name}'; "
-            f"{hint}it defines: {listing}"
-        )
+    """The callable that ``package.module:factory`` names (the current directory importable)."""
+    factory = import_object(arch, "model.arch", example="mymodels:tiny_cnn")
     if not callable(factory):
         raise MergeCliError(
-            f"model.arch '{arch}': '{factory_name}' in {where} is a "
+            f"model.arch '{arch}': '{arch.partition(':')[2].strip()}' is a "
             f"{type(factory).__name__}, not a function or class; point model.arch at a "
             f"function that returns an nn.Module"
         )

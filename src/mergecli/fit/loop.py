@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
+from mergecli.fit.coefficients import FlatParameters, Granularity, expand
 from mergecli.io.atomic import atomic_target
 from mergecli.io.safetensors_format import (
     BadSafetensors,
@@ -23,7 +24,6 @@ from mergecli.io.safetensors_format import (
     read_header,
     write_safetensors,
 )
-from mergecli.merge.coefficients import FlatParameters, Granularity, expand
 from mergecli.runtime.distributed import World
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
@@ -76,11 +76,7 @@ class FitCheckpoint:
 
     path: Path
     fingerprint: str
-
-    @property
-    def legacy(self) -> Path:
-        """Where earlier mergecli versions kept this state, as a pickle: never loaded now."""
-        return self.path.with_suffix(".pt")
+    legacy: Path | None = None  # where earlier versions kept it, as a pickle: never loaded now
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
@@ -275,7 +271,7 @@ def _optimizer(config: FitConfig, logits: Tensor) -> torch.optim.Optimizer:
 
 
 def _load(checkpoint: FitCheckpoint, log: Log) -> dict[str, Any] | None:
-    if checkpoint.legacy != checkpoint.path and checkpoint.legacy.exists():
+    if checkpoint.legacy is not None and checkpoint.legacy.exists():
         # Not refused: it cannot be read safely whatever the user does, so a refusal would only
         # add a rerun with --resume never (and fail every requeue of a SLURM job).
         log.warn(

@@ -1,102 +1,21 @@
-"""The `repair` step: fix the activation statistics that merging shrinks or shifts.
-
-Averaging the weights of two networks (even aligned ones) lowers the variance of hidden
-activations ("variance collapse"), which compounds with depth. Two repairs:
-
-- ``reset_bn``: networks with BatchNorm recompute the running statistics of the merged model
-  over ``data.fit`` (the usual fix after weight averaging, e.g. in Git Re-Basin).
-- ``repair``: networks without BatchNorm get REPAIR (Jordan et al., 2022): every layer's
-  per-channel output mean and std are set to the interpolation of the endpoints' statistics,
-  and the correction is folded into the layer's weight and bias.
-
-The math lives in plain functions over modules and input batches; the step wrappers only load
-state dicts and data and write the results back.
-"""
+"""REPAIR (Jordan et al., 2022): set every layer's per-channel output mean and std of the merged
+network to the interpolation of the endpoints' and fold the correction into its weights."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mergecli.errors import MergeCliError
-from mergecli.registry import StepParams, step_method
-from mergecli.state import MergeState, StateDict
+
+StateDict = dict[str, Tensor]
 
 # Layers whose output channels REPAIR rescales: the channel is dim -1 for Linear, 1 for conv.
 REPAIRABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-# --------------------------------------------------------------------------------------------
-# reset_bn
-
-
-def batch_norms(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """The BatchNorm layers of ``module`` that keep running statistics, in registration order."""
-    return [
-        (name, m)
-        for name, m in module.named_modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats
-    ]
-
-
-@torch.no_grad()
-def reset_batchnorm_stats(module: nn.Module, inputs: Iterable[Tensor]) -> tuple[int, int]:
-    """Recompute every BatchNorm's running mean/var as the cumulative average over ``inputs``.
-
-    With ``momentum=None`` PyTorch keeps the plain average of the per-batch statistics (mean
-    and unbiased variance), so the result does not depend on a momentum schedule. Only the
-    BatchNorm layers go to train mode: dropout and the like stay off so that the statistics
-    are those the model sees at inference. Returns (BN layers, batches used).
-    """
-    norms = batch_norms(module)
-    if not norms:
-        return 0, 0
-    module.eval()
-    for _, norm in norms:
-        norm.momentum = None
-        norm.reset_running_stats()
-        norm.train()
-    used = 0
-    for x in inputs:
-        # A one-example batch has no variance (BatchNorm1d refuses it); it can only be the
-        # ragged last batch, so dropping it loses nothing.
-        if x.shape[0] < 2:
-            continue
-        module(x)
-        used += 1
-    module.eval()
-    if used == 0:
-        raise MergeCliError(
-            "repair reset_bn: data.fit gave no batch of 2 or more examples; BatchNorm "
-            "statistics need more data"
-        )
-    return len(norms), used
-
-
-def batchnorm_buffers(module: nn.Module) -> StateDict:
-    """The running-statistics buffers of every BatchNorm, by state-dict key, on the CPU."""
-    buffers: StateDict = {}
-    for name, norm in batch_norms(module):
-        prefix = f"{name}." if name else ""
-        for buffer in BN_BUFFERS:
-            value = getattr(norm, buffer, None)
-            if value is not None:
-                # A copy, not the live buffer, so later use of the module cannot change it.
-                buffers[prefix + buffer] = value.detach().to("cpu", copy=True)
-    return buffers
-
-
-# --------------------------------------------------------------------------------------------
-# REPAIR
 
 
 @dataclass
@@ -300,94 +219,3 @@ def repair(
             value = getattr(layer, param).detach().to("cpu", original.dtype, copy=True)
             result.state_dict[key] = value
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# step wrappers
-
-
-def _inputs(state: MergeState, batches: int | None) -> Callable[[], Iterator[Tensor]]:
-    """The first ``batches`` batches of data.fit (all when None), unshuffled, on the device."""
-    data = state.data("fit")
-    batch_size = state.batch_size("fit")
-
-    def inputs() -> Iterator[Tensor]:
-        stream = (x for x, _ in data.batches(batch_size, shuffle=False, device=state.device))
-        return itertools.islice(stream, batches)
-
-    return inputs
-
-
-def _merged(state: MergeState, method: str) -> StateDict:
-    if state.merged is None:
-        raise MergeCliError(
-            f"repair {method}: there is no merged model yet; put a `merge` (or `fit`) step "
-            "before the `repair` step"
-        )
-    return state.merged
-
-
-def _no_batchnorm_error() -> MergeCliError:
-    return MergeCliError(
-        "repair reset_bn: the model has no BatchNorm layers; use `repair: {method: repair}` "
-        "for networks without BN, or drop the step"
-    )
-
-
-class ResetBNParams(StepParams):
-    batches: int | None = Field(default=None, ge=1)
-
-
-@step_method("repair", "reset_bn", ResetBNParams, needs=("model", "data.fit"))
-def reset_bn(state: MergeState, params: ResetBNParams) -> None:
-    """Reset BN statistics on data.fit (Jordan et al., 2022; Ainsworth et al., 2023)."""
-    from mergecli.models import load_into_model
-
-    merged = _merged(state, "reset_bn")
-    module = state.build_module()
-    if not batch_norms(module):
-        raise _no_batchnorm_error()
-    load_into_model(module, merged, "repair reset_bn: merged model")
-    layers, used = reset_batchnorm_stats(module, _inputs(state, params.batches)())
-    updated = dict(merged)
-    for key, value in batchnorm_buffers(module).items():
-        # Keep the checkpoint's dtypes (e.g. bf16 statistics stay bf16).
-        updated[key] = value.to(merged[key].dtype) if key in merged else value
-    state.merged = updated
-    state.log.info(f"repair reset_bn: recomputed {layers} BatchNorm layers over {used} batches")
-    state.report["repair"] = {"method": "reset_bn", "layers": layers, "batches": used}
-
-
-class RepairParams(StepParams):
-    batches: int | None = Field(default=10, ge=1)
-    eps: float = Field(default=1e-5, ge=0)
-
-
-@step_method("repair", "repair", RepairParams, needs=("model", "data.fit"))
-def repair_step(state: MergeState, params: RepairParams) -> None:
-    """REPAIR (Jordan et al., 2022): interpolate the endpoints' channel statistics, no-BN nets."""
-    merged = _merged(state, "repair")
-    module = state.build_module()
-    if batch_norms(module):
-        raise MergeCliError(
-            "repair: the model has BatchNorm layers, whose statistics REPAIR would "
-            "fight; use `repair: {method: reset_bn}` instead"
-        )
-    inputs = _inputs(state, params.batches)
-    available = -(-len(state.data("fit")) // state.batch_size("fit"))
-    used = available if params.batches is None else min(params.batches, available)
-    weights = torch.tensor([m.spec.weight for m in state.models], dtype=torch.float64)
-    result = repair(
-        module, merged, [m.merge_tensors for m in state.models], weights, inputs, params.eps
-    )
-    state.merged = result.state_dict
-    if result.scale_only:
-        state.log.warn(
-            f"repair: {len(result.scale_only)} layers have no bias ({result.scale_only[0]}, ...); "
-            "only their std was corrected, not their mean"
-        )
-    for name, why in result.skipped.items():
-        state.log.warn(f"repair: left layer '{name}' as it is: {why}")
-    layers = len(result.repaired) + len(result.scale_only)
-    state.log.info(f"repair: corrected {layers} layers over {used} batches")
-    state.report["repair"] = {"method": "repair", "layers": layers, "batches": used}

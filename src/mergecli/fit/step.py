@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
-from mergecli.merge.coefficients import (
+from mergecli.fit.coefficients import (
     FlatParameters,
     coefficient_values,
     expand,
@@ -22,7 +22,7 @@ from mergecli.merge.coefficients import (
     logits_per_model,
     pairwise_merge,
 )
-from mergecli.merge.fit_loop import FitCheckpoint, FitConfig, fit_logits
+from mergecli.fit.loop import FitCheckpoint, FitConfig, fit_logits
 from mergecli.registry import StepParams, step_method
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.signals import STOP, STOP_SIGNALS
@@ -345,13 +345,12 @@ def _set_fit_mode(module: nn.Module) -> None:
 
 def _reset_batchnorm_if_needed(state: MergeState, module: nn.Module) -> None:
     """BN statistics of a merged model describe neither input: recompute them unless told how."""
-    from mergecli.merge.repair import ResetBNParams, batch_norms, reset_bn
+    from mergecli.models.batchnorm import batch_norms
+    from mergecli.repair.step import ResetBNParams, reset_bn
 
     if not batch_norms(module):
         return
-    steps = state.loaded.steps
-    current = next(i for i, s in enumerate(steps) if s.kind == "fit")
-    if any(s.kind == "repair" for s in steps[current + 1 :]):
+    if any(s.kind == "repair" for s in state.steps_after()):
         return
     state.log.info("fit: the model has BatchNorm and no repair step follows: running reset_bn")
     reset_bn(state, ResetBNParams())
@@ -380,15 +379,16 @@ def _autocast_dtype(state: MergeState) -> torch.dtype | None:
 def _checkpoint(state: MergeState, stage: int) -> FitCheckpoint | None:
     if not state.resume_dir:
         return None
+    # Each fit step of the recipe keeps its own state: a second fit never resumes the first's.
+    index = state.step.index
     fingerprint = state.loaded.sha256() + "".join(c.sha256 for c in state.checkpoints)
-    path = state.resume_dir / f"fit-stage{stage + 1}.safetensors"
-    return FitCheckpoint(path, f"{fingerprint}:{stage}")
+    path = state.resume_dir / f"step{index}-fit-stage{stage + 1}.safetensors"
+    legacy = state.resume_dir / f"fit-stage{stage + 1}.pt"
+    return FitCheckpoint(path, f"{fingerprint}:{index}:{stage}", legacy)
 
 
 def _warn_if_unaligned(state: MergeState, params: FitParams) -> None:
-    steps = state.loaded.steps
-    current = next(i for i, s in enumerate(steps) if s.kind == "fit")
-    aligned = any(s.kind == "align" for s in steps[:current])
+    aligned = any(s.kind == "align" for s in state.steps_before())
     seeds = {c.metadata.get("mergecli.seed") for c in state.models}
     if not aligned and state.base is None and (len(seeds) > 1 or None in seeds):
         state.log.warn(
