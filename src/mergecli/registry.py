@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mergecli.schema import RecipeModel
+from mergecli.recipe.schema import StepParams
 
 if TYPE_CHECKING:
     from mergecli.state import MergeState
@@ -23,10 +23,6 @@ BUILTIN_METHOD_MODULES = (
     "mergecli.merge.repair",
     "mergecli.analyze",
 )
-
-
-class StepParams(RecipeModel):
-    """Base of every method's parameter model: unknown keys and non-finite floats are errors."""
 
 
 @dataclass(frozen=True)

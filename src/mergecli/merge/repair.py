@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mergecli.errors import MergeCliError
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
 
 # Layers whose output channels REPAIR rescales: the channel is dim -1 for Linear, 1 for conv.
