@@ -37,14 +37,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
 
 
 def _expand_method_names(data: dict[str, Any]) -> None:
-    """``- merge: ties`` is short for ``- merge: {method: ties}`` (``analyze``: ``{kind: ...}``),
-    expanded before overrides so that ``--set steps.0.merge.density=0.3`` finds a mapping."""
+    """``- merge: ties`` is short for ``- merge: {method: ties}``, expanded before overrides
+    so that ``--set steps.0.merge.density=0.3`` finds a mapping."""
     steps = data.get("steps")
     for step in steps if isinstance(steps, list) else []:
         if isinstance(step, dict) and len(step) == 1:
             kind, body = next(iter(step.items()))
             if isinstance(body, str):
-                step[kind] = {"kind" if kind == "analyze" else "method": body}
+                step[kind] = {"method": body}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[Path_]:
@@ -100,9 +100,10 @@ def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> 
     if recipe.name is None:
         recipe.name = default_name
     problems: list[str] = []
+    warnings: list[str] = []
     steps: list[StepSpec] = []
     for index, raw in enumerate(recipe.steps):
-        step = _validate_step(index, raw, data, where, problems)
+        step = _validate_step(index, raw, data, where, problems, warnings)
         if step is not None:
             steps.append(step)
     if not recipe.steps:
@@ -112,11 +113,16 @@ def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> 
     problems += _per_model_problems(recipe, steps, data, where)
     if problems:
         raise RecipeError(problems)
-    return LoadedRecipe(recipe, steps, where.filename)
+    return LoadedRecipe(recipe, steps, where.filename, warnings)
 
 
 def _validate_step(
-    index: int, raw: Any, data: dict[str, Any], where: Locator, problems: list[str]
+    index: int,
+    raw: Any,
+    data: dict[str, Any],
+    where: Locator,
+    problems: list[str],
+    warnings: list[str],
 ) -> StepSpec | None:
     # The registry is imported where it is used: its parameter models import recipe.schema,
     # and with it this package, so a module-level import would close a circle.
@@ -134,17 +140,24 @@ def _validate_step(
     if not isinstance(body, dict):
         problems.append(where((*at, kind), "must be a mapping of parameters, e.g. {method: ...}"))
         return None
+    key = "method"
+    if kind == "analyze" and "kind" in body:
+        # `kind:` is the old name of an analysis's `method:`, still read, with a warning.
+        if "method" in body:
+            problems.append(
+                where((*at, kind, "kind"), "give `method:` alone (`kind:` is its old name)")
+            )
+            return None
+        key = "kind"
+        warnings.append(where((*at, kind, "kind"), "deprecated; write `method:` instead"))
     available = methods_of(kind)
-    # An analysis is named by `kind:` (`analyze: {kind: interpolation}`); `method:` also works.
-    key = "kind" if kind == "analyze" and "kind" in body else "method"
     method = body.get(key, default_method(kind))
     if method is None:
         names = ", ".join(available) or "none yet"
         problems.append(where((*at, kind), f"needs `method:` (available: {names})"))
         return None
     if method not in available:
-        what = "analysis kind" if kind == "analyze" else f"{kind} method"
-        problems.append(where((*at, kind, key), unknown_name(what, method, available)))
+        problems.append(where((*at, kind, key), unknown_name(f"{kind} method", method, available)))
         return None
     params_cls = available[method].params
     params = {k: v for k, v in body.items() if k != key}

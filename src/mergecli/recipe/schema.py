@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,17 +183,18 @@ class StepSpec:
 
     def as_dict(self) -> dict[str, Any]:
         params = self.params.model_dump(mode="json", by_alias=True)
-        key = "kind" if self.kind == "analyze" else "method"
-        return {self.kind: {key: self.method, **params}}
+        return {self.kind: {"method": self.method, **params}}
 
 
 @dataclass(frozen=True)
 class LoadedRecipe:
-    """A validated recipe with its resolved steps and where it came from."""
+    """A validated recipe with its resolved steps, where it came from, and the warnings its
+    loading left (deprecated keys), for the command to log."""
 
     recipe: Recipe
     steps: list[StepSpec]
     source: str
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def output_dir(self) -> Path:
