@@ -84,11 +84,11 @@ def test_every_kind_end_to_end_with_report_and_plots(tmp_path: Path, trained_pai
         "  - align: {method: weight_matching}\n"
         "  - fit: {method: np_merge, steps: 20, lr: 0.05}\n"
         "  - evaluate: {baselines: [ensemble, endpoints, logit_ensemble, aligned_average]}\n"
-        "  - analyze: {kind: interpolation, points: 5}\n"
-        "  - analyze: {kind: averaging_vs_ensembling}\n"
-        "  - analyze: {kind: scaling, factors: [0.5, 1.0, 2.0]}\n"
-        "  - analyze: {kind: templates, units: 4}\n"
-        "  - analyze: {kind: coefficients, bins: 10}\n"
+        "  - analyze: {method: interpolation, points: 5}\n"
+        "  - analyze: {method: averaging_vs_ensembling}\n"
+        "  - analyze: {method: scaling, factors: [0.5, 1.0, 2.0]}\n"
+        "  - analyze: {method: templates, units: 4}\n"
+        "  - analyze: {method: coefficients, bins: 10}\n"
     )
     run_cli("--log", "plain", "run", str(analysis_recipe(tmp_path, a, b, steps)), check=True)
     report = report_of(tmp_path)
@@ -130,7 +130,7 @@ def test_every_kind_end_to_end_with_report_and_plots(tmp_path: Path, trained_pai
 @pytest.mark.slow
 def test_barrier_between_a_model_and_itself_is_zero(tmp_path: Path, trained_pair) -> None:
     a, _ = trained_pair
-    steps = "  - analyze: {kind: interpolation, points: 5}\n"
+    steps = "  - analyze: {method: interpolation, points: 5}\n"
     run_cli("run", str(analysis_recipe(tmp_path, a, a, steps)), check=True)
     curve = report_of(tmp_path)["analysis"]["interpolation"]["paths"]["naive"]["eval"]
     assert abs(curve["loss_barrier"]) < 1e-5 and abs(curve["loss_barrier_midpoint"]) < 1e-5
@@ -139,7 +139,7 @@ def test_barrier_between_a_model_and_itself_is_zero(tmp_path: Path, trained_pair
 
 def test_feature_ensemble_of_identical_models_is_the_model(tmp_path: Path, trained_pair) -> None:
     a, _ = trained_pair
-    steps = "  - analyze: {kind: averaging_vs_ensembling}\n"
+    steps = "  - analyze: {method: averaging_vs_ensembling}\n"
     run_cli("run", str(analysis_recipe(tmp_path, a, a, steps)), check=True)
     rows = {r["kind"]: r for r in report_of(tmp_path)["analysis"]["averaging_vs_ensembling"]
             ["results"]}  # fmt: skip
@@ -155,24 +155,24 @@ def test_analysis_errors(tmp_path: Path, trained_pair) -> None:
     one.write_text(
         "version: 1\nmodel: {arch: mlp, args: {depth: 3, hidden: 32}}\n"
         f"checkpoints: [{{path: {a}}}]\ndata: {{eval: {{source: mnist, split: '9000:'}}}}\n"
-        "steps:\n  - analyze: {kind: interpolation}\n"
+        "steps:\n  - analyze: {method: interpolation}\n"
         f"output: {{dir: {tmp_path / 'one'}}}\n"
     )
     result = run_cli("run", str(one))
     assert result.returncode == 1
     assert "interpolation needs at least 2 checkpoints to merge, the recipe has 1" in result.stderr
-    steps = "  - analyze: {kind: templates, layer: layers.1.weight}\n"
+    steps = "  - analyze: {method: templates, layer: layers.1.weight}\n"
     result = run_cli("run", str(analysis_recipe(tmp_path, a, b, steps)))
     assert result.returncode == 1 and "cannot be shown as [28, 28] images" in result.stderr
     assert "Traceback" not in result.stderr
-    no_data = analysis_recipe(tmp_path, a, b, "  - analyze: {kind: scaling}\n", data="\n")
+    no_data = analysis_recipe(tmp_path, a, b, "  - analyze: {method: scaling}\n", data="\n")
     result = run_cli("run", str(no_data))
     assert result.returncode == 2
     assert "analysis.yaml:9: steps.0.analyze: scaling needs data" in result.stderr
-    unknown = analysis_recipe(tmp_path, a, b, "  - analyze: {kind: interpolations}\n")
+    unknown = analysis_recipe(tmp_path, a, b, "  - analyze: {method: interpolations}\n")
     result = run_cli("validate", str(unknown))
     assert result.returncode == 2 and "did you mean 'interpolation'" in result.stderr
-    coefficients = analysis_recipe(tmp_path, a, b, "  - analyze: {kind: coefficients}\n")
+    coefficients = analysis_recipe(tmp_path, a, b, "  - analyze: {method: coefficients}\n")
     result = run_cli("run", str(coefficients))
     assert result.returncode == 1 and "needs a `fit` step before it" in result.stderr
     assert not (tmp_path / "out" / "report.json").exists()

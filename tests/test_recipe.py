@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import run_cli
 from mergecli.errors import RecipeError
 from mergecli.recipe import load_recipe
 
@@ -213,3 +214,47 @@ def test_slurm_section_says_how_to_run_not_what_to_compute(tmp_path: Path) -> No
         "recipe.yaml:18: slurm.requeu: unknown key 'requeu'; did you mean 'requeue'? "
         "(allowed: requeue)"
     )
+
+
+ANALYSIS = GOOD.replace("  - evaluate: {}\n", "  - evaluate: {}\n  - analyze: {method: scaling}\n")
+
+
+def test_an_analysis_is_named_by_method_like_any_step(tmp_path: Path) -> None:
+    loaded = load_recipe(write(tmp_path, ANALYSIS))
+    assert (loaded.steps[2].kind, loaded.steps[2].method) == ("analyze", "scaling")
+    assert loaded.warnings == []
+    assert loaded.resolved()["steps"][2]["analyze"]["method"] == "scaling"
+    assert "kind" not in loaded.resolved()["steps"][2]["analyze"]
+    # The short form expands to `method:`, and overrides reach it there.
+    short = load_recipe(write(tmp_path, ANALYSIS.replace("{method: scaling}", "interpolation")))
+    assert short.warnings == [] and short.steps[2].method == "interpolation"
+    overridden = load_recipe(write(tmp_path, ANALYSIS), ["steps.2.analyze.method=interpolation"])
+    assert overridden.sha256() == short.sha256()
+
+
+def test_analysis_kind_is_a_deprecated_name_of_method(tmp_path: Path) -> None:
+    old = write(tmp_path, ANALYSIS.replace("{method: scaling}", "{kind: scaling}"))
+    loaded = load_recipe(old)
+    [warning] = loaded.warnings
+    assert warning.endswith(
+        "recipe.yaml:15: steps.2.analyze.kind: deprecated; write `method:` instead"
+    )
+    new = tmp_path / "new.yaml"
+    new.write_text(ANALYSIS)
+    assert loaded.resolved() == load_recipe(new).resolved()
+    result = run_cli("validate", str(old))
+    assert result.returncode == 0
+    assert "warning: " in result.stderr
+    assert "recipe.yaml:15: steps.2.analyze.kind: deprecated" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert "method: scaling" in result.stdout and "kind:" not in result.stdout
+
+
+def test_analysis_kind_and_method_together_is_an_error(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, ANALYSIS.replace("{method: scaling}", "{kind: scaling, method: scaling}")
+    )
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2
+    assert f"{path}:15: steps.2.analyze.kind: give `method:` alone" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -126,6 +126,13 @@ def _log(rank: int = 0, world: int = 1):
     return Log(SETTINGS.log, rank, world, SETTINGS.log_every)  # type: ignore[arg-type]
 
 
+def _recipe_warnings(loaded, log) -> None:
+    """Log what loading the recipe warned about (deprecated keys), once: on rank 0."""
+    if log.main:
+        for warning in loaded.warnings:
+            log.warn(warning)
+
+
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.")]
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045
@@ -185,6 +192,7 @@ def run(
                 main = world.is_main
                 try:
                     log = _log(world.rank, world.size)
+                    _recipe_warnings(loaded, log)
                     if world.distributed:
                         log.info(
                             f"rank {world.rank} of {world.size} ({world.launcher}, "
@@ -240,6 +248,7 @@ def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
         from mergecli.recipe import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
+        _recipe_warnings(loaded, _log())
         typer.echo(f"# {recipe}: valid")
         typer.echo(loaded.resolved_yaml(), nl=False)
 
@@ -253,7 +262,9 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
         from mergecli.recipe import load_recipe
 
         log = _log()
-        state = prepare_state(load_recipe(recipe, set_ or []), log, needs_model=True)
+        loaded = load_recipe(recipe, set_ or [])
+        _recipe_warnings(loaded, log)
+        state = prepare_state(loaded, log, needs_model=True)
         spec = model_spec(state)
         rows = []
         for group in spec.groups:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from mergecli.errors import MergeCliError
-from mergecli.schema import RecipeModel
+from mergecli.recipe.schema import StepParams
 from mergecli.user_code import import_object
 
 if TYPE_CHECKING:
@@ -17,10 +17,6 @@ if TYPE_CHECKING:
 # Each kind is a package, `mergecli.KIND`, that says whether its methods change the merged
 # weights (CHANGES_WEIGHTS) and which of its modules register them (METHOD_MODULES).
 STEP_KINDS = ("align", "fit", "merge", "repair", "evaluate", "analyze")
-
-
-class StepParams(RecipeModel):
-    """Base of every method's parameter model: unknown keys and non-finite floats are errors."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mergecli.errors import MergeCliError
-from mergecli.recipe import CheckpointSpec, LoadedRecipe, ModelSpec, StepSpec
+from mergecli.recipe.schema import CheckpointSpec, LoadedRecipe, ModelSpec, StepSpec
 from mergecli.runtime.log import Log
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ from mergecli.align.spec import PermutationSpec, derive_spec, trace
 from mergecli.align.transform import Transforms, apply_transforms
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
 from mergecli.state import Checkpoint, MergeState
 

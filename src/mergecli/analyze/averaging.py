@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from mergecli.analyze.scoring import Scorer, Split, mean_state_dict, need_models
 from mergecli.errors import MergeCliError
 from mergecli.evaluate.metrics import accuracy, cross_entropy, ensemble_logits, logit_ensemble
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
 
 

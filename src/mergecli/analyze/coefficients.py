@@ -14,7 +14,8 @@ from pydantic import Field
 
 from mergecli.errors import MergeCliError
 from mergecli.fit.step import COEFFICIENTS_FILE
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.state import MergeState
 
 

@@ -13,7 +13,8 @@ from pydantic import Field
 
 from mergecli.analyze.scoring import Scorer, interpolate, mean_state_dict, need_models
 from mergecli.errors import MergeCliError
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
 
 Path = Literal["naive", "aligned", "fit"]

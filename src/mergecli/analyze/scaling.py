@@ -14,7 +14,8 @@ from pydantic import Field
 
 from mergecli.analyze.scoring import Scorer, Split, mean_state_dict, need_models
 from mergecli.evaluate.metrics import accuracy, ensemble_logits
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
 
 Target = Literal["all", "first", "all_but_last"]

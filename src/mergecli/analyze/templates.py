@@ -17,7 +17,8 @@ from torch import Tensor
 
 from mergecli.analyze.scoring import Split, available_splits
 from mergecli.errors import MergeCliError
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.state import MergeState
 
 

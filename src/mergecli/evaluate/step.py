@@ -14,7 +14,8 @@ from mergecli.evaluate.metrics import (
     ensemble_logits,
     logit_ensemble,
 )
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.state import MergeState
 
 Baseline = Literal["endpoints", "ensemble", "logit_ensemble", "average", "aligned_average"]

@@ -23,7 +23,8 @@ from mergecli.fit.coefficients import (
     pairwise_merge,
 )
 from mergecli.fit.loop import FitCheckpoint, FitConfig, fit_logits
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.signals import STOP, STOP_SIGNALS
 from mergecli.state import MergeState, StateDict

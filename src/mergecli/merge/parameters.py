@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, create_model
 
-from mergecli.schema import RecipeModel
+from mergecli.recipe.schema import RecipeModel
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 

@@ -16,7 +16,8 @@ from torch import Tensor
 from mergecli.errors import MergeCliError
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.merge.parameters import count_layers, layer_position, resolve, varying
-from mergecli.registry import StepParams, mark_registered, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import mark_registered, step_method
 from mergecli.state import Checkpoint, MergeState, StateDict
 
 # Leading parameters of a merge function that the engine supplies; the rest are recipe keys.

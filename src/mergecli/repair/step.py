@@ -24,7 +24,8 @@ from torch import Tensor
 
 from mergecli.errors import MergeCliError
 from mergecli.models.batchnorm import batch_norms, batchnorm_buffers, reset_batchnorm_stats
-from mergecli.registry import StepParams, step_method
+from mergecli.recipe.schema import StepParams
+from mergecli.registry import step_method
 from mergecli.repair.repair import repair
 from mergecli.state import MergeState, StateDict
 

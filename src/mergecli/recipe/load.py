@@ -1,0 +1,238 @@
+"""Loading a recipe: YAML with the line of every key, the short forms, `--set` overrides, then
+validation of the top level and of each step against its registered method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mergecli.errors import MergeCliError, RecipeError
+from mergecli.recipe.problems import Locator, unknown_name, validation_problems
+from mergecli.recipe.schema import LoadedRecipe, Recipe, StepSpec
+from mergecli.recipe.yaml_lines import Path_, load_yaml_with_lines
+from mergecli.user_code import is_reference
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Read, override, validate and resolve a recipe; raise RecipeError listing every problem."""
+    path = Path(path)
+    filename = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError([f"{filename}: no such recipe file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([f"{filename}: cannot read the recipe ({exc})"]) from None
+    data, lines = load_yaml_with_lines(text, filename)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{filename}:1: the recipe must be a mapping of keys (version, ...)"])
+    _expand_method_names(data)
+    overridden = apply_overrides(data, overrides or [])
+    where = Locator(filename, lines, overridden)
+    return validate_recipe(data, where, default_name=path.stem)
+
+
+def _expand_method_names(data: dict[str, Any]) -> None:
+    """``- merge: ties`` is short for ``- merge: {method: ties}``, expanded before overrides
+    so that ``--set steps.0.merge.density=0.3`` finds a mapping."""
+    steps = data.get("steps")
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and len(step) == 1:
+            kind, body = next(iter(step.items()))
+            if isinstance(body, str):
+                step[kind] = {"method": body}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[Path_]:
+    """Apply ``dotted.key=value`` overrides in place (values parsed as YAML); return their paths."""
+    applied: set[Path_] = set()
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise RecipeError([f"--set {override}: expected dotted.key=value"])
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            node = _descend(node, part, key, create=isinstance(parts[i + 1], str))
+        last = parts[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                raise RecipeError(
+                    [f"--set {key}: there is no item {last} (the list has {len(node)})"]
+                )
+            node[last] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError([f"--set {key}: {'.'.join(map(str, parts[:-1]))} is not a mapping"])
+        applied.add(tuple(parts))
+    return applied
+
+
+def _descend(node: Any, part: str | int, key: str, create: bool) -> Any:
+    if isinstance(node, list):
+        if not isinstance(part, int) or part >= len(node):
+            raise RecipeError([f"--set {key}: there is no item {part} (the list has {len(node)})"])
+        return node[part]
+    if isinstance(node, dict):
+        if part not in node or node[part] is None:
+            if not create:
+                raise RecipeError([f"--set {key}: there is no list at {part}"])
+            node[part] = {}
+        return node[part]
+    raise RecipeError([f"--set {key}: cannot set a key inside {type(node).__name__}"])
+
+
+def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> LoadedRecipe:
+    """Validate the top level, then each step against its registered method."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(validation_problems(exc, Recipe, (), data, where)) from None
+    if recipe.name is None:
+        recipe.name = default_name
+    problems: list[str] = []
+    warnings: list[str] = []
+    steps: list[StepSpec] = []
+    for index, raw in enumerate(recipe.steps):
+        step = _validate_step(index, raw, data, where, problems, warnings)
+        if step is not None:
+            steps.append(step)
+    if not recipe.steps:
+        # A recipe without steps would run, write no model and exit 0: surely a mistake.
+        problems.append(where(("steps",), "no steps; add at least one, e.g. `- merge: average`"))
+    problems += _unmet_needs(recipe, steps, where)
+    problems += _per_model_problems(recipe, steps, data, where)
+    if problems:
+        raise RecipeError(problems)
+    return LoadedRecipe(recipe, steps, where.filename, warnings)
+
+
+def _validate_step(
+    index: int,
+    raw: Any,
+    data: dict[str, Any],
+    where: Locator,
+    problems: list[str],
+    warnings: list[str],
+) -> StepSpec | None:
+    # The registry is imported where it is used: its parameter models import recipe.schema,
+    # and with it this package, so a module-level import would close a circle.
+    from mergecli.registry import STEP_KINDS, default_method, methods_of, user_method
+
+    at: Path_ = ("steps", index)
+    if not isinstance(raw, dict) or len(raw) != 1:
+        problems.append(where(at, f"a step is one key, one of {', '.join(STEP_KINDS)}"))
+        return None
+    kind, body = next(iter(raw.items()))
+    if kind not in STEP_KINDS:
+        problems.append(where((*at, kind), unknown_name("step kind", kind, STEP_KINDS)))
+        return None
+    body = {} if body is None else body
+    if not isinstance(body, dict):
+        problems.append(where((*at, kind), "must be a mapping of parameters, e.g. {method: ...}"))
+        return None
+    key = "method"
+    if kind == "analyze" and "kind" in body:
+        # `kind:` is the old name of an analysis's `method:`, still read, with a warning.
+        if "method" in body:
+            problems.append(
+                where((*at, kind, "kind"), "give `method:` alone (`kind:` is its old name)")
+            )
+            return None
+        key = "kind"
+        warnings.append(where((*at, kind, "kind"), "deprecated; write `method:` instead"))
+    method = body.get(key, default_method(kind))
+    if isinstance(method, str) and is_reference(method):
+        # The user's own method: importing its module registers it (a recipe is code).
+        try:
+            user_method(kind, method, key)
+        except MergeCliError as exc:
+            problems.append(where((*at, kind, key), str(exc)))
+            return None
+    available = methods_of(kind)
+    if method is None:
+        names = ", ".join(available) or "none yet"
+        problems.append(where((*at, kind), f"needs `method:` (available: {names})"))
+        return None
+    if method not in available:
+        problems.append(where((*at, kind, key), unknown_name(f"{kind} method", method, available)))
+        return None
+    params_cls = available[method].params
+    params = {k: v for k, v in body.items() if k != key}
+    try:
+        validated = params_cls.model_validate(params)
+    except ValidationError as exc:
+        problems += validation_problems(exc, params_cls, (*at, kind), data, where)
+        return None
+    return StepSpec(index, kind, method, validated)
+
+
+def _per_model_problems(
+    recipe: Recipe, steps: list[StepSpec], data: dict[str, Any], where: Locator
+) -> list[str]:
+    """`checkpoints[].parameters` must be per-model parameters of the recipe's merge steps."""
+    from mergecli.registry import methods_of
+
+    problems = []
+    merges = [methods_of("merge")[s.method] for s in steps if s.kind == "merge"]
+    for index, checkpoint in enumerate(recipe.checkpoints):
+        for key, value in (checkpoint.parameters or {}).items():
+            at = ("checkpoints", index, "parameters", key)
+            takers = [m for m in merges if key in m.per_model]
+            if not takers:
+                offered = sorted({p for m in merges for p in m.per_model})
+                names = ", ".join(m.name for m in merges) or "no merge step"
+                problems.append(where(at, f"not a per-model parameter of {names} (these are: "
+                                          f"{', '.join(offered) or 'none'})"))  # fmt: skip
+                continue
+            for method in takers:
+                try:
+                    method.params.model_validate({key: value})
+                except ValidationError as exc:
+                    problems.append(where(at, exc.errors()[0]["msg"]))
+                    break
+    return problems
+
+
+def _unmet_needs(recipe: Recipe, steps: list[StepSpec], where: Locator) -> list[str]:
+    from mergecli.registry import methods_of
+
+    problems = []
+    for step in steps:
+        method = methods_of(step.kind)[step.method]
+        reuses_saved = getattr(step.params, "from_", None) is not None
+        for need in sorted(method.needs):
+            if need.startswith("data.") and reuses_saved:
+                continue  # re-applying saved transforms or coefficients needs no data
+            if need in ("data.fit", "data.eval") and getattr(recipe.data, need[5:]) is None:
+                problems.append(
+                    where(
+                        ("steps", step.index, step.kind),
+                        f"{step.method} needs {need}; add `data: {{{need[5:]}: {{source: ...}}}}`",
+                    )
+                )
+            if need == "data" and recipe.data.fit is None and recipe.data.eval is None:
+                problems.append(
+                    where(
+                        ("steps", step.index, step.kind),
+                        f"{step.method} needs data; add `data: {{eval: {{source: ...}}}}`",
+                    )
+                )
+            if need == "base" and not any(c.role == "base" for c in recipe.checkpoints):
+                problems.append(
+                    where(
+                        ("steps", step.index, step.kind),
+                        f"{step.method} needs a base model; mark one checkpoint `role: base`",
+                    )
+                )
+    return problems

@@ -1,0 +1,219 @@
+"""The recipe's schema: the pydantic models of its sections and of every step's parameters,
+and the loaded recipe (its resolved steps, the resolved YAML and its sha256)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class RecipeModel(BaseModel):
+    """Unknown keys are errors, and so are inf and nan in any float field: `lr: .inf` would
+    otherwise validate and then poison a fit (one rule for every model, not field by field)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StepParams(RecipeModel):
+    """Base of every method's parameter model: unknown keys and non-finite floats are errors."""
+
+
+class Strict(RecipeModel):
+    """A recipe section: unknown keys and non-finite floats are errors."""
+
+
+class ModelSpec(Strict):
+    """What the checkpoints instantiate: a built-in name or ``package.module:factory``."""
+
+    arch: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    input_shape: list[int] | None = None
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_dims(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(d < 1 for d in value)):
+            raise ValueError("must be a non-empty list of positive sizes, e.g. [1, 28, 28]")
+        return value
+
+
+class CheckpointSpec(Strict):
+    """One input checkpoint: a safetensors file, a sharded directory or a model directory."""
+
+    path: str
+    sha256: str | None = None
+    role: Literal["reference", "base"] | None = None
+    weight: float = 1.0
+    name: str | None = None
+    # This model's own values of the merge method's per-model parameters (e.g. density),
+    # like mergekit's `models[].parameters`.
+    parameters: dict[str, Any] | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("must be 64 hexadecimal characters (`sha256sum FILE` prints it)")
+        return value.lower() if value else value
+
+
+class DataSpec(Strict):
+    """A data source with its subset options."""
+
+    source: Literal["mnist", "tensors", "python"]
+    split: str | None = None
+    path: str | None = None
+    x: str | None = None
+    y: str | None = None
+    factory: str | None = None
+    args: dict[str, Any] | None = None
+    batch_size: int = Field(default=256, gt=0)
+    fraction: float | None = Field(default=None, gt=0, le=1)
+    classes: list[int] | None = None
+    balanced: bool = False
+
+    @model_validator(mode="after")
+    def _keys_fit_source(self) -> DataSpec:
+        own = {"mnist": {"split"}, "tensors": {"path", "x", "y", "split"}}
+        own["python"] = {"factory", "args"}
+        foreign = [
+            key
+            for key in ("split", "path", "x", "y", "factory", "args")
+            if getattr(self, key) is not None and key not in own[self.source]
+        ]
+        if foreign:
+            raise ValueError(f"source '{self.source}' takes no {', '.join(foreign)}")
+        if self.source == "tensors" and self.path is None:
+            raise ValueError("source 'tensors' needs `path` (a .safetensors or .npz file)")
+        if self.source == "python" and self.factory is None:
+            raise ValueError("source 'python' needs `factory: package.module:function`")
+        return self
+
+
+class DataSection(Strict):
+    fit: DataSpec | None = None
+    eval: DataSpec | None = None
+
+
+class OutputSpec(Strict):
+    dir: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    shard_size: int | None = None
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from mergecli.io.sizes import parse_size
+
+            return parse_size(value)
+        return value
+
+    @field_validator("shard_size")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be a positive size such as 5GB or 500MB")
+        return value
+
+
+class SlurmSpec(Strict):
+    """How the run behaves inside a SLURM job (not what it computes)."""
+
+    requeue: bool = False  # after a stop signal, put the job back in the queue
+
+
+class Recipe(Strict):
+    """The top level of a recipe file."""
+
+    version: Literal[1] = 1
+    name: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    model: ModelSpec | None = None
+    checkpoints: list[CheckpointSpec] = Field(min_length=1)
+    data: DataSection = Field(default_factory=DataSection)
+    steps: list[Any] = Field(default_factory=list)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    slurm: SlurmSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, value: str | None) -> str | None:
+        # The default output dir is out/<name>: a name with a path in it would write elsewhere.
+        if value is not None and (
+            value in ("", ".", "..") or any(c in value for c in ("/", "\\", "\0"))
+        ):
+            raise ValueError(
+                "must be a plain name (not empty, '.' or '..'; no '/', '\\' or NUL) since the "
+                "output goes to out/<name>; to write elsewhere set output.dir"
+            )
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @model_validator(mode="after")
+    def _roles(self) -> Recipe:
+        for role in ("reference", "base"):
+            if sum(c.role == role for c in self.checkpoints) > 1:
+                raise ValueError(f"more than one checkpoint has role: {role}")
+        return self
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One resolved step: its kind, method and validated parameters."""
+
+    index: int
+    kind: str
+    method: str
+    params: StepParams
+
+    def as_dict(self) -> dict[str, Any]:
+        params = self.params.model_dump(mode="json", by_alias=True)
+        return {self.kind: {"method": self.method, **params}}
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe with its resolved steps, where it came from, and the warnings its
+    loading left (deprecated keys), for the command to log."""
+
+    recipe: Recipe
+    steps: list[StepSpec]
+    source: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.output.dir or f"out/{self.recipe.name}")
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every default filled in and overrides applied."""
+        data = self.recipe.model_dump(mode="json", exclude_none=True)
+        data["output"]["dir"] = str(self.output_dir)
+        data["steps"] = [step.as_dict() for step in self.steps]
+        return data
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
+
+    def sha256(self) -> str:
+        """What the run computes: the resolved recipe without its `slurm` section, which only
+        says how to run, so that adding `requeue` neither changes the output's metadata nor
+        stops an interrupted run from resuming."""
+        resolved = self.resolved()
+        resolved.pop("slurm", None)
+        return hashlib.sha256(yaml.safe_dump(resolved, sort_keys=False).encode()).hexdigest()
