@@ -290,3 +290,18 @@ def test_compiled_fit_runs(tmp_path: Path, trained_pair) -> None:
     recipe = fit_recipe(tmp_path, trained_pair, "{steps: 3, compile: true}")
     run_cli("run", str(recipe), check=True)
     assert report(tmp_path / "out")["fit"]["stages"][0]["steps"] == 3
+
+
+@pytest.mark.slow
+def test_two_fit_steps_in_one_recipe_each_keep_their_own_state(
+    tmp_path: Path, trained_pair
+) -> None:
+    """Each fit knows its place: the second is not taken for the first, on a run or a resume."""
+    fit = "{method: np_merge, steps: 4, lr: 0.05, checkpoint_every: 2}"
+    recipe = fit_recipe(tmp_path, trained_pair, fit, extra=f"  - fit: {fit}\n")
+    result = run_cli("--log", "plain", "run", str(recipe), check=True)
+    assert "already finished" not in result.stderr
+    assert result.stderr.count("step 1: fit (np_merge)") == 1
+    assert result.stderr.count("step 2: fit (np_merge)") == 1
+    rows = {r["kind"]: r for r in report(tmp_path / "out")["evaluate"]["results"]}
+    assert rows["merged"]["name"] == "merged (weight_matching + np_merge + np_merge)"

@@ -52,16 +52,9 @@ def setup(folder: Path, steps: str) -> Path:
     (folder / "my_methods.py").write_text(USER_MODULE)
     recipe = folder / "recipe.yaml"
     recipe.write_text(
-        textwrap.dedent(
-            f"""\
-            version: 1
-            name: user
-            checkpoints: [{{path: m0.safetensors}}, {{path: m1.safetensors}}]
-            steps:
-            {textwrap.indent(steps, "  ")}
-            output: {{dir: out}}
-            """
-        )
+        "version: 1\nname: user\n"
+        "checkpoints: [{path: m0.safetensors}, {path: m1.safetensors}]\n"
+        f"steps:\n{textwrap.indent(steps, '  ')}\noutput: {{dir: out}}\n"
     )
     return recipe
 
@@ -101,7 +94,7 @@ def test_a_user_step_of_another_kind_runs_after_a_builtin_one(tmp_path: Path) ->
         ('- merge: {method: "my_methods:larger_magnitude", scale: big}', "scale"),
         ('- merge: {method: "my_methods:larger_magnitude", sclae: 1}', "sclae"),
         ('- merge: {method: "my_methods:not_registered"}', "not a registered method"),
-        ('- merge: {method: "my_methods:scale_all"}', "is a repair method, not a merge method"),
+        ('- merge: {method: "my_methods:scale_all"}', "a repair method, not a merge method"),
         ('- merge: {method: "my_methods:missing"}', "has no 'missing'"),
         ('- merge: {method: "no_such_module:f"}', "cannot import module 'no_such_module'"),
     ],
@@ -113,6 +106,6 @@ def test_user_method_mistakes_are_one_recipe_line(
     result = run_cli("run", "recipe.yaml", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     [line] = error_lines(result.stderr)
-    assert line.startswith("recipe.yaml:4: steps.0.merge") and expected in line, line
+    assert line.startswith("recipe.yaml:5: steps.0.merge") and expected in line, line
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

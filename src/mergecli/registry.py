@@ -85,12 +85,12 @@ def user_method(kind: str, reference: str, key: str) -> StepMethod:
     if registered is None or registered not in _METHODS:
         decorator = "@merge_method(NAME)" if kind == "merge" else f'@step_method("{kind}", NAME)'
         raise MergeCliError(
-            f"{key}: '{reference}' is not a registered method; decorate it with {decorator} "
+            f"{key} '{reference}': not a registered method; decorate it with {decorator} "
             "(see README, Writing your own method)"
         )
     if registered[0] != kind:
         raise MergeCliError(
-            f"{key}: '{reference}' is a {registered[0]} method, not a {kind} method; use it in a "
+            f"{key} '{reference}': a {registered[0]} method, not a {kind} method; use it in a "
             f"`{registered[0]}` step"
         )
     method = replace(_METHODS[registered], name=reference)
