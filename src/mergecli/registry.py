@@ -80,7 +80,9 @@ def user_method(kind: str, reference: str, key: str) -> StepMethod:
     key that named it. It is then known by ``reference`` too."""
     if (kind, reference) in _METHODS:
         return _METHODS[(kind, reference)]
-    fn = import_object(reference, key, example=f"mypkg.methods:my_{kind}")
+    fn = import_object(
+        reference, key, form="package.module:function", example=f"mypkg.methods:my_{kind}"
+    )
     registered = getattr(fn, "__mergecli_method__", None)
     if registered is None or registered not in _METHODS:
         decorator = "@merge_method(NAME)" if kind == "merge" else f'@step_method("{kind}", NAME)'

@@ -25,14 +25,16 @@ def is_reference(text: str) -> bool:
     return ":" in text
 
 
-def import_object(reference: str, key: str, example: str = "mypkg.module:function") -> Any:
+def import_object(
+    reference: str, key: str, form: str = "package.module:name", example: str = "mypkg.module:name"
+) -> Any:
     """The object ``reference`` (``package.module:name``) names; ``key`` is the recipe key that
     gave it, for messages. Every failure is one line saying what to fix."""
     module_name, sep, attribute = (part.strip() for part in reference.partition(":"))
     if not sep or not _DOTTED.match(module_name) or not _NAME.match(attribute):
         raise MergeCliError(
-            f"{key}: '{reference}' is not of the form 'package.module:name' (e.g. '{example}'); "
-            "use one ':' between a Python module path and a name"
+            f"{key}: '{reference}' is not of the form '{form}' (e.g. '{example}'); use one ':' "
+            "between a Python module path and a name"
         )
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -42,7 +44,8 @@ def import_object(reference: str, key: str, example: str = "mypkg.module:functio
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise MergeCliError(
-            f"{key} '{reference}': cannot import module '{module_name}': {_one_line(exc)}; run "
+            f"{key} '{reference}': cannot import module '{module_name}' ({type(exc).__name__}: "
+            f"{_one_line(exc)}); run "
             f"mergecli from the directory that contains it ({cwd} now) or install its package"
         ) from exc
     except Exception as exc:

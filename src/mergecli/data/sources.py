@@ -178,7 +178,9 @@ def _factory(spec: Mapping[str, Any], where: str) -> tuple[str, Callable[..., An
     name = spec.get("factory")
     if not isinstance(name, str):
         raise MergeCliError(f"{where}.factory: expected 'package.module:function', got {name!r}")
-    func = import_object(name, f"{where}.factory", example="mydata:load")
+    func = import_object(
+        name, f"{where}.factory", form="package.module:function", example="mydata:load"
+    )
     if not callable(func):
         raise MergeCliError(f"{where}.factory: {name!r} is not callable; name a function")
     return name, func

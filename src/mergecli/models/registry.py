@@ -80,7 +80,9 @@ def _unknown_builtin_message(arch: str) -> str:
 
 def _user_factory(arch: str) -> Callable[..., Any]:
     """The callable that ``package.module:factory`` names (the current directory importable)."""
-    factory = import_object(arch, "model.arch", example="mymodels:tiny_cnn")
+    factory = import_object(
+        arch, "model.arch", form="package.module:factory", example="mymodels:tiny_cnn"
+    )
     if not callable(factory):
         raise MergeCliError(
             f"model.arch '{arch}': '{arch.partition(':')[2].strip()}' is a "
