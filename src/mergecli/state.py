@@ -54,7 +54,7 @@ class MergeState:
     merged: StateDict | Iterator[tuple[str, Tensor]] | None = None
     history: list[str] = field(default_factory=list)  # methods that shaped `merged`, in order
     step: StepSpec | None = None  # the step running now, set by the pipeline
-    spec: Any = None  # the model's PermutationSpec, once an align step derived it
+    permutation_spec: Any = None  # the model's PermutationSpec, once an align step derived it
     resume_dir: Path | None = None  # where long steps keep resumable state (None: never)
     # Data-free recipes stream: inputs are read lazily and `merged` is an iterator of
     # (name, tensor) that the writer consumes, so a model never sits whole in memory.

@@ -48,17 +48,17 @@ class CCAParams(AlignParams):
     batches: int | None = Field(default=None, ge=1)
 
 
-def model_spec(state: MergeState) -> PermutationSpec:
+def permutation_spec(state: MergeState) -> PermutationSpec:
     """Derive, check and remember the permutation spec of the recipe's model."""
-    if state.spec is None:
+    if state.permutation_spec is None:
         module = state.build_module()
         example = state.example_input().to(state.device)
         spec = derive_spec(module, example)
         for warning in spec.warnings:
             state.log.warn(warning)
         check_spec(module, spec, example)
-        state.spec = spec
-    return state.spec
+        state.permutation_spec = spec
+    return state.permutation_spec
 
 
 @step_method("align", "weight_matching", WeightMatchingParams, needs=("model",), default=True)
@@ -140,7 +140,7 @@ def _align(
     method: str,
     compute: Callable[[PermutationSpec, Checkpoint], Transforms],
 ) -> None:
-    spec = model_spec(state)
+    spec = permutation_spec(state)
     reference = state.reference
     saved = _load_alignment(params.from_, spec) if params.from_ else None
     to_save: dict[str, torch.Tensor] = {}

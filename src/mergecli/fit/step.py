@@ -190,13 +190,15 @@ def _stages(params: FitParams, models: list) -> list[tuple[list, float]]:
 
 def _aligned_to(state: MergeState, running: StateDict, checkpoint) -> StateDict:
     """In a pairwise chain, each next model is aligned to the running merge (as in the paper)."""
-    if state.spec is None or running is state.reference.merge_tensors:
+    if state.permutation_spec is None or running is state.reference.merge_tensors:
         return checkpoint.merge_tensors
     from mergecli.align.permute import apply_permutations
     from mergecli.align.weight_matching import weight_matching
 
-    perms = weight_matching(state.spec, running, checkpoint.tensors, device=state.device)
-    return apply_permutations(checkpoint.tensors, state.spec, perms)
+    perms = weight_matching(
+        state.permutation_spec, running, checkpoint.tensors, device=state.device
+    )
+    return apply_permutations(checkpoint.tensors, state.permutation_spec, perms)
 
 
 def _merge_with_values(flat: FlatParameters, values: Tensor, params: FitParams) -> Tensor:
