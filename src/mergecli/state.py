@@ -32,8 +32,8 @@ class Checkpoint:
     aligned: StateDict | None = None  # the tensors in the reference's basis, after `align`
 
     @property
-    def merge_tensors(self) -> StateDict:
-        """What merges use: the aligned tensors when an align step ran, else the originals."""
+    def aligned_or_original(self) -> StateDict:
+        """The aligned tensors when an align step ran, else the originals: what merges use."""
         return self.aligned if self.aligned is not None else self.tensors
 
     @property
