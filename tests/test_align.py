@@ -15,13 +15,15 @@ from user_models import USER_MODELS, ChannelsLastClassifier
 from mergecli.align.activation_matching import match_activations
 from mergecli.align.activations import PairStatistics, pair_statistics
 from mergecli.align.cca import cca_transform
+from mergecli.align.groups import AxisSlice, PermGroup, PermutationSpec
 from mergecli.align.permute import (
     StateDict,
     apply_permutations,
     check_spec,
     random_permutations,
 )
-from mergecli.align.spec import AxisSlice, PermGroup, PermutationSpec, derive_spec, trace
+from mergecli.align.spec import derive_spec
+from mergecli.align.tracing import trace
 from mergecli.align.transform import apply_transforms
 from mergecli.align.weight_matching import _current_cost, _prepare, weight_matching
 from mergecli.errors import MergeCliError

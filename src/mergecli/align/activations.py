@@ -8,8 +8,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from mergecli.align.groups import PermutationSpec
 from mergecli.align.permute import StateDict
-from mergecli.align.spec import PermutationSpec
 from mergecli.runtime.distributed import World
 
 

@@ -12,8 +12,10 @@ from pydantic import ConfigDict, Field
 from mergecli.align.activation_matching import match_activations
 from mergecli.align.activations import pair_statistics
 from mergecli.align.cca import cca_transform
+from mergecli.align.groups import PermutationSpec
 from mergecli.align.permute import check_spec
-from mergecli.align.spec import PermutationSpec, derive_spec, trace
+from mergecli.align.spec import derive_spec
+from mergecli.align.tracing import trace
 from mergecli.align.transform import Transforms, apply_transforms
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mergecli.align.groups import AxisSlice, PermutationSpec
 from mergecli.align.permute import StateDict, apply_permutations
-from mergecli.align.spec import AxisSlice, PermutationSpec
 
 # group name -> a permutation (int64, 1-D) or a linear map stacked with its inverse (2, n, n)
 Transforms = dict[str, Tensor]
