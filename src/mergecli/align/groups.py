@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from mergecli.errors import MergeCliError
+
 Role = Literal["out", "in", "norm"]
 
 
@@ -81,7 +83,11 @@ def split_flattened(
     def on_view(m: AxisSlice) -> AxisSlice:
         axes = split.get(m.tensor, {})
         if m.axis in axes and m.inner != axes[m.axis]:
-            raise ValueError(f"{m.tensor} axis {m.axis}: units flattened in different ways")
+            raise MergeCliError(
+                f"permutation spec: axis {m.axis} of {m.tensor} is shared by groups whose units "
+                "are flattened with different numbers of positions, which the spec cannot align "
+                "(please report this model)"
+            )
         return replace(m, axis=m.axis + sum(a < m.axis for a in axes), inner=1)
 
     groups = tuple(replace(g, members=tuple(map(on_view, g.members))) for g in spec.groups)

@@ -10,7 +10,7 @@ import torch
 from pydantic import ConfigDict, Field
 
 from mergecli.align.activation_matching import match_activations
-from mergecli.align.activations import pair_statistics
+from mergecli.align.activations import check_finite, pair_statistics
 from mergecli.align.cca import cca_transform
 from mergecli.align.groups import PermutationSpec
 from mergecli.align.permute import check_spec
@@ -133,6 +133,7 @@ def _statistics(state: MergeState, spec: PermutationSpec, other: Checkpoint, lim
     if world.distributed:
         for s in stats.values():
             s.all_reduce_(world)
+    check_finite(stats, (state.reference.name, other.name))
     return stats
 
 
@@ -218,11 +219,18 @@ def _load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:
     by_model: dict[str, Transforms] = {}
     for key, tensor in load_state_dict(path).items():
         model, _, group = key.rpartition("/")
-        if group not in sizes or tensor.shape[-1] != sizes[group]:
+        if group not in sizes or tensor.dim() == 0 or tensor.shape[-1] != sizes[group]:
             raise MergeCliError(
                 f"align.from: {path}: transform '{key}' does not fit this model's groups "
                 f"({', '.join(f'{n}[{s}]' for n, s in sizes.items())}); was it saved for "
                 "another architecture?"
+            )
+        if not _is_transform(tensor, sizes[group]):
+            n = sizes[group]
+            raise MergeCliError(
+                f"align.from: {path}: transform '{key}' is neither a permutation of {n} units "
+                f"nor a linear map stacked with its inverse (2, {n}, {n}); give the "
+                f"{ALIGNMENT_FILE} of an earlier run"
             )
         by_model.setdefault(model, {})[group] = tensor
     for model, transforms in by_model.items():
@@ -232,3 +240,14 @@ def _load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:
                 f"align.from: {path}: no transform for group(s) {', '.join(missing)} of '{model}'"
             )
     return by_model
+
+
+def _is_transform(tensor: torch.Tensor, size: int) -> bool:
+    """A permutation of ``size`` units (integers), or a finite linear map stacked with its
+    inverse, as ``align`` saves them."""
+    if tensor.dim() == 1:
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            return False
+        return torch.equal(tensor.sort().values.long(), torch.arange(size))
+    pair = tensor.shape == (2, size, size) and tensor.is_floating_point()
+    return pair and bool(tensor.isfinite().all())
