@@ -16,8 +16,9 @@ import time
 
 import torch
 
+from mergecli.align.groups import PermutationSpec
 from mergecli.align.permute import StateDict
-from mergecli.align.spec import PermutationSpec, derive_spec
+from mergecli.align.spec import derive_spec
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.models import build_model
 

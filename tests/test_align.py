@@ -13,15 +13,18 @@ from tutorial_cnn import TutorialNet
 from user_models import USER_MODELS, ChannelsLastClassifier
 
 from mergecli.align.activation_matching import match_activations
-from mergecli.align.activations import PairStatistics, pair_statistics
+from mergecli.align.activations import PairStatistics, check_finite, pair_statistics
 from mergecli.align.cca import cca_transform
+from mergecli.align.groups import AxisSlice, PermGroup, PermutationSpec, split_flattened
 from mergecli.align.permute import (
     StateDict,
     apply_permutations,
     check_spec,
     random_permutations,
 )
-from mergecli.align.spec import AxisSlice, PermGroup, PermutationSpec, derive_spec, trace
+from mergecli.align.spec import derive_spec
+from mergecli.align.step import _load_alignment
+from mergecli.align.tracing import trace
 from mergecli.align.transform import apply_transforms
 from mergecli.align.weight_matching import _current_cost, _prepare, weight_matching
 from mergecli.errors import MergeCliError
@@ -707,3 +710,71 @@ def test_linear_transform_through_other_weight_layouts(kind: str) -> None:
     assert len(transforms) == 2
     mapped = apply_transforms(model.state_dict(), spec, transforms)
     torch.testing.assert_close(torch.func.functional_call(model, mapped, (x,)), model(x))
+
+
+def test_a_linear_map_for_a_group_with_norm_layers_is_a_one_line_error() -> None:
+    # Only a permutation commutes with a norm layer's per-unit scale; a map saved for a model
+    # without the norm (align.from) must be refused, not applied.
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    spec = derive_spec(model, torch.randn(2, 4))
+    m = torch.eye(6) + 0.1 * torch.randn(6, 6)
+    with pytest.raises(MergeCliError, match="group '0' passes through norm layers") as info:
+        apply_transforms(model.state_dict(), spec, {"0": torch.stack([m, torch.linalg.inv(m)])})
+    assert "align.from" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_axis_flattened_two_ways_is_a_one_line_error() -> None:
+    # p is added to a conv's channels flattened with their positions and to a linear's plain
+    # units: two groups permute its one axis in runs of different lengths.
+    class TwoWays(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.lin = nn.Conv2d(1, 2, 1), nn.Linear(4, 8)
+            self.p = nn.Parameter(torch.randn(8))
+            self.h1, self.h2 = nn.Linear(8, 2), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.conv(x).flatten(1) + self.p
+            return self.h1(a) + self.h2(self.lin(x.flatten(1)) + self.p)
+
+    model = TwoWays()
+    spec = derive_spec(model, torch.randn(3, 1, 2, 2))
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    with pytest.raises(MergeCliError, match="axis 0 of p is shared by groups") as info:
+        split_flattened(spec, shapes)
+    assert "please report this model" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        torch.arange(8.0),  # a permutation as floats
+        torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]),  # a unit used twice
+        torch.eye(8),  # a map without its inverse
+        torch.full((2, 8, 8), float("nan")),
+    ],
+)
+def test_saved_transforms_that_are_none_are_one_line_errors(tmp_path, transform) -> None:
+    from safetensors.torch import save_file
+
+    model = build_model("mlp", {"depth": 2, "hidden": 8})
+    spec = derive_spec(model, torch.zeros(2, 784))
+    path = tmp_path / "alignment.safetensors"
+    save_file({"b/layers.0": transform.contiguous()}, path)
+    with pytest.raises(MergeCliError, match="transform 'b/layers.0' is neither a permutation of 8"):
+        _load_alignment(str(path), spec)
+    save_file({"b/layers.0": torch.tensor(3)}, path)
+    with pytest.raises(MergeCliError, match="does not fit this model's groups"):
+        _load_alignment(str(path), spec)
+
+
+def test_activations_that_overflow_are_a_one_line_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+    spec = derive_spec(model, x)
+    state = model.state_dict()
+    huge = {name: t * 1e25 for name, t in state.items()}  # finite weights, inf activations
+    stats = pair_statistics(trace(model), spec, state, huge, [x])
+    with pytest.raises(MergeCliError, match="huge: the activations of group '2' are not finite"):
+        check_finite(stats, ("reference", "huge"))
+    check_finite(pair_statistics(trace(model), spec, state, state, [x]), ("a", "b"))

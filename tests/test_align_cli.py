@@ -127,7 +127,8 @@ def test_align_spec_command(tmp_path: Path, trained_pair) -> None:
 
 
 def test_demo_pair_aligned_average_beats_naive_by_25_points(tmp_path: Path) -> None:
-    """The issue's bar on the real demo pair: two 8-layer MLPs trained as `make demo` does."""
+    """Aligning first lifts the average of the real demo pair (two 8-layer MLPs trained as
+    `make demo` does) 25 points above the naive one."""
     runs = tmp_path / "runs"
     for seed in (0, 1):
         run_cli(

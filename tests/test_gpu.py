@@ -13,7 +13,8 @@ from test_align import MODELS, permuted_copy
 from conftest import run_cli, write_recipe
 from mergecli.align.activations import pair_statistics
 from mergecli.align.permute import apply_permutations, random_permutations
-from mergecli.align.spec import derive_spec, trace
+from mergecli.align.spec import derive_spec
+from mergecli.align.tracing import trace
 from mergecli.align.weight_matching import weight_matching
 from mergecli.fit.coefficients import FlatParameters, logits_per_model, pairwise_merge
 from mergecli.fit.loop import CoefficientStep, FitConfig

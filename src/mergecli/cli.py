@@ -257,7 +257,7 @@ def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
 def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Show the permutation groups derived from the recipe's model: sizes and tensor axes."""
     with user_errors():
-        from mergecli.align.step import model_spec
+        from mergecli.align.step import permutation_spec
         from mergecli.pipeline import prepare_state
         from mergecli.recipe import load_recipe
 
@@ -265,7 +265,7 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
         loaded = load_recipe(recipe, set_ or [])
         _recipe_warnings(loaded, log)
         state = prepare_state(loaded, log, needs_model=True)
-        spec = model_spec(state)
+        spec = permutation_spec(state)
         rows = []
         for group in spec.groups:
             axes = []

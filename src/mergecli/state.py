@@ -32,8 +32,8 @@ class Checkpoint:
     aligned: StateDict | None = None  # the tensors in the reference's basis, after `align`
 
     @property
-    def merge_tensors(self) -> StateDict:
-        """What merges use: the aligned tensors when an align step ran, else the originals."""
+    def aligned_or_original(self) -> StateDict:
+        """The aligned tensors when an align step ran, else the originals: what merges use."""
         return self.aligned if self.aligned is not None else self.tensors
 
     @property
@@ -54,7 +54,7 @@ class MergeState:
     merged: StateDict | Iterator[tuple[str, Tensor]] | None = None
     history: list[str] = field(default_factory=list)  # methods that shaped `merged`, in order
     step: StepSpec | None = None  # the step running now, set by the pipeline
-    spec: Any = None  # the model's PermutationSpec, once an align step derived it
+    permutation_spec: Any = None  # the model's PermutationSpec, once an align step derived it
     resume_dir: Path | None = None  # where long steps keep resumable state (None: never)
     # Data-free recipes stream: inputs are read lazily and `merged` is an iterator of
     # (name, tensor) that the writer consumes, so a model never sits whole in memory.

@@ -8,8 +8,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from mergecli.align.groups import PermutationSpec
 from mergecli.align.permute import StateDict
-from mergecli.align.spec import PermutationSpec
+from mergecli.errors import MergeCliError
 from mergecli.runtime.distributed import World
 
 
@@ -103,6 +104,18 @@ def pair_statistics(
             s.sum_yy += b.T @ b
             s.sum_xy += a.T @ b
     return stats
+
+
+def check_finite(stats: dict[str, PairStatistics], names: tuple[str, str]) -> None:
+    """Refuse statistics of activations that overflowed; ``names`` are models A and B."""
+    for group, s in stats.items():
+        for name, sums in zip(names, ((s.sum_x, s.sum_xx), (s.sum_y, s.sum_yy)), strict=True):
+            if not all(bool(t.isfinite().all()) for t in sums):
+                raise MergeCliError(
+                    f"{name}: the activations of group '{group}' are not finite (inf or NaN) on "
+                    "data.fit; the model overflows on these inputs: check its weights and the "
+                    "scale of the data"
+                )
 
 
 def _units_last(activation: Tensor, axis: int) -> Tensor:

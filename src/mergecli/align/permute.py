@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from mergecli.align.spec import PermutationSpec
+from mergecli.align.groups import PermutationSpec
 from mergecli.errors import MergeCliError
 
 StateDict = dict[str, Tensor]

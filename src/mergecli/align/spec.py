@@ -7,6 +7,9 @@ every (tensor, axis) that must share one permutation: a layer's output axis with
 layer's input axis, norm parameters, both operands of a residual add, blocks of a concat.
 Axes that reach the model's input or output, or an operation we cannot reason about, are
 joined with FIXED and never permuted; a warning names each such group and why.
+
+The spec's types are in ``align.groups``, the tracing in ``align.tracing``, and the tables of
+operations that pass units through unchanged in ``align.ops``.
 """
 
 from __future__ import annotations
@@ -16,63 +19,19 @@ import io
 import itertools
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from mergecli.align import ops
+from mergecli.align.groups import AxisSlice, PermGroup, PermutationSpec, Role
+from mergecli.align.tracing import trace
 from mergecli.errors import MergeCliError
-
-Role = Literal["out", "in", "norm"]
-
-
-@dataclass(frozen=True)
-class AxisSlice:
-    """``length`` units of ``tensor`` along ``axis`` starting at ``offset``.
-
-    ``role`` says how a general linear map M (CCA) acts there: ``out`` produces the units
-    (W -> M W), ``in`` consumes them (W -> W M^-1), ``norm`` scales them one by one.
-    Each unit spans ``inner`` consecutive entries of the axis (a channel flattened together
-    with the positions after it, as a classifier after a conv stack sees it); ``offset`` and
-    ``length`` count units, so the slice covers entries [offset * inner, (offset + length) *
-    inner).
-    """
-
-    tensor: str
-    axis: int
-    offset: int
-    length: int
-    role: Role
-    inner: int = 1
-
-
-@dataclass(frozen=True)
-class PermGroup:
-    """One set of hidden units that share a permutation, with every axis slice it touches."""
-
-    name: str
-    size: int
-    members: tuple[AxisSlice, ...]
-    activation: str  # the graph node whose output carries these units (for activation matching)
-    activation_axis: int
-    activation_offset: int = 0  # where the units start on that axis (a chunk of a larger layer)
-
-
-@dataclass(frozen=True)
-class PermutationSpec:
-    groups: tuple[PermGroup, ...]
-    warnings: tuple[str, ...] = ()
-
-    def group(self, name: str) -> PermGroup:
-        return next(g for g in self.groups if g.name == name)
-
-    def tensors(self) -> set[str]:
-        return {m.tensor for g in self.groups for m in g.members}
-
 
 # --- union-find over unit elements ------------------------------------------------------------
 
@@ -142,48 +101,6 @@ class _ParamValue:
 
 FIXED_TENSOR = "fixed"  # a tensor none of whose axes may be permuted (inputs, unknown ops)
 
-PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU,
-    nn.CELU, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)  # fmt: skip
-POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-    # Padding modules pad the trailing (spatial) axes only.
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-    nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
-    nn.CircularPad2d, nn.CircularPad3d,
-)  # fmt: skip
-PASS_FUNCTIONS = {
-    torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.gelu,
-    torch.nn.functional.silu, torch.nn.functional.leaky_relu, torch.nn.functional.elu,
-    torch.nn.functional.dropout, torch.nn.functional.relu6, torch.nn.functional.hardswish,
-    torch.nn.functional.mish, torch.nn.functional.softplus, torch.nn.functional.sigmoid,
-    torch.nn.functional.tanh, operator.neg, torch.abs, torch.clone,
-}  # fmt: skip
-POOL_FUNCTIONS = {
-    torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
-    torch.nn.functional.max_pool3d, torch.nn.functional.avg_pool1d,
-    torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d,
-    torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
-    torch.nn.functional.adaptive_avg_pool3d, torch.nn.functional.adaptive_max_pool2d,
-    torch.nn.functional.interpolate, torch.nn.functional.upsample,
-}  # fmt: skip
-PASS_METHODS = {
-    "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "double", "half",
-    "to", "type_as", "detach", "abs", "neg",
-}  # fmt: skip
-ELEMENTWISE = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-}  # fmt: skip
-ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-REDUCTIONS = {"mean", "sum", "amax", "amin"}
-
 
 def derive_spec(module: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     """Trace ``module``, propagate shapes on ``example_input``, and join the axes of each group."""
@@ -199,136 +116,6 @@ def derive_spec(module: nn.Module, example_input: torch.Tensor) -> PermutationSp
             f"{list(example_input.shape)} ({reason}); set model.input_shape (without the batch)"
         ) from exc
     return _SpecBuilder(graph_module).build()
-
-
-def split_flattened(
-    spec: PermutationSpec, shapes: Mapping[str, Sequence[int]]
-) -> tuple[PermutationSpec, dict[str, tuple[int, ...]]]:
-    """The spec on views in which every flattened unit axis is split into (units, inner).
-
-    Returns that spec, whose members all have ``inner`` 1, and the view shape of each tensor
-    that changes; reshaping a tensor to it is a view, nothing is copied.
-    """
-    split: dict[str, dict[int, int]] = {}
-    for m in (m for g in spec.groups for m in g.members if m.inner > 1):
-        split.setdefault(m.tensor, {})[m.axis] = m.inner
-    if not split:
-        return spec, {}
-    views = {}
-    for name, axes in split.items():
-        shape = list(shapes[name])
-        for axis in sorted(axes, reverse=True):
-            shape[axis : axis + 1] = [shape[axis] // axes[axis], axes[axis]]
-        views[name] = tuple(shape)
-
-    def on_view(m: AxisSlice) -> AxisSlice:
-        axes = split.get(m.tensor, {})
-        if m.axis in axes and m.inner != axes[m.axis]:
-            raise ValueError(f"{m.tensor} axis {m.axis}: units flattened in different ways")
-        return replace(m, axis=m.axis + sum(a < m.axis for a in axes), inner=1)
-
-    groups = tuple(replace(g, members=tuple(map(on_view, g.members))) for g in spec.groups)
-    return replace(spec, groups=groups), views
-
-
-class _Tracer(fx.Tracer):
-    """fx's tracer, which also goes inside torch's transformer encoder layers, and keeps the
-    submodules named in ``opaque`` whole.
-
-    Transformer layers' own forward checks the input to choose a fused fast path, which
-    symbolic tracing cannot follow; the plain path below computes the same function from their
-    submodules. When tracing fails, ``failed`` names the innermost submodule being traced.
-    """
-
-    def __init__(self, opaque: set[str]) -> None:
-        super().__init__()
-        self.opaque = opaque
-        self.failed: tuple[str, Exception] | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.opaque or super().is_leaf_module(
-            m, module_qualified_name
-        )
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        try:
-            plain = _PLAIN_FORWARDS.get(type(m))
-            if plain is not None and self.path_of_module(m) not in self.opaque:
-                return plain(m, *args, **kwargs)
-            return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:
-            if self.failed is None:
-                self.failed = (self.path_of_module(m), exc)
-            raise
-
-
-def _encoder_layer(
-    layer: nn.TransformerEncoderLayer,
-    src: Any,
-    src_mask: Any = None,
-    src_key_padding_mask: Any = None,
-    is_causal: bool = False,
-) -> Any:
-    def attend(x: Any) -> Any:
-        out = layer.self_attn(
-            x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
-            need_weights=False, is_causal=is_causal,
-        )[0]  # fmt: skip
-        return layer.dropout1(out)
-
-    def feed_forward(x: Any) -> Any:
-        hidden = layer.dropout(layer.activation(layer.linear1(x)))
-        return layer.dropout2(layer.linear2(hidden))
-
-    x = src
-    if layer.norm_first:
-        x = x + attend(layer.norm1(x))
-        return x + feed_forward(layer.norm2(x))
-    x = layer.norm1(x + attend(x))
-    return layer.norm2(x + feed_forward(x))
-
-
-def _encoder(
-    encoder: nn.TransformerEncoder,
-    src: Any,
-    mask: Any = None,
-    src_key_padding_mask: Any = None,
-    is_causal: bool | None = None,
-) -> Any:
-    x = src
-    for layer in encoder.layers:
-        x = layer(
-            x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal)
-        )
-    return x if encoder.norm is None else encoder.norm(x)
-
-
-_PLAIN_FORWARDS = {nn.TransformerEncoderLayer: _encoder_layer, nn.TransformerEncoder: _encoder}
-
-
-def trace(module: nn.Module) -> fx.GraphModule:
-    """The module's graph (torch.fx); a submodule fx cannot trace is kept whole, and named with
-    the reason in ``graph_module.meta["untraceable"]``. The model's own forward must trace."""
-    untraceable: dict[str, str] = {}
-    while True:
-        tracer = _Tracer(set(untraceable))
-        try:
-            graph = tracer.trace(module)
-        except Exception as exc:
-            if tracer.failed is None or tracer.failed[0] in untraceable:
-                reason = " ".join(str(exc).split())[:300]
-                raise MergeCliError(
-                    f"model {type(module).__name__}: torch.fx cannot trace it "
-                    f"({type(exc).__name__}: {reason}); alignment needs a traceable forward "
-                    "(no Python control flow on tensor values or shapes), or give the "
-                    "checkpoints already aligned"
-                ) from None
-            name, error = tracer.failed
-            untraceable[name] = " ".join(f"{type(error).__name__}: {error}".split())[:160]
-            continue
-        graph_module = fx.GraphModule(tracer.root, graph, type(module).__name__)
-        graph_module.meta["untraceable"] = untraceable
-        return graph_module
 
 
 @dataclass
@@ -493,9 +280,9 @@ class _SpecBuilder:
                 size = module.num_channels // module.num_groups
                 x = self._cut(feature, range(size, module.num_channels, size))
             return self._norm(x, 1, prefix, module, ("weight", "bias"))
-        if isinstance(module, PASS_MODULES):
+        if isinstance(module, ops.PASS_MODULES):
             return x
-        if isinstance(module, POOL_MODULES):
+        if isinstance(module, ops.POOL_MODULES):
             self._require(x, 1, type(module).__name__)
             return x
         if isinstance(module, nn.Flatten):
@@ -546,12 +333,12 @@ class _SpecBuilder:
 
     def _function(self, node: fx.Node) -> Any:
         target = node.target
-        if target in PASS_FUNCTIONS:
+        if target in ops.PASS_FUNCTIONS:
             return self._arg(node)
-        if target in POOL_FUNCTIONS:
+        if target in ops.POOL_FUNCTIONS:
             self._require(self._arg(node), 1, getattr(target, "__name__", "pool"))
             return self._arg(node)
-        if target in ELEMENTWISE:
+        if target in ops.ELEMENTWISE:
             return self._elementwise(node, node.args[:2])
         if target in (torch.squeeze, torch.unsqueeze, torch.reshape):
             return self._reshape(node, self._arg(node))
@@ -579,9 +366,9 @@ class _SpecBuilder:
         x = self._arg(node)
         if name in ("size", "dim"):
             return None
-        if name in PASS_METHODS:
+        if name in ops.PASS_METHODS:
             return x
-        if name in ELEMENTWISE_METHODS:
+        if name in ops.ELEMENTWISE_METHODS:
             return self._elementwise(node, node.args[:2])
         if name == "flatten":
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
@@ -593,7 +380,7 @@ class _SpecBuilder:
             return self._reshape(node, x)
         if name in ("transpose", "permute", "expand", "unflatten"):
             return self._move(node, name, x)
-        if name in REDUCTIONS:
+        if name in ops.REDUCTIONS:
             return self._reduce(node)
         raise _Unhandled("is a method the tracer does not know")
 

@@ -10,10 +10,12 @@ import torch
 from pydantic import ConfigDict, Field
 
 from mergecli.align.activation_matching import match_activations
-from mergecli.align.activations import pair_statistics
+from mergecli.align.activations import check_finite, pair_statistics
 from mergecli.align.cca import cca_transform
+from mergecli.align.groups import PermutationSpec
 from mergecli.align.permute import check_spec
-from mergecli.align.spec import PermutationSpec, derive_spec, trace
+from mergecli.align.spec import derive_spec
+from mergecli.align.tracing import trace
 from mergecli.align.transform import Transforms, apply_transforms
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
@@ -48,17 +50,17 @@ class CCAParams(AlignParams):
     batches: int | None = Field(default=None, ge=1)
 
 
-def model_spec(state: MergeState) -> PermutationSpec:
+def permutation_spec(state: MergeState) -> PermutationSpec:
     """Derive, check and remember the permutation spec of the recipe's model."""
-    if state.spec is None:
+    if state.permutation_spec is None:
         module = state.build_module()
         example = state.example_input().to(state.device)
         spec = derive_spec(module, example)
         for warning in spec.warnings:
             state.log.warn(warning)
         check_spec(module, spec, example)
-        state.spec = spec
-    return state.spec
+        state.permutation_spec = spec
+    return state.permutation_spec
 
 
 @step_method("align", "weight_matching", WeightMatchingParams, needs=("model",), default=True)
@@ -131,6 +133,7 @@ def _statistics(state: MergeState, spec: PermutationSpec, other: Checkpoint, lim
     if world.distributed:
         for s in stats.values():
             s.all_reduce_(world)
+    check_finite(stats, (state.reference.name, other.name))
     return stats
 
 
@@ -140,7 +143,7 @@ def _align(
     method: str,
     compute: Callable[[PermutationSpec, Checkpoint], Transforms],
 ) -> None:
-    spec = model_spec(state)
+    spec = permutation_spec(state)
     reference = state.reference
     saved = _load_alignment(params.from_, spec) if params.from_ else None
     to_save: dict[str, torch.Tensor] = {}
@@ -216,11 +219,18 @@ def _load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:
     by_model: dict[str, Transforms] = {}
     for key, tensor in load_state_dict(path).items():
         model, _, group = key.rpartition("/")
-        if group not in sizes or tensor.shape[-1] != sizes[group]:
+        if group not in sizes or tensor.dim() == 0 or tensor.shape[-1] != sizes[group]:
             raise MergeCliError(
                 f"align.from: {path}: transform '{key}' does not fit this model's groups "
                 f"({', '.join(f'{n}[{s}]' for n, s in sizes.items())}); was it saved for "
                 "another architecture?"
+            )
+        if not _is_transform(tensor, sizes[group]):
+            n = sizes[group]
+            raise MergeCliError(
+                f"align.from: {path}: transform '{key}' is neither a permutation of {n} units "
+                f"nor a linear map stacked with its inverse (2, {n}, {n}); give the "
+                f"{ALIGNMENT_FILE} of an earlier run"
             )
         by_model.setdefault(model, {})[group] = tensor
     for model, transforms in by_model.items():
@@ -230,3 +240,14 @@ def _load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:
                 f"align.from: {path}: no transform for group(s) {', '.join(missing)} of '{model}'"
             )
     return by_model
+
+
+def _is_transform(tensor: torch.Tensor, size: int) -> bool:
+    """A permutation of ``size`` units (integers), or a finite linear map stacked with its
+    inverse, as ``align`` saves them."""
+    if tensor.dim() == 1:
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            return False
+        return torch.equal(tensor.sort().values.long(), torch.arange(size))
+    pair = tensor.shape == (2, size, size) and tensor.is_floating_point()
+    return pair and bool(tensor.isfinite().all())

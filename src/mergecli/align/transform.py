@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mergecli.align.groups import AxisSlice, PermutationSpec
 from mergecli.align.permute import StateDict, apply_permutations
-from mergecli.align.spec import AxisSlice, PermutationSpec
+from mergecli.errors import MergeCliError
 
 # group name -> a permutation (int64, 1-D) or a linear map stacked with its inverse (2, n, n)
 Transforms = dict[str, Tensor]
@@ -24,7 +25,11 @@ def apply_transforms(
         matrix, inverse_t = pair[0].double(), pair[1].double().T
         for m in group.members:
             if m.role == "norm":
-                raise ValueError(f"group '{group.name}' has norm parameters: use a permutation")
+                raise MergeCliError(
+                    f"group '{group.name}' passes through norm layers, which only a permutation "
+                    f"preserves, but its transform is a linear map ({m.tensor}); give align.from "
+                    "transforms saved for this model (cca aligns such groups by permutation)"
+                )
             # The producing side maps units forward (W -> M W); the consuming side undoes it
             # (V -> V M^-1), i.e. its axis is multiplied by (M^-1)^T.
             along = matrix if m.role == "out" else inverse_t

@@ -14,8 +14,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from mergecli.align.groups import AxisSlice, PermGroup, PermutationSpec, split_flattened
 from mergecli.align.permute import Permutations, StateDict
-from mergecli.align.spec import AxisSlice, PermGroup, PermutationSpec, split_flattened
 
 # Which groups permute which slice of each tensor.
 Placements = dict[str, list[tuple[PermGroup, AxisSlice]]]

@@ -33,7 +33,9 @@ def analyze_averaging(state: MergeState, params: AveragingParams) -> None:
     scorer = Scorer(state)
     report_on = scorer.default_split(params.report_on)
     select_on = params.select_on or scorer.default_split("fit")
-    models = [(c.name, c.merge_tensors if params.aligned else c.tensors) for c in state.models]
+    models = [
+        (c.name, c.aligned_or_original if params.aligned else c.tensors) for c in state.models
+    ]
     labels = scorer.labels(report_on)
     rows: list[dict] = []
 

@@ -39,7 +39,7 @@ def analyze_interpolation(state: MergeState, params: InterpolationParams) -> Non
     if aligned is not None:
         available["aligned"] = (first.name, f"{second.name} (aligned)", first.tensors, aligned)
     if "fit" in state.report and isinstance(state.merged, dict):
-        average = mean_state_dict([c.merge_tensors for c in state.models])
+        average = mean_state_dict([c.aligned_or_original for c in state.models])
         available["fit"] = ("aligned average", "NP Merge", average, state.merged)
     wanted = params.paths or list(available)
     missing = [p for p in wanted if p not in available]

@@ -44,7 +44,9 @@ def analyze_scaling(state: MergeState, params: ScalingParams) -> None:
     scorer = Scorer(state)
     split = scorer.default_split(params.split)
     labels = scorer.labels(split)
-    models = [(c.name, c.merge_tensors if params.aligned else c.tensors) for c in state.models]
+    models = [
+        (c.name, c.aligned_or_original if params.aligned else c.tensors) for c in state.models
+    ]
     n = len(models)
     unscaled = [scorer.logits(sd, split) for _, sd in models]
     reference = {

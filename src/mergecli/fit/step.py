@@ -110,11 +110,11 @@ def _fit(
     )
     stages = _stages(params, models)
     saved: dict[str, Tensor] = {}
-    running = models[0].merge_tensors
+    running = models[0].aligned_or_original
     report_stages = []
     for stage, (members, init) in enumerate(stages):
         if params.multi == "joint":
-            sources = [m.merge_tensors for m in models]
+            sources = [m.aligned_or_original for m in models]
         else:
             sources = [running] + [_aligned_to(state, running, m) for m in members]
         flat = FlatParameters.stack(sources, names, device)
@@ -190,13 +190,15 @@ def _stages(params: FitParams, models: list) -> list[tuple[list, float]]:
 
 def _aligned_to(state: MergeState, running: StateDict, checkpoint) -> StateDict:
     """In a pairwise chain, each next model is aligned to the running merge (as in the paper)."""
-    if state.spec is None or running is state.reference.merge_tensors:
-        return checkpoint.merge_tensors
+    if state.permutation_spec is None or running is state.reference.aligned_or_original:
+        return checkpoint.aligned_or_original
     from mergecli.align.permute import apply_permutations
     from mergecli.align.weight_matching import weight_matching
 
-    perms = weight_matching(state.spec, running, checkpoint.tensors, device=state.device)
-    return apply_permutations(checkpoint.tensors, state.spec, perms)
+    perms = weight_matching(
+        state.permutation_spec, running, checkpoint.tensors, device=state.device
+    )
+    return apply_permutations(checkpoint.tensors, state.permutation_spec, perms)
 
 
 def _merge_with_values(flat: FlatParameters, values: Tensor, params: FitParams) -> Tensor:
@@ -233,11 +235,11 @@ def _apply_saved(state: MergeState, params: FitParams, models: list, names: list
     metadata = read_metadata(params.from_)
     multi = metadata.get("mergecli.multi", params.multi)
     stages = _stages(params.model_copy(update={"multi": multi}), models)
-    running = models[0].merge_tensors
+    running = models[0].aligned_or_original
     for stage, (members, _) in enumerate(stages):
         prefix = f"stage{stage + 1}/" if len(stages) > 1 else ""
         if multi == "joint":
-            sources = [m.merge_tensors for m in models]
+            sources = [m.aligned_or_original for m in models]
         else:
             sources = [running] + [_aligned_to(state, running, m) for m in members]
         merged = {}

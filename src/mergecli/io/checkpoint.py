@@ -23,7 +23,7 @@ _CONVERT_HINT = (
 
 
 @dataclass
-class _Layout:
+class Layout:
     """Where a checkpoint's bytes live: its root, its index (if sharded) and its shard files."""
 
     root: Path
@@ -32,8 +32,9 @@ class _Layout:
     weight_map: dict[str, str] = field(default_factory=dict)
 
 
-def _resolve(path: str | Path) -> _Layout:
-    """Classify ``path`` as file, sharded dir or single-file dir, or raise MergeCliError."""
+def checkpoint_layout(path: str | Path) -> Layout:
+    """Where the checkpoint at ``path`` (a file, a sharded dir or a dir with one file) keeps its
+    tensors; a MergeCliError says what to fix when it is none of these."""
     p = Path(path)
     if not p.exists():
         raise _missing(p)
@@ -47,7 +48,7 @@ def _resolve(path: str | Path) -> _Layout:
         )
     if p.suffix != ".safetensors":
         raise MergeCliError(f"{p}: not a .safetensors file; {_CONVERT_HINT}")
-    return _Layout(root=p.parent, files=[p])
+    return Layout(root=p.parent, files=[p])
 
 
 def _missing(p: Path) -> MergeCliError:
@@ -69,7 +70,7 @@ def _missing(p: Path) -> MergeCliError:
     return MergeCliError(f"{p}: no such file or directory; check the path")
 
 
-def _resolve_dir(d: Path) -> _Layout:
+def _resolve_dir(d: Path) -> Layout:
     """Resolve a checkpoint directory via its index, or its one and only safetensors file."""
     index = d / INDEX_NAME
     if index.is_file():
@@ -86,10 +87,10 @@ def _resolve_dir(d: Path) -> _Layout:
             f"{d}: directory holds several .safetensors files ({names}) but no {INDEX_NAME}; "
             f"point to one of the files or add an index that maps tensors to shards"
         )
-    return _Layout(root=d, files=files)
+    return Layout(root=d, files=files)
 
 
-def _resolve_index(d: Path, index: Path) -> _Layout:
+def _resolve_index(d: Path, index: Path) -> Layout:
     """Read a sharded checkpoint's index and check that every shard it names exists."""
     fix = "re-download the checkpoint or re-save it with `mergecli`"
     try:
@@ -118,12 +119,12 @@ def _resolve_index(d: Path, index: Path) -> _Layout:
                 "copy the complete checkpoint directory"
             )
         files.append(shard)
-    return _Layout(root=d, files=files, index=index, weight_map=dict(weight_map))
+    return Layout(root=d, files=files, index=index, weight_map=dict(weight_map))
 
 
 def resolve_checkpoint_files(path: str | Path) -> list[Path]:
     """Return the safetensors files that make up the checkpoint at ``path`` (file or directory)."""
-    return _resolve(path).files
+    return checkpoint_layout(path).files
 
 
 def _unreadable(path: Path, exc: BaseException) -> MergeCliError:
@@ -150,7 +151,7 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
 
 def load_state_dict(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Read all tensors of the checkpoint at ``path`` (all shards) onto ``device``."""
-    layout = _resolve(path)
+    layout = checkpoint_layout(path)
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for file in layout.files:
@@ -178,7 +179,7 @@ def load_state_dict(path: str | Path, device: str = "cpu") -> dict[str, torch.Te
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """Return the safetensors ``__metadata__`` of the checkpoint (first shard if sharded)."""
-    first = _resolve(path).files[0]
+    first = checkpoint_layout(path).files[0]
     try:
         with safe_open(str(first), framework="pt", device="cpu") as f:
             return dict(f.metadata() or {})
@@ -210,7 +211,7 @@ def checkpoint_sha256(path: str | Path) -> str:
     while unrelated files in the directory (configs, READMEs) do not.
     """
     p = Path(path)
-    layout = _resolve(p)
+    layout = checkpoint_layout(p)
     if not p.is_dir():
         return _file_sha256(layout.files[0])
     members = list(layout.files) + ([layout.index] if layout.index else [])

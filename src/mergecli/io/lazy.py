@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mergecli.errors import MergeCliError
-from mergecli.io.checkpoint import _resolve
+from mergecli.io.checkpoint import checkpoint_layout
 from mergecli.io.safetensors_format import BadSafetensors, TensorEntry, header_entries, read_header
 
 
@@ -23,7 +23,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     """A read-only mapping name -> tensor; only the headers are read up front."""
 
     def __init__(self, path: str | Path) -> None:
-        layout = _resolve(path)
+        layout = checkpoint_layout(path)
         self.path = Path(path)
         self._entries: dict[str, tuple[Path, int, TensorEntry]] = {}
         for file in layout.files:
@@ -58,9 +58,6 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name][2].dtype
-
-    def is_floating(self, name: str) -> bool:
-        return self.dtype(name).is_floating_point
 
     def file_of(self, name: str) -> Path:
         """The file that holds ``name`` (a shard, for a sharded checkpoint)."""

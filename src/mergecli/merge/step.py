@@ -123,7 +123,7 @@ def merge_tensors(
     ``aligned`` merges the aligned tensors when an align step ran (False: the originals).
     """
     models = state.models
-    sources = [m.merge_tensors if aligned else m.tensors for m in models]
+    sources = [m.aligned_or_original if aligned else m.tensors for m in models]
     if not models:
         raise MergeCliError(
             f"{state.loaded.source}: there is no checkpoint to merge besides the base"

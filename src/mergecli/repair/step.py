@@ -102,7 +102,7 @@ def repair_step(state: MergeState, params: RepairParams) -> None:
     used = available if params.batches is None else min(params.batches, available)
     weights = torch.tensor([m.spec.weight for m in state.models], dtype=torch.float64)
     result = repair(
-        module, merged, [m.merge_tensors for m in state.models], weights, inputs, params.eps
+        module, merged, [m.aligned_or_original for m in state.models], weights, inputs, params.eps
     )
     state.merged = result.state_dict
     if result.scale_only:

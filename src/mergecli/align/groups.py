@@ -1,0 +1,94 @@
+"""Permutation specs: which weight axes share one permutation of hidden units.
+
+A spec is a list of groups; each names the slices of tensor axes that index the same units,
+and the graph node whose output carries them (for matching on activations). ``align.spec``
+derives one from a model's graph; the matching methods and ``permute`` read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from mergecli.errors import MergeCliError
+
+Role = Literal["out", "in", "norm"]
+
+
+@dataclass(frozen=True)
+class AxisSlice:
+    """``length`` units of ``tensor`` along ``axis`` starting at ``offset``.
+
+    ``role`` says how a general linear map M (CCA) acts there: ``out`` produces the units
+    (W -> M W), ``in`` consumes them (W -> W M^-1), ``norm`` scales them one by one.
+    Each unit spans ``inner`` consecutive entries of the axis (a channel flattened together
+    with the positions after it, as a classifier after a conv stack sees it); ``offset`` and
+    ``length`` count units, so the slice covers entries [offset * inner, (offset + length) *
+    inner).
+    """
+
+    tensor: str
+    axis: int
+    offset: int
+    length: int
+    role: Role
+    inner: int = 1
+
+
+@dataclass(frozen=True)
+class PermGroup:
+    """One set of hidden units that share a permutation, with every axis slice it touches."""
+
+    name: str
+    size: int
+    members: tuple[AxisSlice, ...]
+    activation: str  # the graph node whose output carries these units (for activation matching)
+    activation_axis: int
+    activation_offset: int = 0  # where the units start on that axis (a chunk of a larger layer)
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    groups: tuple[PermGroup, ...]
+    warnings: tuple[str, ...] = ()
+
+    def group(self, name: str) -> PermGroup:
+        return next(g for g in self.groups if g.name == name)
+
+    def tensors(self) -> set[str]:
+        return {m.tensor for g in self.groups for m in g.members}
+
+
+def split_flattened(
+    spec: PermutationSpec, shapes: Mapping[str, Sequence[int]]
+) -> tuple[PermutationSpec, dict[str, tuple[int, ...]]]:
+    """The spec on views in which every flattened unit axis is split into (units, inner).
+
+    Returns that spec, whose members all have ``inner`` 1, and the view shape of each tensor
+    that changes; reshaping a tensor to it is a view, nothing is copied.
+    """
+    split: dict[str, dict[int, int]] = {}
+    for m in (m for g in spec.groups for m in g.members if m.inner > 1):
+        split.setdefault(m.tensor, {})[m.axis] = m.inner
+    if not split:
+        return spec, {}
+    views = {}
+    for name, axes in split.items():
+        shape = list(shapes[name])
+        for axis in sorted(axes, reverse=True):
+            shape[axis : axis + 1] = [shape[axis] // axes[axis], axes[axis]]
+        views[name] = tuple(shape)
+
+    def on_view(m: AxisSlice) -> AxisSlice:
+        axes = split.get(m.tensor, {})
+        if m.axis in axes and m.inner != axes[m.axis]:
+            raise MergeCliError(
+                f"permutation spec: axis {m.axis} of {m.tensor} is shared by groups whose units "
+                "are flattened with different numbers of positions, which the spec cannot align "
+                "(please report this model)"
+            )
+        return replace(m, axis=m.axis + sum(a < m.axis for a in axes), inner=1)
+
+    groups = tuple(replace(g, members=tuple(map(on_view, g.members))) for g in spec.groups)
+    return replace(spec, groups=groups), views
