@@ -22,7 +22,7 @@ from mergecli.fit.coefficients import (
     logits_per_model,
     pairwise_merge,
 )
-from mergecli.fit.loop import FitCheckpoint, FitConfig, fit_logits
+from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
@@ -130,10 +130,12 @@ def _fit(
         # A stop signal ends the fit after the step it is in, with the state saved; it is
         # never raised in the middle of a step or of a save.
         with STOP.deferred():
+            problem = FitProblem(
+                module, flat, buffers, merge, initial, indexed, loss_fn, device, validate
+            )
             outcome = fit_logits(
-                module, flat, buffers, merge, initial, indexed, loss_fn, config, device,
-                state.log, validate, checkpoint, should_stop=lambda _: STOP.pending(),
-            )  # fmt: skip
+                problem, config, state.log, checkpoint, should_stop=lambda _: STOP.pending()
+            )
         if outcome.stopped_by is not None:
             total = config.steps or math.ceil(len(indexed) / config.batch_size) * config.epochs
             stage_name = f"stage {stage + 1}/{len(stages)} " if len(stages) > 1 else ""
