@@ -93,7 +93,7 @@ def bench_case(arch: str, args: dict, shape: tuple, device: torch.device, repeat
 def bench_epoch(device: torch.device) -> tuple[float, float]:
     """A whole epoch on the 8,000 bundled MNIST training images: plain training vs fit_logits."""
     from mergecli.data import TensorData, load_data
-    from mergecli.fit.loop import fit_logits
+    from mergecli.fit.loop import FitProblem, fit_logits
     from mergecli.runtime.log import Log
 
     data = load_data({"source": "mnist", "split": "train"})
@@ -119,11 +119,13 @@ def bench_epoch(device: torch.device) -> tuple[float, float]:
     quiet = Log("plain")
     quiet.info = lambda *args, **kwargs: None  # keep the bench's output to its table
 
+    problem = FitProblem(
+        module, flat, {}, pairwise_merge, torch.zeros(flat.thetas.shape[1]), indexed,
+        lambda out, index: F.cross_entropy(out, labels[index]), device,
+    )  # fmt: skip
+
     def fit_epoch() -> None:
-        fit_logits(
-            module, flat, {}, pairwise_merge, torch.zeros(flat.thetas.shape[1]), indexed,
-            lambda out, index: F.cross_entropy(out, labels[index]), config, device, quiet,
-        )  # fmt: skip
+        fit_logits(problem, config, quiet)
 
     plain_s = statistics.median(median_step_seconds(plain_epoch, device, 3, 1) for _ in range(3))
     fit_s = statistics.median(median_step_seconds(fit_epoch, device, 3, 1) for _ in range(3))

@@ -23,7 +23,7 @@ from mergecli.fit.coefficients import (
     logits_per_model,
     pairwise_merge,
 )
-from mergecli.fit.loop import FitCheckpoint, FitConfig, fit_logits
+from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
 from mergecli.merge.average import average
 from mergecli.models import build_model
 from mergecli.runtime.log import Log
@@ -102,10 +102,10 @@ def _fit(checkpoint=None, should_stop=None, loss=None, **overrides):
     module, flat, buffers, data, loss_fn = _fit_setup()
     config = _config(**overrides)
     initial = torch.zeros(logits_per_model(config.granularity, flat))
-    return fit_logits(
-        module, flat, buffers, pairwise_merge, initial, data, loss or loss_fn,
-        config, torch.device("cpu"), Log("plain"), None, checkpoint, should_stop,
-    )  # fmt: skip
+    problem = FitProblem(
+        module, flat, buffers, pairwise_merge, initial, data, loss or loss_fn, torch.device("cpu")
+    )
+    return fit_logits(problem, config, Log("plain"), checkpoint, should_stop)
 
 
 def test_fit_lowers_the_loss_and_is_deterministic() -> None:

@@ -426,12 +426,12 @@ def train(
             log=log,
             init=init,
         )
-        metadata = {"arch": arch, "args": args, "seed": str(seed), "data": train_spec, **metrics}
+        metadata = {"seed": str(seed), "data": train_spec, **metrics}
         if init is not None:
             metadata["init"] = str(init)
         if eval_spec is not None:
             metadata["eval_data"] = eval_spec
-        save_trained(module, out, metadata)
+        save_trained(module, out, arch, args, metadata)
         log.info(f"wrote {out}", **{k: round(v, 4) for k, v in metrics.items()})
 
 

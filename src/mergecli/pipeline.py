@@ -17,7 +17,7 @@ from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.io.output_dir import STATE, OutputDir
 from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.writer import ShardWriter
-from mergecli.models.registry import builtin_architectures
+from mergecli.models.metadata import model_from_metadata, model_metadata
 from mergecli.recipe import LoadedRecipe, ModelSpec
 from mergecli.registry import changes_weights, methods_of
 from mergecli.report import render_report
@@ -274,54 +274,9 @@ def _names(names: list[str], limit: int = 5) -> str:
 
 
 def _model_from_metadata(checkpoint: Checkpoint, needed: bool) -> ModelSpec | None:
-    """Checkpoints written by `mergecli train` or `run` say which architecture they are.
-
-    Only a built-in is taken from there: a file must never choose code to import. A name of
-    user code is refused when the model is needed, else ignored (so not written to the output).
-    """
-    arch = checkpoint.metadata.get("mergecli.arch")
-    if arch is None:
-        return None
-    if arch not in builtin_architectures():
-        if needed:
-            raise MergeCliError(_user_code_refusal(checkpoint, arch))
-        return None
-    return ModelSpec(arch=arch, args=_metadata_args(checkpoint, arch))
-
-
-def _metadata_args(checkpoint: Checkpoint, arch: str) -> dict[str, Any]:
-    """``mergecli.args``: a JSON mapping of keyword arguments, or a one-line error."""
-    text = checkpoint.metadata.get("mergecli.args", "{}")
-    try:
-        args = json.loads(text)
-        problem = None if isinstance(args, dict) else f"it is a JSON {type(args).__name__}"
-    except json.JSONDecodeError as exc:
-        problem = f"invalid JSON: {exc.msg} at character {exc.pos}"
-    except RecursionError:
-        problem = "invalid JSON: nested too deeply"
-    if problem is not None:
-        raise MergeCliError(
-            f"{checkpoint.spec.path}: metadata mergecli.args is not a mapping of keyword "
-            f"arguments ({problem}); re-export the checkpoint, or name the model in the recipe: "
-            f"`model: {{arch: {json.dumps(arch)}, args: {{...}}}}`"
-        )
-    return args
-
-
-def _user_code_refusal(checkpoint: Checkpoint, arch: str) -> str:
-    """What to say when metadata names a `package.module:factory`: the line to trust it with.
-    The names are shown JSON-quoted: a file's text must not write control characters."""
-    try:
-        args = json.dumps(_metadata_args(checkpoint, arch))
-    except MergeCliError:
-        args = "{...}"
-    args = args if len(args) <= 200 else "{...}"
-    return (
-        f"{checkpoint.spec.path}: its metadata names user code (mergecli.arch: "
-        f"{json.dumps(arch)}), which only a recipe may import; if you trust that code, add "
-        f"`model: {{arch: {json.dumps(arch)}, args: {args}}}` to the recipe "
-        f"(or --set model.arch={json.dumps(arch)})"
-    )
+    """Checkpoints written by `mergecli train` or `run` say which architecture they are."""
+    named = model_from_metadata(checkpoint.metadata, checkpoint.spec.path, needed)
+    return None if named is None else ModelSpec(arch=named[0], args=named[1])
 
 
 def _needs_model(loaded: LoadedRecipe) -> bool:
@@ -349,8 +304,7 @@ def output_metadata(state: MergeState) -> dict[str, str]:
         "mergecli.seed": str(loaded.recipe.seed),
     }
     if state.model_spec is not None:
-        metadata["mergecli.arch"] = state.model_spec.arch
-        metadata["mergecli.args"] = json.dumps(state.model_spec.args)
+        metadata.update(model_metadata(state.model_spec.arch, state.model_spec.args))
     return metadata
 
 

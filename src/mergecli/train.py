@@ -101,10 +101,19 @@ def _accuracy(module, data, batch_size, device, accuracy) -> float:
     return accuracy(logits, data.y)
 
 
-def save_trained(module: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
-    """Write the checkpoint atomically with what `mergecli run` needs to rebuild the model."""
+def save_trained(
+    module: torch.nn.Module,
+    path: Path,
+    arch: str,
+    args: dict[str, Any],
+    metadata: dict[str, Any],
+) -> None:
+    """Write the checkpoint atomically with what `mergecli run` needs to rebuild the model
+    (``arch`` and ``args``) and how it was trained (``metadata``, each key under ``mergecli.``)."""
+    from mergecli.models.metadata import model_metadata
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    text_metadata = {"format": "pt", "mergecli.version": __version__}
+    text_metadata = {"format": "pt", "mergecli.version": __version__, **model_metadata(arch, args)}
     for key, value in metadata.items():
         text_metadata[f"mergecli.{key}"] = value if isinstance(value, str) else json.dumps(value)
     try:

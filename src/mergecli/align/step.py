@@ -19,6 +19,7 @@ from mergecli.align.tracing import trace
 from mergecli.align.transform import Transforms, apply_transforms
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
+from mergecli.models.metadata import model_metadata
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
@@ -203,12 +204,9 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def _model_metadata(state: MergeState) -> dict[str, str]:
-    if state.model_spec is None:
-        return {}
-    return {
-        "mergecli.arch": state.model_spec.arch,
-        "mergecli.args": json.dumps(state.model_spec.args),
-    }
+    """Saved aligned models name their architecture, as the merged model does."""
+    spec = state.model_spec
+    return {} if spec is None else model_metadata(spec.arch, spec.args)
 
 
 def _load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:

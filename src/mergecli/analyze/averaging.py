@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mergecli.analyze.scoring import Scorer, Split, mean_state_dict, need_models
+from mergecli.analyze.scoring import Scorer, Split, need_models
 from mergecli.errors import MergeCliError
 from mergecli.evaluate.metrics import accuracy, cross_entropy, ensemble_logits, logit_ensemble
+from mergecli.merge.average import average_state_dicts
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
@@ -46,8 +47,8 @@ def analyze_averaging(state: MergeState, params: AveragingParams) -> None:
     member_logits = [scorer.logits(sd, report_on) for _, sd in models]
     for (name, _), logits in zip(models, member_logits, strict=True):
         add(name, "model", logits)
-    add("uniform soup", "uniform_soup", scorer.logits(mean_state_dict([m for _, m in models]),
-                                                      report_on))  # fmt: skip
+    uniform = average_state_dicts([m for _, m in models])
+    add("uniform soup", "uniform_soup", scorer.logits(uniform, report_on))
     ingredients, soup, selection = greedy_soup(scorer, models, select_on)
     add("greedy soup", "greedy_soup", scorer.logits(soup, report_on), ingredients=ingredients,
         selected_on=select_on, selection_accuracy=selection)  # fmt: skip
@@ -84,7 +85,7 @@ def greedy_soup(
     chosen = [first]
     soup = models[first][1]
     for _, index in scored[1:]:
-        candidate = mean_state_dict([models[i][1] for i in [*chosen, index]])
+        candidate = average_state_dicts([models[i][1] for i in [*chosen, index]])
         candidate_accuracy = scorer.score(candidate, split)["accuracy"]
         if candidate_accuracy > best_accuracy:
             chosen.append(index)

@@ -11,8 +11,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergecli.analyze.scoring import Scorer, interpolate, mean_state_dict, need_models
+from mergecli.analyze.scoring import Scorer, interpolate, need_models
 from mergecli.errors import MergeCliError
+from mergecli.merge.average import average_state_dicts
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
@@ -39,7 +40,7 @@ def analyze_interpolation(state: MergeState, params: InterpolationParams) -> Non
     if aligned is not None:
         available["aligned"] = (first.name, f"{second.name} (aligned)", first.tensors, aligned)
     if "fit" in state.report and isinstance(state.merged, dict):
-        average = mean_state_dict([c.aligned_or_original for c in state.models])
+        average = average_state_dicts([c.aligned_or_original for c in state.models])
         available["fit"] = ("aligned average", "NP Merge", average, state.merged)
     wanted = params.paths or list(available)
     missing = [p for p in wanted if p not in available]

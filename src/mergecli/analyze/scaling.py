@@ -12,8 +12,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from mergecli.analyze.scoring import Scorer, Split, mean_state_dict, need_models
+from mergecli.analyze.scoring import Scorer, Split, need_models
 from mergecli.evaluate.metrics import accuracy, ensemble_logits
+from mergecli.merge.average import average_state_dicts
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
@@ -50,7 +51,7 @@ def analyze_scaling(state: MergeState, params: ScalingParams) -> None:
     n = len(models)
     unscaled = [scorer.logits(sd, split) for _, sd in models]
     reference = {
-        "average": scorer.logits(mean_state_dict([sd for _, sd in models]), split),
+        "average": scorer.logits(average_state_dicts([sd for _, sd in models]), split),
         "ensemble": ensemble_logits(unscaled),
     }
     for (name, _), logits in zip(models, unscaled, strict=True):
@@ -65,7 +66,7 @@ def analyze_scaling(state: MergeState, params: ScalingParams) -> None:
             weights = [scaled_models[i] if i in chosen else models[i][1] for i in range(n)]
             subjects = {name: members[i] for i, (name, _) in enumerate(models) if i in chosen}
             if n > 1:
-                subjects["average"] = scorer.logits(mean_state_dict(weights), split)
+                subjects["average"] = scorer.logits(average_state_dicts(weights), split)
                 subjects["ensemble"] = ensemble_logits(members)
             for subject, logits in subjects.items():
                 agreement = (logits.argmax(1) == reference[subject].argmax(1)).float().mean()

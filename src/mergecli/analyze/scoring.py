@@ -81,17 +81,6 @@ def interpolate(a: StateDict, b: StateDict, weight_b: float) -> StateDict:
     }
 
 
-def mean_state_dict(models: list[StateDict]) -> StateDict:
-    """The uniform average of state dicts (integer tensors from the first)."""
-    first = models[0]
-    return {
-        name: torch.stack([m[name].float() for m in models]).mean(0).to(t.dtype)
-        if t.is_floating_point()
-        else t
-        for name, t in first.items()
-    }
-
-
 def need_models(state: MergeState, kind: str, minimum: int = 2) -> None:
     """Analyses of merges need at least two models (the base does not count)."""
     if len(state.models) < minimum:

@@ -48,6 +48,23 @@ class FitConfig:
 
 
 @dataclass
+class FitProblem:
+    """What a fit optimises: logits that ``merge`` the frozen models' flat parameters, the merged
+    module run on ``data`` and scored by ``loss_fn``. ``data.y`` holds example indices, so that
+    a loss may look up labels or a teacher's predictions by example."""
+
+    module: nn.Module
+    flat: FlatParameters
+    buffers: dict[str, Tensor]  # the module's tensors that are not merged (BatchNorm statistics)
+    merge: MergeFn
+    initial: Tensor  # the logits the fit starts from
+    data: TensorData
+    loss_fn: LossFn
+    device: torch.device
+    validate: Callable[[Tensor], dict[str, float]] | None = None  # after each epoch
+
+
+@dataclass
 class FitOutcome:
     logits: Tensor
     steps: int
@@ -303,29 +320,25 @@ def _restore(
 
 
 def fit_logits(
-    module: nn.Module,
-    flat: FlatParameters,
-    buffers: dict[str, Tensor],
-    merge: MergeFn,
-    initial: Tensor,
-    data: TensorData,
-    loss_fn: LossFn,
+    problem: FitProblem,
     config: FitConfig,
-    device: torch.device,
     log: Log,
-    validate: Callable[[Tensor], dict[str, float]] | None = None,
     checkpoint: FitCheckpoint | None = None,
     should_stop: Callable[[int], int | None] | None = None,
     world: World | None = None,
 ) -> FitOutcome:
-    """Minimise ``loss_fn`` over the logits only; ``data.y`` holds example indices.
+    """Minimise the problem's loss over the logits only.
 
     ``should_stop(step)`` is asked after every step and returns the signal number to stop for
     (None: go on); the fit then saves its state and returns early. With several ranks every
     rank draws the same shuffle and takes its share of each batch; rank 0 alone saves.
     """
     world = world or current_world()
-    step_fn = CoefficientStep(module, flat, buffers, merge, initial, loss_fn, config, device)
+    data, device, validate = problem.data, problem.device, problem.validate
+    step_fn = CoefficientStep(
+        problem.module, problem.flat, problem.buffers, problem.merge, problem.initial,
+        problem.loss_fn, config, device,
+    )  # fmt: skip
     logits, optimizer = step_fn.logits, step_fn.optimizer
 
     per_epoch = math.ceil(len(data) / config.batch_size)

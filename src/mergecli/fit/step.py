@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -22,7 +23,7 @@ from mergecli.fit.coefficients import (
     logits_per_model,
     pairwise_merge,
 )
-from mergecli.fit.loop import FitCheckpoint, FitConfig, fit_logits
+from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
@@ -83,6 +84,7 @@ def np_merge(state: MergeState, params: FitParams) -> None:
 def _fit(
     state: MergeState, params: FitParams, module: nn.Module, models: list, names: list[str]
 ) -> StateDict:
+    """Fit each stage's coefficients, keep them for coefficients.safetensors, merge with them."""
     device = state.device
     seed = params.seed if params.seed is not None else state.loaded.recipe.seed
     data = _subset(state.data("fit"), params.fraction, seed)
@@ -110,13 +112,9 @@ def _fit(
     )
     stages = _stages(params, models)
     saved: dict[str, Tensor] = {}
-    running = models[0].aligned_or_original
     report_stages = []
-    for stage, (members, init) in enumerate(stages):
-        if params.multi == "joint":
-            sources = [m.aligned_or_original for m in models]
-        else:
-            sources = [running] + [_aligned_to(state, running, m) for m in members]
+
+    def fit_stage(stage: int, sources: list[StateDict], init: float, _: StateDict) -> StateDict:
         flat = FlatParameters.stack(sources, names, device)
         per_model = logits_per_model(params.granularity, flat)
         if params.multi == "joint":
@@ -127,13 +125,15 @@ def _fit(
             merge = pairwise_merge
         validate = _validator(state, module, flat, buffers, merge, params)
         checkpoint = _checkpoint(state, stage)
+        problem = FitProblem(
+            module, flat, buffers, merge, initial, indexed, loss_fn, device, validate
+        )
         # A stop signal ends the fit after the step it is in, with the state saved; it is
         # never raised in the middle of a step or of a save.
         with STOP.deferred():
             outcome = fit_logits(
-                module, flat, buffers, merge, initial, indexed, loss_fn, config, device,
-                state.log, validate, checkpoint, should_stop=lambda _: STOP.pending(),
-            )  # fmt: skip
+                problem, config, state.log, checkpoint, should_stop=lambda _: STOP.pending()
+            )
         if outcome.stopped_by is not None:
             total = config.steps or math.ceil(len(indexed) / config.batch_size) * config.epochs
             stage_name = f"stage {stage + 1}/{len(stages)} " if len(stages) > 1 else ""
@@ -145,8 +145,8 @@ def _fit(
         _stop_if_signalled(f"after fit stage {stage + 1}", checkpoint)
         values = coefficient_values(outcome.logits, params.multi)
         merged_flat = _merge_with_values(flat, values, params)
-        running = {k: v.detach().cpu() for k, v in flat.views(merged_flat).items()}
-        prefix = f"stage{stage + 1}/" if len(stages) > 1 else ""
+        merged = {k: v.detach().cpu() for k, v in flat.views(merged_flat).items()}
+        prefix = _stage_prefix(stage, len(stages))
         saved.update(_coefficients_by_name(flat, values.cpu(), params, prefix))
         report_stages.append(
             {
@@ -159,6 +159,9 @@ def _fit(
             f"fit: {outcome.steps} steps in {outcome.seconds:.1f} s",
             mean_coefficient=round(float(values.float().mean()), 4),
         )
+        return merged  # parameters only: np_merge takes the rest from the reference
+
+    running = _run_stages(state, models, stages, params.multi, fit_stage)
     metadata = {
         "mergecli.fit": "np_merge",
         "mergecli.multi": params.multi,
@@ -176,6 +179,31 @@ def _fit(
         "seconds": round(sum(s["seconds"] for s in report_stages), 3),
     }
     return running
+
+
+# What one stage does with its sources (the running merge first, in a pairwise chain), the
+# running merge's initial weight and the running merge itself: the next running merge.
+StageFn = Callable[[int, list[StateDict], float, StateDict], StateDict]
+
+
+def _run_stages(
+    state: MergeState, models: list, stages: list[tuple[list, float]], multi: str, run: StageFn
+) -> StateDict:
+    """The stage loop of fitting and of re-applying saved coefficients alike: pairwise, each
+    stage merges the running merge with the next model aligned to it; joint, one stage."""
+    running = models[0].aligned_or_original
+    for stage, (members, init) in enumerate(stages):
+        if multi == "joint":
+            sources = [m.aligned_or_original for m in models]
+        else:
+            sources = [running] + [_aligned_to(state, running, m) for m in members]
+        running = run(stage, sources, init, running)
+    return running
+
+
+def _stage_prefix(stage: int, count: int) -> str:
+    """How a stage's coefficients are named in coefficients.safetensors (none for one stage)."""
+    return f"stage{stage + 1}/" if count > 1 else ""
 
 
 def _stages(params: FitParams, models: list) -> list[tuple[list, float]]:
@@ -235,13 +263,11 @@ def _apply_saved(state: MergeState, params: FitParams, models: list, names: list
     metadata = read_metadata(params.from_)
     multi = metadata.get("mergecli.multi", params.multi)
     stages = _stages(params.model_copy(update={"multi": multi}), models)
-    running = models[0].aligned_or_original
-    for stage, (members, _) in enumerate(stages):
-        prefix = f"stage{stage + 1}/" if len(stages) > 1 else ""
-        if multi == "joint":
-            sources = [m.aligned_or_original for m in models]
-        else:
-            sources = [running] + [_aligned_to(state, running, m) for m in members]
+
+    def apply_stage(
+        stage: int, sources: list[StateDict], _: float, running: StateDict
+    ) -> StateDict:
+        prefix = _stage_prefix(stage, len(stages))
         merged = {}
         for name in names:
             key = f"{prefix}{name}"
@@ -257,7 +283,9 @@ def _apply_saved(state: MergeState, params: FitParams, models: list, names: list
                 merged[name] = (c * stack).sum(0)
             else:
                 merged[name] = torch.lerp(stack[1], stack[0], c)
-        running = {**running, **merged}
+        return {**running, **merged}
+
+    running = _run_stages(state, models, stages, multi, apply_stage)
     state.log.info(f"fit: applied coefficients from {params.from_}")
     return running
 
