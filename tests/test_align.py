@@ -23,10 +23,10 @@ from mergecli.align.permute import (
     random_permutations,
 )
 from mergecli.align.spec import derive_spec
-from mergecli.align.step import _load_alignment
+from mergecli.align.step import load_alignment
 from mergecli.align.tracing import trace
 from mergecli.align.transform import apply_transforms
-from mergecli.align.weight_matching import _current_cost, _prepare, weight_matching
+from mergecli.align.weight_matching import current_cost, prepare, weight_matching
 from mergecli.errors import MergeCliError
 from mergecli.models import build_model
 
@@ -371,7 +371,7 @@ def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
     model_a, model_b = factory().eval(), factory().eval()
     spec = derive_spec(model_a, torch.randn(2, *shape))
     a, b = model_a.state_dict(), model_b.state_dict()
-    costs, flat, perms = _prepare(spec, a, b, "cpu", per_block)
+    costs, flat, perms = prepare(spec, a, b, "cpu", per_block)
     version = dict.fromkeys(perms, 0)
     for sweep in range(2):  # the second pass reuses cached blocks of unchanged neighbours
         chosen = random_permutations(spec, torch.Generator().manual_seed(sweep))
@@ -386,7 +386,7 @@ def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
                 @ _units_as_rows(b_permuted[m.tensor], m)[back].double().T
                 for m in group.members
             )
-            found = _current_cost(costs[group.name], flat, version)
+            found = current_cost(costs[group.name], flat, version)
             np.testing.assert_allclose(found, expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -762,10 +762,10 @@ def test_saved_transforms_that_are_none_are_one_line_errors(tmp_path, transform)
     path = tmp_path / "alignment.safetensors"
     save_file({"b/layers.0": transform.contiguous()}, path)
     with pytest.raises(MergeCliError, match="transform 'b/layers.0' is neither a permutation of 8"):
-        _load_alignment(str(path), spec)
+        load_alignment(str(path), spec)
     save_file({"b/layers.0": torch.tensor(3)}, path)
     with pytest.raises(MergeCliError, match="does not fit this model's groups"):
-        _load_alignment(str(path), spec)
+        load_alignment(str(path), spec)
 
 
 def test_activations_that_overflow_are_a_one_line_error() -> None:
