@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import cli_env, run_cli
+from helpers import cli_env, run_cli
 from mergecli.errors import MergeCliError
 from mergecli.io.output_dir import LOCK, MANIFEST, OutputDir
 

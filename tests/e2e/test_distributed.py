@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     TESTS,
     assert_same_fit,
     cli_env,
@@ -168,7 +168,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     tmp_path: Path, trained_pair, one_process_fit: Path
 ) -> None:
     (tmp_path / "recipe.yaml").write_text(
-        data_parallel_recipe(*trained_pair, arch="gated_mlp:build")
+        data_parallel_recipe(*trained_pair, arch="fixtures.gated_mlp:build")
     )
     env = cli_env(
         MERGECLI_LOG="plain", MERGECLI_TEST_GATE="fit:5", MERGECLI_TEST_GATE_DIR=str(tmp_path)
