@@ -29,8 +29,8 @@ cores=$(nproc)
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n "$cores")
 
 echo "== GPU tests, and the transformers load test (skipped without transformers)"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_transformers.py 2>&1 \
-  | tee "$OUT/gpu-tests.log" | tail -5
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py tests/e2e/test_transformers.py \
+  2>&1 | tee "$OUT/gpu-tests.log" | tail -5
 echo "== weight matching: LAP against everything else"
 for width in 1 4 8; do "$PYTHON" bench/weight_matching.py --width "$width" --device cuda; done \
   2>&1 | tee "$OUT/weight-matching.log"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A private single-node SLURM cluster for the integration tests (tests/test_slurm.py).
+# A private single-node SLURM cluster for the integration tests (tests/e2e/test_slurm.py).
 #
 #   tests/slurm/local-slurm.sh install      apt-get install slurmctld slurmd slurm-client munge
 #   tests/slurm/local-slurm.sh start DIR    start munged, slurmctld and slurmd; all state in DIR

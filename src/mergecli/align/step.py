@@ -146,7 +146,7 @@ def _align(
 ) -> None:
     spec = permutation_spec(state)
     reference = state.reference
-    saved = _load_alignment(params.from_, spec) if params.from_ else None
+    saved = load_alignment(params.from_, spec) if params.from_ else None
     to_save: dict[str, torch.Tensor] = {}
     distances = {}
     for checkpoint in state.models:
@@ -209,7 +209,7 @@ def _model_metadata(state: MergeState) -> dict[str, str]:
     return {} if spec is None else model_metadata(spec.arch, spec.args)
 
 
-def _load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:
+def load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:
     """Transforms saved by an earlier run, checked against this model's groups."""
     from mergecli.io import load_state_dict
 

@@ -87,7 +87,7 @@ def weight_matching(
     # On the CPU the matmuls dominate, so a group's cost is cached block by block; on a GPU
     # launches and copies dominate, so it is one gather and one matmul.
     per_block = torch.device(device).type == "cpu"
-    costs, flat, perms = _prepare(spec, reference, other, device, per_block)
+    costs, flat, perms = prepare(spec, reference, other, device, per_block)
     stats.setup_seconds += time.perf_counter() - start
     version = dict.fromkeys(perms, 0)
     generator = torch.Generator().manual_seed(seed)
@@ -96,7 +96,7 @@ def weight_matching(
         improved = 0.0
         for index in torch.randperm(len(spec.groups), generator=generator).tolist():
             group = spec.groups[index]
-            cost = _current_cost(costs[group.name], flat, version)
+            cost = current_cost(costs[group.name], flat, version)
             tic = time.perf_counter()
             rows, cols = linear_sum_assignment(cost, maximize=True)
             lap_seconds += time.perf_counter() - tic
@@ -115,7 +115,7 @@ def weight_matching(
     return {name: torch.tensor(p, dtype=torch.int64) for name, p in perms.items()}
 
 
-def _prepare(
+def prepare(
     spec: PermutationSpec,
     reference: StateDict,
     other: StateDict,
@@ -159,7 +159,7 @@ def _prepare(
     return costs, flat, perms
 
 
-def _current_cost(entry: _GroupCost, flat: np.ndarray, version: dict[str, int]) -> np.ndarray:
+def current_cost(entry: _GroupCost, flat: np.ndarray, version: dict[str, int]) -> np.ndarray:
     """The group's cost under the current permutations, recomputing only stale blocks."""
     stale = False
     for block in entry.blocks:

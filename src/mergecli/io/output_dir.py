@@ -32,7 +32,7 @@ STATE = ".state"  # resumable fit state: lives in the output dir until the run f
 # earlier ones); they carry the PID of the process that wrote them.
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<host>.+)-(?P<pid>\d+)$")
-_HOST = socket.gethostname().replace("/", "_")
+HOST = socket.gethostname().replace("/", "_")
 
 
 class OutputDir:
@@ -109,7 +109,7 @@ class OutputDir:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}@{_HOST}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}@{HOST}\n".encode(), 0)
         self._lock = fd
 
     def _refuse_foreign_files(self) -> None:
@@ -145,7 +145,7 @@ class OutputDir:
             return
         for entry in sorted(parent.iterdir()):
             match = _SIBLING.match(entry.name)
-            if not match or match["name"] != self.path.name or match["host"] != _HOST:
+            if not match or match["name"] != self.path.name or match["host"] != HOST:
                 continue
             if _alive(int(match["pid"])):
                 continue
@@ -159,7 +159,7 @@ class OutputDir:
     def staging(self) -> Path:
         """Where this run's files are written until they are published (made on first use)."""
         if self._staging is None:
-            staging = self.path.parent / f".{self.path.name}.staging-{_HOST}-{os.getpid()}"
+            staging = self.path.parent / f".{self.path.name}.staging-{HOST}-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             try:
                 staging.mkdir()
@@ -191,8 +191,8 @@ class OutputDir:
         with open(staging / MANIFEST, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=1)
             handle.write("\n")
-        _fsync_tree(staging)
-        _swap(staging, self.path)
+        fsync_tree(staging)
+        swap(staging, self.path)
         fsync_dir(self.path.parent)
         # The old directory (now at the staging name) held our lock file: the lock is still
         # ours until release, and a new run locks the new directory.
@@ -279,7 +279,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     """Every file and directory of the staged set on disk before it becomes visible."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
@@ -295,7 +295,7 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _swap(staging: Path, target: Path) -> None:
+def swap(staging: Path, target: Path) -> None:
     """Exchange two directories atomically; where the filesystem cannot, two renames with the
     old set kept under a name the next run recognises (and puts back if the second fails)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -309,7 +309,7 @@ def _swap(staging: Path, target: Path) -> None:
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
             raise write_error(target, OSError(code, os.strerror(code)))
-    old = target.parent / f".{target.name}.old-{_HOST}-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{HOST}-{os.getpid()}"
     try:
         os.rename(target, old)
         try:

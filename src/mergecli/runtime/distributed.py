@@ -181,7 +181,7 @@ def start(requested_device: str, env: Mapping[str, str] = os.environ) -> World:
     # their first step) keeps a reference to it: destroy_process_group then leaves gloo's
     # threads running and the process may abort at exit ("terminate called without an active
     # exception"). Imported first, it does not.
-    device = _rank_device(requested_device, launch)
+    device = rank_device(requested_device, launch)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -226,7 +226,7 @@ def stop() -> None:
     _CURRENT = World()
 
 
-def _rank_device(requested: str, launch: Launch) -> torch.device:
+def rank_device(requested: str, launch: Launch) -> torch.device:
     """Local rank k takes GPU k (or the one GPU it sees when SLURM binds one per task)."""
     if requested in ("cpu", "mps") or not torch.cuda.is_available():
         if requested.startswith("cuda"):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergecli.io.writer as writer_module
-from conftest import run_cli
+from helpers import run_cli
 from mergecli.errors import MergeCliError
 from mergecli.io import load_state_dict
 from mergecli.io.lazy import LazyTensors

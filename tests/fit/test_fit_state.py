@@ -11,17 +11,16 @@ import signal
 from pathlib import Path
 
 import pytest
-import test_fit as fit_tests
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from helpers import ROOT, run_cli, small_fit
 from mergecli.errors import MergeCliError
 from mergecli.fit.loop import FINGERPRINT_KEY, PLAIN_KEY, FitCheckpoint
 from mergecli.io.safetensors_format import write_safetensors
 
-SRC = Path(__file__).parent.parent / "src" / "mergecli"
+SRC = ROOT / "src" / "mergecli"
 RESUME_HINT = "run with --resume never to start over (or delete the .state directory)"
 
 
@@ -114,9 +113,9 @@ def test_another_fits_state_is_refused_before_its_tensors_are_read(
 def test_state_is_plain_safetensors_and_resumes_bit_identical(
     tmp_path: Path, optimizer: str
 ) -> None:
-    uninterrupted = fit_tests._fit(optimizer=optimizer)
+    uninterrupted = small_fit(optimizer=optimizer)
     checkpoint = FitCheckpoint(tmp_path / "fit.safetensors", "fingerprint")
-    stopped = fit_tests._fit(
+    stopped = small_fit(
         checkpoint=checkpoint,
         should_stop=lambda step: signal.SIGTERM if step == 13 else None,
         optimizer=optimizer,
@@ -131,7 +130,7 @@ def test_state_is_plain_safetensors_and_resumes_bit_identical(
     assert torch.equal(tensors["logits"], stopped.logits)
     assert tensors["epoch_generator"].dtype == torch.uint8
     assert any(name.startswith("optimizer.state.0.") for name in tensors)
-    resumed = fit_tests._fit(checkpoint=checkpoint, optimizer=optimizer)
+    resumed = small_fit(checkpoint=checkpoint, optimizer=optimizer)
     assert resumed.steps == uninterrupted.steps
     assert torch.equal(resumed.logits, uninterrupted.logits)
 

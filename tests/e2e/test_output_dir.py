@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import cli_env, run_cli
+from helpers import cli_env, run_cli
 from mergecli.errors import MergeCliError
 from mergecli.io.output_dir import LOCK, MANIFEST, OutputDir
 
@@ -165,8 +165,8 @@ KILL_POINTS = [
     ("mergecli.io.writer:ShardWriter.add", "before", 3),  # mid-way through the model
     ("mergecli.io.writer:os.replace", "after", 1),  # first shard renamed (in staging)
     ("mergecli.io.writer:ShardWriter.close", "after", 1),  # model complete, report not yet
-    ("mergecli.io.output_dir:_fsync_tree", "after", 1),  # whole set staged, not swapped
-    ("mergecli.io.output_dir:_swap", "after", 1),  # swapped, the old set not yet removed
+    ("mergecli.io.output_dir:fsync_tree", "after", 1),  # whole set staged, not swapped
+    ("mergecli.io.output_dir:swap", "after", 1),  # swapped, the old set not yet removed
 ]
 
 
@@ -273,13 +273,13 @@ def test_the_two_rename_swap_and_its_recovery(
     for folder, text in ((new, "new"), (old, "old")):
         folder.mkdir()
         (folder / "model.safetensors").write_text(text)
-    output_dir._swap(new, old)
+    output_dir.swap(new, old)
     assert (old / "model.safetensors").read_text() == "new"
     assert (new / "model.safetensors").read_text() == "old", "the old set, for the caller to drop"
     # Killed between the renames: no output dir, the old set beside it under a dead PID.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    leftover = tmp_path / f".out.old-{output_dir._HOST}-{dead}"
+    leftover = tmp_path / f".out.old-{output_dir.HOST}-{dead}"
     old.rename(leftover)
     output = OutputDir(old, overwrite=True)  # no manifest in this hand-made set
     output.open()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import run_cli
 
 transformers = pytest.importorskip("transformers")
 

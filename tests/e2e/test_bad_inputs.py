@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 
 GOOD = {"layers.0.weight": torch.ones(2, 2), "layers.0.bias": torch.zeros(2)}
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_recipe
+from helpers import ROOT, run_cli, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +135,7 @@ def test_demo_pair_aligned_average_beats_naive_by_25_points(tmp_path: Path) -> N
             "train", "--arg", "depth=8", "--arg", "hidden=128", "--seed", str(seed),
             "--out", str(runs / f"mlp8-seed{seed}.safetensors"), cwd=tmp_path, check=True,
         )  # fmt: skip
-    recipe = Path(__file__).parents[1] / "configs/examples/mnist-mlp8-weight-matching.yaml"
+    recipe = ROOT / "configs/examples/mnist-mlp8-weight-matching.yaml"
     run_cli("run", str(recipe), cwd=tmp_path, check=True)
     found = rows(tmp_path / "out/mnist-mlp8-weight-matching")
     assert found["mlp8-seed0"]["accuracy"] > 0.9 and found["mlp8-seed1"]["accuracy"] > 0.9
@@ -176,15 +176,15 @@ def test_user_cnn_whose_classifier_reads_flattened_conv_maps(tmp_path: Path) -> 
     for seed in (0, 1):
         paths.append(tmp_path / f"cnn-seed{seed}.safetensors")
         run_cli(
-            "--log", "plain", "train", "--arch", "tutorial_cnn:build", "--arg", "channels=1",
-            "--arg", "image_size=28", "--data", "mnist:0:3000", "--epochs", "3",
-            "--seed", str(seed), "--out", str(paths[-1]), check=True,
+            "--log", "plain", "train", "--arch", "fixtures.tutorial_cnn:build",
+            "--arg", "channels=1", "--arg", "image_size=28", "--data", "mnist:0:3000",
+            "--epochs", "3", "--seed", str(seed), "--out", str(paths[-1]), check=True,
         )  # fmt: skip
     recipe = align_recipe(tmp_path, (paths[0], paths[1]), "{method: weight_matching}")
     recipe.write_text(
         recipe.read_text().replace(
             "arch: mlp\n  args: {depth: 3, hidden: 32}",
-            'arch: "tutorial_cnn:build"\n  args: {channels: 1, image_size: 28}',
+            'arch: "fixtures.tutorial_cnn:build"\n  args: {channels: 1, image_size: 28}',
         )
     )
     spec = run_cli("align-spec", str(recipe), check=True)

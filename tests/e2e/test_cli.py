@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import SMALL_MLP, run_cli, write_recipe
+from helpers import ROOT, SMALL_MLP, run_cli, write_recipe
 from mergecli.io import checkpoint_sha256
 
 pytestmark = pytest.mark.slow
@@ -310,7 +310,7 @@ def test_train_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_python_module_entry_point_and_demo_recipe(tmp_path: Path, trained_pair) -> None:
     # The demo recipe validates and runs against checkpoints in the layout `make demo` makes.
-    root = Path(__file__).parents[1]
+    root = ROOT
     runs = tmp_path / "runs"
     runs.mkdir()
     shutil.copy(trained_pair[0], runs / "mlp8-seed0.safetensors")

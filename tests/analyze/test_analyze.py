@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from helpers import run_cli
 from mergecli.analyze.interpolation import barriers
 from mergecli.analyze.scaling import scale_state_dict
 from mergecli.evaluate.metrics import expected_calibration_error, per_class_accuracy

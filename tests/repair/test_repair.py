@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from conftest import run_cli
+from helpers import run_cli
 from mergecli.data import load_data
 from mergecli.errors import MergeCliError
 from mergecli.models import build_model

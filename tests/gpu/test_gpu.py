@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_align import MODELS, permuted_copy
 
-from conftest import run_cli, write_recipe
+from fixtures.align_models import MODELS
+from helpers import permuted_copy, run_cli, write_recipe
 from mergecli.align.activations import pair_statistics
 from mergecli.align.permute import apply_permutations, random_permutations
 from mergecli.align.spec import derive_spec

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import ROOT
 from mergecli.data import TensorData, load_data, mnist_arrays
 from mergecli.data.mnist import parse_idx_images, parse_idx_labels
 from mergecli.errors import MergeCliError
@@ -64,7 +65,7 @@ def test_idx_parsers_reject_bad_magic_and_size() -> None:
     with pytest.raises(MergeCliError, match="truncated"):
         parse_idx_labels(b"\x00")
     # The bundled files really are gzipped idx files with the expected header.
-    bundled = Path(__file__).parents[1] / "src/mergecli/data/bundled/t10k-labels-idx1-ubyte.gz"
+    bundled = ROOT / "src/mergecli/data/bundled/t10k-labels-idx1-ubyte.gz"
     assert struct.unpack(">II", gzip.decompress(bundled.read_bytes())[:8]) == (2049, 10000)
 
 

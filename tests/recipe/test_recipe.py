@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from helpers import ROOT, run_cli
 from mergecli.errors import RecipeError
 from mergecli.recipe import load_recipe
 
@@ -195,7 +195,7 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 
 def test_example_recipes_validate() -> None:
-    for path in sorted(Path(__file__).parents[1].glob("configs/examples/*.yaml")):
+    for path in sorted(ROOT.glob("configs/examples/*.yaml")):
         loaded = load_recipe(path)
         assert loaded.steps, path
         assert yaml.safe_load(loaded.resolved_yaml())["version"] == 1

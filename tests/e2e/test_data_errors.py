@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import SMALL_MLP, run_cli
+from helpers import SMALL_MLP, run_cli
 from mergecli.data import load_data
 from mergecli.errors import MergeCliError
 

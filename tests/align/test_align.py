@@ -2,316 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tutorial_cnn import TutorialNet
-from user_models import USER_MODELS, ChannelsLastClassifier
 
+from fixtures.align_models import MODELS, GatedChunks, GroupNormResNet, Inception, TorchTransformer
+from fixtures.tutorial_cnn import TutorialNet
+from fixtures.user_models import USER_MODELS, ChannelsLastClassifier
+from helpers import permuted_copy
 from mergecli.align.activation_matching import match_activations
 from mergecli.align.activations import PairStatistics, check_finite, pair_statistics
 from mergecli.align.cca import cca_transform
 from mergecli.align.groups import AxisSlice, PermGroup, PermutationSpec, split_flattened
 from mergecli.align.permute import (
-    StateDict,
     apply_permutations,
     check_spec,
     random_permutations,
 )
 from mergecli.align.spec import derive_spec
-from mergecli.align.step import _load_alignment
+from mergecli.align.step import load_alignment
 from mergecli.align.tracing import trace
 from mergecli.align.transform import apply_transforms
-from mergecli.align.weight_matching import _current_cost, _prepare, weight_matching
+from mergecli.align.weight_matching import current_cost, prepare, weight_matching
 from mergecli.errors import MergeCliError
 from mergecli.models import build_model
-
-
-class UserBlock(nn.Module):
-    """A ResNet block as users write it: in-place residual add, empty Sequential identity."""
-
-    def __init__(self, channels: int, out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out)
-        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or channels != out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(channels, out, 1, stride, bias=False), nn.BatchNorm2d(out)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += self.shortcut(x)
-        return F.relu(out)
-
-
-class UserResNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.blocks = nn.Sequential(UserBlock(8, 8, 1), UserBlock(8, 16, 2), UserBlock(16, 16, 1))
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.blocks(x)
-        x = F.adaptive_avg_pool2d(x, 1)
-        return self.fc(x.view(x.size(0), -1))
-
-
-class UserVGG(nn.Module):
-    """A VGG without BN as users write it: nn.Sequential blocks, in-place ReLU, nn.Flatten."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
-        )  # fmt: skip
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
-class Inception(nn.Module):
-    """Two branches concatenated along channels: each is a block of the next layer's input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 1)
-        self.b = nn.Conv2d(3, 6, 3, padding=1)
-        self.mix = nn.Conv2d(10, 5, 1)
-        self.head = nn.Linear(5, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
-        return self.head(F.relu(self.mix(y)).mean((2, 3)))
-
-
-class FlattenedConcat(nn.Module):
-    """torch.flatten of a channel concat: every branch's units are runs of 4 positions."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(2, 3, 1)
-        self.b = nn.Conv2d(2, 5, 3, padding=1)
-        self.norm = nn.BatchNorm1d(8 * 4)
-        self.fc = nn.Linear(8 * 4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
-        return self.fc(self.norm(torch.flatten(h, 1)))
-
-
-class TorchTransformer(nn.Module):
-    """nn.TransformerEncoder as users stack it: sequence first, pre-norm, GELU, final norm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(6, 16)
-        layer = nn.TransformerEncoderLayer(
-            16, 4, 24, dropout=0.1, activation="gelu", norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, 2, nn.LayerNorm(16), enable_nested_tensor=False)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(x.transpose(0, 1)))[0])
-
-
-class AttentionBlock(nn.Module):
-    """A block written around nn.MultiheadAttention, attention weights returned and dropped."""
-
-    def __init__(self, dim: int = 16) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        x = x + self.attn(h, h, h)[0]
-        return x + self.mlp(x)
-
-
-class TinyUNet(nn.Module):
-    """Down, up by a transposed conv, skip concat, interpolate, Upsample, padding."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.down2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
-        self.fuse = nn.Conv2d(16, 8, 3)
-        self.resize = nn.Upsample(scale_factor=2.0)
-        self.out = nn.Conv2d(8, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = F.relu(self.down1(x))
-        u = F.relu(self.up(F.relu(self.down2(a))))
-        h = F.relu(self.fuse(F.pad(torch.cat([u, a], 1), (1, 1, 1, 1), mode="reflect")))
-        h = F.avg_pool2d(F.interpolate(h, scale_factor=2.0), 2)
-        return self.out(self.resize(h))
-
-
-class ConvNeXtBlock(nn.Module):
-    """Depthwise conv, channels-last LayerNorm and Linears, a learned per-channel scale."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim)
-        self.pw1 = nn.Linear(dim, 4 * dim)
-        self.pw2 = nn.Linear(4 * dim, dim)
-        self.gamma = nn.Parameter(torch.rand(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.pw2(F.gelu(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
-        return x + (self.gamma * h).permute(0, 3, 1, 2)
-
-
-class NormsAndPadding(nn.Module):
-    """InstanceNorm, per-channel PReLU, reflection padding, a head after squeeze."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.norm = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
-        self.act = nn.PReLU(8)
-        self.pad = nn.ReflectionPad2d(1)
-        self.conv2 = nn.Conv2d(8, 8, 3)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.conv2(self.pad(self.act(self.norm(self.conv1(x))))))
-        return self.head(F.adaptive_avg_pool2d(h, 1).squeeze(-1).squeeze(-1))
-
-
-class GroupNormResNet(nn.Module):
-    """GroupNorm blocks, the first with a projection shortcut: channels move within groups."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
-        self.norm1 = nn.GroupNorm(2, 8)
-        self.project = nn.Conv2d(4, 8, 1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.norm2 = nn.GroupNorm(4, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.silu(self.stem(x))
-        h = self.project(x) + self.norm1(self.conv1(x))
-        h = F.silu(h + self.norm2(self.conv2(F.silu(h))))
-        return self.head(h.mean((2, 3)))
-
-
-class GatedChunks(nn.Module):
-    """A fused gated MLP (one Linear, chunked into value and gate) and concats that meet
-    with other block sizes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(6, 10)
-        self.gate_value = nn.Linear(10, 2 * 12)
-        self.down = nn.Linear(12, 10)
-        self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 6)
-        self.head = nn.Linear(10, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.gate_value(self.inp(x)).chunk(2, dim=-1)
-        h = self.down(value * F.silu(gate))
-        parts = torch.split(h, [6, 4], dim=1)  # cut 6 | 4, met by a cat cut 4 | 6
-        return self.head(torch.cat(parts, 1) + torch.cat([self.a(x), self.b(x)], 1))
-
-
-MODELS = {
-    "mlp": (lambda: build_model("mlp", {"depth": 4, "hidden": 16}), (1, 28, 28), 3),
-    "mlp-bn": (
-        lambda: build_model("mlp", {"depth": 3, "hidden": 16, "batchnorm": True}),
-        (784,),
-        2,
-    ),
-    "vgg11": (lambda: build_model("vgg", {"variant": 11, "width": 0.125}), (3, 32, 32), 8),
-    "vgg16-bn": (
-        lambda: build_model(
-            "vgg", {"variant": 16, "width": 0.125, "batchnorm": True, "in_channels": 1}
-        ),
-        (1, 28, 28),
-        13,
-    ),
-    "resnet20": (lambda: build_model("resnet20", {}), (3, 32, 32), 12),
-    "vit": (
-        lambda: build_model(
-            "vit", {"image_size": 8, "patch": 4, "dim": 16, "depth": 2, "heads": 2}
-        ),
-        (3, 8, 8),
-        3,
-    ),
-    "user-resnet": (UserResNet, (3, 16, 16), 5),
-    "user-vgg": (UserVGG, (3, 16, 16), 4),
-    "inception": (Inception, (3, 8, 8), 3),
-    "tutorial-cnn": (TutorialNet, (3, 32, 32), 3),
-    "flattened-concat": (FlattenedConcat, (2, 2, 2), 2),
-    # The residual stream (through attention's projections) and each feed-forward hidden layer.
-    "torch-transformer": (TorchTransformer, (5, 6), 3),
-    "unet": (TinyUNet, (1, 8, 8), 4),
-    # stem; the stream cut into GroupNorm(4)'s groups of 2 (GroupNorm(2)'s fit inside them)
-    "groupnorm-resnet": (GroupNormResNet, (3, 6, 6), 5),
-    # inp; the gated hidden units; the output stream's pieces 0:4, 4:6, 6:10
-    "gated-chunks": (GatedChunks, (6,), 5),
-    "convnext": (
-        lambda: nn.Sequential(
-            nn.Conv2d(3, 8, 4, 4),
-            ConvNeXtBlock(8),
-            ConvNeXtBlock(8),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.LayerNorm(8),
-            nn.Linear(8, 3),
-        ),  # fmt: skip
-        (3, 16, 16),
-        3,
-    ),
-    "norms-and-padding": (NormsAndPadding, (3, 8, 8), 2),
-    "user-attention": (
-        lambda: nn.Sequential(
-            nn.Linear(6, 16), AttentionBlock(), AttentionBlock(), nn.Linear(16, 3)
-        ),
-        (5, 6),
-        3,
-    ),
-}
-
-
-def permuted_copy(
-    factory: Callable[[], nn.Module], shape: tuple[int, ...], samples: int = 4, seed: int = 1
-) -> tuple[nn.Module, torch.Tensor, PermutationSpec, StateDict, StateDict]:
-    """A seeded model in eval mode, ``samples`` random inputs, the model's spec, its weights,
-    and those weights with every group permuted at random (the same function)."""
-    torch.manual_seed(0)
-    model = factory().eval()
-    x = torch.randn(samples, *shape)
-    spec = derive_spec(model, x[:2])
-    state = model.state_dict()
-    perms = random_permutations(spec, torch.Generator().manual_seed(seed))
-    return model, x, spec, state, apply_permutations(state, spec, perms)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -371,7 +87,7 @@ def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
     model_a, model_b = factory().eval(), factory().eval()
     spec = derive_spec(model_a, torch.randn(2, *shape))
     a, b = model_a.state_dict(), model_b.state_dict()
-    costs, flat, perms = _prepare(spec, a, b, "cpu", per_block)
+    costs, flat, perms = prepare(spec, a, b, "cpu", per_block)
     version = dict.fromkeys(perms, 0)
     for sweep in range(2):  # the second pass reuses cached blocks of unchanged neighbours
         chosen = random_permutations(spec, torch.Generator().manual_seed(sweep))
@@ -386,7 +102,7 @@ def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
                 @ _units_as_rows(b_permuted[m.tensor], m)[back].double().T
                 for m in group.members
             )
-            found = _current_cost(costs[group.name], flat, version)
+            found = current_cost(costs[group.name], flat, version)
             np.testing.assert_allclose(found, expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -762,10 +478,10 @@ def test_saved_transforms_that_are_none_are_one_line_errors(tmp_path, transform)
     path = tmp_path / "alignment.safetensors"
     save_file({"b/layers.0": transform.contiguous()}, path)
     with pytest.raises(MergeCliError, match="transform 'b/layers.0' is neither a permutation of 8"):
-        _load_alignment(str(path), spec)
+        load_alignment(str(path), spec)
     save_file({"b/layers.0": torch.tensor(3)}, path)
     with pytest.raises(MergeCliError, match="does not fit this model's groups"):
-        _load_alignment(str(path), spec)
+        load_alignment(str(path), spec)
 
 
 def test_activations_that_overflow_are_a_one_line_error() -> None:

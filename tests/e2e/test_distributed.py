@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     TESTS,
     assert_same_fit,
     cli_env,
@@ -46,18 +46,18 @@ def test_torchrun_environment() -> None:
 def test_one_gpu_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Seen on a one-GPU machine: two torchrun processes must not share the GPU (nccl refuses),
     while srun tasks bound to one GPU each all see theirs as GPU 0."""
-    from mergecli.runtime.distributed import Launch, _rank_device
+    from mergecli.runtime.distributed import Launch, rank_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     second = {"rank": 1, "size": 2, "local_rank": 1, "local_size": 2,
               "master_addr": "localhost", "master_port": 29500}  # fmt: skip
-    assert _rank_device("auto", Launch("srun", **second)) == torch.device("cuda", 0)
+    assert rank_device("auto", Launch("srun", **second)) == torch.device("cuda", 0)
     with pytest.raises(MergeCliError, match="no GPU of its own .* or set device: cpu"):
-        _rank_device("auto", Launch("torchrun", **second))
-    assert _rank_device("cpu", Launch("torchrun", **second)) == torch.device("cpu")
+        rank_device("auto", Launch("torchrun", **second))
+    assert rank_device("cpu", Launch("torchrun", **second)) == torch.device("cpu")
     first = {**second, "rank": 0, "local_rank": 0}
-    assert _rank_device("cuda", Launch("torchrun", **first)) == torch.device("cuda", 0)
+    assert rank_device("cuda", Launch("torchrun", **first)) == torch.device("cuda", 0)
 
 
 def test_srun_environment_and_the_batch_script_itself() -> None:
@@ -168,7 +168,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     tmp_path: Path, trained_pair, one_process_fit: Path
 ) -> None:
     (tmp_path / "recipe.yaml").write_text(
-        data_parallel_recipe(*trained_pair, arch="gated_mlp:build")
+        data_parallel_recipe(*trained_pair, arch="fixtures.gated_mlp:build")
     )
     env = cli_env(
         MERGECLI_LOG="plain", MERGECLI_TEST_GATE="fit:5", MERGECLI_TEST_GATE_DIR=str(tmp_path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from helpers import (
     GATED_STEPS,
     TESTS,
     assert_same_fit,

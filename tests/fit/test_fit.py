@@ -8,32 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, write_recipe
-from mergecli.data import TensorData, load_data
+from helpers import fit_setup, run_cli, small_fit, two_models, write_recipe
 from mergecli.errors import MergeCliError
 from mergecli.fit.coefficients import (
     FlatParameters,
     expand,
     joint_merge,
     logit,
-    logits_per_model,
     pairwise_merge,
 )
-from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
+from mergecli.fit.loop import FitCheckpoint
 from mergecli.merge.average import average
 from mergecli.models import build_model
-from mergecli.runtime.log import Log
-
-
-def two_models(seed: int = 0) -> tuple[torch.nn.Module, list[dict], list[str]]:
-    torch.manual_seed(seed)
-    module = build_model("mlp", {"depth": 3, "hidden": 16})
-    models = [build_model("mlp", {"depth": 3, "hidden": 16}).state_dict() for _ in range(2)]
-    return module, models, [n for n, _ in module.named_parameters()]
 
 
 def test_coefficients_one_and_zero_give_the_endpoints_exactly() -> None:
@@ -76,67 +65,35 @@ def test_joint_merge_of_identical_models_is_the_model() -> None:
     torch.testing.assert_close(joint_merge(other, torch.zeros(3, 50)), other.mean(0))
 
 
-def _fit_setup():
-    module, models, names = two_models()
-    flat = FlatParameters.stack(models, names, torch.device("cpu"))
-    buffers = {}
-    data = load_data({"source": "mnist", "split": "0:600"})
-    indexed = TensorData(data.x, torch.arange(len(data)))
-
-    def loss_fn(outputs, index):
-        return F.cross_entropy(outputs, data.y[index])
-
-    return module, flat, buffers, indexed, loss_fn
-
-
-def _config(**overrides) -> FitConfig:
-    values = dict(
-        granularity="parameter", optimizer="adam", lr=0.05, epochs=2, steps=None,
-        batch_size=64, l2=0.0, seed=0, checkpoint_every=3,
-    )  # fmt: skip
-    values.update(overrides)
-    return FitConfig(**values)
-
-
-def _fit(checkpoint=None, should_stop=None, loss=None, **overrides):
-    module, flat, buffers, data, loss_fn = _fit_setup()
-    config = _config(**overrides)
-    initial = torch.zeros(logits_per_model(config.granularity, flat))
-    problem = FitProblem(
-        module, flat, buffers, pairwise_merge, initial, data, loss or loss_fn, torch.device("cpu")
-    )
-    return fit_logits(problem, config, Log("plain"), checkpoint, should_stop)
-
-
 def test_fit_lowers_the_loss_and_is_deterministic() -> None:
-    first, second = _fit(), _fit()
+    first, second = small_fit(), small_fit()
     assert torch.equal(first.logits, second.logits)
     assert first.steps == 2 * 10
     assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
     assert not torch.equal(first.logits, torch.zeros_like(first.logits))
-    other_seed = _fit(seed=1)
+    other_seed = small_fit(seed=1)
     assert not torch.equal(first.logits, other_seed.logits)
 
 
 def test_resumed_fit_equals_uninterrupted(tmp_path: Path) -> None:
-    uninterrupted = _fit()
+    uninterrupted = small_fit()
     checkpoint = FitCheckpoint(tmp_path / "fit.safetensors", "fingerprint")
-    stopped = _fit(
+    stopped = small_fit(
         checkpoint=checkpoint, should_stop=lambda step: signal.SIGTERM if step == 13 else None
     )
     assert stopped.stopped and stopped.steps == 13 and checkpoint.path.exists()
     assert stopped.stopped_by == signal.SIGTERM
-    resumed = _fit(checkpoint=checkpoint)
+    resumed = small_fit(checkpoint=checkpoint)
     assert resumed.steps == uninterrupted.steps
     assert torch.equal(resumed.logits, uninterrupted.logits)
     # A checkpoint from other inputs is refused rather than silently reused.
     with pytest.raises(MergeCliError, match="different recipe or different inputs"):
-        _fit(checkpoint=FitCheckpoint(checkpoint.path, "other"))
+        small_fit(checkpoint=FitCheckpoint(checkpoint.path, "other"))
 
 
 def test_nan_loss_stops_with_step_and_epoch_and_keeps_state(tmp_path: Path) -> None:
     calls = {"n": 0}
-    _, _, _, _, loss_fn = _fit_setup()
+    _, _, _, _, loss_fn = fit_setup()
 
     def poisoned(outputs, index):
         calls["n"] += 1
@@ -145,15 +102,15 @@ def test_nan_loss_stops_with_step_and_epoch_and_keeps_state(tmp_path: Path) -> N
 
     checkpoint = FitCheckpoint(tmp_path / "fit.safetensors", "x")
     with pytest.raises(MergeCliError, match=r"at step 12 \(epoch 2\); the last good state"):
-        _fit(checkpoint=checkpoint, loss=poisoned)
+        small_fit(checkpoint=checkpoint, loss=poisoned)
     saved = checkpoint.load()
     assert saved["step"] == 11 and torch.isfinite(saved["logits"]).all()
 
 
 def test_steps_and_granularities_and_sgd() -> None:
-    assert _fit(steps=7, epochs=None).steps == 7
-    assert _fit(granularity="model", epochs=1).logits.shape == (1,)
-    assert _fit(optimizer="sgd", epochs=1, l2=0.1).steps == 10
+    assert small_fit(steps=7, epochs=None).steps == 7
+    assert small_fit(granularity="model", epochs=1).logits.shape == (1,)
+    assert small_fit(optimizer="sgd", epochs=1, l2=0.1).steps == 10
 
 
 # --- the step, as users run it --------------------------------------------------------------

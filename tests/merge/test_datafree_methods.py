@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 from mergecli.merge.slerp import slerp
 from mergecli.merge.sparsify import drop_and_rescale, keep_top_magnitude, kth_largest
 from mergecli.merge.task_arithmetic import dare_linear, dare_ties, task_arithmetic, ties

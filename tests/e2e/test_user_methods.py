@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GATED_STEPS, cli_env, gated_recipe, run_cli, saved_fit_state
+from helpers import GATED_STEPS, cli_env, gated_recipe, run_cli, saved_fit_state
 from mergecli.runtime.signals import Stopped, StopSignals, exit_code
 
 

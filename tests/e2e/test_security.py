@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import cli_env, run_cli
+from helpers import cli_env, run_cli
 from mergecli.models import build_model
 from mergecli.recipe import (
     CheckpointSpec,
