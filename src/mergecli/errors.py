@@ -30,3 +30,16 @@ class RecipeError(MergeCliError):
         self.problems = [f"{where}: {problem}" for problem in self.problems]
         self.args = ("\n".join(self.problems),)
         return self
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message with newlines collapsed, since errors are printed as one line."""
+    return " ".join(str(exc).split())
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """An exception as ``Type: message`` on one short line (the message cut at ``limit``)."""
+    text = one_line(exc)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

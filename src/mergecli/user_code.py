@@ -14,7 +14,7 @@ import re
 import sys
 from typing import Any
 
-from mergecli.errors import MergeCliError
+from mergecli.errors import MergeCliError, one_line
 
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _NAME = re.compile(r"^[A-Za-z_]\w*$")
@@ -45,13 +45,13 @@ def import_object(
     except ImportError as exc:
         raise MergeCliError(
             f"{key} '{reference}': cannot import module '{module_name}' ({type(exc).__name__}: "
-            f"{_one_line(exc)}); run "
+            f"{one_line(exc)}); run "
             f"mergecli from the directory that contains it ({cwd} now) or install its package"
         ) from exc
     except Exception as exc:
         raise MergeCliError(
             f"{key} '{reference}': importing module '{module_name}' failed with "
-            f"{type(exc).__name__}: {_one_line(exc)}; fix the error in that module"
+            f"{type(exc).__name__}: {one_line(exc)}; fix the error in that module"
         ) from exc
     found = getattr(module, attribute, None)
     if found is None:
@@ -71,7 +71,3 @@ def import_object(
             f"{hint}it defines: {listing}"
         )
     return found
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

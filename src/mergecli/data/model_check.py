@@ -11,8 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mergecli.data.batches import TensorData
-from mergecli.data.sources import _describe
-from mergecli.errors import MergeCliError
+from mergecli.errors import MergeCliError, describe
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def _shape_message(
     at = f" at {_describe_layer(*layer)}" if layer is not None else ""
     return (
         f"{use.where} ({use.source}): inputs of shape {given} per example do not fit model "
-        f"{use.model}{expected}; it fails{at} ({_describe(exc)}); give inputs of the shape "
+        f"{use.model}{expected}; it fails{at} ({describe(exc)}); give inputs of the shape "
         "the model takes"
     )
 

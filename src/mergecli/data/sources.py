@@ -14,16 +14,8 @@ from torch import Tensor
 from mergecli.data.batches import TensorData
 from mergecli.data.mnist import load_mnist
 from mergecli.data.subset import SPLIT_HELP, apply_subset, parse_slice
-from mergecli.errors import MergeCliError
+from mergecli.errors import MergeCliError, describe
 from mergecli.user_code import import_object
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception as one short line, since user-facing messages must be single lines."""
-    text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _key(spec: Mapping[str, Any], name: str, default: str, where: str) -> str:
@@ -120,7 +112,7 @@ def _read_tensors(path: Path, names: tuple[str, str], where: str) -> tuple[Tenso
     except MergeCliError:
         raise
     except Exception as exc:  # safetensors and zipfile raise a zoo of types on corrupt files
-        raise MergeCliError(f"{where}.path: cannot read {path} ({_describe(exc)}); {fix}") from exc
+        raise MergeCliError(f"{where}.path: cannot read {path} ({describe(exc)}); {fix}") from exc
 
 
 def _check_keys(present: list[str], names: tuple[str, str], path: Path, where: str) -> None:
@@ -196,7 +188,7 @@ def load_python(spec: Mapping[str, Any], where: str) -> TensorData:
         dataset = func(**args)
     except Exception as exc:
         raise MergeCliError(
-            f"{where}.factory: {name}(**args) raised {_describe(exc)}; fix the factory or its args"
+            f"{where}.factory: {name}(**args) raised {describe(exc)}; fix the factory or its args"
         ) from exc
     try:
         n = len(dataset)
@@ -214,7 +206,7 @@ def load_python(spec: Mapping[str, Any], where: str) -> TensorData:
             item = dataset[i]
         except Exception as exc:
             raise MergeCliError(
-                f"{where}.factory: dataset from {name} failed at item {i} ({_describe(exc)})"
+                f"{where}.factory: dataset from {name} failed at item {i} ({describe(exc)})"
             ) from exc
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise MergeCliError(
@@ -227,7 +219,7 @@ def load_python(spec: Mapping[str, Any], where: str) -> TensorData:
         x = torch.stack(inputs)
     except RuntimeError as exc:
         raise MergeCliError(
-            f"{where}.factory: inputs from {name} have different shapes ({_describe(exc)}); "
+            f"{where}.factory: inputs from {name} have different shapes ({describe(exc)}); "
             "every input must have the same shape"
         ) from exc
     y = _labels(torch.tensor(labels, dtype=torch.int64), f"labels from {name}", where)
@@ -245,7 +237,7 @@ def _item_input(value: Any, i: int, name: str, where: str) -> Tensor:
     except Exception as exc:
         raise MergeCliError(
             f"{where}.factory: input of item {i} from {name} is not tensor-like "
-            f"({_describe(exc)}); return a tensor or array"
+            f"({describe(exc)}); return a tensor or array"
         ) from exc
 
 

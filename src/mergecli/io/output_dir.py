@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mergecli import __version__
 from mergecli.errors import MergeCliError
+from mergecli.io.atomic import write_text_atomic
 from mergecli.io.writer import fsync_dir, write_error
 
 MANIFEST = ".mergecli-manifest.json"
@@ -46,7 +47,6 @@ class OutputDir:
         self.created = False
         self._lock: int | None = None
         self._staging: Path | None = None
-        self.written: list[str] = []
 
     # -- before any work --------------------------------------------------------------------
     def open(self) -> None:
@@ -183,14 +183,10 @@ class OutputDir:
         """Where ``relative`` will be once published (for messages)."""
         return self.shown / relative
 
-    def publish(self) -> list[str]:
+    def publish(self) -> None:
         """Swap the staged set in as the output directory; the old one and its state go."""
         staging = self.staging
-        self.written = sorted(_files_under(staging))
-        manifest = {"mergecli_version": __version__, "files": self.written}
-        with open(staging / MANIFEST, "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=1)
-            handle.write("\n")
+        _write_manifest(staging, _files_under(staging))
         fsync_tree(staging)
         swap(staging, self.path)
         fsync_dir(self.path.parent)
@@ -198,7 +194,6 @@ class OutputDir:
         # ours until release, and a new run locks the new directory.
         shutil.rmtree(staging, ignore_errors=True)
         self._staging = None
-        return self.written
 
     def release(self) -> None:
         """Drop the staging directory of an unfinished run, the lock, and a directory this run
@@ -220,11 +215,12 @@ class OutputDir:
 
 def record_files(out_dir: Path, names: Iterable[str]) -> None:
     """Add ``names`` (written in place by `mergecli report`) to the directory's manifest."""
-    path = out_dir / MANIFEST
-    files = sorted(_manifest_files(out_dir) | set(names))
-    tmp = out_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"mergecli_version": __version__, "files": files}, indent=1) + "\n")
-    os.replace(tmp, path)
+    _write_manifest(out_dir, _manifest_files(out_dir) | set(names))
+
+
+def _write_manifest(folder: Path, files: Iterable[str]) -> None:
+    manifest = {"mergecli_version": __version__, "files": sorted(files)}
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def _manifest_files(out_dir: Path) -> set[str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from mergecli.errors import MergeCliError
+from mergecli.errors import MergeCliError, one_line
 from mergecli.models.mlp import mlp
 from mergecli.models.resnet import resnet20
 from mergecli.models.vgg import vgg
@@ -23,11 +23,6 @@ _BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "vit": vit,
 }
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's message with newlines collapsed, since errors are printed as one line."""
-    return " ".join(str(exc).split())
 
 
 def builtin_architectures() -> dict[str, Callable[..., nn.Module]]:
@@ -145,7 +140,7 @@ def _call(arch: str, factory: Callable[..., Any], args: dict[str, Any], user: bo
             signature.bind(**args)
         except TypeError as exc:
             raise MergeCliError(
-                _bad_args_message(label, name, factory, args, _one_line(exc))
+                _bad_args_message(label, name, factory, args, one_line(exc))
             ) from exc
         args_checked = _parameter_names(factory) is not None
     try:
@@ -158,10 +153,10 @@ def _call(arch: str, factory: Callable[..., Any], args: dict[str, Any], user: bo
         if args_checked:
             # The names fit the signature, so this TypeError comes from inside the factory.
             raise MergeCliError(
-                f"model.arch '{arch}': the factory raised TypeError: {_one_line(exc)}; "
+                f"model.arch '{arch}': the factory raised TypeError: {one_line(exc)}; "
                 f"fix the factory or the values in model.args"
             ) from exc
-        reason = _one_line(exc)
+        reason = one_line(exc)
         # Python prefixes the function name itself (`tiny() got ...`); avoid `tiny() tiny() ...`.
         reason = re.sub(rf"^{re.escape(name)}\(\)\s*", "", reason)
         raise MergeCliError(_bad_args_message(label, name, factory, args, reason)) from exc
@@ -169,7 +164,7 @@ def _call(arch: str, factory: Callable[..., Any], args: dict[str, Any], user: bo
         if not user:
             raise
         raise MergeCliError(
-            f"model.arch '{arch}': the factory raised {type(exc).__name__}: {_one_line(exc)}; "
+            f"model.arch '{arch}': the factory raised {type(exc).__name__}: {one_line(exc)}; "
             f"fix the factory or the values in model.args"
         ) from exc
     if not isinstance(model, nn.Module):
