@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mergecli.analyze.plots import data_name
 from mergecli.errors import MergeCliError
 from mergecli.io.atomic import write_text_atomic
 
@@ -117,16 +118,21 @@ def _evaluation(evaluation: dict[str, Any]) -> list[str]:
 
 
 def _interpolation(data: dict[str, Any]) -> list[str]:
+    from mergecli.analyze.interpolation import has_barrier
+
     rows = []
     for name, path in data["paths"].items():
         for split in ("fit", "eval"):
             if split in path:
                 c = path[split]
-                rows.append([name, f"{path['from']} → {path['to']}", split,
-                             f"{c['loss_barrier']:.4f}", f"{c['loss_barrier_midpoint']:.4f}",
-                             f"{100 * c['accuracy_barrier']:.2f}"])  # fmt: skip
+                numbers = [f"{c['loss_barrier']:.4f}", f"{c['loss_barrier_midpoint']:.4f}",
+                           f"{100 * c['accuracy_barrier']:.2f}"]  # fmt: skip
+                rows.append([name, f"{path['from']} → {path['to']}", data_name(data, split),
+                             *(numbers if has_barrier(name) else ["—"] * 3)])  # fmt: skip
     note = " BatchNorm statistics were recomputed at every point." if data.get("bn_reset") else ""
-    return [f"{len(data['lambdas'])} points per path.{note}", "", *_table(
+    fit = (" The `fit` path starts at an untrained average, so it has no barrier (—)."
+           if "fit" in data["paths"] else "")  # fmt: skip
+    return [f"{len(data['lambdas'])} points per path.{note}{fit}", "", *_table(
         ["path", "between", "data", "loss barrier", "loss barrier at λ=½", "accuracy drop (pts)"],
         rows)]  # fmt: skip
 
@@ -135,29 +141,38 @@ def _averaging(data: dict[str, Any]) -> list[str]:
     rows = [[r["name"], f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}",
              ", ".join(r.get("ingredients", []))] for r in data["results"]]  # fmt: skip
     aligned = "aligned" if data.get("aligned") else "unaligned"
-    return [f"On data.{data['split']}, {aligned} weights.", "",
-            *_table(["model", "accuracy", "loss", "greedy soup ingredients"], rows)]  # fmt: skip
+    lines = [f"On {data_name(data, data['split'])}, {aligned} weights."]
+    if data.get("selected_on"):
+        lines[0] += (f" The greedy soup chose its ingredients on "
+                     f"{data_name(data, data['selected_on'])}.")  # fmt: skip
+    return [*lines, "", *_table(["model", "accuracy", "loss", "greedy soup ingredients"], rows)]
 
 
 def _scaling(data: dict[str, Any]) -> list[str]:
     rows = [[f"{r['factor']:g}", r["apply_to"], r["subject"], f"{100 * r['accuracy']:.2f}%",
              f"{100 * r['agreement']:.1f}%"] for r in data["results"]]  # fmt: skip
     columns = ["c", "scaled", "model", "accuracy", "agreement with unscaled"]
-    return [f"Rule: {data['rule']}. On data.{data['split']}.", "", *_table(columns, rows)]
+    return [f"Rule: {data['rule']}. On {data_name(data, data['split'])}; a tie between k classes "
+            "counts 1/k.", "", *_table(columns, rows)]  # fmt: skip
 
 
 def _templates(data: dict[str, Any]) -> list[str]:
-    lines = [f"Rows of `{data['layer']}` of {data['model']} as {data['image_shape']} images; "
-             f"class means from data.{data['split']}."]  # fmt: skip
+    lines = [f"Rows of `{data['layer']}` as {data['image_shape']} images, matched with the "
+             f"centred class means of {data.get('data') or 'data.' + str(data['split'])} "
+             "(each class mean minus the mean of all examples)."]  # fmt: skip
     pair = data.get("pair")
     if pair:
-        lines[0] += (f" Mean cosine of matching rows with {pair['other']}: "
+        lines[0] += (f" Mean cosine of matching rows of {data['model']} and {pair['other']}: "
                      f"{pair['mean_cosine_before']:.3f} before alignment")  # fmt: skip
         if "mean_cosine_after" in pair:
             lines[0] += f", {pair['mean_cosine_after']:.3f} after"
         lines[0] += "."
-    rows = [[r["unit"], r["class"], f"{r['cosine']:.3f}"] for r in data["rows"]]
-    return [*lines, "", *_table(["row", "closest class mean", "cosine"], rows)]
+    what = "its class" if data.get("per_class") else "closest class (cosine)"
+    sets = data["sets"]
+    rows = [[unit, *(f"{s['match'][i]['class']} ({s['match'][i]['cosine']:.3f})" for s in sets)]
+            for i, unit in enumerate(data["units"])]  # fmt: skip
+    rows.append(["mean cosine", *(f"{s['mean_cosine']:.3f}" for s in sets)])
+    return [*lines, "", *_table(["row", *(f"{s['name']}: {what}" for s in sets)], rows)]
 
 
 def _coefficients(data: dict[str, Any]) -> list[str]:

@@ -107,6 +107,7 @@ class Path_(Shape):
 class Interpolation(Shape):
     lambdas: Numbers
     paths: dict[str, Path_] = Field(min_length=1)
+    data: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _curves_span_lambdas(self) -> Interpolation:
@@ -130,6 +131,8 @@ class Soup(Shape):
 
 class Averaging(Shape):
     split: Any
+    selected_on: str = Field(default=None)
+    data: dict[str, str] = {}
     results: list[Soup] = Field(min_length=1)
 
 
@@ -143,50 +146,54 @@ class Scaled(Shape):
 
 class Scaling(Shape):
     split: Any
-    rule: Any
+    rule: str
+    models: list[str] = []
+    data: dict[str, str] = {}
     results: list[Scaled] = Field(min_length=1)
 
 
-class TemplateRow(Shape):
-    unit: Any
+class Match(Shape):
     class_: Any = Field(alias="class")
     cosine: Number
+
+
+class TemplateSet(Shape):
+    name: str
+    kind: str
+    images: list[Image]
+    match: list[Match]
+    mean_cosine: Number
 
 
 class Pair(Shape):
     other: Any
     mean_cosine_before: Number
     mean_cosine_after: Number = Field(default=None)
-    other_templates: list[Image]
-    aligned_templates: list[Image] = Field(default=None)
-
-    @model_validator(mode="after")
-    def _after_with_aligned(self) -> Pair:
-        if self.aligned_templates is not None and self.mean_cosine_after is None:
-            raise ValueError("aligned_templates needs mean_cosine_after")
-        return self
 
 
 class Templates(Shape):
     layer: Any
     model: Any
     split: Any
+    data: str = Field(default=None)
     image_shape: list[int] = Field(min_length=1)
-    classes: list[Any]
+    classes: list[Any] = Field(min_length=1)
     class_means: list[Image]
-    templates: list[Image] = Field(min_length=1)
-    rows: list[TemplateRow]
+    units: list[Any] = Field(min_length=1)
+    per_class: bool = False
+    sets: list[TemplateSet] = Field(min_length=1)
     pair: Pair | None = None
 
     @model_validator(mode="after")
     def _images_fit(self) -> Templates:
         if any(size < 1 for size in self.image_shape):
             raise ValueError("image_shape: sizes must be positive")
-        if len(self.classes) != len(self.class_means) or len(self.rows) != len(self.templates):
-            raise ValueError("one class per class mean and one row per template")
-        images = [*self.class_means, *self.templates]
-        if self.pair:
-            images += [*self.pair.other_templates, *(self.pair.aligned_templates or [])]
+        if len(self.classes) != len(self.class_means):
+            raise ValueError("one class per class mean")
+        if any(len(s.images) != len(self.units) or len(s.match) != len(self.units)
+               for s in self.sets):  # fmt: skip
+            raise ValueError("sets: one image and one match per unit")
+        images = [*self.class_means, *(image for s in self.sets for image in s.images)]
         if any(len(image) != math.prod(self.image_shape) for image in images):
             raise ValueError(f"every image must have {math.prod(self.image_shape)} values")
         return self

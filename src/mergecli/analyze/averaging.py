@@ -1,39 +1,53 @@
 """Weight averaging against output ensembling (Wang et al., 2024, arXiv 2411.09263).
 
 Uniform soup: the plain average. Greedy soup (Wortsman et al., 2022): ingredients in order of
-their accuracy on the selection split, each kept only if the running average gets more accurate
-there. Logit ensemble: the mean of the logits. Feature ensemble: the mean of the penultimate
-features (the input of the last Linear layer) fed to the first model's head and to the averaged
-head.
+their accuracy on held-out data (`select_on`, data.fit by default), each kept only if the
+running average gets more accurate there; reported, like everything else, on `report_on`
+(data.eval), never on the data it was selected on. The ensembles are those of
+`mergecli.analyze.ensembles`.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mergecli.analyze.scoring import Scorer, Split, need_models
-from mergecli.errors import MergeCliError
-from mergecli.evaluate.metrics import accuracy, cross_entropy, ensemble_logits, logit_ensemble
+from mergecli.analyze.ensembles import KINDS, ensembles, head_of
+from mergecli.analyze.scoring import Scorer, Split, data_labels, model_head, need_models
+from mergecli.evaluate.metrics import cross_entropy, expected_accuracy
 from mergecli.merge.average import average_state_dicts
-from mergecli.recipe.schema import StepParams
+from mergecli.recipe.schema import Recipe, StepParams
 from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
 
 
 class AveragingParams(StepParams):
-    select_on: Split | None = None  # greedy soup's held-out split: fit if present, else eval
-    report_on: Split = "eval"
+    select_on: Split = "fit"  # where the greedy soup picks its ingredients (held out)
+    report_on: Split = "eval"  # where every result is measured
     aligned: bool = True  # use the aligned tensors when an `align` step ran
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
+        if self.select_on == self.report_on:
+            return [(("select_on",), f"the greedy soup would pick its ingredients on "
+                     f"data.{self.report_on}, the data it is reported on; select on held-out "
+                     "data: `select_on: fit, report_on: eval` (the defaults)")]  # fmt: skip
+        if recipe.data.fit is None and recipe.data.eval is None:
+            return []  # "needs data" says it already
+        return [
+            ((key,), f"data.{split} is missing: the greedy soup picks its ingredients on "
+             f"data.{self.select_on} and is reported on data.{self.report_on}, which must differ;"
+             f" add `data: {{{split}: {{source: ...}}}}` (held out from data.{other})")
+            for key, split, other in (("select_on", self.select_on, self.report_on),
+                                      ("report_on", self.report_on, self.select_on))
+            if getattr(recipe.data, split) is None
+        ]  # fmt: skip
 
 
 @step_method("analyze", "averaging_vs_ensembling", AveragingParams, needs=("model", "data"))
 def analyze_averaging(state: MergeState, params: AveragingParams) -> None:
-    """Uniform and greedy soups against logit, output and feature ensembles."""
+    """Uniform and greedy soups against output, logit and feature ensembles."""
     need_models(state, "averaging_vs_ensembling")
     scorer = Scorer(state)
-    report_on = scorer.default_split(params.report_on)
-    select_on = params.select_on or scorer.default_split("fit")
+    report_on, select_on = params.report_on, params.select_on
     models = [
         (c.name, c.aligned_or_original if params.aligned else c.tensors) for c in state.models
     ]
@@ -41,29 +55,31 @@ def analyze_averaging(state: MergeState, params: AveragingParams) -> None:
     rows: list[dict] = []
 
     def add(name: str, kind: str, logits: Tensor, **extra) -> None:
-        rows.append({"name": name, "kind": kind, "accuracy": accuracy(logits, labels),
+        rows.append({"name": name, "kind": kind, "accuracy": expected_accuracy(logits, labels),
                      "loss": cross_entropy(logits, labels), **extra})  # fmt: skip
 
-    member_logits = [scorer.logits(sd, report_on) for _, sd in models]
-    for (name, _), logits in zip(models, member_logits, strict=True):
+    outputs = [scorer.outputs(sd, report_on) for _, sd in models]
+    for (name, _), (logits, _) in zip(models, outputs, strict=True):
         add(name, "model", logits)
     uniform = average_state_dicts([m for _, m in models])
     add("uniform soup", "uniform_soup", scorer.logits(uniform, report_on))
     ingredients, soup, selection = greedy_soup(scorer, models, select_on)
     add("greedy soup", "greedy_soup", scorer.logits(soup, report_on), ingredients=ingredients,
         selected_on=select_on, selection_accuracy=selection)  # fmt: skip
-    add("logit ensemble", "logit_ensemble", logit_ensemble(member_logits))
-    add("output ensemble", "output_ensemble", ensemble_logits(member_logits))
-    first_head, averaged_head = feature_ensemble(scorer, [m for _, m in models], report_on)
-    add("feature ensemble (first head)", "feature_ensemble_first_head", first_head)
-    add("feature ensemble (averaged head)", "feature_ensemble_averaged_head", averaged_head)
+    head_name, _ = model_head(scorer.module)
+    heads = [head_of(sd, head_name) for _, sd in models]
+    combined = ensembles([o[0] for o in outputs], [o[1] for o in outputs], heads)
+    for name, logits in combined.items():
+        add(name, KINDS[name], logits)
     state.report.setdefault("analysis", {})["averaging_vs_ensembling"] = {
         "split": report_on,
+        "selected_on": select_on,
+        "data": data_labels(state),
         "aligned": params.aligned and any(c.aligned is not None for c in state.models),
         "results": rows,
     }
     state.log.table(
-        f"averaging vs ensembling on data.{report_on}",
+        f"averaging vs ensembling on data.{report_on} (greedy soup selected on data.{select_on})",
         ["model", "accuracy", "loss"],
         [[r["name"], f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}"] for r in rows],
     )
@@ -93,46 +109,3 @@ def greedy_soup(
     selection = {models[i][0]: accuracy for accuracy, i in scored}
     selection["soup"] = best_accuracy
     return [models[i][0] for i in chosen], soup, selection
-
-
-@torch.no_grad()
-def feature_ensemble(
-    scorer: Scorer, models: list[StateDict], split: Split
-) -> tuple[Tensor, Tensor]:
-    """Mean penultimate features, through the first model's head and through the mean head."""
-    head_name, head = _head(scorer.module)
-    features = []
-    captured: list[Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].float().cpu()))
-    try:
-        for state_dict in models:
-            captured.clear()
-            scorer.logits(state_dict, split)
-            features.append(torch.cat(captured))
-    finally:
-        hook.remove()
-    mean_features = torch.stack(features).mean(0)
-    prefix = f"{head_name}." if head_name else ""
-
-    def head_output(weight: Tensor, bias: Tensor | None) -> Tensor:
-        out = mean_features @ weight.float().T
-        return out + bias.float() if bias is not None else out
-
-    def head_of(sd: StateDict) -> tuple[Tensor, Tensor | None]:
-        return sd[prefix + "weight"], sd.get(prefix + "bias")
-
-    first = head_output(*head_of(models[0]))
-    weights = torch.stack([head_of(m)[0].float() for m in models]).mean(0)
-    biases = [head_of(m)[1] for m in models]
-    bias = None if biases[0] is None else torch.stack([b.float() for b in biases]).mean(0)
-    return first, head_output(weights, bias)
-
-
-def _head(module: nn.Module) -> tuple[str, nn.Linear]:
-    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise MergeCliError(
-            "analyze averaging_vs_ensembling: the feature ensemble needs a final nn.Linear "
-            f"layer (the head), and {type(module).__name__} has none"
-        )
-    return linears[-1]

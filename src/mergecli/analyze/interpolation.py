@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergecli.analyze.scoring import Scorer, interpolate, need_models
+from mergecli.analyze.scoring import Scorer, data_labels, interpolate, need_models
 from mergecli.errors import MergeCliError
 from mergecli.merge.average import average_state_dicts
 from mergecli.recipe.schema import StepParams
@@ -51,7 +51,8 @@ def analyze_interpolation(state: MergeState, params: InterpolationParams) -> Non
         )
     scorer = Scorer(state, reset_bn=params.reset_bn)
     lambdas = torch.linspace(0, 1, params.points).tolist()
-    result: dict = {"lambdas": lambdas, "bn_reset": scorer.reset_bn, "paths": {}}
+    result: dict = {"lambdas": lambdas, "bn_reset": scorer.reset_bn, "data": data_labels(state),
+                    "paths": {}}  # fmt: skip
     for name in state.log.progress(wanted, len(wanted), "interpolating"):
         start_name, end_name, start, end = available[name]
         curves = {split: {"loss": [], "accuracy": []} for split in scorer.splits}
@@ -67,8 +68,8 @@ def analyze_interpolation(state: MergeState, params: InterpolationParams) -> Non
         result["paths"][name] = {"from": start_name, "to": end_name, **curves}
     state.report.setdefault("analysis", {})["interpolation"] = result
     rows = [
-        [name, split, f"{c['loss_barrier']:.4f}", f"{c['loss_barrier_midpoint']:.4f}",
-         f"{100 * c['accuracy_barrier']:.2f}"]
+        [name, split, *([f"{c['loss_barrier']:.4f}", f"{c['loss_barrier_midpoint']:.4f}",
+                         f"{100 * c['accuracy_barrier']:.2f}"] if has_barrier(name) else ["—"] * 3)]
         for name, path in result["paths"].items()
         for split, c in path.items()
         if isinstance(c, dict)
@@ -76,6 +77,12 @@ def analyze_interpolation(state: MergeState, params: InterpolationParams) -> Non
     state.log.table(
         "interpolation barriers", ["path", "data", "loss barrier", "at λ=½", "acc drop (pts)"], rows
     )
+
+
+def has_barrier(path: str) -> bool:
+    """Whether a path joins two trained models: the `fit` path starts at an average that was
+    never trained, so a barrier (a bump above the line between its ends) means nothing there."""
+    return path != "fit"
 
 
 def barriers(

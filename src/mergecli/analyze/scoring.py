@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from mergecli.errors import MergeCliError
-from mergecli.evaluate.metrics import accuracy, collect_logits, cross_entropy
+from mergecli.evaluate.metrics import collect_logits, cross_entropy, expected_accuracy
 from mergecli.models.batchnorm import batch_norms, batchnorm_buffers, reset_batchnorm_stats
+from mergecli.recipe.schema import DataSpec
+from mergecli.runtime.distributed import current as current_world
 from mergecli.state import MergeState, StateDict
 
 Split = Literal["fit", "eval"]
@@ -44,6 +47,21 @@ class Scorer:
 
     @torch.no_grad()
     def logits(self, state_dict: StateDict, split: Split) -> Tensor:
+        return self._run(state_dict, split)
+
+    @torch.no_grad()
+    def outputs(self, state_dict: StateDict, split: Split) -> tuple[Tensor, Tensor]:
+        """The logits and the penultimate features (the input of the head, the last Linear)."""
+        _, head = model_head(self.module)
+        captured: list[Tensor] = []
+        hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].float()))
+        try:
+            logits = self._run(state_dict, split, hooked=captured)
+        finally:
+            hook.remove()
+        return logits, current_world().gather_rows(torch.cat(captured).cpu())
+
+    def _run(self, state_dict: StateDict, split: Split, hooked: list[Tensor] | None = None):
         if self.reset_bn:
             # Interpolated weights carry no meaningful BN statistics of their own.
             self.module.load_state_dict(state_dict, strict=True)
@@ -52,6 +70,8 @@ class Scorer:
             inputs = itertools.islice((x for x, _ in batches), self.bn_batches)
             reset_batchnorm_stats(self.module, inputs)
             state_dict = {**state_dict, **batchnorm_buffers(self.module)}
+            if hooked is not None:
+                hooked.clear()  # the statistics pass ran the head too; keep the scored pass
         data = self.state.data(split)
         batch_size = self.state.batch_size(split)
         return collect_logits(self.module, state_dict, data, batch_size, self.state.device)
@@ -62,7 +82,42 @@ class Scorer:
     def score(self, state_dict: StateDict, split: Split) -> dict[str, float]:
         logits = self.logits(state_dict, split)
         labels = self.labels(split)
-        return {"loss": cross_entropy(logits, labels), "accuracy": accuracy(logits, labels)}
+        return {
+            "loss": cross_entropy(logits, labels),
+            "accuracy": expected_accuracy(logits, labels),
+        }
+
+
+def data_labels(state: MergeState) -> dict[str, str]:
+    """What each of the recipe's data splits is, in a few words for plots ("MNIST train")."""
+    data = state.loaded.recipe.data
+    return {split: describe_data(getattr(data, split)) for split in available_splits(state)}
+
+
+def describe_data(spec: DataSpec) -> str:
+    """A data spec named as a reader knows it: the source and its split, then any subset."""
+    if spec.source == "mnist":
+        words = f"MNIST {spec.split or 'train'}"
+    elif spec.source == "tensors":
+        words = f"{Path(spec.path or '').name} {spec.split or ''}".strip()
+    else:
+        words = str(spec.factory)
+    if spec.classes is not None:
+        words += f", classes {','.join(map(str, spec.classes))}"
+    if spec.fraction is not None:
+        words += f", {spec.fraction:g} of it"
+    return words
+
+
+def model_head(module: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier head: the module's last nn.Linear, with its name."""
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise MergeCliError(
+            f"this analysis needs a final nn.Linear layer (the head), and {type(module).__name__} "
+            "has none"
+        )
+    return linears[-1]
 
 
 def available_splits(state: MergeState) -> list[Split]:

@@ -35,6 +35,15 @@ def accuracy(probabilities_or_logits: Tensor, labels: Tensor) -> float:
     return (probabilities_or_logits.argmax(dim=1) == labels).float().mean().item()
 
 
+def expected_accuracy(scores: Tensor, labels: Tensor) -> float:
+    """Accuracy with ties broken at random, in expectation: an example whose highest score k
+    classes share counts 1/k if the label is one of them (argmax would always pick the first;
+    saturated softmax ensembles tie exactly)."""
+    top = scores == scores.max(dim=1, keepdim=True).values
+    hits = top.gather(1, labels.long().unsqueeze(1)).squeeze(1).float()
+    return (hits / top.sum(dim=1)).mean().item()
+
+
 def cross_entropy(logits: Tensor, labels: Tensor) -> float:
     """Mean negative log-likelihood of the labels under softmax(logits)."""
     return F.cross_entropy(logits, labels).item()

@@ -111,6 +111,10 @@ def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> 
         # A recipe without steps would run, write no model and exit 0: surely a mistake.
         problems.append(where(("steps",), "no steps; add at least one, e.g. `- merge: average`"))
     problems += _unmet_needs(recipe, steps, where)
+    for step in steps:
+        at = ("steps", step.index, step.kind)
+        problems += [where((*at, *key), message)
+                     for key, message in step.params.recipe_problems(recipe)]  # fmt: skip
     problems += _per_model_problems(recipe, steps, data, where)
     if problems:
         raise RecipeError(problems)

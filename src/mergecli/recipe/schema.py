@@ -23,6 +23,11 @@ class RecipeModel(BaseModel):
 class StepParams(RecipeModel):
     """Base of every method's parameter model: unknown keys and non-finite floats are errors."""
 
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
+        """What these parameters cannot do with the rest of the recipe, checked before anything
+        runs: (key path inside the step, message) pairs. None by default."""
+        return []
+
 
 class Strict(RecipeModel):
     """A recipe section: unknown keys and non-finite floats are errors."""
