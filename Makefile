@@ -21,14 +21,21 @@ runs/mlp8-seed%.safetensors: | $(VENV)/.installed
 	$(BIN)/mergecli --log plain train --arch mlp --arg depth=8 --arg hidden=128 \
 		--data mnist:train --eval-data mnist:test --epochs 10 --seed $* --out $@
 
+# Linear classifiers (depth 1: one row per class), whose rows are the class templates.
+runs/linear-seed%.safetensors: | $(VENV)/.installed
+	$(BIN)/mergecli --log plain train --arch mlp --arg depth=1 \
+		--data mnist:train --eval-data mnist:test --epochs 5 --seed $* --out $@
+
 # Plain averaging collapses; weight matching aligns the hidden units first; REPAIR then
 # restores the activation statistics that averaging shrinks; NP Merge learns a coefficient
-# per parameter; the analysis recipe writes report.md with every analysis and its plots.
-demo: $(VENV)/.installed runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors
+# per parameter; the analysis recipes write report.md with every analysis and its plots.
+demo: $(VENV)/.installed runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors \
+		runs/linear-seed0.safetensors runs/linear-seed1.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-mlp8-average.yaml
 	$(BIN)/mergecli run configs/examples/mnist-mlp8-weight-matching-repair.yaml
 	$(BIN)/mergecli run configs/examples/mnist-mlp8-np-merge.yaml
 	$(BIN)/mergecli run configs/examples/mnist-analysis.yaml
+	$(BIN)/mergecli run configs/examples/mnist-linear-templates.yaml
 
 runs/resnet20-seed%.safetensors: | $(VENV)/.installed
 	$(BIN)/mergecli --log plain train --arch resnet20 --arg in_channels=1 \

@@ -338,12 +338,19 @@ def test_a_linear_classifiers_rows_are_class_templates_and_so_is_their_average(
     path.write_text(
         "version: 1\nmodel: {arch: mlp, args: {depth: 1}}\n"
         f"checkpoints:\n  - path: {a}\n  - path: {b}\n    role: reference\n"
-        "data: {fit: {source: mnist, split: '0:3000'}}\n"
-        "steps:\n  - analyze: {method: templates}\n"
+        "data: {fit: {source: mnist, split: '0:3000'}, eval: {source: mnist, split: test}}\n"
+        "steps:\n  - analyze: {method: templates}\n  - analyze: averaging_vs_ensembling\n"
         f"output: {{dir: {tmp_path / 'out'}}}\n"
     )
     run_cli("run", str(path), check=True)
-    templates = report_of(tmp_path)["analysis"]["templates"]
+    analysis = report_of(tmp_path)["analysis"]
+    templates = analysis["templates"]
+    # Linear models: averaging the weights averages the logits, so the uniform soup is the
+    # logit ensemble (and the feature ensemble through the averaged head: features = inputs).
+    rows = {r["kind"]: r for r in analysis["averaging_vs_ensembling"]["results"]}
+    for kind in ("logit_ensemble", "feature_ensemble_averaged_head"):
+        assert rows[kind]["loss"] == pytest.approx(rows["uniform_soup"]["loss"], abs=1e-5)
+        assert rows[kind]["accuracy"] == pytest.approx(rows["uniform_soup"]["accuracy"], abs=1e-9)
     # The recipe's reference model is drawn first; a classifier shows one row per class.
     assert templates["model"] == "linear-seed1" and templates["layer"] == "head.weight"
     assert templates["per_class"] and templates["units"] == list(range(10))

@@ -220,11 +220,11 @@ def figure_templates(data: dict[str, Any]):
     fig.colorbar(means_image, ax=axes[0, :], shrink=0.9, aspect=8, label="pixel − mean")
     fig.colorbar(shown, ax=axes[1:, :], extend="both", shrink=0.6, aspect=25,
                  label="weight (one scale for all rows)")  # fmt: skip
-    what = "each class's row" if per_class else "each row's closest centred class mean"
-    title = (f"Rows of {data['layer']} as images: {data['model']}, "
-             f"{'the other model, ' if len(sets) > 1 else ''}their averages; "
-             f"below each, {what} (cosine)")  # fmt: skip
+    what = "its cosine to its class" if per_class else "the closest class (cosine)"
     pair = data.get("pair")
+    models = f"{data['model']} and {pair['other']}, averaged" if pair else data["model"]
+    title = (f"Rows of {data['layer']} as images ({models}) beside the centred class means; "
+             f"below each, {what}")  # fmt: skip
     if pair:
         title += f"\nmean cosine of matching rows: {pair['mean_cosine_before']:.2f}"
         if "mean_cosine_after" in pair:
