@@ -175,9 +175,11 @@ def test_dare_ties_density_by_gradient_and_lambda_by_filter(tmp_path: Path) -> N
         """
         method: dare_ties
         density: [1.0, 0.3]
-        lambda: [{filter: layers.1., value: 2.0}, {value: 1.0}]
+        lambda: {filter: layers.1., value: 2.0}
         """,
     )
+    # A lone entry is a list of one (mergekit 0.1.5); where it does not match, lambda's
+    # default (1) applies.
     for name, density, lam in zip(NAMES, (1.0, 0.65, 0.3, 1.0), (1.0, 2.0, 1.0, 1.0), strict=True):
         assert_dare(out[name], m["base"][name], m["a"][name], density, lam)
 
@@ -255,7 +257,7 @@ def test_malformed_forms_are_recipe_errors_with_their_line(tmp_path: Path) -> No
                       valu: 0.3
                     - value: high
                   lambda: [0.5, {value: 1}]
-              - merge: {method: task_arithmetic, lambda: {filter: mlp, value: 1}}
+              - merge: {method: task_arithmetic, lambda: {filter: mlp}}
               - merge: {method: dare_linear, density: [{filter: mlp, value: [0.5, 2]}]}
               - merge: {method: slerp, t: [{filter: 3, value: 0.5}, {value: []}]}
             """
@@ -273,7 +275,7 @@ def test_malformed_forms_are_recipe_errors_with_their_line(tmp_path: Path) -> No
         "recipe.yaml:13: steps.0.merge.density.1.value: input should be a valid number, unable "
         "to parse string as a number (got 'high')",
         f"recipe.yaml:14: steps.0.merge.lambda: {forms}",
-        f"recipe.yaml:15: steps.1.merge.lambda: {forms}",
+        "recipe.yaml:15: steps.1.merge.lambda.value: required key is missing",
         "recipe.yaml:16: steps.2.merge.density.0.value.1: input should be less than or equal to "
         "1 (got 2)",
         "recipe.yaml:17: steps.3.merge.t.0.filter: input should be a valid string (got 3)",

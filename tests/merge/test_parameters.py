@@ -52,6 +52,13 @@ def test_parameter_values_scalar_gradient_and_filters() -> None:
     assert params.model_validate({"lambda": [0.5, 1.0]}).lam == [0.5, 1.0]
 
 
+def test_a_lone_filter_entry_is_a_list_of_one() -> None:
+    # As mergekit 0.1.5 reads `density: {filter: mlp, value: 0.3}`.
+    density = ties_params().model_validate({"density": {"filter": "mlp", "value": 0.3}}).density
+    assert resolve(density, "model.layers.0.mlp.weight", 0.0) == 0.3
+    assert resolve(density, "lm_head.weight", 0.0) is NO_MATCH
+
+
 def test_a_filter_value_may_be_a_gradient() -> None:
     density = (
         ties_params()
@@ -67,7 +74,6 @@ def test_the_form_is_told_from_the_shape_of_the_value() -> None:
     params = ties_params()
     for bad, message in (
         ([0.5, {"value": 1.0}], "expected a number, a list of numbers"),
-        ({"filter": "mlp", "value": 0.5}, "expected a number, a list of numbers"),
         ([], "at least 1 item"),
         ([{"filter": "mlp", "value": {"value": 1.0}}], "a filter's value is a number or a list"),
         ([{"filter": "mlp", "value": [[0.5]]}], "a filter's value is a number or a list"),

@@ -4,7 +4,8 @@ A value is a scalar; a list of scalars (a gradient: interpolated linearly over t
 found in the tensor's name, from the first layer at the list's start to the last at its end;
 tensors outside the layers take the first value); or a list of ``{filter, value}`` where the
 first entry whose filter matches the tensor name wins (a substring, or a glob with * ? [];
-no filter matches everything) and whose value is a scalar or a gradient. These are the forms
+no filter matches everything) and whose value is a scalar or a gradient (a lone entry is a
+list of one). These are the forms
 mergekit recipes use (mergekit 0.1.5, ``config.evaluate_setting``). A list of filters that
 no entry of matches a tensor gives no value there: the next setting applies, as in mergekit's
 ``ConfigReader.parameter`` (a checkpoint's own, then the step's, then the method's default).
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     Discriminator,
     Field,
     SerializerFunctionWrapHandler,
@@ -66,7 +68,12 @@ def varying(name: str, annotation: Any) -> Any:
         ),
     ]
     entry = create_model(f"{name}_filter", __base__=FilterEntry, value=(value, ...))
-    filters = Annotated[list[entry], Field(min_length=1)]  # type: ignore[valid-type]
+    # A lone {filter, value} is a list of one, as mergekit 0.1.5 reads it.
+    filters = Annotated[
+        list[entry],  # type: ignore[valid-type]
+        BeforeValidator(lambda v: [v] if isinstance(v, dict) else v),
+        Field(min_length=1),
+    ]
     return Annotated[
         Annotated[annotation, Tag("scalar")]
         | Annotated[gradient, Tag("gradient")]
@@ -82,13 +89,13 @@ def _is_entry(item: Any) -> bool:
 
 
 def _form(value: Any) -> str | None:
-    """Which form ``value`` is written in; None (an error) for a lone mapping or a list that
-    mixes numbers and filter entries."""
+    """Which form ``value`` is written in; None (an error) for a list that mixes numbers and
+    filter entries."""
     if isinstance(value, list):
         if value and all(_is_entry(item) for item in value):
             return "filters"
         return None if any(_is_entry(item) for item in value) else "gradient"
-    return None if _is_entry(value) else "scalar"
+    return "filters" if _is_entry(value) else "scalar"
 
 
 def _value_form(value: Any) -> str | None:
