@@ -34,6 +34,12 @@ CONFIG = {
     "tie_word_embeddings": False,
 }
 
+_DENSITY = [{"filter": "mlp", "value": 0.3}, {"filter": "self_attn", "value": [0.2, 0.8]},
+            {"value": 0.7}]  # fmt: skip
+_LAMBDA = [{"filter": "mlp", "value": 0.5}, {"value": [1.0, 0.8]}]
+_T = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": 0.2},
+      {"value": 0.6}]  # fmt: skip
+
 # method: (mergekit global parameters, mergecli step parameters, uses a base)
 METHODS = {
     "linear": ({"normalize": True}, {"method": "linear"}, False),
@@ -51,10 +57,32 @@ METHODS = {
         {"method": "ties", "density": 0.5, "lambda": 1.0},
         True,
     ),
+    # Parameters that vary by tensor: filters (the first match wins; a value may be a
+    # gradient), gradients over the layers, and the fallback where no filter matches (the
+    # model's own setting, then the global one, then the method's default).
+    "ties_filters": (
+        {"density": _DENSITY, "normalize": True, "lambda": [0.5, 1.0]},
+        {"method": "ties", "density": _DENSITY, "lambda": [0.5, 1.0]},
+        True,
+    ),
+    "task_arithmetic_filters": (
+        {"lambda": _LAMBDA},
+        {"method": "task_arithmetic", "lambda": _LAMBDA},
+        True,
+    ),
+    "slerp_filters": ({"t": _T}, {"method": "slerp", "t": _T}, False),
+    "ties_per_model_filters": (
+        {"density": {"filter": "self_attn", "value": 0.4}, "normalize": True},
+        {"method": "ties", "density": {"filter": "self_attn", "value": 0.4}},
+        True,
+    ),
 }
 # Parameters one model sets for itself (mergekit: models[].parameters; mergecli:
 # checkpoints[].parameters), by case.
-PER_MODEL = {"ties_per_model_density": {"ft-a": {"density": 0.3}}}
+PER_MODEL = {
+    "ties_per_model_density": {"ft-a": {"density": 0.3}},
+    "ties_per_model_filters": {"ft-a": {"density": [{"filter": "mlp", "value": 0.3}]}},
+}
 
 
 def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, tuple]:
@@ -164,14 +192,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = write_models(root / "models")
-        print(f"{'method':16} {'tensors':>8} {'max |mergecli - mergekit|':>28}")
+        print(f"{'case':24} {'tensors':>8} {'max |mergecli - mergekit|':>28}")
         for method in METHODS:
             theirs = run_mergekit(exe, paths, method, root / f"mergekit-{method}")
             ours = run_mergecli(paths, method, root / f"mergecli-{method}")
             assert set(theirs) == set(ours), sorted(set(theirs) ^ set(ours))
             diff = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours)
             worst = max(worst, diff)
-            print(f"{method:16} {len(ours):8} {diff:28.3g}")
+            print(f"{method:24} {len(ours):8} {diff:28.3g}")
     verdict = "parity" if worst <= 1e-6 else "NO PARITY"
     print(f"largest difference {worst:.3g}: {verdict} (bound 1e-6)")
     sys.exit(0 if worst <= 1e-6 else 1)

@@ -86,6 +86,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Fit", "", f"`{fit['method']}` ({fit['granularity']}, {fit['multi']}), "
                   f"{sum(s['steps'] for s in fit['stages'])} steps in {fit['seconds']:.1f} s on "
                   f"{fit['examples']} examples{accuracy}.", ""]  # fmt: skip
+    if "repair" in report:
+        lines += _repair(report["repair"])
     if "evaluate" in report:
         lines += _evaluation(report["evaluate"])
     analyses = report.get("analysis", {})
@@ -94,6 +96,20 @@ def markdown(report: dict[str, Any]) -> str:
         lines += SECTIONS.get(kind, lambda _d: [])(data)
         lines += [f"![{kind}](analysis/{kind}.png)", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _repair(repair: dict[str, Any]) -> list[str]:
+    text = f"Method `{repair.get('method', '?')}`"
+    if "layers" in repair and "batches" in repair:
+        what = "BatchNorm layers recomputed" if repair.get("method") == "reset_bn" else "layers"
+        text += f": {repair['layers']} {what} over {repair['batches']} batches of data.fit"
+    if repair.get("head") is not None and "head_corrected" in repair:
+        text += (
+            f"; the output layer `{repair['head']}` corrected too (as in the REPAIR notebooks)"
+            if repair["head_corrected"]
+            else f"; the output layer `{repair['head']}` left as merged"
+        )
+    return ["## Repair", "", text + ".", ""]
 
 
 def _evaluation(evaluation: dict[str, Any]) -> list[str]:

@@ -51,6 +51,12 @@ class Align(Shape):
     weight_distance: dict[str, Distance] = {}
 
 
+class Repair(Shape):
+    # A user's repair method may write its own entry: only what the renderer formats is typed.
+    head: str | None = None
+    head_corrected: bool = Field(default=None)
+
+
 class Stage(Shape):
     steps: Number
     history: list[dict[str, Any]]
@@ -234,6 +240,7 @@ ANALYSES: dict[str, type[Shape]] = {
 class Report(Shape):
     inputs: list[Input] = []
     align: Align = Field(default=None)
+    repair: Repair = Field(default=None)
     fit: Fit = Field(default=None)
     evaluate: Evaluate = Field(default=None)
     analysis: dict[str, dict[str, Any]] = {}

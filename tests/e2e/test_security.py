@@ -314,6 +314,7 @@ def test_report_writes_only_inside_its_dir(tmp_path: Path) -> None:
         ({"evaluate": {"split": "eval", "examples": 3}}, "evaluate.results: field required"),
         ({"evaluate": None}, "evaluate: input should be a valid dictionary"),
         ({"fit": {"method": "np", "stages": []}}, "fit.granularity: field required"),
+        ({"repair": {"method": "repair", "head_corrected": "yes"}}, "repair.head_corrected"),
         ({"analysis": {"coefficients": {**COEFFICIENTS, "even": "half"}}}, "coefficients.even"),
         ({"analysis": {"coefficients": {**COEFFICIENTS, "bin_edges": [0]}}}, "one count per bin"),
     ],

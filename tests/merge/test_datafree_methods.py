@@ -192,36 +192,6 @@ def test_datafree_recipe_errors(tmp_path: Path) -> None:
     assert "steps.0.merge.t: input should be less than or equal to 1 (got 2)" in result.stderr
 
 
-def test_parameter_values_scalar_gradient_and_filters() -> None:
-    from mergecli.merge.parameters import count_layers, layer_position, resolve
-    from mergecli.registry import methods_of
-
-    names = [f"model.layers.{i}.mlp.weight" for i in range(5)] + ["lm_head.weight"]
-    assert count_layers(names) == 5
-    assert layer_position("model.layers.4.mlp.weight", 5) == 1.0
-    assert layer_position("lm_head.weight", 5) == 0.0
-    params = methods_of("merge")["ties"].params
-    gradient = params.model_validate({"density": [0.2, 1.0]}).density
-    assert resolve(gradient, "model.layers.2.mlp.weight", 0.5) == pytest.approx(0.6)
-    filtered = params.model_validate(
-        {
-            "density": [
-                {"filter": "mlp", "value": 0.3},
-                {"filter": "*.attn.*", "value": 0.4},
-                {"value": 0.9},
-            ]
-        }
-    ).density
-    assert resolve(filtered, "model.layers.1.mlp.weight", 0.25) == 0.3
-    assert resolve(filtered, "model.layers.1.attn.q.weight", 0.25) == 0.4
-    assert resolve(filtered, "lm_head.weight", 0.0) == 0.9
-    # Bounds hold for every form, and `lambda` is the recipe's name for the scale.
-    for bad in (1.5, [0.5, 1.5], [{"value": 0}]):
-        with pytest.raises(ValueError):
-            params.model_validate({"density": bad})
-    assert params.model_validate({"lambda": [0.5, 1.0]}).lam == [0.5, 1.0]
-
-
 @pytest.mark.slow
 def test_gradient_over_layers_in_a_recipe(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)

@@ -124,8 +124,10 @@ def test_reset_bn_skips_a_one_example_last_batch(images: Tensor) -> None:
 # ---------------------------------------------------------------------------------- REPAIR
 
 
-def test_repairable_layers_skip_the_output_layer() -> None:
+def test_repairable_layers_with_and_without_the_output_layer() -> None:
     names = [name for name, _ in repairable_layers(random_mlp(0))]
+    assert names == ["layers.0", "layers.1", "layers.2", "head"]
+    names = [name for name, _ in repairable_layers(random_mlp(0), include_head=False)]
     assert names == ["layers.0", "layers.1", "layers.2"]
 
 
@@ -134,12 +136,15 @@ def test_repair_of_identical_models_changes_nothing(images: Tensor) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     xs = batches(images)
     result = repair(model, state, [state, state], torch.tensor([0.5, 0.5]), lambda: iter(xs))
-    assert result.repaired == ["layers.0", "layers.1", "layers.2"] and not result.skipped
+    assert result.repaired == ["layers.0", "layers.1", "layers.2", "head"] and not result.skipped
     for key, tensor in state.items():
         torch.testing.assert_close(result.state_dict[key], tensor, atol=1e-5, rtol=0)
 
 
-def test_repair_sets_the_interpolated_endpoint_statistics(images: Tensor) -> None:
+@pytest.mark.parametrize("include_head", [True, False])
+def test_repair_sets_the_interpolated_endpoint_statistics(
+    images: Tensor, include_head: bool
+) -> None:
     model = random_mlp(0)
     a = random_mlp(0).state_dict()
     b = random_mlp(1).state_dict()
@@ -149,10 +154,13 @@ def test_repair_sets_the_interpolated_endpoint_statistics(images: Tensor) -> Non
     stats_a, stats_b = output_stats(model, a, xs), output_stats(model, b, xs)
     before = output_stats(model, merged, xs)
 
-    result = repair(model, merged, [a, b], torch.tensor([wa, wb]), lambda: iter(xs))
+    result = repair(
+        model, merged, [a, b], torch.tensor([wa, wb]), lambda: iter(xs), include_head=include_head
+    )
     after = output_stats(model, result.state_dict, xs)
 
-    assert result.repaired == ["layers.0", "layers.1", "layers.2"]
+    hidden = ["layers.0", "layers.1", "layers.2"]
+    assert result.repaired == hidden + ["head"] * include_head
     collapsed = False
     for name in result.repaired:
         target_mean = (wa * stats_a[name][0] + wb * stats_b[name][0]) / (wa + wb)
@@ -166,8 +174,82 @@ def test_repair_sets_the_interpolated_endpoint_statistics(images: Tensor) -> Non
         collapsed |= bool((before[name][1] < 0.9 * target_std).float().mean() > 0.5)
     # The averaged random networks really had collapsed variance, so the test means something.
     assert collapsed
-    # The output layer is left as merged.
-    torch.testing.assert_close(result.state_dict["head.weight"], merged["head.weight"])
+    if not include_head:
+        # The output layer is left as merged.
+        torch.testing.assert_close(result.state_dict["head.weight"], merged["head.weight"])
+        torch.testing.assert_close(result.state_dict["head.bias"], merged["head.bias"])
+
+
+def notebook_repair_logits(
+    endpoints: list[dict[str, Tensor]], merged: dict[str, Tensor], x: Tensor, depth: int, eps: float
+) -> Tensor:
+    """REPAIR as the paper's notebook runs it on an MLP (Jordan et al., KellerJordan/REPAIR,
+    Train-and-Permute-MNIST-MLP-NoBatchNorm): a BatchNorm1d after every Linear, the head
+    included; the endpoints' running statistics over the data; goal mean = the mean of their
+    means, goal std = the mean of their stds; the merged network's BatchNorms set to that goal
+    and run in train mode over the data (each one normalises its layer's output, upstream ones
+    already corrected), then evaluated in eval mode on their running statistics. One batch of
+    all of ``x``, and momentum None, so the running statistics are the data's. ``eps`` is the
+    notebook's 1e-5 (BatchNorm's and the goal std's)."""
+    names = [f"layers.{i}" for i in range(depth - 1)] + ["head"]
+
+    def forward(state: dict[str, Tensor], norms: list[nn.BatchNorm1d], rescale: bool) -> Tensor:
+        h = x.flatten(1)
+        for name, norm in zip(names, norms, strict=True):
+            h = F.linear(h, state[f"{name}.weight"], state[f"{name}.bias"])
+            out = norm(h)
+            h = out if rescale else h
+            h = torch.relu(h) if name != "head" else h
+        return h
+
+    def tracked(state: dict[str, Tensor]) -> list[nn.BatchNorm1d]:
+        norms = [nn.BatchNorm1d(state[f"{n}.bias"].numel(), eps, None) for n in names]
+        with torch.no_grad():
+            forward(state, norms, rescale=False)
+        return norms
+
+    ends = [tracked(state) for state in endpoints]
+    norms = [
+        nn.BatchNorm1d(state.numel(), eps, None) for state in (merged[f"{n}.bias"] for n in names)
+    ]
+    with torch.no_grad():
+        for norm, *pair in zip(norms, *ends, strict=True):
+            goal_mean = sum(e.running_mean for e in pair) / len(pair)
+            goal_var = (sum(e.running_var.sqrt() for e in pair) / len(pair)).square()
+            norm.bias.copy_(goal_mean)
+            norm.weight.copy_((goal_var + eps).sqrt())
+        forward(merged, norms, rescale=True)  # train mode: collects the running statistics
+        for norm in norms:
+            norm.eval()
+        return forward(merged, norms, rescale=True)
+
+
+def test_repair_with_the_head_is_the_notebooks_algorithm() -> None:
+    x = load_data({"source": "mnist", "split": "0:2000"}).x
+    model = random_mlp(0)
+    a, b = random_mlp(0).state_dict(), random_mlp(1).state_dict()
+    merged = averaged(a, b, 1.0, 1.0)
+    # The notebook puts its eps under the square root (sqrt(var + eps)), REPAIR here beside
+    # the std (std + eps); on random networks, whose logits have a std near 0.02, 1e-5 under
+    # the root moves them by 2%, so both run with eps -> 0.
+    eps = 1e-9
+    expected = notebook_repair_logits([a, b], merged, x, MLP4["depth"], eps)
+
+    def logits(include_head: bool) -> Tensor:
+        result = repair(
+            model, merged, [a, b], torch.tensor([1.0, 1.0]), lambda: iter(batches(x, 256)),
+            eps=eps, include_head=include_head,
+        )  # fmt: skip
+        model.load_state_dict(result.state_dict)
+        with torch.no_grad():
+            return model(x)
+
+    # What remains: the notebook's BatchNorm keeps the unbiased variance (n / (n - 1) on 2,000
+    # examples), a few 1e-4 relative per layer.
+    scale = expected.std().item()
+    torch.testing.assert_close(logits(True), expected, rtol=0, atol=5e-3 * scale)
+    # Without the head, the logits are far from the notebook's: the test tells them apart.
+    assert (logits(False) - expected).abs().mean() > 0.1 * scale
 
 
 def test_repair_of_bias_free_layers_folds_only_the_scale(images: Tensor) -> None:
@@ -185,7 +267,7 @@ def test_repair_of_bias_free_layers_folds_only_the_scale(images: Tensor) -> None
     merged = averaged(a, b, 1.0, 1.0)
     xs = batches(images[:256])
     result = repair(model, merged, [a, b], torch.tensor([1.0, 1.0]), lambda: iter(xs))
-    assert result.scale_only == ["conv"] and result.repaired == []
+    assert result.scale_only == ["conv"] and result.repaired == ["head"]
 
     def conv_std(state: dict[str, Tensor]) -> Tensor:
         model.load_state_dict(state)
@@ -293,9 +375,22 @@ output: {{dir: {tmp_path / "out"}}}
 """
     )
     result = run_cli("--log", "plain", "run", str(recipe), check=True)
-    assert "repair: corrected 2 layers over 4 batches" in result.stderr
+    assert (
+        "repair: corrected 3 layers over 4 batches (the output layer 'head' too)" in result.stderr
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["repair"] == {"method": "repair", "layers": 2, "batches": 4}
+    assert report["repair"] == {
+        "method": "repair",
+        "layers": 3,
+        "batches": 4,
+        "include_head": True,
+        "head": "head",
+        "head_corrected": True,
+    }
+    assert (
+        "## Repair\n\nMethod `repair`: 3 layers over 4 batches of data.fit; the output layer "
+        "`head` corrected too (as in the REPAIR notebooks)."
+    ) in (tmp_path / "out" / "report.md").read_text()
     rows = {row["name"]: row for row in report["evaluate"]["results"]}
     assert set(rows) >= {"average", "merged (average + repair)"}
 
@@ -305,12 +400,24 @@ output: {{dir: {tmp_path / "out"}}}
     repaired = output_stats(model, load_file(tmp_path / "out" / "model.safetensors"), xs)
     plain = output_stats(model, averaged(ta, tb, 1.0, 1.0), xs)
     ends = output_stats(model, ta, xs), output_stats(model, tb, xs)
-    for name in ("layers.0", "layers.1"):
+    for name in ("layers.0", "layers.1", "head"):
         target = (ends[0][name][1] + ends[1][name][1]) / 2
         # The averaged model's std is off from the endpoints'; the repaired one's matches.
         assert (plain[name][1] - target).abs().mean() > 10 * (
             repaired[name][1] - target
         ).abs().mean()
+
+    # include_head: false leaves the output layer as averaged, and the report says so.
+    run_cli("run", str(recipe), "--set", "steps.1.repair.include_head=false", "--set",
+            f"output.dir={tmp_path / 'hidden'}", check=True)  # fmt: skip
+    hidden_only = load_file(tmp_path / "hidden" / "model.safetensors")
+    for key in ("head.weight", "head.bias"):
+        torch.testing.assert_close(hidden_only[key], (ta[key] + tb[key]) / 2)
+    report = json.loads((tmp_path / "hidden" / "report.json").read_text())
+    assert report["repair"]["layers"] == 2 and report["repair"]["head_corrected"] is False
+    assert (
+        "the output layer `head` left as merged." in (tmp_path / "hidden" / "report.md").read_text()
+    )
 
 
 def test_repair_follows_execution_order_and_skips_unhooked_layers(images: Tensor) -> None:
@@ -334,7 +441,7 @@ def test_repair_follows_execution_order_and_skips_unhooked_layers(images: Tensor
     merged = averaged(a, b, 1.0, 1.0)
     xs = batches(images)
     result = repair(model, merged, [a, b], torch.tensor([1.0, 1.0]), lambda: iter(xs))
-    assert result.repaired == ["first", "second"]
+    assert result.repaired == ["first", "second", "head"]
     assert list(result.skipped) == ["functional"]
     # `second` was measured after `first` was corrected, so it ends on target.
     after = output_stats(model, result.state_dict, xs)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mergecli.errors import MergeCliError
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
-from mergecli.merge.parameters import count_layers, layer_position, resolve, varying
+from mergecli.merge.parameters import NO_MATCH, count_layers, tensor_values, varying
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import mark_registered, step_method
 from mergecli.state import Checkpoint, MergeState, StateDict
@@ -57,10 +57,16 @@ def merge_method(
         params = _params_model(name, fn)
 
         def run(state: MergeState, options: StepParams) -> None:
-            values = options.model_dump(exclude=set(MergeOptions.model_fields))
+            # The validated values themselves, not a dump: a filter entry dumped to a dict
+            # would no longer be told apart from a gradient.
+            fields = type(options).model_fields
+            values = {k: getattr(options, k) for k in fields if k not in MergeOptions.model_fields}
+            defaults = {k: fields[k].default for k in values if not fields[k].is_required()}
             dtype = COMPUTE_DTYPES[options.compute_dtype]
-            own = _per_model_values(state, params, values, per_model)
-            stream = merge_tensors(state, fn, values, needs_base, compute_dtype=dtype, own=own)
+            own = _per_model_settings(state, params, per_model)
+            stream = merge_tensors(
+                state, fn, values, needs_base, compute_dtype=dtype, own=own, defaults=defaults
+            )
             state.merged = stream if state.streaming else dict(stream)
 
         run.__doc__ = fn.__doc__
@@ -116,18 +122,45 @@ def merge_tensors(
     aligned: bool = True,
     compute_dtype: torch.dtype = torch.float32,
     own: dict[str, list[Any]] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Merge tensor by tensor in ``compute_dtype``; non-floating tensors come from the reference.
 
-    Yields (name, merged tensor) one at a time, so a streaming writer holds one tensor's inputs.
-    ``aligned`` merges the aligned tensors when an align step ran (False: the originals).
+    Returns an iterator of (name, merged tensor), one at a time, so a streaming writer holds one
+    tensor's inputs. ``aligned`` merges the aligned tensors when an align step ran (False: the
+    originals). ``options`` may vary by tensor (see `merge.parameters`); where a list of
+    filters matches no tensor, the checkpoint's own setting (``own``), the step's, then
+    ``defaults`` apply. Every tensor's values are worked out here, before the first tensor is
+    merged, so a recipe that leaves one without a value fails before any work (and, streaming,
+    before anything is written).
     """
-    models = state.models
-    sources = [m.aligned_or_original if aligned else m.tensors for m in models]
-    if not models:
+    if not state.models:
         raise MergeCliError(
             f"{state.loaded.source}: there is no checkpoint to merge besides the base"
         )
+    reference = state.layout
+    names = list(reference)
+    merged = [
+        n
+        for n in names
+        if tensor_dtype(reference, n).is_floating_point and n not in state.copied_from_base
+    ]
+    table = tensor_values(merged, count_layers(names), options, defaults or {}, own or {})
+    return _merge_each(state, fn, table, needs_base, aligned, compute_dtype)
+
+
+def _merge_each(
+    state: MergeState,
+    fn: MergeFunction,
+    table: dict[str, dict[str, Any]],
+    needs_base: bool,
+    aligned: bool,
+    compute_dtype: torch.dtype,
+) -> Iterator[tuple[str, Tensor]]:
+    """Merge the tensors in ``table`` with their parameter values; the others come as they are
+    from the reference."""
+    models = state.models
+    sources = [m.aligned_or_original if aligned else m.tensors for m in models]
     weights = torch.tensor(
         [m.spec.weight for m in models], dtype=compute_dtype, device=state.device
     )
@@ -135,10 +168,8 @@ def merge_tensors(
     takes_base = "base" in inspect.signature(fn).parameters
     reference = state.layout
     names = list(reference)
-    layers = count_layers(names)
     for name in state.log.progress(names, len(names), "merging tensors"):
-        dtype = tensor_dtype(reference, name)
-        if not dtype.is_floating_point or name in state.copied_from_base:
+        if name not in table:
             yield name, reference[name]
             continue
         # Each input is converted straight into its row: no float32 copy beside the stack.
@@ -152,27 +183,13 @@ def merge_tensors(
             extra["base"] = base.to(state.device, compute_dtype)
         if takes_generator:
             extra["generator"] = _generator_for(state.loaded.recipe.seed, name, state.device)
-        position = layer_position(name, layers)
-        values = {key: resolve(value, name, position) for key, value in options.items()}
-        for key, per_model in (own or {}).items():
-            values[key] = [resolve(value, name, position) for value in per_model]
-        unset = [
-            key
-            for key, value in values.items()
-            if value is None or (isinstance(value, list) and None in value)
-        ]
-        if unset:
-            raise MergeCliError(
-                f"merge: no value of {', '.join(unset)} applies to tensor '{name}'; add an "
-                "entry without `filter` as the last one"
-            )
-        result = fn(stack, weights=weights, **extra, **values)
+        result = fn(stack, weights=weights, **extra, **table[name])
         if result.numel() and not _finite(result):
             raise MergeCliError(
                 f"merge: tensor '{name}' came out with NaN or inf values; check the method's "
                 "parameters (e.g. weights that sum to 0)"
             )
-        yield name, result.to(dtype).cpu()
+        yield name, result.to(tensor_dtype(reference, name)).cpu()
 
 
 def _finite_input(state: MergeState, model: Checkpoint, source: StateDict, name: str) -> Tensor:
@@ -194,20 +211,18 @@ def _finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor.amax()) & torch.isfinite(tensor.amin()))
 
 
-def _per_model_values(
-    state: MergeState, params: type[StepParams], values: dict[str, Any], names: tuple[str, ...]
+def _per_model_settings(
+    state: MergeState, params: type[StepParams], names: tuple[str, ...]
 ) -> dict[str, list[Any]]:
-    """Per parameter that some checkpoint sets for itself, every model's value (in model order;
-    the step's value where a checkpoint sets none), validated like the step's own."""
+    """Per parameter that some checkpoint sets for itself, every model's setting (in model
+    order; ``NO_MATCH`` where a checkpoint sets none), validated like the step's own."""
     own: dict[str, list[Any]] = {}
     for key in names:
         settings = [m.spec.parameters or {} for m in state.models]
         if not any(key in setting for setting in settings):
             continue
         own[key] = [
-            getattr(params.model_validate({key: setting[key]}), key)
-            if key in setting
-            else values[key]
+            getattr(params.model_validate({key: setting[key]}), key) if key in setting else NO_MATCH
             for setting in settings
         ]
     return own

@@ -115,7 +115,7 @@ def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> 
         at = ("steps", step.index, step.kind)
         problems += [where((*at, *key), message)
                      for key, message in step.params.recipe_problems(recipe)]  # fmt: skip
-    problems += _per_model_problems(recipe, steps, data, where)
+    problems += _per_model_problems(recipe, data, where)
     if problems:
         raise RecipeError(problems)
     return LoadedRecipe(recipe, steps, where.filename, warnings)
@@ -181,14 +181,19 @@ def _validate_step(
     return StepSpec(index, kind, method, validated)
 
 
-def _per_model_problems(
-    recipe: Recipe, steps: list[StepSpec], data: dict[str, Any], where: Locator
-) -> list[str]:
-    """`checkpoints[].parameters` must be per-model parameters of the recipe's merge steps."""
-    from mergecli.registry import methods_of
+def _per_model_problems(recipe: Recipe, data: dict[str, Any], where: Locator) -> list[str]:
+    """`checkpoints[].parameters` must be per-model parameters of the recipe's merge steps
+    (those naming a known method, valid or not: their own problems are reported apart)."""
+    from mergecli.registry import default_method, methods_of
 
     problems = []
-    merges = [methods_of("merge")[s.method] for s in steps if s.kind == "merge"]
+    available = methods_of("merge")
+    named = [
+        step["merge"].get("method", default_method("merge"))
+        for step in recipe.steps
+        if isinstance(step, dict) and isinstance(step.get("merge"), dict)
+    ]
+    merges = [available[name] for name in named if isinstance(name, str) and name in available]
     for index, checkpoint in enumerate(recipe.checkpoints):
         for key, value in (checkpoint.parameters or {}).items():
             at = ("checkpoints", index, "parameters", key)
@@ -203,7 +208,7 @@ def _per_model_problems(
                 try:
                     method.params.model_validate({key: value})
                 except ValidationError as exc:
-                    problems.append(where(at, exc.errors()[0]["msg"]))
+                    problems += validation_problems(exc, method.params, at[:-1], data, where)
                     break
     return problems
 

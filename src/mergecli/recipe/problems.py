@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 
 from mergecli.recipe.yaml_lines import Path_
 
@@ -105,8 +105,14 @@ def _allowed_keys(model: type[BaseModel], loc: Path_) -> list[str]:
     annotation: Any = model
     for part in loc:
         annotation = _unwrap(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            field = annotation.model_fields.get(str(part))
+        tagged = _tagged_member(annotation, part)
+        if tagged is not None:
+            annotation = tagged  # a form of a tagged union (e.g. a parameter's list of filters)
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields = annotation.model_fields
+            field = fields.get(str(part)) or next(
+                (f for f in fields.values() if f.alias == part), None
+            )
             if field is None:
                 return []
             annotation = field.annotation
@@ -120,8 +126,22 @@ def _allowed_keys(model: type[BaseModel], loc: Path_) -> list[str]:
     return []
 
 
+def _tagged_member(annotation: Any, part: str | int) -> Any:
+    """The member of a union marked ``Tag(part)``, if there is one."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    for member in typing.get_args(annotation):
+        if typing.get_origin(member) is typing.Annotated:
+            tags = [m.tag for m in member.__metadata__ if isinstance(m, Tag)]
+            if part in tags:
+                return member
+    return None
+
+
 def _unwrap(annotation: Any) -> Any:
-    """``X | None`` -> ``X``."""
+    """``Annotated[X, ...]`` -> ``X``; ``X | None`` -> ``X``."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return args[0] if len(args) == 1 else annotation

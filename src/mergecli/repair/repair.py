@@ -52,16 +52,24 @@ def channels_of(layer: nn.Module, output: Tensor) -> Tensor:
     return output.transpose(0, 1).reshape(output.shape[1], -1).T
 
 
-def repairable_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The Linear/Conv layers REPAIR corrects: all but the last in ``named_modules()`` order.
+def repairable_layers(module: nn.Module, include_head: bool = True) -> list[tuple[str, nn.Module]]:
+    """The Linear/Conv layers REPAIR corrects: all of them, or all but the head.
 
-    The last one produces the model's output (the classifier head in every built-in and in
-    the usual user model); its statistics are the logits, which REPAIR leaves alone. Taking
-    registration order rather than matching output sizes keeps the rule simple and robust
-    when a hidden width happens to equal the number of classes.
+    The head is the last one in ``named_modules()`` order: it produces the model's output (the
+    classifier in every built-in and in the usual user model). The REPAIR notebooks correct it
+    too (the logits' per-class mean and std are set to the endpoints' mix like any layer's);
+    ``include_head=False`` leaves it as merged. Taking registration order rather than matching
+    output sizes keeps the rule simple and robust when a hidden width happens to equal the
+    number of classes.
     """
     layers = [(n, m) for n, m in module.named_modules() if isinstance(m, REPAIRABLE)]
-    return layers[:-1]
+    return layers if include_head else layers[:-1]
+
+
+def head_layer(module: nn.Module) -> str | None:
+    """The name of the layer `repairable_layers` takes for the head (None: there is none)."""
+    layers = repairable_layers(module)
+    return layers[-1][0] if layers else None
 
 
 class _StopForward(Exception):
@@ -157,6 +165,7 @@ def repair(
     weights: Tensor,
     inputs: Callable[[], Iterable[Tensor]],
     eps: float = 1e-5,
+    include_head: bool = True,
 ) -> RepairResult:
     """REPAIR (Jordan et al., 2022) of ``merged``, a merge of ``endpoints`` with ``weights``.
 
@@ -164,7 +173,8 @@ def repair(
     same unit in every model. ``weights`` are normalised to sum 1. ``inputs()`` yields the same
     input batches each time it is called. Layers are corrected in the order they run and each
     one is measured after the corrections upstream of it, so every corrected layer ends with exactly
-    the target statistics on these inputs.
+    the target statistics on these inputs. ``include_head``: correct the output layer too, as
+    the paper's notebooks do (see `repairable_layers`).
     """
     from mergecli.models import load_into_model
 
@@ -174,7 +184,7 @@ def repair(
             f"must be >= 0 with a positive sum (got {weights.tolist()})"
         )
     weights = weights / weights.sum()
-    candidates = dict(repairable_layers(module))
+    candidates = dict(repairable_layers(module, include_head))
     result = RepairResult(state_dict=dict(merged))
 
     # The endpoints' statistics do not depend on the correction: one pass each, all layers.

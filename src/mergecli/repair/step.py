@@ -7,7 +7,8 @@ activations ("variance collapse"), which compounds with depth. Two repairs:
   over ``data.fit`` (the usual fix after weight averaging, e.g. in Git Re-Basin).
 - ``repair``: networks without BatchNorm get REPAIR (Jordan et al., 2022): every layer's
   per-channel output mean and std are set to the interpolation of the endpoints' statistics,
-  and the correction is folded into the layer's weight and bias.
+  and the correction is folded into the layer's weight and bias; the output layer (the logits)
+  too unless ``include_head: false``, as in the paper's notebooks.
 
 The math lives in plain functions over modules and input batches; the step wrappers only load
 state dicts and data and write the results back.
@@ -26,7 +27,7 @@ from mergecli.errors import MergeCliError
 from mergecli.models.batchnorm import batch_norms, batchnorm_buffers, reset_batchnorm_stats
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
-from mergecli.repair.repair import repair
+from mergecli.repair.repair import head_layer, repair
 from mergecli.state import MergeState, StateDict
 
 
@@ -85,6 +86,9 @@ def reset_bn(state: MergeState, params: ResetBNParams) -> None:
 class RepairParams(StepParams):
     batches: int | None = Field(default=10, ge=1)
     eps: float = Field(default=1e-5, ge=0)
+    # Correct the output layer (the logits) too, as the REPAIR notebooks do; false leaves it
+    # as merged.
+    include_head: bool = True
 
 
 @step_method("repair", "repair", RepairParams, needs=("model", "data.fit"))
@@ -101,9 +105,9 @@ def repair_step(state: MergeState, params: RepairParams) -> None:
     available = -(-len(state.data("fit")) // state.batch_size("fit"))
     used = available if params.batches is None else min(params.batches, available)
     weights = torch.tensor([m.spec.weight for m in state.models], dtype=torch.float64)
-    result = repair(
-        module, merged, [m.aligned_or_original for m in state.models], weights, inputs, params.eps
-    )
+    endpoints = [m.aligned_or_original for m in state.models]
+    head = head_layer(module)
+    result = repair(module, merged, endpoints, weights, inputs, params.eps, params.include_head)
     state.merged = result.state_dict
     if result.scale_only:
         state.log.warn(
@@ -113,5 +117,15 @@ def repair_step(state: MergeState, params: RepairParams) -> None:
     for name, why in result.skipped.items():
         state.log.warn(f"repair: left layer '{name}' as it is: {why}")
     layers = len(result.repaired) + len(result.scale_only)
-    state.log.info(f"repair: corrected {layers} layers over {used} batches")
-    state.report["repair"] = {"method": "repair", "layers": layers, "batches": used}
+    corrected = [*result.repaired, *result.scale_only]
+    head_done = head is not None and head in corrected
+    which = f"the output layer '{head}' too" if head_done else "not the output layer"
+    state.log.info(f"repair: corrected {layers} layers over {used} batches ({which})")
+    state.report["repair"] = {
+        "method": "repair",
+        "layers": layers,
+        "batches": used,
+        "include_head": params.include_head,
+        "head": head,
+        "head_corrected": head_done,
+    }
