@@ -119,10 +119,10 @@ def test_mlp_spec_groups_and_members() -> None:
     assert members == {
         ("layers.0.weight", 0, "out"),
         ("layers.0.bias", 0, "out"),
-        ("norms.0.weight", 0, "norm"),
-        ("norms.0.bias", 0, "norm"),
-        ("norms.0.running_mean", 0, "norm"),
-        ("norms.0.running_var", 0, "norm"),
+        ("norms.0.weight", 0, "unit_norm"),
+        ("norms.0.bias", 0, "unit_norm"),
+        ("norms.0.running_mean", 0, "unit_norm"),
+        ("norms.0.running_var", 0, "unit_norm"),
         ("layers.1.weight", 1, "in"),
     }
     # Input and output axes are never permuted.

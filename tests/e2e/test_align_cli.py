@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import ROOT, run_cli, write_recipe
+from helpers import ROOT, SMALL_MLP, run_cli, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -192,3 +192,88 @@ def test_user_cnn_whose_classifier_reads_flattened_conv_maps(tmp_path: Path) -> 
     run_cli("run", str(recipe), check=True)
     found = rows(tmp_path / "out")
     assert found["aligned average"]["accuracy"] >= found["average"]["accuracy"] + 0.2
+
+
+def test_cca_names_dead_units_per_model(tmp_path: Path, trained_pair) -> None:
+    # Units whose incoming weights are zero and whose bias is negative never fire: a ReLU
+    # that is dead on any data. Each model's line lists its groups with their counts.
+    from safetensors.torch import save_file
+
+    killed = {0: {"layers.0": [0, 1, 2]}, 1: {"layers.0": [7], "layers.1": [3, 4]}}
+    pair = []
+    for index, path in enumerate(trained_pair):
+        tensors = load_file(path)
+        for layer, units in killed[index].items():
+            tensors[f"{layer}.weight"][units] = 0
+            tensors[f"{layer}.bias"][units] = -1
+        out = tmp_path / f"dead{index}.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            save_file(tensors, out, metadata=handle.metadata())
+        pair.append(out)
+    recipe = align_recipe(tmp_path, (pair[0], pair[1]), "{method: cca}", fit=True)
+    result = run_cli("--log", "plain", "run", str(recipe), check=True)
+    lines = [line for line in result.stderr.splitlines() if "has dead units" in line]
+    assert len(lines) == 2, result.stderr
+    for line, path in zip(lines, pair, strict=True):
+        counts = _dead_relus(path)  # the killed units and any that training left dead
+        listed = ", ".join(f"{layer} {n}" for layer, n in counts.items() if n)
+        assert line.endswith(
+            f"warning: cca: {path.stem} has dead units (constant on data.fit) in "
+            f"{sum(n > 0 for n in counts.values())} group(s): {listed}; no data decides their "
+            "map, so they are paired with the other model's uncorrelated units in unit order"
+        ), line
+    assert _dead_relus(pair[0])["layers.0"] >= 3 and _dead_relus(pair[1])["layers.1"] >= 2
+    # An MLP without BatchNorm: nothing falls back to permutations, nothing to reset.
+    assert "aligned by permutation" not in result.stderr
+    assert "pass through BatchNorm" not in result.stderr
+    found = rows(tmp_path / "out")
+    assert found["aligned average"]["accuracy"] > found["average"]["accuracy"]
+
+
+def _dead_relus(path: Path) -> dict[str, int]:
+    """Hidden units of a saved 3-layer MLP that are zero on every example of data.fit."""
+    from mergecli.data import load_data
+
+    tensors = load_file(path)
+    h = load_data({"source": "mnist", "split": "3000:4000"}).x.flatten(1)
+    counts = {}
+    for layer in ("layers.0", "layers.1"):
+        h = (h @ tensors[f"{layer}.weight"].T + tensors[f"{layer}.bias"]).relu()
+        counts[layer] = int((h == 0).all(0).sum())
+    return counts
+
+
+def test_cca_through_batchnorm(tmp_path: Path) -> None:
+    # Two BatchNorm MLPs: every group passes a BatchNorm, so cca maps them all (no fallback to
+    # permutations), warns when no reset_bn follows, and folding the norms' scales into the
+    # layers (batchnorm: fold) merges better than mapping the norms as the paper's code does.
+    pair = []
+    for seed in (0, 1):
+        out = tmp_path / f"bn{seed}.safetensors"
+        run_cli(
+            "--log", "plain", "train", *SMALL_MLP, "--arg", "batchnorm=true",
+            "--data", "mnist:0:3000", "--epochs", "3", "--seed", str(seed), "--out", str(out),
+            check=True,
+        )  # fmt: skip
+        pair.append(out)
+    accuracy = {}
+    for batchnorm in ("paper", "fold"):
+        recipe = tmp_path / f"{batchnorm}.yaml"
+        recipe.write_text(
+            f"version: 1\ncheckpoints: [{{path: {pair[0]}}}, {{path: {pair[1]}}}]\n"
+            'data: {fit: {source: mnist, split: "3000:5000"}, eval: {source: mnist, split: '
+            '"9000:"}}\n'
+            f"steps: [{{align: {{method: cca, batchnorm: {batchnorm}}}}}, {{merge: average}}, "
+            "{repair: reset_bn}, {evaluate: {baselines: []}}]\n"
+            f"output: {{dir: {tmp_path / batchnorm}}}\n"
+        )
+        result = run_cli("--log", "plain", "run", str(recipe), check=True)
+        assert "aligned by permutation" not in result.stderr, result.stderr
+        assert "pass through BatchNorm" not in result.stderr, result.stderr
+        accuracy[batchnorm] = rows(tmp_path / batchnorm)["merged"]["accuracy"]
+    assert accuracy["fold"] > accuracy["paper"] + 0.005, accuracy
+    # Without a reset the mapped running statistics are an estimate, and the log says so.
+    recipe.write_text(recipe.read_text().replace("{repair: reset_bn}, ", ""))
+    result = run_cli("--log", "plain", "run", str(recipe), check=True)
+    assert "pass through BatchNorm" in result.stderr and "add `repair: {method: reset_bn}`" \
+        in result.stderr  # fmt: skip

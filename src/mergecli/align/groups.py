@@ -13,7 +13,7 @@ from typing import Literal
 
 from mergecli.errors import MergeCliError
 
-Role = Literal["out", "in", "norm"]
+Role = Literal["out", "in", "norm", "unit_norm"]
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,17 @@ class AxisSlice:
     """``length`` units of ``tensor`` along ``axis`` starting at ``offset``.
 
     ``role`` says how a general linear map M (CCA) acts there: ``out`` produces the units
-    (W -> M W), ``in`` consumes them (W -> W M^-1), ``norm`` scales them one by one.
+    (W -> M W), ``in`` consumes them (W -> W M^-1); ``unit_norm`` is a parameter or running
+    statistic of a norm whose statistics are each unit's own (BatchNorm, InstanceNorm), which
+    M maps as CCA Merge does (mean and affine M v, variance (M∘M) v) until the statistics are
+    recomputed; ``norm`` scales units one by one with statistics across units or no statistics
+    at all (LayerNorm, GroupNorm, PReLU, depthwise conv), which only a permutation passes.
     Each unit spans ``inner`` consecutive entries of the axis (a channel flattened together
     with the positions after it, as a classifier after a conv stack sees it); ``offset`` and
     ``length`` count units, so the slice covers entries [offset * inner, (offset + length) *
-    inner).
+    inner). A BatchNorm's members name the layer whose output only it reads (``producer``, a
+    tensor prefix such as ``layer1.0.conv1.``) and its ``eps``, so that CCA can fold the norm's
+    scale into that layer before mapping.
     """
 
     tensor: str
@@ -34,6 +40,8 @@ class AxisSlice:
     length: int
     role: Role
     inner: int = 1
+    producer: str | None = None
+    eps: float | None = None
 
 
 @dataclass(frozen=True)

@@ -158,10 +158,18 @@ class _SpecBuilder:
             for element, _ in value.blocks:
                 self.units.join(_Units.FIXED, element)
 
-    def _member(self, feature: _Feature, tensor: str, axis: int, role: Role) -> None:
+    def _member(
+        self,
+        feature: _Feature,
+        tensor: str,
+        axis: int,
+        role: Role,
+        producer: str | None = None,
+        eps: float | None = None,
+    ) -> None:
         offset = 0
         for element, length in feature.blocks:
-            member = AxisSlice(tensor, axis, offset, length, role, feature.inner)
+            member = AxisSlice(tensor, axis, offset, length, role, feature.inner, producer, eps)
             self.members.append((element, member))
             offset += length
 
@@ -255,8 +263,9 @@ class _SpecBuilder:
             return self._new(prefix, module.embedding_dim, ndim - 1, False, weight_axis=1)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return self._norm(
-                x, 1, prefix, module, ("weight", "bias", "running_mean", "running_var")
-            )
+                x, 1, prefix, module, ("weight", "bias", "running_mean", "running_var"),
+                role="unit_norm", producer=self._sole_producer(node, module),
+            )  # fmt: skip
         if isinstance(module, nn.LayerNorm):
             if len(module.normalized_shape) != 1:
                 raise _Unhandled("normalises over several axes")
@@ -265,8 +274,9 @@ class _SpecBuilder:
             return self._norm(x, ndim - 1, prefix, module, ("weight", "bias"))
         if isinstance(module, nn.modules.instancenorm._InstanceNorm):
             return self._norm(
-                x, 1, prefix, module, ("weight", "bias", "running_mean", "running_var")
-            )
+                x, 1, prefix, module, ("weight", "bias", "running_mean", "running_var"),
+                role="unit_norm",
+            )  # fmt: skip
         if isinstance(module, nn.PReLU):
             if module.num_parameters == 1:
                 return x
@@ -322,14 +332,37 @@ class _SpecBuilder:
         output = self._new(f"{prefix}out_proj.", out.out_features, axis, out.bias is not None)
         return (output, FIXED_TENSOR)
 
-    def _norm(self, x: Any, axis: int, prefix: str, module: nn.Module, names: tuple) -> Any:
+    def _norm(
+        self,
+        x: Any,
+        axis: int,
+        prefix: str,
+        module: nn.Module,
+        names: tuple,
+        role: Role = "norm",
+        producer: str | None = None,
+    ) -> Any:
         feature = self._require(x, axis, type(module).__name__)
         if feature is None:
             return FIXED_TENSOR
+        eps = float(getattr(module, "eps", 0.0)) if producer else None
         for name in names:
             if getattr(module, name, None) is not None:
-                self._member(feature, f"{prefix}{name}", 0, "norm")
+                self._member(feature, f"{prefix}{name}", 0, role, producer, eps)
         return feature
+
+    def _sole_producer(self, node: fx.Node, module: nn.Module) -> str | None:
+        """The Linear or conv whose output only this BatchNorm reads (its scale can be folded
+        into that layer's rows), if there is one and the norm has weights and statistics."""
+        source = node.args[0] if node.args else None
+        if not (getattr(module, "affine", False) and getattr(module, "track_running_stats", False)):
+            return None
+        if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
+            return None
+        layer = self.gm.get_submodule(str(source.target))
+        dense = isinstance(layer, nn.Linear)
+        conv = isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.groups == 1
+        return f"{source.target}." if dense or conv else None
 
     def _function(self, node: fx.Node) -> Any:
         target = node.target

@@ -10,13 +10,13 @@ import torch
 from pydantic import ConfigDict, Field
 
 from mergecli.align.activation_matching import match_activations
-from mergecli.align.activations import check_finite, pair_statistics
-from mergecli.align.cca import cca_transform
+from mergecli.align.activations import PairStatistics, check_finite, pair_statistics
+from mergecli.align.cca import cca_transform, constant_units
 from mergecli.align.groups import PermutationSpec
 from mergecli.align.permute import check_spec
 from mergecli.align.spec import derive_spec
 from mergecli.align.tracing import trace
-from mergecli.align.transform import Transforms, apply_transforms
+from mergecli.align.transform import BatchNormMapping, Transforms, apply_transforms, fold_norms
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
 from mergecli.models.metadata import model_metadata
@@ -49,6 +49,9 @@ class ActivationMatchingParams(AlignParams):
 class CCAParams(AlignParams):
     gamma: float = Field(default=1.0, ge=0)
     batches: int | None = Field(default=None, ge=1)
+    # paper: M on a conv's outputs and its BatchNorm's affine and mean, as CCA Merge does;
+    # fold: the norm's scale folded into the conv first, so M acts where CCA measured it.
+    batchnorm: BatchNormMapping = "paper"
 
 
 def permutation_spec(state: MergeState) -> PermutationSpec:
@@ -99,23 +102,77 @@ def align_activation_matching(state: MergeState, params: ActivationMatchingParam
 @step_method("align", "cca", CCAParams, needs=("model", "data.fit"))
 def align_cca(state: MergeState, params: CCAParams) -> None:
     """CCA Merge (Horoi et al., 2024): linear maps from canonical correlation analysis."""
+    spec = permutation_spec(state)
+    # Norms with statistics across units (LayerNorm, GroupNorm) or per-unit weights that no
+    # map can pass (PReLU, depthwise conv) keep a permutation; BatchNorm takes the map.
+    fallback = {g.name for g in spec.groups if any(m.role == "norm" for m in g.members)}
+    if fallback and params.from_ is None:
+        state.log.warn(
+            f"cca: {len(fallback)} group(s) pass through LayerNorm, GroupNorm, PReLU or a "
+            "depthwise conv, which only a permutation passes, and are aligned by permutation "
+            f"(activation matching): {', '.join(sorted(fallback))}"
+        )
+    _warn_without_reset_bn(state, spec, fallback)
+    reported: set[str] = set()
 
     def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
         stats = _statistics(state, spec, other, params.batches)
-        # Norm layers scale units one by one, which only a permutation preserves.
-        with_norms = {g.name for g in spec.groups if any(m.role == "norm" for m in g.members)}
-        transforms = match_activations({n: s for n, s in stats.items() if n in with_norms})
+        mapped = {n: s for n, s in stats.items() if n not in fallback}
+        _warn_constant_units(state, mapped, other, reported)
+        transforms = match_activations({n: s for n, s in stats.items() if n in fallback})
         for name, s in stats.items():
-            if name not in with_norms:
-                transforms[name] = torch.stack(cca_transform(s, params.gamma)).float().cpu()
-        if with_norms:
-            state.log.warn(
-                f"cca: {len(with_norms)} group(s) pass through norm layers and are aligned by "
-                f"permutation (activation matching): {', '.join(sorted(with_norms))}"
-            )
+            if name not in fallback:
+                transforms[name] = torch.stack(cca_transform(s, params.gamma)).cpu()
         return transforms
 
-    _align(state, params, "cca", compute)
+    _align(state, params, "cca", compute, params.batchnorm)
+    if params.batchnorm == "fold":
+        _fold_reference(state, spec)
+
+
+def _fold_reference(state: MergeState, spec: PermutationSpec) -> None:
+    """With ``batchnorm: fold`` the others are in the reference's folded basis: fold it too
+    (the same function in eval mode), so that merges average like with like."""
+    saved = state.artifacts[ALIGNMENT_FILE][0]
+    mapped = {key.rpartition("/")[2] for key, t in saved.items() if t.dim() > 1}
+    reference = state.reference
+    reference.aligned = fold_norms(reference.tensors, spec, mapped)
+    for checkpoint in state.models:
+        if checkpoint is not reference and checkpoint.aligned is not None:
+            distance = state.report["align"]["weight_distance"][checkpoint.name]
+            distance["after"] = _distance(reference.aligned, checkpoint.aligned)
+
+
+def _warn_without_reset_bn(state: MergeState, spec: PermutationSpec, fallback: set[str]) -> None:
+    """Mapped BatchNorm running statistics are an estimate: say so unless a reset follows."""
+    mapped = sorted(
+        g.name
+        for g in spec.groups
+        if g.name not in fallback and any(m.tensor.endswith("running_var") for m in g.members)
+    )
+    later = state.steps_after()
+    if mapped and not any(s.method == "reset_bn" or s.kind == "fit" for s in later):
+        state.log.warn(
+            f"cca: {len(mapped)} group(s) pass through BatchNorm, whose running statistics "
+            "are mapped as if the units were uncorrelated (an estimate) and no reset_bn follows; "
+            "add `repair: {method: reset_bn}` after the merge to recompute them"
+        )
+
+
+def _warn_constant_units(
+    state: MergeState, stats: dict[str, PairStatistics], other: Checkpoint, reported: set[str]
+) -> None:
+    """One line per model: the groups with units that are constant on data.fit, and how many."""
+    counts = {name: constant_units(s) for name, s in stats.items()}
+    for index, model in enumerate((state.reference.name, other.name)):
+        found = [f"{name} {c[index]}" for name, c in counts.items() if c[index]]
+        if found and model not in reported:
+            reported.add(model)
+            state.log.warn(
+                f"cca: {model} has dead units (constant on data.fit) in {len(found)} group(s): "
+                f"{', '.join(found)}; no data decides their map, so they are paired with the "
+                "other model's uncorrelated units in unit order"
+            )
 
 
 def _statistics(state: MergeState, spec: PermutationSpec, other: Checkpoint, limit: int | None):
@@ -143,6 +200,7 @@ def _align(
     params: AlignParams,
     method: str,
     compute: Callable[[PermutationSpec, Checkpoint], Transforms],
+    batchnorm: BatchNormMapping = "paper",
 ) -> None:
     spec = permutation_spec(state)
     reference = state.reference
@@ -161,7 +219,7 @@ def _align(
             transforms = saved[checkpoint.name]
         else:
             transforms = compute(spec, checkpoint)
-        checkpoint.aligned = apply_transforms(checkpoint.tensors, spec, transforms)
+        checkpoint.aligned = apply_transforms(checkpoint.tensors, spec, transforms, batchnorm)
         for group, tensor in transforms.items():
             to_save[f"{checkpoint.name}/{group}"] = tensor.contiguous()
         distances[checkpoint.name] = {

@@ -38,7 +38,10 @@ def analyze_interpolation(state: MergeState, params: InterpolationParams) -> Non
         "naive": (first.name, second.name, first.tensors, second.tensors)
     }
     if aligned is not None:
-        available["aligned"] = (first.name, f"{second.name} (aligned)", first.tensors, aligned)
+        # The reference's own aligned tensors: the same function, maybe reparametrised (cca's
+        # batchnorm: fold), in the basis the other was mapped into.
+        start = first.aligned_or_original
+        available["aligned"] = (first.name, f"{second.name} (aligned)", start, aligned)
     if "fit" in state.report and isinstance(state.merged, dict):
         average = average_state_dicts([c.aligned_or_original for c in state.models])
         available["fit"] = ("aligned average", "NP Merge", average, state.merged)
