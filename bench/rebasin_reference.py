@@ -10,9 +10,12 @@ prints the time ratio, how many groups agree and both objectives (sum of <A, P(B
 matched weights).
 
 With `--spread`, the aligned average's accuracy on MNIST test (2,000 images) of the demo MLP
-pair for seeds 0..9, with restarts=1 and with each restarts=N: min / median / max.
+pair for seeds 0..9, with restarts=1 and with each restarts=N: min / median / max. With
+`--recovery NOISE...`, which groups' permutations are found on a trained ResNet-20 against a
+permuted copy of itself plus noise: by ours, by the paper's, and by ours with the BatchNorm
+running statistics put in the cost as if they were weights.
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/rebasin_reference.py [--repeats 3]
-     [--spread --restarts 4 8 16 32] [--skip-compare]
+     [--spread --restarts 4 8 16 32] [--recovery 0 0.1 0.3 1] [--skip-compare]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from mergecli.align.groups import PermutationSpec
-from mergecli.align.permute import apply_permutations
+from mergecli.align.permute import apply_permutations, random_permutations
 from mergecli.align.spec import derive_spec
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.data.sources import load_data
@@ -116,6 +120,44 @@ def compare(label: str, spec: PermutationSpec, a, b, repeats: int, seed: int = 0
     )
 
 
+def recovery(noises: list[float]) -> None:
+    """A trained ResNet-20 against a randomly permuted copy of itself with Gaussian noise of
+    ``noise`` x each tensor's std on every floating tensor: groups whose permutation is found."""
+    pair = checkpoint_pair("resnet20")
+    if pair is None:
+        return
+    a = pair[0]
+    spec = derive_spec(build_model("resnet20", {"in_channels": 1}), torch.zeros(2, 1, 28, 28))
+    truth = random_permutations(spec, torch.Generator().manual_seed(1))
+    undo = {g: torch.argsort(p) for g, p in truth.items()}
+    axes = paper_spec(spec, {n: tuple(t.shape) for n, t in a.items()})
+    for noise in noises:
+        generator = torch.Generator().manual_seed(2)
+        b = {
+            k: v + noise * v.std() * torch.randn(v.shape, generator=generator)
+            if v.is_floating_point() and v.numel() > 1
+            else v
+            for k, v in apply_permutations(a, spec, truth).items()
+        }
+        found = {
+            "ours": weight_matching(spec, a, b),
+            "with running statistics in the cost": weight_matching(
+                replace(spec, buffers=frozenset()), a, b
+            ),
+            "paper": {
+                g: torch.as_tensor(p)
+                for g, p in rebasin_weight_matching(
+                    axes, *({n: t.double().numpy() for n, t in s.items()} for s in (a, b)), 0
+                ).items()
+            },
+        }
+        counts = ", ".join(
+            f"{name} {sum(torch.equal(perms[g], undo[g]) for g in undo)}/{len(undo)}"
+            for name, perms in found.items()
+        )
+        print(f"resnet20 x1 trained, permuted copy + noise {noise}: groups recovered: {counts}")
+
+
 def checkpoint_pair(stem: str) -> tuple[dict, dict] | None:
     paths = [Path(f"runs/{stem}-seed{seed}.safetensors") for seed in (0, 1)]
     if not all(p.exists() for p in paths):
@@ -164,6 +206,7 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, nargs="+", default=[8])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--skip-compare", action="store_true")
+    parser.add_argument("--recovery", type=float, nargs="*", help="noise levels (x tensor std)")
     args = parser.parse_args()
     if not args.skip_compare:
         pair = checkpoint_pair("mlp8")
@@ -180,6 +223,8 @@ def main() -> None:
         spec = derive_spec(models[0], torch.zeros(2, 3, 32, 32))
         a, b = (m.state_dict() for m in models)
         compare("resnet20 x4, random init", spec, a, b, args.repeats)
+    if args.recovery:
+        recovery(args.recovery)
     if args.spread:
         spread(args.restarts, args.seeds)
 
