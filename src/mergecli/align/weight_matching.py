@@ -41,6 +41,15 @@ class MatchingStats:
 
 
 @dataclass
+class _Matched:
+    """The weights as weight matching sees them: its spec, and both models' tensors."""
+
+    spec: PermutationSpec
+    reference: StateDict
+    other: StateDict
+
+
+@dataclass
 class _Shift:
     """How one permuted axis moves B's rows: gather[at] += (perm[source] - unit) * stride."""
 
@@ -103,7 +112,7 @@ def weight_matching(
     # launches and copies dominate, so it is one gather and one matmul.
     per_block = torch.device(device).type == "cpu"
     weights = weights_only(spec)
-    costs, flat, perms = prepare(weights, reference, other, device, per_block)
+    costs, flat, perms, matched = prepare(weights, reference, other, device, per_block)
     stats.setup_seconds += time.perf_counter() - start
     identity = flat.copy()
     version = dict.fromkeys(perms, 0)
@@ -121,7 +130,8 @@ def weight_matching(
             if improved == 0.0:
                 break
         found = {name: torch.tensor(p, dtype=torch.int64) for name, p in perms.items()}
-        score = objective(weights, reference, other, found)
+        # On the device the matrices were copied to, without copying them again.
+        score = objective(matched.spec, matched.reference, matched.other, found)
         stats.objectives.append(score)
         if score > best_score:
             best_score, best = score, found
@@ -150,7 +160,9 @@ def objective(
     weights = weights_only(spec)
     names = sorted(weights.tensors())
     permuted = apply_permutations({n: other[n] for n in names}, weights, perms)
-    return float(sum(torch.sum(reference[n].double() * permuted[n].double()) for n in names))
+    # Every product is queued before the first float() waits for the device.
+    products = [torch.sum(reference[n].double() * permuted[n].double()) for n in names]
+    return sum(float(p) for p in products)
 
 
 def _sweep(
@@ -184,8 +196,9 @@ def prepare(
     other: StateDict,
     device: torch.device | str,
     per_block: bool,
-) -> tuple[dict[str, _GroupCost], np.ndarray, dict[str, np.ndarray]]:
-    """Every group's cost layout, and identity permutations as views into one flat array."""
+) -> tuple[dict[str, _GroupCost], np.ndarray, dict[str, np.ndarray], _Matched]:
+    """Every group's cost layout, identity permutations as views into one flat array, and the
+    weights as matched (flattened units split, matrices on the device) for the objective."""
     # A flattened unit's run of entries becomes an axis of its own, so below every member's
     # units are whole rows of one axis.
     spec, views = split_flattened(spec, {name: t.shape for name, t in reference.items()})
@@ -219,7 +232,7 @@ def prepare(
         g.name: _lay_out(g, plans[g.name], reference, other, a, b, device) for g in spec.groups
     }
     perms = {g.name: flat[offsets[g.name] : offsets[g.name] + g.size] for g in spec.groups}
-    return costs, flat, perms
+    return costs, flat, perms, _Matched(spec, {**reference, **a}, {**other, **b})
 
 
 def current_cost(entry: _GroupCost, flat: np.ndarray, version: dict[str, int]) -> np.ndarray:
