@@ -41,7 +41,8 @@ runs/resnet20-seed%.safetensors: | $(VENV)/.installed
 	$(BIN)/mergecli --log plain train --arch resnet20 --arg in_channels=1 \
 		--data mnist:train --eval-data mnist:test --epochs 2 --seed $* --out $@
 
-# BatchNorm networks: align, average, recompute the BN statistics (a few minutes on 2 cores).
+# BatchNorm networks: align (activation matching), average, recompute the BN statistics;
+# training the pair takes 10-20 minutes on 2 cores (README, "The demo").
 demo-resnet: $(VENV)/.installed runs/resnet20-seed0.safetensors runs/resnet20-seed1.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-resnet20-reset-bn.yaml
 
@@ -71,6 +72,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/weight_matching.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/rebasin_reference.py
 	$(BIN)/python bench/fit_step.py
 
 # mergekit 0.1.5 in .venv-mergekit (its own environment), same merges, tensors compared.

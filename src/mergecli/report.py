@@ -78,6 +78,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _table(["model", "weight distance before", "after"],
                         [[n, f"{d['before']:.3f}", f"{d['after']:.3f}"]
                          for n, d in align.get("weight_distance", {}).items()])  # fmt: skip
+        matching = align.get("matching", {})
+        if matching:
+            lines += [
+                "Weight matching objective: the sum over the permuted weights of "
+                "⟨A, P(B)⟩ (larger is closer); the restart with the largest is kept.",
+                "",
+            ]
+            lines += _table(["model", "objective", "restart kept", "sweeps", "every restart"],
+                            [[n, f"{m['objective']:.6g}",
+                              f"{m['best_restart'] + 1} of {len(m['restart_objectives'])}",
+                              str(m["sweeps"]),
+                              ", ".join(f"{x:.6g}" for x in m["restart_objectives"])]
+                             for n, m in matching.items()])  # fmt: skip
     if "fit" in report:
         fit = report["fit"]
         last = fit["stages"][-1]["history"][-1] if fit["stages"][-1]["history"] else {}

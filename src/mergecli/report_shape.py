@@ -44,11 +44,19 @@ class Distance(Shape):
     after: Number
 
 
+class Matching(Shape):
+    objective: Number
+    restart_objectives: Numbers = Field(min_length=1)
+    best_restart: int
+    sweeps: int
+
+
 class Align(Shape):
     method: Any
     reference: Any
     groups: list[Any] | dict[str, Any]
     weight_distance: dict[str, Distance] = {}
+    matching: dict[str, Matching] = {}
 
 
 class Repair(Shape):

@@ -87,7 +87,7 @@ def test_weight_matching_cost_is_the_sum_over_members_of_a_times_permuted_b(
     model_a, model_b = factory().eval(), factory().eval()
     spec = derive_spec(model_a, torch.randn(2, *shape))
     a, b = model_a.state_dict(), model_b.state_dict()
-    costs, flat, perms = prepare(spec, a, b, "cpu", per_block)
+    costs, flat, perms, _ = prepare(spec, a, b, "cpu", per_block)
     version = dict.fromkeys(perms, 0)
     for sweep in range(2):  # the second pass reuses cached blocks of unchanged neighbours
         chosen = random_permutations(spec, torch.Generator().manual_seed(sweep))

@@ -93,6 +93,28 @@ def test_alignment_is_saved_and_reused(tmp_path: Path, trained_pair) -> None:
     assert all(torch.equal(merged_again[k], first_tensors[k]) for k in first_tensors)
 
 
+def test_weight_matching_restarts_report_their_objectives(tmp_path: Path, trained_pair) -> None:
+    align = "{method: weight_matching, restarts: 4, save_aligned: true}"
+    run_cli("run", str(align_recipe(tmp_path, trained_pair, align)), check=True)
+    out = tmp_path / "out"
+    matching = json.loads((out / "report.json").read_text())["align"]["matching"]["mlp-seed1"]
+    assert len(matching["restart_objectives"]) == 4
+    assert matching["objective"] == max(matching["restart_objectives"])
+    assert matching["objective"] == matching["restart_objectives"][matching["best_restart"]]
+    # The objective is <A, P(B)> over the weights the alignment permutes (all but the head's
+    # bias here), which the saved aligned model gives directly.
+    a, aligned = load_file(trained_pair[0]), load_file(out / "aligned" / "mlp-seed1.safetensors")
+    expected = sum(
+        float((a[k].double() * aligned[k].double()).sum()) for k in a if k != "head.bias"
+    )
+    assert matching["objective"] == pytest.approx(expected, rel=1e-9)
+    markdown = (out / "report.md").read_text()
+    assert f"| mlp-seed1 | {matching['objective']:.6g} | {matching['best_restart'] + 1} of 4 |" in (
+        markdown
+    )
+    run_cli("report", str(out), check=True)  # report.json's new fields render again
+
+
 def _load_bytes(data: bytes, tmp_path: Path) -> dict[str, torch.Tensor]:
     path = tmp_path / "first.safetensors"
     path.write_bytes(data)

@@ -60,12 +60,26 @@ class PermGroup:
 class PermutationSpec:
     groups: tuple[PermGroup, ...]
     warnings: tuple[str, ...] = ()
+    # Members that are buffers, not weights (BatchNorm running statistics): permuted with their
+    # group, but left out of weight matching's cost, as in Git Re-Basin (parameters only).
+    buffers: frozenset[str] = frozenset()
 
     def group(self, name: str) -> PermGroup:
         return next(g for g in self.groups if g.name == name)
 
     def tensors(self) -> set[str]:
         return {m.tensor for g in self.groups for m in g.members}
+
+
+def weights_only(spec: PermutationSpec) -> PermutationSpec:
+    """The spec without its buffers: the members whose weights weight matching compares."""
+    if not spec.buffers:
+        return spec
+    groups = tuple(
+        replace(g, members=tuple(m for m in g.members if m.tensor not in spec.buffers))
+        for g in spec.groups
+    )
+    return replace(spec, groups=groups, buffers=frozenset())
 
 
 def split_flattened(

@@ -115,7 +115,9 @@ def derive_spec(module: nn.Module, example_input: torch.Tensor) -> PermutationSp
             f"model {type(module).__name__} does not accept an example input of shape "
             f"{list(example_input.shape)} ({reason}); set model.input_shape (without the batch)"
         ) from exc
-    return _SpecBuilder(graph_module).build()
+    spec = _SpecBuilder(graph_module).build()
+    buffers = {name for name, _ in module.named_buffers()} & spec.tensors()
+    return replace(spec, buffers=frozenset(buffers))
 
 
 @dataclass

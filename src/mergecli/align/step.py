@@ -39,6 +39,7 @@ class AlignParams(StepParams):
 
 class WeightMatchingParams(AlignParams):
     max_iter: int = Field(default=100, ge=1)
+    restarts: int = Field(default=1, ge=1, description="seeded visiting orders; best kept")
 
 
 class ActivationMatchingParams(AlignParams):
@@ -70,10 +71,13 @@ def permutation_spec(state: MergeState) -> PermutationSpec:
 @step_method("align", "weight_matching", WeightMatchingParams, needs=("model",), default=True)
 def align_weight_matching(state: MergeState, params: WeightMatchingParams) -> None:
     """Weight matching (Git Re-Basin, Ainsworth et al., 2023): permutations from weights alone."""
-    stats = MatchingStats()
+    matching: dict[str, dict] = {}
+    lap_seconds = 0.0
 
     def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
-        return weight_matching(
+        nonlocal lap_seconds
+        stats = MatchingStats()
+        perms = weight_matching(
             spec,
             state.reference.tensors,
             other.tensors,
@@ -81,11 +85,27 @@ def align_weight_matching(state: MergeState, params: WeightMatchingParams) -> No
             seed=state.loaded.recipe.seed,
             device=state.device,
             stats=stats,
+            restarts=params.restarts,
         )
+        lap_seconds += stats.lap_seconds
+        matching[other.name] = {
+            "objective": stats.objectives[stats.best_restart],
+            "restart_objectives": stats.objectives,
+            "best_restart": stats.best_restart,
+            "sweeps": stats.sweeps,
+        }
+        state.log.info(
+            f"weight matching {other.name}: objective {stats.objectives[stats.best_restart]:.6g}"
+            f" (restart {stats.best_restart + 1} of {params.restarts}, {stats.sweeps} sweeps)",
+            restart_objectives=[round(x, 6) for x in stats.objectives],
+        )
+        return perms
 
     _align(state, params, "weight_matching", compute)
-    state.report["align"]["sweeps"] = stats.sweeps
-    state.report["align"]["lap_seconds"] = round(stats.lap_seconds, 4)
+    state.report["align"]["sweeps"] = max((m["sweeps"] for m in matching.values()), default=0)
+    state.report["align"]["lap_seconds"] = round(lap_seconds, 4)
+    if matching:  # none when the transforms came from an earlier run (from:)
+        state.report["align"]["matching"] = matching
 
 
 @step_method("align", "activation_matching", ActivationMatchingParams, needs=("model", "data.fit"))

@@ -14,8 +14,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from mergecli.align.groups import AxisSlice, PermGroup, PermutationSpec, split_flattened
-from mergecli.align.permute import Permutations, StateDict
+from mergecli.align.groups import (
+    AxisSlice,
+    PermGroup,
+    PermutationSpec,
+    split_flattened,
+    weights_only,
+)
+from mergecli.align.permute import Permutations, StateDict, apply_permutations
 
 # Which groups permute which slice of each tensor.
 Placements = dict[str, list[tuple[PermGroup, AxisSlice]]]
@@ -23,13 +29,24 @@ Placements = dict[str, list[tuple[PermGroup, AxisSlice]]]
 
 @dataclass
 class MatchingStats:
-    """Where weight matching spent its time, and how it converged."""
+    """Where weight matching spent its time, how it converged, and each restart's objective."""
 
-    sweeps: int = 0
+    sweeps: int = 0  # of the restart kept
     lap_seconds: float = 0.0
     other_seconds: float = 0.0
     setup_seconds: float = 0.0  # part of other_seconds: both models laid out on the device
-    improvements: list[float] = field(default_factory=list)
+    improvements: list[float] = field(default_factory=list)  # per sweep, of the restart kept
+    objectives: list[float] = field(default_factory=list)  # per restart, in the order run
+    best_restart: int = 0
+
+
+@dataclass
+class _Matched:
+    """The weights as weight matching sees them: its spec, and both models' tensors."""
+
+    spec: PermutationSpec
+    reference: StateDict
+    other: StateDict
 
 
 @dataclass
@@ -76,43 +93,101 @@ def weight_matching(
     seed: int = 0,
     device: torch.device | str = "cpu",
     stats: MatchingStats | None = None,
+    restarts: int = 1,
 ) -> Permutations:
-    """Coordinate descent over groups: for each, solve the LAP of sum_members A_m (P B_m)^T.
+    """Git Re-Basin weight matching: coordinate descent over groups, each a LAP of
+    sum_members A_m (P B_m)^T, from ``restarts`` seeded visiting orders; keeps the best.
 
-    Every sweep visits the groups in a seeded random order, holding the other groups'
-    permutations fixed; it stops when a sweep improves nothing or after ``max_iter`` sweeps.
+    Every sweep visits the groups in a random order, holding the other groups' permutations
+    fixed; it stops when a sweep improves nothing or after ``max_iter`` sweeps. Each restart
+    starts from the identity with its own order (the first is the one ``restarts=1`` runs);
+    the permutations kept are those with the largest ``objective``. Buffers (running
+    statistics) are permuted by the caller with their groups but are not matched.
     """
+    if restarts < 1:
+        raise ValueError(f"weight_matching: restarts must be at least 1, not {restarts}")
     stats = stats if stats is not None else MatchingStats()
     start = time.perf_counter()
     # On the CPU the matmuls dominate, so a group's cost is cached block by block; on a GPU
     # launches and copies dominate, so it is one gather and one matmul.
     per_block = torch.device(device).type == "cpu"
-    costs, flat, perms = prepare(spec, reference, other, device, per_block)
+    weights = weights_only(spec)
+    costs, flat, perms, matched = prepare(weights, reference, other, device, per_block)
     stats.setup_seconds += time.perf_counter() - start
+    identity = flat.copy()
     version = dict.fromkeys(perms, 0)
-    generator = torch.Generator().manual_seed(seed)
-    lap_seconds = 0.0
-    for sweep in range(max_iter):
-        improved = 0.0
-        for index in torch.randperm(len(spec.groups), generator=generator).tolist():
-            group = spec.groups[index]
-            cost = current_cost(costs[group.name], flat, version)
-            tic = time.perf_counter()
-            rows, cols = linear_sum_assignment(cost, maximize=True)
-            lap_seconds += time.perf_counter() - tic
-            best = cost[rows, cols].sum()
-            gain = best - cost[rows, perms[group.name]].sum()
-            if gain > 1e-9 * max(1.0, abs(best)):
-                perms[group.name][:] = cols
-                version[group.name] += 1
-                improved += gain
-        stats.sweeps = sweep + 1
-        stats.improvements.append(float(improved))
-        if improved == 0.0:
-            break
+    lap_seconds, best_score, best = 0.0, -math.inf, {}
+    for restart in range(restarts):
+        flat[:] = identity
+        for name in version:  # every cached product is stale
+            version[name] += 1
+        generator = torch.Generator().manual_seed(restart_seed(seed, restart))
+        improvements: list[float] = []
+        for _ in range(max_iter):
+            improved, seconds = _sweep(weights, costs, flat, perms, version, generator)
+            lap_seconds += seconds
+            improvements.append(improved)
+            if improved == 0.0:
+                break
+        found = {name: torch.tensor(p, dtype=torch.int64) for name, p in perms.items()}
+        # On the device the matrices were copied to, without copying them again.
+        score = objective(matched.spec, matched.reference, matched.other, found)
+        stats.objectives.append(score)
+        if score > best_score:
+            best_score, best = score, found
+            stats.best_restart, stats.sweeps, stats.improvements = (
+                restart,
+                len(improvements),
+                improvements,
+            )
     stats.lap_seconds += lap_seconds
     stats.other_seconds += time.perf_counter() - start - lap_seconds
-    return {name: torch.tensor(p, dtype=torch.int64) for name, p in perms.items()}
+    return best
+
+
+def restart_seed(seed: int, restart: int) -> int:
+    """The visiting-order seed of one restart: the recipe's seed first, then derived ones."""
+    if restart == 0:
+        return seed
+    sequence = np.random.SeedSequence([seed & (2**64 - 1), restart])
+    return int(sequence.generate_state(1, dtype=np.uint64)[0])
+
+
+def objective(
+    spec: PermutationSpec, reference: StateDict, other: StateDict, perms: Permutations
+) -> float:
+    """sum over the weights ``spec`` permutes of <A, P(B)>, in float64: what matching maximises."""
+    weights = weights_only(spec)
+    names = sorted(weights.tensors())
+    permuted = apply_permutations({n: other[n] for n in names}, weights, perms)
+    # Every product is queued before the first float() waits for the device.
+    products = [torch.sum(reference[n].double() * permuted[n].double()) for n in names]
+    return sum(float(p) for p in products)
+
+
+def _sweep(
+    spec: PermutationSpec,
+    costs: dict[str, _GroupCost],
+    flat: np.ndarray,
+    perms: dict[str, np.ndarray],
+    version: dict[str, int],
+    generator: torch.Generator,
+) -> tuple[float, float]:
+    """One pass over the groups in a random order: the total gain, and the seconds in the LAP."""
+    improved, lap_seconds = 0.0, 0.0
+    for index in torch.randperm(len(spec.groups), generator=generator).tolist():
+        group = spec.groups[index]
+        cost = current_cost(costs[group.name], flat, version)
+        tic = time.perf_counter()
+        rows, cols = linear_sum_assignment(cost, maximize=True)
+        lap_seconds += time.perf_counter() - tic
+        best = cost[rows, cols].sum()
+        gain = best - cost[rows, perms[group.name]].sum()
+        if gain > 1e-9 * max(1.0, abs(best)):
+            perms[group.name][:] = cols
+            version[group.name] += 1
+            improved += gain
+    return float(improved), lap_seconds
 
 
 def prepare(
@@ -121,8 +196,9 @@ def prepare(
     other: StateDict,
     device: torch.device | str,
     per_block: bool,
-) -> tuple[dict[str, _GroupCost], np.ndarray, dict[str, np.ndarray]]:
-    """Every group's cost layout, and identity permutations as views into one flat array."""
+) -> tuple[dict[str, _GroupCost], np.ndarray, dict[str, np.ndarray], _Matched]:
+    """Every group's cost layout, identity permutations as views into one flat array, and the
+    weights as matched (flattened units split, matrices on the device) for the objective."""
     # A flattened unit's run of entries becomes an axis of its own, so below every member's
     # units are whole rows of one axis.
     spec, views = split_flattened(spec, {name: t.shape for name, t in reference.items()})
@@ -156,7 +232,7 @@ def prepare(
         g.name: _lay_out(g, plans[g.name], reference, other, a, b, device) for g in spec.groups
     }
     perms = {g.name: flat[offsets[g.name] : offsets[g.name] + g.size] for g in spec.groups}
-    return costs, flat, perms
+    return costs, flat, perms, _Matched(spec, {**reference, **a}, {**other, **b})
 
 
 def current_cost(entry: _GroupCost, flat: np.ndarray, version: dict[str, int]) -> np.ndarray:
