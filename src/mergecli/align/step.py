@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Literal
+from functools import partial
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import ConfigDict, Field
@@ -20,12 +21,20 @@ from mergecli.align.transform import Transforms, apply_transforms
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
 from mergecli.models.metadata import model_metadata
-from mergecli.recipe.schema import StepParams
+from mergecli.recipe.schema import StepParams, StepSpec
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
-from mergecli.state import Checkpoint, MergeState
+from mergecli.state import Checkpoint, MergeState, StateDict
 
 ALIGNMENT_FILE = "alignment.safetensors"
+
+
+class Target(NamedTuple):
+    """The model whose basis another is brought into: the reference, or in a pairwise fit's
+    later stages the running merge."""
+
+    name: str
+    tensors: StateDict
 
 
 class AlignParams(StepParams):
@@ -68,57 +77,105 @@ def permutation_spec(state: MergeState) -> PermutationSpec:
 def align_weight_matching(state: MergeState, params: WeightMatchingParams) -> None:
     """Weight matching (Git Re-Basin, Ainsworth et al., 2023): permutations from weights alone."""
     stats = MatchingStats()
-
-    def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
-        return weight_matching(
-            spec,
-            state.reference.tensors,
-            other.tensors,
-            max_iter=params.max_iter,
-            seed=state.loaded.recipe.seed,
-            device=state.device,
-            stats=stats,
-        )
-
+    compute = partial(weight_matching_transforms, state, params, stats=stats)
     _align(state, params, "weight_matching", compute)
     state.report["align"]["sweeps"] = stats.sweeps
     state.report["align"]["lap_seconds"] = round(stats.lap_seconds, 4)
 
 
+def weight_matching_transforms(
+    state: MergeState,
+    params: WeightMatchingParams,
+    spec: PermutationSpec,
+    target: Target,
+    other: Checkpoint,
+    stats: MatchingStats | None = None,
+) -> Transforms:
+    """Weight matching (Ainsworth et al., 2023) of ``other`` to ``target``."""
+    return weight_matching(
+        spec,
+        target.tensors,
+        other.tensors,
+        max_iter=params.max_iter,
+        seed=state.loaded.recipe.seed,
+        device=state.device,
+        stats=stats,
+    )
+
+
 @step_method("align", "activation_matching", ActivationMatchingParams, needs=("model", "data.fit"))
 def align_activation_matching(state: MergeState, params: ActivationMatchingParams) -> None:
     """Activation matching (Ainsworth et al., 2023): permutations from unit correlations."""
+    _align(
+        state, params, "activation_matching", partial(activation_matching_transforms, state, params)
+    )
 
-    def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
-        stats = _statistics(state, spec, other, params.batches)
-        return match_activations(stats, params.statistic)
 
-    _align(state, params, "activation_matching", compute)
+def activation_matching_transforms(
+    state: MergeState,
+    params: ActivationMatchingParams,
+    spec: PermutationSpec,
+    target: Target,
+    other: Checkpoint,
+) -> Transforms:
+    """Activation matching (Ainsworth et al., 2023) of ``other`` to ``target``."""
+    stats = _statistics(state, spec, target, other, params.batches)
+    return match_activations(stats, params.statistic)
 
 
 @step_method("align", "cca", CCAParams, needs=("model", "data.fit"))
 def align_cca(state: MergeState, params: CCAParams) -> None:
     """CCA Merge (Horoi et al., 2024): linear maps from canonical correlation analysis."""
-
-    def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
-        stats = _statistics(state, spec, other, params.batches)
-        # Norm layers scale units one by one, which only a permutation preserves.
-        with_norms = {g.name for g in spec.groups if any(m.role == "norm" for m in g.members)}
-        transforms = match_activations({n: s for n, s in stats.items() if n in with_norms})
-        for name, s in stats.items():
-            if name not in with_norms:
-                transforms[name] = torch.stack(cca_transform(s, params.gamma)).float().cpu()
-        if with_norms:
-            state.log.warn(
-                f"cca: {len(with_norms)} group(s) pass through norm layers and are aligned by "
-                f"permutation (activation matching): {', '.join(sorted(with_norms))}"
-            )
-        return transforms
-
-    _align(state, params, "cca", compute)
+    _align(state, params, "cca", partial(cca_transforms, state, params))
 
 
-def _statistics(state: MergeState, spec: PermutationSpec, other: Checkpoint, limit: int | None):
+def cca_transforms(
+    state: MergeState, params: CCAParams, spec: PermutationSpec, target: Target, other: Checkpoint
+) -> Transforms:
+    """CCA Merge (Horoi et al., 2024) of ``other`` to ``target``."""
+    stats = _statistics(state, spec, target, other, params.batches)
+    # Norm layers scale units one by one, which only a permutation preserves.
+    with_norms = {g.name for g in spec.groups if any(m.role == "norm" for m in g.members)}
+    transforms = match_activations({n: s for n, s in stats.items() if n in with_norms})
+    for name, s in stats.items():
+        if name not in with_norms:
+            transforms[name] = torch.stack(cca_transform(s, params.gamma)).float().cpu()
+    if with_norms:
+        state.log.warn(
+            f"cca: {len(with_norms)} group(s) pass through norm layers and are aligned by "
+            f"permutation (activation matching): {', '.join(sorted(with_norms))}"
+        )
+    return transforms
+
+
+# How each built-in method brings a checkpoint into another model's basis: the align step
+# targets the reference, a pairwise fit's later stages the running merge.
+TRANSFORMS: dict[str, Callable[..., Transforms]] = {
+    "weight_matching": weight_matching_transforms,
+    "activation_matching": activation_matching_transforms,
+    "cca": cca_transforms,
+}
+
+
+def transforms_to(
+    state: MergeState, step: StepSpec, target: Target, other: Checkpoint
+) -> Transforms | None:
+    """The transforms that bring ``other`` into ``target``'s basis by the method and parameters
+    of the recipe's align ``step``; None when that step cannot be run against another target
+    (it reused saved transforms, or its method is not a built-in)."""
+    compute = TRANSFORMS.get(step.method)
+    if compute is None or getattr(step.params, "from_", None):
+        return None
+    return compute(state, step.params, permutation_spec(state), target, other)
+
+
+def _statistics(
+    state: MergeState,
+    spec: PermutationSpec,
+    target: Target,
+    other: Checkpoint,
+    limit: int | None,
+):
     """Activation statistics over the first ``limit`` batches of data.fit. With several ranks,
     each takes its share of every batch and the sums are all-reduced: the same batches, hence
     the same statistics (and transforms) as one process, on every rank."""
@@ -128,13 +185,13 @@ def _statistics(state: MergeState, spec: PermutationSpec, other: Checkpoint, lim
     batches = data.batches(state.batch_size("fit"), device=state.device, part=part)
     inputs = (x for i, (x, _) in enumerate(batches) if limit is None or i < limit)
     graph_module = trace(state.build_module())
-    to_device = {k: v.to(state.device) for k, v in state.reference.tensors.items()}
+    to_device = {k: v.to(state.device) for k, v in target.tensors.items()}
     other_tensors = {k: v.to(state.device) for k, v in other.tensors.items()}
     stats = pair_statistics(graph_module, spec, to_device, other_tensors, inputs)
     if world.distributed:
         for s in stats.values():
             s.all_reduce_(world)
-    check_finite(stats, (state.reference.name, other.name))
+    check_finite(stats, (target.name, other.name))
     return stats
 
 
@@ -142,7 +199,7 @@ def _align(
     state: MergeState,
     params: AlignParams,
     method: str,
-    compute: Callable[[PermutationSpec, Checkpoint], Transforms],
+    compute: Callable[[PermutationSpec, Target, Checkpoint], Transforms],
 ) -> None:
     spec = permutation_spec(state)
     reference = state.reference
@@ -160,7 +217,7 @@ def _align(
                 )
             transforms = saved[checkpoint.name]
         else:
-            transforms = compute(spec, checkpoint)
+            transforms = compute(spec, Target(reference.name, reference.tensors), checkpoint)
         checkpoint.aligned = apply_transforms(checkpoint.tensors, spec, transforms)
         for group, tensor in transforms.items():
             to_save[f"{checkpoint.name}/{group}"] = tensor.contiguous()
