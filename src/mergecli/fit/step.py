@@ -127,7 +127,7 @@ def _fit(
         else:
             initial = torch.full((per_model,), logit(init))
             merge = pairwise_merge
-        validate = _validator(state, flat, buffers, merge, params)
+        validate = _validator(state, module, flat, buffers, merge, params)
         checkpoint = _checkpoint(state, stage)
         problem = FitProblem(
             module, flat, buffers, merge, initial, indexed, loss_fn, device, validate
@@ -383,7 +383,7 @@ def _mean_softmax(state: MergeState, data: TensorData, models: list) -> Tensor:
     return total / len(models)
 
 
-def _validator(state, flat, buffers, merge, params):
+def _validator(state, module, flat, buffers, merge, params):
     """Validation loss and accuracy on data.eval after each epoch, when the recipe has it, of
     the merged model as it will be used: in eval mode, with the BatchNorm statistics it will
     have (recomputed on data.fit as the reset after the fit will, when one follows).
@@ -399,21 +399,27 @@ def _validator(state, flat, buffers, merge, params):
     start, end = world.part(len(data))
     shard = TensorData(data.x[start:end], data.y[start:end])
     index = flat.tensor_index() if params.granularity == "tensor" else None
-    module = state.build_module()  # not the fit's: that one runs BatchNorm in train mode
+    # The fit runs BatchNorm in train mode, so a model with BatchNorm is validated on a module
+    # of its own in eval mode; any other on the fit's module, in eval mode already.
     resets, batches = _final_reset(state, module)
+    evaluated = state.build_module() if batch_norms(module) else None
 
     @torch.no_grad()
     def validate(logits: Tensor) -> dict[str, float]:
         merged = merge(flat.thetas, expand(logits, params.granularity, index))
         weights = {**flat.views(merged), **buffers}
-        if resets:
-            batchnorm_statistics(state, module, weights, batches, "fit: validated model")
-        else:
-            load_into_model(module, weights, "fit: validated model")
-        module.eval()
+        if evaluated is not None:
+            if resets:
+                batchnorm_statistics(state, evaluated, weights, batches, "fit: validated model")
+            else:
+                load_into_model(evaluated, weights, "fit: validated model")
+            evaluated.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # loss, correct
         for x, y in shard.batches(state.batch_size("eval"), device=state.device):
-            outputs = module(x).float()
+            if evaluated is None:
+                outputs = torch.func.functional_call(module, weights, (x,)).float()
+            else:
+                outputs = evaluated(x).float()
             sums[0] += F.cross_entropy(outputs, y, reduction="sum")
             sums[1] += (outputs.argmax(1) == y).sum()
         loss, correct = world.all_reduce_(sums).tolist()
