@@ -157,16 +157,17 @@ TRANSFORMS: dict[str, Callable[..., Transforms]] = {
 }
 
 
-def transforms_to(
+def align_to(
     state: MergeState, step: StepSpec, target: Target, other: Checkpoint
-) -> Transforms | None:
-    """The transforms that bring ``other`` into ``target``'s basis by the method and parameters
-    of the recipe's align ``step``; None when that step cannot be run against another target
-    (it reused saved transforms, or its method is not a built-in)."""
+) -> StateDict | None:
+    """``other``'s tensors brought into ``target``'s basis by the method and parameters of the
+    recipe's align ``step``, applied as the step applies them; None when that step cannot be
+    run against another target (it reused saved transforms, or its method is not a built-in)."""
     compute = TRANSFORMS.get(step.method)
     if compute is None or getattr(step.params, "from_", None):
         return None
-    return compute(state, step.params, permutation_spec(state), target, other)
+    spec = permutation_spec(state)
+    return apply_transforms(other.tensors, spec, compute(state, step.params, spec, target, other))
 
 
 def _statistics(

@@ -241,13 +241,12 @@ def _aligned_to(
     """In a pairwise chain each next model is aligned to the running merge (as in the paper), by
     the method and parameters of the recipe's align step; with no align step, not at all. With
     how it was aligned, for the report."""
-    from mergecli.align.step import Target, permutation_spec, transforms_to
-    from mergecli.align.transform import apply_transforms
+    from mergecli.align.step import Target, align_to
 
     if align is None:
         return checkpoint.aligned_or_original, None
-    transforms = transforms_to(state, align, Target("the running merge", running), checkpoint)
-    if transforms is None:
+    aligned = align_to(state, align, Target("the running merge", running), checkpoint)
+    if aligned is None:
         why = "reused from a file" if getattr(align.params, "from_", None) else "not a built-in"
         state.log.info(
             f"fit: {checkpoint.name} keeps the align step's alignment to {state.reference.name} "
@@ -255,7 +254,6 @@ def _aligned_to(
         )
         return checkpoint.aligned_or_original, {"method": align.method, "to": state.reference.name}
     state.log.info(f"fit: aligned {checkpoint.name} to the running merge ({align.method})")
-    aligned = apply_transforms(checkpoint.tensors, permutation_spec(state), transforms)
     return aligned, {"method": align.method, "to": "running merge"}
 
 
