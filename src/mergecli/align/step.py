@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Literal
+from functools import partial
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import ConfigDict, Field
@@ -20,12 +21,20 @@ from mergecli.align.transform import BatchNormMapping, Transforms, apply_transfo
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
 from mergecli.models.metadata import model_metadata
-from mergecli.recipe.schema import StepParams
+from mergecli.recipe.schema import StepParams, StepSpec
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
-from mergecli.state import Checkpoint, MergeState
+from mergecli.state import Checkpoint, MergeState, StateDict
 
 ALIGNMENT_FILE = "alignment.safetensors"
+
+
+class Target(NamedTuple):
+    """The model whose basis another is brought into: the reference, or in a pairwise fit's
+    later stages the running merge."""
+
+    name: str
+    tensors: StateDict
 
 
 class AlignParams(StepParams):
@@ -71,61 +80,81 @@ def permutation_spec(state: MergeState) -> PermutationSpec:
 @step_method("align", "weight_matching", WeightMatchingParams, needs=("model",), default=True)
 def align_weight_matching(state: MergeState, params: WeightMatchingParams) -> None:
     """Weight matching (Git Re-Basin, Ainsworth et al., 2023): permutations from weights alone."""
-    matching: dict[str, dict] = {}
-    lap_seconds = 0.0
-
-    def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
-        nonlocal lap_seconds
-        stats = MatchingStats()
-        perms = weight_matching(
-            spec,
-            state.reference.tensors,
-            other.tensors,
-            max_iter=params.max_iter,
-            seed=state.loaded.recipe.seed,
-            device=state.device,
-            stats=stats,
-            restarts=params.restarts,
-        )
-        lap_seconds += stats.lap_seconds
-        matching[other.name] = {
-            "objective": stats.objectives[stats.best_restart],
-            "restart_objectives": stats.objectives,
-            "best_restart": stats.best_restart,
-            "sweeps": stats.sweeps,
+    stats: dict[str, MatchingStats] = {}
+    _align(
+        state, params, "weight_matching", partial(weight_matching_transforms, state, params, stats)
+    )
+    state.report["align"]["sweeps"] = max((s.sweeps for s in stats.values()), default=0)
+    state.report["align"]["lap_seconds"] = round(sum(s.lap_seconds for s in stats.values()), 4)
+    if stats:  # none when the transforms came from an earlier run (from:)
+        state.report["align"]["matching"] = {
+            name: {
+                "objective": s.objectives[s.best_restart],
+                "restart_objectives": s.objectives,
+                "best_restart": s.best_restart,
+                "sweeps": s.sweeps,
+            }
+            for name, s in stats.items()
         }
-        state.log.info(
-            f"weight matching {other.name}: objective {stats.objectives[stats.best_restart]:.6g}"
-            f" (restart {stats.best_restart + 1} of {params.restarts}, {stats.sweeps} sweeps)",
-            restart_objectives=[round(x, 6) for x in stats.objectives],
-        )
-        return perms
 
-    _align(state, params, "weight_matching", compute)
-    state.report["align"]["sweeps"] = max((m["sweeps"] for m in matching.values()), default=0)
-    state.report["align"]["lap_seconds"] = round(lap_seconds, 4)
-    if matching:  # none when the transforms came from an earlier run (from:)
-        state.report["align"]["matching"] = matching
+
+def weight_matching_transforms(
+    state: MergeState,
+    params: WeightMatchingParams,
+    stats: dict[str, MatchingStats] | None,
+    spec: PermutationSpec,
+    target: Target,
+    other: Checkpoint,
+) -> Transforms:
+    """Weight matching (Ainsworth et al., 2023) of ``other`` to ``target``; its matching
+    statistics go to ``stats[other.name]`` when given."""
+    matching = MatchingStats()
+    perms = weight_matching(
+        spec,
+        target.tensors,
+        other.tensors,
+        max_iter=params.max_iter,
+        seed=state.loaded.recipe.seed,
+        device=state.device,
+        stats=matching,
+        restarts=params.restarts,
+    )
+    if stats is not None:
+        stats[other.name] = matching
+    best = matching.objectives[matching.best_restart]
+    state.log.info(
+        f"weight matching {other.name} to {target.name}: objective {best:.6g} (restart "
+        f"{matching.best_restart + 1} of {params.restarts}, {matching.sweeps} sweeps)",
+        restart_objectives=[round(x, 6) for x in matching.objectives],
+    )
+    return perms
 
 
 @step_method("align", "activation_matching", ActivationMatchingParams, needs=("model", "data.fit"))
 def align_activation_matching(state: MergeState, params: ActivationMatchingParams) -> None:
     """Activation matching (Ainsworth et al., 2023): permutations from unit correlations."""
+    _align(
+        state, params, "activation_matching", partial(activation_matching_transforms, state, params)
+    )
 
-    def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
-        stats = _statistics(state, spec, other, params.batches)
-        return match_activations(stats, params.statistic)
 
-    _align(state, params, "activation_matching", compute)
+def activation_matching_transforms(
+    state: MergeState,
+    params: ActivationMatchingParams,
+    spec: PermutationSpec,
+    target: Target,
+    other: Checkpoint,
+) -> Transforms:
+    """Activation matching (Ainsworth et al., 2023) of ``other`` to ``target``."""
+    stats = _statistics(state, spec, target, other, params.batches)
+    return match_activations(stats, params.statistic)
 
 
 @step_method("align", "cca", CCAParams, needs=("model", "data.fit"))
 def align_cca(state: MergeState, params: CCAParams) -> None:
     """CCA Merge (Horoi et al., 2024): linear maps from canonical correlation analysis."""
     spec = permutation_spec(state)
-    # Norms with statistics across units (LayerNorm, GroupNorm) or per-unit weights that no
-    # map can pass (PReLU, depthwise conv) keep a permutation; BatchNorm takes the map.
-    fallback = {g.name for g in spec.groups if any(m.role == "norm" for m in g.members)}
+    fallback = _cca_fallback(spec)
     if fallback and params.from_ is None:
         state.log.warn(
             f"cca: {len(fallback)} group(s) pass through LayerNorm, GroupNorm, PReLU or a "
@@ -134,20 +163,66 @@ def align_cca(state: MergeState, params: CCAParams) -> None:
         )
     _warn_without_reset_bn(state, spec, fallback)
     reported: set[str] = set()
-
-    def compute(spec: PermutationSpec, other: Checkpoint) -> Transforms:
-        stats = _statistics(state, spec, other, params.batches)
-        mapped = {n: s for n, s in stats.items() if n not in fallback}
-        _warn_constant_units(state, mapped, other, reported)
-        transforms = match_activations({n: s for n, s in stats.items() if n in fallback})
-        for name, s in stats.items():
-            if name not in fallback:
-                transforms[name] = torch.stack(cca_transform(s, params.gamma)).cpu()
-        return transforms
-
-    _align(state, params, "cca", compute, params.batchnorm)
+    _align(state, params, "cca", partial(cca_transforms, state, params, reported), params.batchnorm)
     if params.batchnorm == "fold":
         _fold_reference(state, spec)
+
+
+def cca_transforms(
+    state: MergeState,
+    params: CCAParams,
+    reported: set[str] | None,
+    spec: PermutationSpec,
+    target: Target,
+    other: Checkpoint,
+) -> Transforms:
+    """CCA Merge (Horoi et al., 2024) of ``other`` to ``target``; dead units are warned about
+    once per model named in ``reported`` (every time when None)."""
+    fallback = _cca_fallback(spec)
+    stats = _statistics(state, spec, target, other, params.batches)
+    mapped = {n: s for n, s in stats.items() if n not in fallback}
+    _warn_constant_units(state, mapped, target, other, set() if reported is None else reported)
+    transforms = match_activations({n: s for n, s in stats.items() if n in fallback})
+    for name, s in mapped.items():
+        transforms[name] = torch.stack(cca_transform(s, params.gamma)).cpu()
+    return transforms
+
+
+def _cca_fallback(spec: PermutationSpec) -> set[str]:
+    """Groups through norms with statistics across units (LayerNorm, GroupNorm) or per-unit
+    weights that no map can pass (PReLU, depthwise conv): they keep a permutation."""
+    return {g.name for g in spec.groups if any(m.role == "norm" for m in g.members)}
+
+
+# How each built-in method brings a checkpoint into another model's basis: the align step
+# targets the reference, a pairwise fit's later stages the running merge.
+TRANSFORMS: dict[str, Callable[..., Transforms]] = {
+    "weight_matching": partial(weight_matching_transforms, stats=None),
+    "activation_matching": activation_matching_transforms,
+    "cca": partial(cca_transforms, reported=None),
+}
+
+
+def align_to(
+    state: MergeState, step: StepSpec, target: Target, other: Checkpoint
+) -> tuple[StateDict, StateDict] | None:
+    """``target`` and ``other`` in one basis by the method and parameters of the recipe's align
+    ``step``, applied as the step applies them: ``other`` mapped into ``target``'s basis (and
+    with ``batchnorm: fold``, ``target`` folded alike, the same function). None when that step
+    cannot be run against another target (it reused saved transforms, or its method is not a
+    built-in)."""
+    compute = TRANSFORMS.get(step.method)
+    if compute is None or getattr(step.params, "from_", None):
+        return None
+    spec = permutation_spec(state)
+    params = step.params
+    transforms = compute(state, params, spec=spec, target=target, other=other)
+    batchnorm = getattr(params, "batchnorm", "paper")
+    aligned = apply_transforms(other.tensors, spec, transforms, batchnorm)
+    if batchnorm != "fold":
+        return target.tensors, aligned
+    mapped = {name for name, t in transforms.items() if t.dim() > 1}
+    return fold_norms(target.tensors, spec, mapped), aligned
 
 
 def _fold_reference(state: MergeState, spec: PermutationSpec) -> None:
@@ -180,11 +255,15 @@ def _warn_without_reset_bn(state: MergeState, spec: PermutationSpec, fallback: s
 
 
 def _warn_constant_units(
-    state: MergeState, stats: dict[str, PairStatistics], other: Checkpoint, reported: set[str]
+    state: MergeState,
+    stats: dict[str, PairStatistics],
+    target: Target,
+    other: Checkpoint,
+    reported: set[str],
 ) -> None:
     """One line per model: the groups with units that are constant on data.fit, and how many."""
     counts = {name: constant_units(s) for name, s in stats.items()}
-    for index, model in enumerate((state.reference.name, other.name)):
+    for index, model in enumerate((target.name, other.name)):
         found = [f"{name} {c[index]}" for name, c in counts.items() if c[index]]
         if found and model not in reported:
             reported.add(model)
@@ -195,7 +274,13 @@ def _warn_constant_units(
             )
 
 
-def _statistics(state: MergeState, spec: PermutationSpec, other: Checkpoint, limit: int | None):
+def _statistics(
+    state: MergeState,
+    spec: PermutationSpec,
+    target: Target,
+    other: Checkpoint,
+    limit: int | None,
+):
     """Activation statistics over the first ``limit`` batches of data.fit. With several ranks,
     each takes its share of every batch and the sums are all-reduced: the same batches, hence
     the same statistics (and transforms) as one process, on every rank."""
@@ -205,13 +290,13 @@ def _statistics(state: MergeState, spec: PermutationSpec, other: Checkpoint, lim
     batches = data.batches(state.batch_size("fit"), device=state.device, part=part)
     inputs = (x for i, (x, _) in enumerate(batches) if limit is None or i < limit)
     graph_module = trace(state.build_module())
-    to_device = {k: v.to(state.device) for k, v in state.reference.tensors.items()}
+    to_device = {k: v.to(state.device) for k, v in target.tensors.items()}
     other_tensors = {k: v.to(state.device) for k, v in other.tensors.items()}
     stats = pair_statistics(graph_module, spec, to_device, other_tensors, inputs)
     if world.distributed:
         for s in stats.values():
             s.all_reduce_(world)
-    check_finite(stats, (state.reference.name, other.name))
+    check_finite(stats, (target.name, other.name))
     return stats
 
 
@@ -219,7 +304,7 @@ def _align(
     state: MergeState,
     params: AlignParams,
     method: str,
-    compute: Callable[[PermutationSpec, Checkpoint], Transforms],
+    compute: Callable[[PermutationSpec, Target, Checkpoint], Transforms],
     batchnorm: BatchNormMapping = "paper",
 ) -> None:
     spec = permutation_spec(state)
@@ -238,7 +323,7 @@ def _align(
                 )
             transforms = saved[checkpoint.name]
         else:
-            transforms = compute(spec, checkpoint)
+            transforms = compute(spec, Target(reference.name, reference.tensors), checkpoint)
         checkpoint.aligned = apply_transforms(checkpoint.tensors, spec, transforms, batchnorm)
         for group, tensor in transforms.items():
             to_save[f"{checkpoint.name}/{group}"] = tensor.contiguous()

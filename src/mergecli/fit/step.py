@@ -24,11 +24,12 @@ from mergecli.fit.coefficients import (
     pairwise_merge,
 )
 from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
-from mergecli.recipe.schema import StepParams
+from mergecli.models.batchnorm import batch_norms
+from mergecli.recipe.schema import StepParams, StepSpec
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.signals import STOP, STOP_SIGNALS
-from mergecli.state import MergeState, StateDict
+from mergecli.state import Checkpoint, MergeState, StateDict
 
 COEFFICIENTS_FILE = "coefficients.safetensors"
 
@@ -76,8 +77,11 @@ def np_merge(state: MergeState, params: FitParams) -> None:
     else:
         _warn_if_unaligned(state, params)
         merged = _fit(state, params, module, models, names)
+    # The parameters from the fit, the rest (BatchNorm statistics, reset below or by the
+    # recipe's repair step) from the reference.
     reference = state.reference.tensors
-    state.merged = {n: merged[n] if n in merged else reference[n] for n in reference}
+    merged_names = set(names)
+    state.merged = {n: merged[n] if n in merged_names else reference[n] for n in reference}
     _reset_batchnorm_if_needed(state, module)
 
 
@@ -114,7 +118,7 @@ def _fit(
     saved: dict[str, Tensor] = {}
     report_stages = []
 
-    def fit_stage(stage: int, sources: list[StateDict], init: float, _: StateDict) -> StateDict:
+    def fit_stage(stage: int, sources: list[StateDict], init: float) -> StateDict:
         flat = FlatParameters.stack(sources, names, device)
         per_model = logits_per_model(params.granularity, flat)
         if params.multi == "joint":
@@ -159,9 +163,11 @@ def _fit(
             f"fit: {outcome.steps} steps in {outcome.seconds:.1f} s",
             mean_coefficient=round(float(values.float().mean()), 4),
         )
-        return merged  # parameters only: np_merge takes the rest from the reference
+        return merged
 
-    running = _run_stages(state, models, stages, params.multi, fit_stage)
+    running, alignments = _run_stages(state, models, stages, params.multi, fit_stage)
+    for record, alignment in zip(report_stages, alignments, strict=True):
+        record["align"] = alignment
     metadata = {
         "mergecli.fit": "np_merge",
         "mergecli.multi": params.multi,
@@ -181,24 +187,37 @@ def _fit(
     return running
 
 
-# What one stage does with its sources (the running merge first, in a pairwise chain), the
-# running merge's initial weight and the running merge itself: the next running merge.
-StageFn = Callable[[int, list[StateDict], float, StateDict], StateDict]
+# What one stage does with its sources (the running merge first, in a pairwise chain) and the
+# running merge's initial weight: the merged parameters.
+StageFn = Callable[[int, list[StateDict], float], StateDict]
 
 
 def _run_stages(
     state: MergeState, models: list, stages: list[tuple[list, float]], multi: str, run: StageFn
-) -> StateDict:
+) -> tuple[StateDict, list[dict | None]]:
     """The stage loop of fitting and of re-applying saved coefficients alike: pairwise, each
-    stage merges the running merge with the next model aligned to it; joint, one stage."""
+    stage merges the running merge with the next model aligned to it; joint, one stage.
+
+    Returns the last running merge and how each stage's models were aligned (None: not at all).
+    The running merge is a whole model: its parameters from the stage, its other tensors from
+    the reference, and, when another model is to be aligned to it, its BatchNorm statistics
+    recomputed on data.fit as the final model's will be (alignment compares its weights and
+    activations with the next model's)."""
+    align = next((s for s in reversed(state.steps_before()) if s.kind == "align"), None)
+    first = {"method": align.method, "to": models[0].name} if align else None
     running = models[0].aligned_or_original
+    alignments: list[dict | None] = []
     for stage, (members, init) in enumerate(stages):
-        if multi == "joint":
-            sources = [m.aligned_or_original for m in models]
+        if stage == 0:  # the align step brought every model into the reference's basis
+            sources = [running] + [m.aligned_or_original for m in members]
+            alignments.append(first)
         else:
-            sources = [running] + [_aligned_to(state, running, m) for m in members]
-        running = run(stage, sources, init, running)
-    return running
+            # pairwise: one member, and with `batchnorm: fold` the running merge folded alike
+            running, aligned, record = _aligned_to(state, align, running, members[0])
+            sources = [running, aligned]
+            alignments.append(record)
+        running = {**running, **run(stage, sources, init)}
+    return running, alignments
 
 
 def _stage_prefix(stage: int, count: int) -> str:
@@ -216,17 +235,61 @@ def _stages(params: FitParams, models: list) -> list[tuple[list, float]]:
     ]
 
 
-def _aligned_to(state: MergeState, running: StateDict, checkpoint) -> StateDict:
-    """In a pairwise chain, each next model is aligned to the running merge (as in the paper)."""
-    if state.permutation_spec is None or running is state.reference.aligned_or_original:
-        return checkpoint.aligned_or_original
-    from mergecli.align.permute import apply_permutations
-    from mergecli.align.weight_matching import weight_matching
+def _aligned_to(
+    state: MergeState, align: StepSpec | None, running: StateDict, checkpoint: Checkpoint
+) -> tuple[StateDict, StateDict, dict | None]:
+    """In a pairwise chain each next model is aligned to the running merge (as in the paper), by
+    the method and parameters of the recipe's align step; with no align step, not at all.
+    Returns the running merge (folded with `batchnorm: fold`), the aligned model and how it
+    was aligned, for the report."""
+    from mergecli.align.step import Target, align_to
 
-    perms = weight_matching(
-        state.permutation_spec, running, checkpoint.tensors, device=state.device
-    )
-    return apply_permutations(checkpoint.tensors, state.permutation_spec, perms)
+    if align is None:
+        return running, checkpoint.aligned_or_original, None
+    if getattr(align.params, "from_", None) is None:
+        running = _with_batchnorm_statistics(state, running)
+    pair = align_to(state, align, Target("the running merge", running), checkpoint)
+    if pair is None:
+        why = "reused from a file" if getattr(align.params, "from_", None) else "not a built-in"
+        state.log.info(
+            f"fit: {checkpoint.name} keeps the align step's alignment to {state.reference.name} "
+            f"(its transforms, {why}, cannot be recomputed against the running merge)"
+        )
+        record = {"method": align.method, "to": state.reference.name}
+        return running, checkpoint.aligned_or_original, record
+    state.log.info(f"fit: aligned {checkpoint.name} to the running merge ({align.method})")
+    target, aligned = pair
+    return target, aligned, {"method": align.method, "to": "running merge"}
+
+
+def _with_batchnorm_statistics(state: MergeState, weights: StateDict) -> StateDict:
+    """``weights`` with their BatchNorm statistics recomputed on data.fit, over the batches the
+    reset after the fit will use (unchanged when the model has no BatchNorm)."""
+    from mergecli.repair.step import batchnorm_statistics
+
+    module = state.build_module()
+    if not batch_norms(module):
+        return weights
+    if state.loaded.recipe.data.fit is None:
+        raise MergeCliError(
+            "fit: the running merge of BatchNorm models needs its statistics recomputed on "
+            "data.fit before the next model is aligned to it; add `data: {fit: {source: ...}}`"
+        )
+    _, batches = _final_reset(state, module)
+    recomputed, _, _ = batchnorm_statistics(state, module, weights, batches, "fit: running merge")
+    return recomputed
+
+
+def _final_reset(state: MergeState, module: nn.Module) -> tuple[bool, int | None]:
+    """Whether the BatchNorm statistics of the fit's result are recomputed after it (by the
+    recipe's repair step, or by the reset_bn the fit runs when none follows), and over how
+    many batches of data.fit (None: all)."""
+    if not batch_norms(module):
+        return False, None
+    repair = next((s for s in state.steps_after() if s.kind == "repair"), None)
+    if repair is None:
+        return True, None  # _reset_batchnorm_if_needed: reset_bn with its defaults
+    return repair.method == "reset_bn", getattr(repair.params, "batches", None)
 
 
 def _merge_with_values(flat: FlatParameters, values: Tensor, params: FitParams) -> Tensor:
@@ -264,9 +327,7 @@ def _apply_saved(state: MergeState, params: FitParams, models: list, names: list
     multi = metadata.get("mergecli.multi", params.multi)
     stages = _stages(params.model_copy(update={"multi": multi}), models)
 
-    def apply_stage(
-        stage: int, sources: list[StateDict], _: float, running: StateDict
-    ) -> StateDict:
+    def apply_stage(stage: int, sources: list[StateDict], _: float) -> StateDict:
         prefix = _stage_prefix(stage, len(stages))
         merged = {}
         for name in names:
@@ -283,9 +344,9 @@ def _apply_saved(state: MergeState, params: FitParams, models: list, names: list
                 merged[name] = (c * stack).sum(0)
             else:
                 merged[name] = torch.lerp(stack[1], stack[0], c)
-        return {**running, **merged}
+        return merged
 
-    running = _run_stages(state, models, stages, multi, apply_stage)
+    running, _ = _run_stages(state, models, stages, multi, apply_stage)
     state.log.info(f"fit: applied coefficients from {params.from_}")
     return running
 
@@ -326,9 +387,14 @@ def _mean_softmax(state: MergeState, data: TensorData, models: list) -> Tensor:
 
 
 def _validator(state, module, flat, buffers, merge, params):
-    """Validation loss and accuracy on data.eval after each epoch, when the recipe has it.
+    """Validation loss and accuracy on data.eval after each epoch, when the recipe has it, of
+    the merged model as it will be used: in eval mode, with the BatchNorm statistics it will
+    have (recomputed on data.fit as the reset after the fit will, when one follows).
 
     With several ranks each evaluates its share of data.eval and the sums are all-reduced."""
+    from mergecli.models import load_into_model
+    from mergecli.repair.step import batchnorm_statistics
+
     if state.loaded.recipe.data.eval is None:
         return None
     data = state.data("eval")
@@ -336,14 +402,27 @@ def _validator(state, module, flat, buffers, merge, params):
     start, end = world.part(len(data))
     shard = TensorData(data.x[start:end], data.y[start:end])
     index = flat.tensor_index() if params.granularity == "tensor" else None
+    # The fit runs BatchNorm in train mode, so a model with BatchNorm is validated on a module
+    # of its own in eval mode; any other on the fit's module, in eval mode already.
+    resets, batches = _final_reset(state, module)
+    evaluated = state.build_module() if batch_norms(module) else None
 
     @torch.no_grad()
     def validate(logits: Tensor) -> dict[str, float]:
         merged = merge(flat.thetas, expand(logits, params.granularity, index))
         weights = {**flat.views(merged), **buffers}
+        if evaluated is not None:
+            if resets:
+                batchnorm_statistics(state, evaluated, weights, batches, "fit: validated model")
+            else:
+                load_into_model(evaluated, weights, "fit: validated model")
+            evaluated.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # loss, correct
         for x, y in shard.batches(state.batch_size("eval"), device=state.device):
-            outputs = torch.func.functional_call(module, weights, (x,)).float()
+            if evaluated is None:
+                outputs = torch.func.functional_call(module, weights, (x,)).float()
+            else:
+                outputs = evaluated(x).float()
             sums[0] += F.cross_entropy(outputs, y, reduction="sum")
             sums[1] += (outputs.argmax(1) == y).sum()
         loss, correct = world.all_reduce_(sums).tolist()
@@ -376,7 +455,6 @@ def _set_fit_mode(module: nn.Module) -> None:
 
 def _reset_batchnorm_if_needed(state: MergeState, module: nn.Module) -> None:
     """BN statistics of a merged model describe neither input: recompute them unless told how."""
-    from mergecli.models.batchnorm import batch_norms
     from mergecli.repair.step import ResetBNParams, reset_bn
 
     if not batch_norms(module):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from mergecli.errors import MergeCliError
 from mergecli.models.batchnorm import batch_norms, batchnorm_buffers, reset_batchnorm_stats
@@ -66,21 +66,32 @@ class ResetBNParams(StepParams):
 @step_method("repair", "reset_bn", ResetBNParams, needs=("model", "data.fit"))
 def reset_bn(state: MergeState, params: ResetBNParams) -> None:
     """Reset BN statistics on data.fit (Jordan et al., 2022; Ainsworth et al., 2023)."""
-    from mergecli.models import load_into_model
-
     merged = _merged(state, "reset_bn")
     module = state.build_module()
     if not batch_norms(module):
         raise _no_batchnorm_error()
-    load_into_model(module, merged, "repair reset_bn: merged model")
-    layers, used = reset_batchnorm_stats(module, _inputs(state, params.batches)())
-    updated = dict(merged)
-    for key, value in batchnorm_buffers(module).items():
-        # Keep the checkpoint's dtypes (e.g. bf16 statistics stay bf16).
-        updated[key] = value.to(merged[key].dtype) if key in merged else value
-    state.merged = updated
+    state.merged, layers, used = batchnorm_statistics(
+        state, module, merged, params.batches, "repair reset_bn: merged model"
+    )
     state.log.info(f"repair reset_bn: recomputed {layers} BatchNorm layers over {used} batches")
     state.report["repair"] = {"method": "reset_bn", "layers": layers, "batches": used}
+
+
+def batchnorm_statistics(
+    state: MergeState, module: nn.Module, weights: StateDict, batches: int | None, source: str
+) -> tuple[StateDict, int, int]:
+    """``weights`` with every BatchNorm's running statistics recomputed over the first
+    ``batches`` batches of data.fit (all when None), with the layers and batches used; what
+    reset_bn does. ``module`` is left holding them, in eval mode."""
+    from mergecli.models import load_into_model
+
+    load_into_model(module, weights, source)
+    layers, used = reset_batchnorm_stats(module, _inputs(state, batches)())
+    updated = dict(weights)
+    for key, value in batchnorm_buffers(module).items():
+        # Keep the checkpoint's dtypes (e.g. bf16 statistics stay bf16).
+        updated[key] = value.to(weights[key].dtype) if key in weights else value
+    return updated, layers, used
 
 
 class RepairParams(StepParams):
