@@ -180,3 +180,24 @@ def test_later_stages_align_as_the_recipe_says(
     if align and "cca" in align:  # linear maps, not permutations, at every stage
         saved = load_file(pair / "out" / "alignment.safetensors")
         assert all(t.dim() == 3 for t in saved.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batchnorm", ["paper", "fold"])
+def test_three_batchnorm_models_with_cca(tmp_path: Path, batchnorm: str) -> None:
+    """CCA maps through BatchNorm at every stage; with `fold` the running merge is folded like
+    the reference was (the same function), and the final model still scores in validation what
+    `evaluate` gives it after the reset."""
+    paths = train_three(tmp_path, "mlp", BATCHNORM_ARCHS["mlp"])
+    align = f"{{method: cca, batchnorm: {batchnorm}}}"
+    recipe = chain_recipe(tmp_path, paths, align, "{steps: 2}")
+    result = run_cli("--log", "plain", "run", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "fit: aligned mlp-seed2 to the running merge (cca)" in result.stderr
+    fit = report(tmp_path)["fit"]
+    assert fit["stages"][1]["align"] == {"method": "cca", "to": "running merge"}
+    last = fit["stages"][-1]["history"][-1]
+    evaluation = report(tmp_path)["evaluate"]
+    merged, examples = evaluation["results"][-1], evaluation["examples"]
+    assert round(last["val_accuracy"] * examples) == round(merged["accuracy"] * examples)
+    assert abs(last["val_loss"] - merged["loss"]) <= 1e-5
