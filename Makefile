@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-resnet demo-datafree test bench parity clean
+.PHONY: demo demo-resnet demo-datafree figures test bench parity clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,9 +64,17 @@ runs/mlp3-ft-digits5-9.safetensors: runs/mlp3-base.safetensors
 demo-datafree: $(VENV)/.installed runs/mlp3-ft-digits0-4.safetensors runs/mlp3-ft-digits5-9.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-mlp3-ties.yaml
 
+# Every figure the README quotes: trains the demo checkpoints that are missing, runs the example
+# recipes into out/figures/, writes figures/figures.json (machine, threads) and the README's values.
+figures: $(VENV)/.installed runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors \
+		runs/linear-seed0.safetensors runs/linear-seed1.safetensors \
+		runs/resnet20-seed0.safetensors runs/resnet20-seed1.safetensors \
+		runs/mlp3-ft-digits0-4.safetensors runs/mlp3-ft-digits5-9.safetensors
+	$(BIN)/python scripts/figures.py
+
 test: $(VENV)/.installed
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed

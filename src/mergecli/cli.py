@@ -394,6 +394,9 @@ def train(
     """Train a model on a data source and write a checkpoint that recipes can merge."""
     with user_errors():
         import os
+        import time
+
+        import torch
 
         from mergecli.errors import RecipeError
         from mergecli.runtime.device import resolve_device
@@ -412,6 +415,7 @@ def train(
         eval_spec = (
             None if eval_data.lower() == "none" else _parse_data_option(eval_data, "--eval-data")
         )
+        started = time.perf_counter()
         module, metrics = train_model(
             arch,
             args,
@@ -427,6 +431,9 @@ def train(
             init=init,
         )
         metadata = {"seed": str(seed), "data": train_spec, **metrics}
+        # How long it took, and on how many threads: `make figures` quotes training times.
+        metadata["train_seconds"] = f"{time.perf_counter() - started:.1f}"
+        metadata["threads"] = str(torch.get_num_threads())
         if init is not None:
             metadata["init"] = str(init)
         if eval_spec is not None:

@@ -1,0 +1,316 @@
+"""Regenerate every figure the README quotes: run the example recipes, read their reports,
+write figures/figures.json (with the machine and thread count) and rewrite the README's marked
+values (``<!--fig:KEY-->VALUE<!--/fig-->`` and ``<!-- fig-block:KEY -->`` code blocks).
+
+    make figures                          # trains missing checkpoints, then runs this
+    python scripts/figures.py [--only KEY ...] [--no-run]   # --no-run: rewrite from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out" / "figures"
+RESULTS = ROOT / "figures" / "figures.json"
+README = ROOT / "README.md"
+EXAMPLES = "configs/examples"
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def num(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}"
+
+
+# One run per key: (recipe, --set overrides). Every recipe writes into out/figures/KEY.
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "average": (f"{EXAMPLES}/mnist-mlp8-average.yaml", []),
+    "weight_matching": (f"{EXAMPLES}/mnist-mlp8-weight-matching.yaml", []),
+    "repair": (f"{EXAMPLES}/mnist-mlp8-weight-matching-repair.yaml", []),
+    "repair_no_head": (
+        f"{EXAMPLES}/mnist-mlp8-weight-matching-repair.yaml",
+        ["steps.2.repair.include_head=false"],
+    ),
+    "activation_matching": (f"{EXAMPLES}/mnist-mlp8-activation-matching.yaml", []),
+    "cca": (f"{EXAMPLES}/mnist-mlp8-cca.yaml", []),
+    "np_merge": (f"{EXAMPLES}/mnist-mlp8-np-merge.yaml", []),
+    "analysis": (f"{EXAMPLES}/mnist-analysis.yaml", []),
+    "linear": (f"{EXAMPLES}/mnist-linear-templates.yaml", []),
+    "resnet": (f"{EXAMPLES}/mnist-resnet20-reset-bn.yaml", []),
+    "resnet_cca_paper": (
+        f"{EXAMPLES}/mnist-resnet20-reset-bn.yaml",
+        ["steps.0.align={method: cca, batchnorm: paper}"],
+    ),
+    "resnet_cca_fold": (
+        f"{EXAMPLES}/mnist-resnet20-reset-bn.yaml",
+        ["steps.0.align={method: cca, batchnorm: fold}"],
+    ),
+    **{
+        f"resnet_wm_seed{seed}": (
+            f"{EXAMPLES}/mnist-resnet20-reset-bn.yaml",
+            [f"seed={seed}", "steps.0.align={method: weight_matching}"],
+        )
+        for seed in range(5)
+    },
+    "ties": (f"{EXAMPLES}/mnist-mlp3-ties.yaml", []),
+    "task_arithmetic": (
+        f"{EXAMPLES}/mnist-mlp3-ties.yaml",
+        ["steps.0.merge={method: task_arithmetic}"],
+    ),
+    "finetune_average": (
+        f"{EXAMPLES}/mnist-mlp3-ties.yaml",
+        ["steps.0.merge={method: average}"],
+    ),
+}
+
+
+def report(key: str) -> dict:
+    return json.loads((OUT / key / "report.json").read_text())
+
+
+def row(key: str, name: str, field: str = "name") -> dict:
+    """The evaluate table's row of ``key``'s run whose ``field`` is ``name``."""
+    rows = report(key)["evaluate"]["results"]
+    found = [r for r in rows if r[field] == name]
+    if not found:
+        raise KeyError(
+            f"{key}: no evaluate row with {field} {name!r} in {[r[field] for r in rows]}"
+        )
+    return found[0]
+
+
+def accuracy(key: str, name: str, field: str = "name") -> float:
+    return row(key, name, field)["accuracy"]
+
+
+def merged(key: str) -> float:
+    return accuracy(key, "merged", "kind")
+
+
+def analysis(key: str, kind: str) -> dict:
+    return report(key)["analysis"][kind]
+
+
+def barrier(path: str, split: str) -> float:
+    return analysis("analysis", "interpolation")["paths"][path][split]["loss_barrier"]
+
+
+def soup(kind: str) -> float:
+    results = analysis("analysis", "averaging_vs_ensembling")["results"]
+    return next(r["accuracy"] for r in results if r["kind"] == kind)
+
+
+def scaled(subject: str, factor: float, apply_to: str = "all") -> float:
+    results = analysis("analysis", "scaling")["results"]
+    return next(
+        r["accuracy"]
+        for r in results
+        if r["subject"] == subject and r["factor"] == factor and r["apply_to"] == apply_to
+    )
+
+
+def template_cosine(key: str, model: str) -> float:
+    """Mean cosine of a model's template rows to the closest centred class mean."""
+    sets = analysis(key, "templates")["sets"]
+    rows = next(s for s in sets if s["name"] == model)["rows"]
+    return sum(r["cosine"] for r in rows) / len(rows)
+
+
+def seconds(key: str) -> float:
+    return TIMES[key]
+
+
+def fit_seconds(key: str) -> float:
+    return row(key, "merged", "kind")["fit_seconds"]
+
+
+def wm_resnet_range() -> str:
+    values = sorted(merged(f"resnet_wm_seed{s}") for s in range(5))
+    return f"{100 * values[0]:.0f}–{100 * values[-1]:.0f}%"
+
+
+# Every figure the README quotes: key -> how to compute its text from the runs.
+FIGURES: dict[str, Callable[[], str]] = {
+    "mlp8_seed0": lambda: pct(accuracy("np_merge", "mlp8-seed0")),
+    "mlp8_seed1": lambda: pct(accuracy("np_merge", "mlp8-seed1")),
+    "mlp8_ensemble": lambda: pct(accuracy("np_merge", "ensemble", "kind")),
+    "mlp8_average": lambda: pct(merged("average")),
+    "mlp8_weight_matching": lambda: pct(merged("weight_matching")),
+    "mlp8_repair": lambda: pct(merged("repair")),
+    "mlp8_repair_no_head": lambda: pct(merged("repair_no_head")),
+    "mlp8_activation_matching": lambda: pct(merged("activation_matching")),
+    "mlp8_cca": lambda: pct(merged("cca")),
+    "mlp8_np_merge": lambda: pct(merged("np_merge")),
+    "mlp8_np_merge_fit_seconds": lambda: num(fit_seconds("np_merge"), 1),
+    "resnet_seed0": lambda: pct(accuracy("resnet", "resnet20-seed0")),
+    "resnet_seed1": lambda: pct(accuracy("resnet", "resnet20-seed1")),
+    "resnet_ensemble": lambda: pct(accuracy("resnet", "ensemble", "kind")),
+    "resnet_average": lambda: pct(accuracy("resnet", "average", "kind")),
+    "resnet_aligned_average": lambda: pct(accuracy("resnet", "aligned_average", "kind")),
+    "resnet_activation_matching_reset": lambda: pct(merged("resnet")),
+    "resnet_cca_paper": lambda: pct(merged("resnet_cca_paper")),
+    "resnet_cca_fold": lambda: pct(merged("resnet_cca_fold")),
+    "resnet_weight_matching_range": wm_resnet_range,
+    "resnet_recipe_seconds": lambda: f"{seconds('resnet'):.0f}",
+    "resnet_train_minutes": lambda: f"{TRAIN_SECONDS['resnet20'] / 60:.0f}",
+    "ties_base": lambda: pct(accuracy("ties", "mlp3-base")),
+    "ties_ft_a": lambda: pct(accuracy("ties", "mlp3-ft-digits0-4")),
+    "ties_ft_b": lambda: pct(accuracy("ties", "mlp3-ft-digits5-9")),
+    "ties": lambda: pct(merged("ties")),
+    "task_arithmetic": lambda: pct(merged("task_arithmetic")),
+    "finetune_average": lambda: pct(merged("finetune_average")),
+    "barrier_naive": lambda: num(barrier("naive", "eval")),
+    "barrier_aligned": lambda: num(barrier("aligned", "eval")),
+    "greedy_soup": lambda: pct(soup("greedy_soup")),
+    "uniform_soup": lambda: pct(soup("uniform_soup")),
+    "feature_ensemble_averaged_head": lambda: pct(soup("feature_ensemble_averaged_head")),
+    "scaled10_logit_ensemble": lambda: pct(scaled("logit ensemble", 10.0)),
+    "logit_ensemble": lambda: pct(soup("logit_ensemble")),
+    "scaled10_output_ensemble": lambda: pct(scaled("output ensemble", 10.0)),
+    "output_ensemble": lambda: pct(soup("output_ensemble")),
+    "template_cosine_seed0": lambda: num(template_cosine("analysis", "mlp8-seed0")),
+    "template_cosine_average": lambda: num(template_cosine("analysis", "average")),
+    "template_cosine_aligned_average": lambda: num(template_cosine("analysis", "aligned average")),
+    "linear_cosine_seed0": lambda: num(template_cosine("linear", "linear-seed0")),
+    "linear_cosine_seed1": lambda: num(template_cosine("linear", "linear-seed1")),
+    "linear_cosine_average": lambda: num(template_cosine("linear", "average")),
+}
+
+# Code blocks the README shows verbatim: key -> the run whose stdout table it is.
+BLOCKS = {"np_merge_table": "np_merge"}
+
+TIMES: dict[str, float] = {}
+TRAIN_SECONDS: dict[str, float] = {}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+        cpu = names[0] if names else cpu
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run(key: str) -> str:
+    recipe, overrides = RUNS[key]
+    command = [sys.executable, "-m", "mergecli", "--log", "plain", "run", recipe, "--overwrite"]
+    for item in [f"output.dir={OUT / key}", *overrides]:
+        command += ["--set", item]
+    print(f"figures: {key}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    env = {**os.environ, "COLUMNS": "140"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    TIMES[key] = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"figures: {key} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def train_seconds() -> None:
+    """How long `make` took to train each demo checkpoint (recorded in its metadata)."""
+    from safetensors import safe_open
+
+    for path in sorted((ROOT / "runs").glob("resnet20-seed*.safetensors")):
+        with safe_open(path, "pt") as f:
+            value = (f.metadata() or {}).get("mergecli.train_seconds")
+        if value is not None:
+            TRAIN_SECONDS["resnet20"] = TRAIN_SECONDS.get("resnet20", 0.0) + float(value)
+
+
+def table(stdout: str) -> str:
+    """The evaluation table from a run's stdout (rich draws it with box characters)."""
+    lines = stdout.splitlines()
+    start = next(i for i, x in enumerate(lines) if "evaluation on" in x)
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("└"))
+    return "\n".join(x.rstrip() for x in lines[start : end + 1])
+
+
+def rewrite_readme(values: dict[str, str], blocks: dict[str, str]) -> list[str]:
+    """Put the values into the README's markers; returns the keys the README lacks."""
+    text = README.read_text()
+    used = set()
+
+    def inline(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in values:
+            sys.exit(f"figures: README marker {key!r} has no figure; add it to FIGURES")
+        used.add(key)
+        return f"<!--fig:{key}-->{values[key]}<!--/fig-->"
+
+    text = re.sub(r"<!--fig:(\w+)-->.*?<!--/fig-->", inline, text, flags=re.S)
+
+    def block(match: re.Match) -> str:
+        key = match.group(1)
+        used.add(key)
+        return f"<!-- fig-block:{key} -->\n```\n{blocks[key]}\n```\n<!-- /fig-block -->"
+
+    text = re.sub(
+        r"<!-- fig-block:(\w+) -->\n```\n.*?\n```\n<!-- /fig-block -->", block, text, flags=re.S
+    )
+    README.write_text(text)
+    return sorted(set(values) | set(blocks) - used)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="run only these keys (others from the JSON)")
+    parser.add_argument("--no-run", action="store_true", help="only rewrite the README")
+    options = parser.parse_args()
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if not options.no_run:
+        keys = options.only or list(RUNS)
+        info = machine()
+        stdouts = {key: run(key) for key in keys}
+        train_seconds()
+        values, blocks = dict(saved.get("figures", {})), dict(saved.get("blocks", {}))
+        for key, compute in FIGURES.items():
+            try:
+                values[key] = compute()
+            except (KeyError, FileNotFoundError, StopIteration) as error:
+                if options.only is None:
+                    raise
+                print(f"figures: {key} kept ({error})", file=sys.stderr)
+        for key, source in BLOCKS.items():
+            if source in stdouts:
+                blocks[key] = table(stdouts[source])
+        saved = {
+            "machine": info,
+            "run_seconds": {k: round(v, 1) for k, v in TIMES.items()},
+            "figures": values,
+            "blocks": blocks,
+        }
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(saved, indent=1, ensure_ascii=False) + "\n")
+    unused = rewrite_readme(saved["figures"], saved["blocks"])
+    if unused:
+        print(f"figures: not quoted in the README: {', '.join(unused)}", file=sys.stderr)
+    print(f"figures: wrote {RESULTS.relative_to(ROOT)} and README.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
