@@ -257,8 +257,11 @@ def rewrite_readme(values: dict[str, str], blocks: dict[str, str]) -> list[str]:
 
     def inline(match: re.Match) -> str:
         key = match.group(1)
-        if key not in values:
+        if key not in FIGURES:
             sys.exit(f"figures: README marker {key!r} has no figure; add it to FIGURES")
+        if key not in values:  # not measured yet (a partial --only run): left as it is
+            print(f"figures: {key} not measured yet; README left as it is", file=sys.stderr)
+            return match.group(0)
         used.add(key)
         return f"<!--fig:{key}-->{values[key]}<!--/fig-->"
 
@@ -266,6 +269,8 @@ def rewrite_readme(values: dict[str, str], blocks: dict[str, str]) -> list[str]:
 
     def block(match: re.Match) -> str:
         key = match.group(1)
+        if key not in blocks:  # not measured yet: left as it is
+            return match.group(0)
         used.add(key)
         return f"<!-- fig-block:{key} -->\n```\n{blocks[key]}\n```\n<!-- /fig-block -->"
 
@@ -273,7 +278,7 @@ def rewrite_readme(values: dict[str, str], blocks: dict[str, str]) -> list[str]:
         r"<!-- fig-block:(\w+) -->\n```\n.*?\n```\n<!-- /fig-block -->", block, text, flags=re.S
     )
     README.write_text(text)
-    return sorted(set(values) | set(blocks) - used)
+    return sorted((set(values) | set(blocks)) - used)
 
 
 def main() -> None:
