@@ -125,8 +125,7 @@ def scaled(subject: str, factor: float, apply_to: str = "all") -> float:
 def template_cosine(key: str, model: str) -> float:
     """Mean cosine of a model's template rows to the closest centred class mean."""
     sets = analysis(key, "templates")["sets"]
-    rows = next(s for s in sets if s["name"] == model)["rows"]
-    return sum(r["cosine"] for r in rows) / len(rows)
+    return next(s for s in sets if s["name"] == model)["mean_cosine"]
 
 
 def seconds(key: str) -> float:
@@ -165,7 +164,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "resnet_cca_fold": lambda: pct(merged("resnet_cca_fold")),
     "resnet_weight_matching_range": wm_resnet_range,
     "resnet_recipe_seconds": lambda: f"{seconds('resnet'):.0f}",
-    "resnet_train_minutes": lambda: f"{TRAIN_SECONDS['resnet20'] / 60:.0f}",
+    "resnet_train_seconds": lambda: f"{TRAIN_SECONDS['resnet20']:.0f}",
     "ties_base": lambda: pct(accuracy("ties", "mlp3-base")),
     "ties_ft_a": lambda: pct(accuracy("ties", "mlp3-ft-digits0-4")),
     "ties_ft_b": lambda: pct(accuracy("ties", "mlp3-ft-digits5-9")),
@@ -292,7 +291,8 @@ def main() -> None:
         info = machine()
         stdouts = {key: run(key) for key in keys}
         train_seconds()
-        values, blocks = dict(saved.get("figures", {})), dict(saved.get("blocks", {}))
+        values = {k: v for k, v in saved.get("figures", {}).items() if k in FIGURES}
+        blocks = {k: v for k, v in saved.get("blocks", {}).items() if k in BLOCKS}
         for key, compute in FIGURES.items():
             try:
                 values[key] = compute()
