@@ -42,7 +42,7 @@ runs/resnet20-seed%.safetensors: | $(VENV)/.installed
 		--data mnist:train --eval-data mnist:test --epochs 2 --seed $* --out $@
 
 # BatchNorm networks: align (activation matching), average, recompute the BN statistics;
-# training the pair takes 10-20 minutes on 2 cores (README, "The demo").
+# under a minute on a quiet 2-core machine (README, "The demo", has the measured time).
 demo-resnet: $(VENV)/.installed runs/resnet20-seed0.safetensors runs/resnet20-seed1.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-resnet20-reset-bn.yaml
 
