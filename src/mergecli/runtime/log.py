@@ -260,7 +260,7 @@ class StepMeter:
         self._last, self._loss_sum, self._examples, self._steps = now, 0.0, 0, 0
 
 
-def json_line(level: str, message: str, rank: int = 0, world: int = 1, **fields: Any) -> None:
+def json_line(level: str, message: str, rank: int = 0, world: int = 1, /, **fields: Any) -> None:
     """One JSON object on one line of stderr: time, level, (rank and world), message, fields."""
     ranks = {"rank": rank, "world": world} if world > 1 else {}
     record = {"time": _now(), "level": level, **ranks, "message": message, **fields}
