@@ -429,7 +429,8 @@ def fit_logits(
             if validate is not None:
                 record.update(validate(logits.detach()))
             history.append(record)
-            log.info(f"{name} epoch {epoch}/{epochs}", **{k: round(v, 4) for k, v in record.items()})
+            rounded = {k: round(v, 4) for k, v in record.items()}
+            log.info(f"{name} epoch {epoch}/{epochs}", **rounded)
     if saved is None or not saved.get("finished"):
         # A run stopped in a later step resumes after the fit instead of redoing its tail.
         save(epoch_generator, finished=True)
