@@ -73,8 +73,11 @@ def markdown(report: dict[str, Any]) -> str:
                          for i in inputs])  # fmt: skip
     if "align" in report:
         align = report["align"]
-        how = (f"Transforms from `{align['from']}` (an earlier run's, not recomputed)"
-               if align.get("from") else f"Method `{align['method']}`")
+        how = (
+            f"Transforms from `{align['from']}` (an earlier run's, not recomputed)"
+            if align.get("from")
+            else f"Method `{align['method']}`"
+        )
         lines += ["## Alignment", "", f"{how}, reference `{align['reference']}`, "
                   f"{len(align['groups'])} groups.", ""]  # fmt: skip
         lines += _table(["model", "weight distance before", "after"],
