@@ -3,7 +3,11 @@ so that `mergecli --help` starts instantly."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -47,25 +51,19 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+LOG_HELP = "How to print progress: rich on a terminal, plain lines or JSON (one object a line)."
+DEBUG_HELP = "Show tracebacks for errors (in a `traceback` field with --log json)."
+LOG_EVERY_HELP = "Seconds between progress lines (plain and json logs): step, loss, throughput."
+
+
 @app.callback()
 def options(
     # The environment variables serve launchers that read options themselves (torchrun takes
     # --log for its --log-dir) and job scripts that set them once.
-    log: Annotated[
-        LogChoice,
-        typer.Option(
-            envvar="MERGECLI_LOG",
-            help="How to print progress: rich on a terminal, plain lines or JSON.",
-        ),
-    ] = LogChoice.auto,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    log: Annotated[LogChoice, typer.Option(envvar="MERGECLI_LOG", help=LOG_HELP)] = LogChoice.auto,
+    debug: Annotated[bool, typer.Option(help=DEBUG_HELP)] = False,
     log_every: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            envvar="MERGECLI_LOG_EVERY",
-            help="Seconds between progress lines (plain and json logs): step, loss, throughput.",
-        ),
+        float, typer.Option(min=0.0, envvar="MERGECLI_LOG_EVERY", help=LOG_EVERY_HELP)
     ] = 10.0,
     version: Annotated[
         bool,
@@ -78,52 +76,144 @@ def options(
     SETTINGS.log_every = log_every
 
 
+# The global options are accepted after the command too (`mergecli run r.yaml --log plain`):
+# every command gets them, and a value given there wins over one given before the command.
+COMMAND_OPTIONS = [
+    inspect.Parameter(
+        "log",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[Optional[LogChoice], typer.Option(help=LOG_HELP)],  # noqa: UP045
+    ),
+    inspect.Parameter(
+        "log_every",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Optional[float],  # noqa: UP045
+            typer.Option(min=0.0, help=LOG_EVERY_HELP),
+        ],
+    ),
+    inspect.Parameter(
+        "debug",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Optional[bool],  # noqa: UP045
+            typer.Option("--debug/--no-debug", help=DEBUG_HELP, show_default=False),
+        ],
+    ),
+]
+
+
+def command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``app.command`` whose command also takes the global options (--log, --log-every,
+    --debug) after its name."""
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(function, eval_str=True)
+
+        @functools.wraps(function)
+        def with_options(*args: Any, log=None, log_every=None, debug=None, **kwargs: Any) -> None:  # noqa: ANN001
+            if log is not None:
+                SETTINGS.log = log.value
+            if log_every is not None:
+                SETTINGS.log_every = log_every
+            if debug is not None:
+                SETTINGS.debug = debug
+            function(*args, **kwargs)
+
+        params = [*signature.parameters.values(), *COMMAND_OPTIONS]
+        with_options.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        return app.command(name)(with_options)
+
+    return register
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Print a user mistake as its one-line message and exit non-zero; --debug re-raises."""
-    from mergecli.errors import MergeCliError, RecipeError
+    """Print a user mistake as its one-line message and exit non-zero; --debug re-raises (with
+    --log json: the traceback goes in the error's JSON object)."""
+    from mergecli.errors import MergeCliError
 
     try:
         yield
     except MergeCliError as exc:
-        if SETTINGS.debug:
+        if SETTINGS.debug and SETTINGS.log != "json":
             raise
-        prefix = "" if isinstance(exc, RecipeError) else "error: " + _rank_tag()
-        for line in str(exc).splitlines():
-            typer.echo(f"{prefix}{line}", err=True)
+        _print_error(exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        if SETTINGS.log == "json":
+            _error_line("interrupted", exit_code=130)
+        else:
+            typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:
-        if SETTINGS.debug:
+        if SETTINGS.debug and SETTINGS.log != "json":
             raise
-        typer.echo(
+        message = (
             f"internal error: {type(exc).__name__}: {exc} "
-            "(rerun with --debug for the traceback and report it)",
-            err=True,
+            "(rerun with --debug for the traceback and report it)"
         )
+        if SETTINGS.log == "json":
+            _error_line(message, exit_code=70)
+        else:
+            typer.echo(message, err=True)
         raise typer.Exit(70) from None
+
+
+def _print_error(exc) -> None:  # noqa: ANN001 - MergeCliError, imported lazily
+    """A user mistake: one line per problem, as text or (--log json) as JSON objects."""
+    from mergecli.errors import Problem, RecipeError
+
+    if SETTINGS.log == "json":
+        problems = exc.problems if isinstance(exc, RecipeError) else [str(exc)]
+        for problem in problems:
+            fields = problem.fields() if isinstance(problem, Problem) else {"message": problem}
+            _error_line(exit_code=exc.exit_code, **fields)
+        return
+    prefix = "" if isinstance(exc, RecipeError) else "error: " + _rank_tag()
+    for line in str(exc).splitlines():
+        typer.echo(f"{prefix}{line}", err=True)
+
+
+def _error_line(message: str, exit_code: int, **fields: Any) -> None:
+    """An error as one JSON object on stderr; with --debug it carries the traceback."""
+    import traceback
+
+    from mergecli.runtime.log import json_line
+
+    if SETTINGS.debug:
+        fields["traceback"] = traceback.format_exc()
+    rank, size = _rank()
+    json_line("error", message, rank, size, exit_code=exit_code, **fields)
+
+
+def _rank() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 when never started)."""
+    if "mergecli.runtime.distributed" not in sys.modules:  # never started: one process
+        return 0, 1
+    from mergecli.runtime.distributed import current
+
+    world = current()
+    return (world.rank, world.size) if world.distributed else (0, 1)
 
 
 def _rank_tag() -> str:
     """Several processes share one job log: an error says which one failed."""
-    import sys
-
-    if "mergecli.runtime.distributed" not in sys.modules:  # never started: one process
-        return ""
-    from mergecli.runtime.distributed import current
-
-    world = current()
-    return f"[rank {world.rank}/{world.size}] " if world.distributed else ""
+    rank, size = _rank()
+    return f"[rank {rank}/{size}] " if size > 1 else ""
 
 
 def _log(rank: int = 0, world: int = 1):
-    from mergecli.runtime.log import Log
+    from mergecli.runtime.log import Log, capture_warnings
 
-    return Log(SETTINGS.log, rank, world, SETTINGS.log_every)  # type: ignore[arg-type]
+    log = Log(SETTINGS.log, rank, world, SETTINGS.log_every)  # type: ignore[arg-type]
+    capture_warnings(log)
+    return log
 
 
 def _recipe_warnings(loaded, log) -> None:
@@ -145,7 +235,7 @@ class Resume(str, Enum):
     never = "never"
 
 
-@app.command()
+@command()
 def run(
     recipe: RecipeArg,
     set_: SetOption = None,
@@ -241,7 +331,7 @@ def _stop_line(stop, requeue: bool) -> str:
     return "; ".join(parts)
 
 
-@app.command()
+@command()
 def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Check a recipe without running it; print the resolved recipe."""
     with user_errors():
@@ -253,7 +343,7 @@ def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
         typer.echo(loaded.resolved_yaml(), nl=False)
 
 
-@app.command("align-spec")
+@command("align-spec")
 def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Show the permutation groups derived from the recipe's model: sizes and tensor axes."""
     with user_errors():
@@ -283,7 +373,7 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
         )
 
 
-@app.command()
+@command()
 def report(
     output_dir: Annotated[Path, typer.Argument(help="The output dir of a finished `run`.")],
 ) -> None:
@@ -304,8 +394,8 @@ def report(
             _log().info(f"wrote {path}")
 
 
-@app.command()
-def inspect(
+@command("inspect")
+def inspect_(
     checkpoint: Annotated[str, typer.Argument(help="A safetensors file or checkpoint directory.")],
     other: Annotated[
         Optional[str],  # noqa: UP045
@@ -319,12 +409,13 @@ def inspect(
         inspect_checkpoints(checkpoint, other, _log())
 
 
-@app.command()
+@command()
 def methods() -> None:
     """List every step method with its parameters and defaults."""
     with user_errors():
         from mergecli.models import builtin_architectures
         from mergecli.registry import all_methods
+        from mergecli.runtime.log import Column
 
         log = _log()
         rows = []
@@ -342,20 +433,35 @@ def methods() -> None:
                 [
                     method.kind,
                     method.name + (" (default)" if method.default else ""),
-                    ", ".join(params) or "-",
-                    ", ".join(sorted(method.needs)) or "-",
-                    method.doc,
+                    params,
+                    sorted(method.needs),
+                    _plain(method.doc),
                 ]
             )
-        log.table("step methods", ["step", "method", "parameters", "needs", "what it does"], rows)
+        # Names (of methods, parameters, what a method needs) read whole on a narrow terminal;
+        # the description wraps.
+        # Parameters and needs are lists in the JSON log; people see a parameter a line.
+        columns = [
+            Column("step", name=True),
+            Column("method", name=True),
+            Column("parameters", show=lambda v: "\n".join(v) or "-", name=True),
+            Column("needs", show=lambda v: ", ".join(v) or "-", name=True),
+            "what it does",
+        ]
+        log.table("step methods", columns, rows)
         log.table(
             "built-in architectures (model.arch)",
             ["arch", "what it is"],
             [
-                [name, (fn.__doc__ or "").strip().splitlines()[0]]
+                [name, _plain((fn.__doc__ or "").strip().splitlines()[0])]
                 for name, fn in builtin_architectures().items()
             ],
         )
+
+
+def _plain(doc: str) -> str:
+    """A docstring's line as text: RST's ``literal`` marks are for Sphinx, not a terminal."""
+    return doc.replace("``", "")
 
 
 class Optimizer(str, Enum):
@@ -363,7 +469,7 @@ class Optimizer(str, Enum):
     sgd = "sgd"
 
 
-@app.command()
+@command()
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .safetensors file.")],
     arch: Annotated[
@@ -483,4 +589,32 @@ def _parse_data_option(text: str, option: str) -> dict[str, Any]:
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="mergecli")
+    if _log_mode(sys.argv[1:]) != "json":
+        app(prog_name="mergecli")
+        return
+    # With --log json a mistake on the command line is a JSON line too.
+    try:
+        code = app(prog_name="mergecli", standalone_mode=False)
+    except typer.TyperException as exc:
+        usage = getattr(exc, "ctx", None)
+        fields = {"usage": usage.get_usage()} if usage is not None else {}
+        _error_line(exc.format_message(), exit_code=exc.exit_code, **fields)
+        code = exc.exit_code
+    except typer.Abort:
+        _error_line("aborted", exit_code=1)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _log_mode(args: list[str]) -> str:
+    """The --log a command line asks for (the last one given), else $MERGECLI_LOG: known
+    before the options are parsed, to print a mistake in them the way the user asked."""
+    mode = os.environ.get("MERGECLI_LOG", "auto")
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--log" and i + 1 < len(args):
+            mode = args[i + 1]
+        elif arg.startswith("--log="):
+            mode = arg.removeprefix("--log=")
+    return mode

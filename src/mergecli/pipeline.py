@@ -60,7 +60,9 @@ def run_recipe(
         state.resume_dir = resume_dir
         for step in loaded.steps:
             method = methods_of(step.kind)[step.method]
-            log.info(f"step {step.index}: {step.kind} ({step.method})")
+            source = getattr(step.params, "from_", None)  # then the method does not run
+            how = f"from {source}" if source else f"({step.method})"
+            log.info(f"step {step.index}: {step.kind} {how}")
             started = time.perf_counter()
             state.step = step
             try:

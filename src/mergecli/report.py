@@ -73,8 +73,13 @@ def markdown(report: dict[str, Any]) -> str:
                          for i in inputs])  # fmt: skip
     if "align" in report:
         align = report["align"]
-        lines += ["## Alignment", "", f"Method `{align['method']}`, reference "
-                  f"`{align['reference']}`, {len(align['groups'])} groups.", ""]  # fmt: skip
+        how = (
+            f"Transforms from `{align['from']}` (an earlier run's, not recomputed)"
+            if align.get("from")
+            else f"Method `{align['method']}`"
+        )
+        lines += ["## Alignment", "", f"{how}, reference `{align['reference']}`, "
+                  f"{len(align['groups'])} groups.", ""]  # fmt: skip
         lines += _table(["model", "weight distance before", "after"],
                         [[n, f"{d['before']:.3f}", f"{d['after']:.3f}"]
                          for n, d in align.get("weight_distance", {}).items()])  # fmt: skip

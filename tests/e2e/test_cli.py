@@ -174,7 +174,7 @@ def test_inspect_one_and_two_checkpoints(trained_pair) -> None:
     assert "‖A−B‖" in pair and "head.bias" in pair
     same = run_cli("--log", "json", "inspect", str(a), str(a), check=True).stdout
     rows = [json.loads(line) for line in same.splitlines()][-1]["rows"]
-    assert all(row["‖A−B‖"] == "0" for row in rows)
+    assert all(row["diff_norm"] == 0 for row in rows)
 
 
 def test_methods_lists_parameters() -> None:
@@ -187,7 +187,7 @@ def test_json_log_lines_parse(tmp_path: Path, trained_pair) -> None:
     recipe = write_recipe(tmp_path, *trained_pair)
     result = run_cli("--log", "json", "run", str(recipe), check=True)
     records = [json.loads(line) for line in result.stderr.splitlines()]
-    assert any(r["msg"].startswith("step 0: merge") for r in records)
+    assert any(r["message"].startswith("step 0: merge") for r in records)
     table = json.loads(result.stdout.strip().splitlines()[-1])
     assert table["rows"][0]["model"] == "mlp-seed0"
 

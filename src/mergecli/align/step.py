@@ -331,8 +331,10 @@ def _align(
             "before": _distance(reference.tensors, checkpoint.tensors),
             "after": _distance(reference.tensors, checkpoint.aligned),
         }
+        # Transforms read from a file were not computed here: the log says where they came from.
+        how = f" with the transforms from {params.from_}" if saved is not None else ""
         state.log.info(
-            f"aligned {checkpoint.name} to {reference.name}",
+            f"aligned {checkpoint.name} to {reference.name}{how}",
             distance_before=round(distances[checkpoint.name]["before"], 3),
             distance_after=round(distances[checkpoint.name]["after"], 3),
         )
@@ -355,6 +357,7 @@ def _align(
         "groups": [{"name": g.name, "size": g.size} for g in spec.groups],
         "warnings": list(spec.warnings),
         "weight_distance": distances,
+        **({"from": params.from_} if saved is not None else {}),
     }
 
 

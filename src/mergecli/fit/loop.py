@@ -326,8 +326,11 @@ def fit_logits(
     checkpoint: FitCheckpoint | None = None,
     should_stop: Callable[[int], int | None] | None = None,
     world: World | None = None,
+    name: str = "fit",
 ) -> FitOutcome:
     """Minimise the problem's loss over the logits only.
+
+    ``name`` starts the fit's log lines: ``fit stage 2/3`` for a stage of a chain.
 
     ``should_stop(step)`` is asked after every step and returns the signal number to stop for
     (None: go on); the fit then saves its state and returns early. With several ranks every
@@ -355,9 +358,9 @@ def fit_logits(
         history, elapsed = saved["history"], saved["seconds"]
         loss_sum, seen = saved.get("loss_sum", 0.0), saved.get("seen", 0)
         if saved.get("finished"):
-            log.info(f"fit: already finished in an earlier run ({checkpoint.path})", steps=step)
+            log.info(f"{name}: already finished in an earlier run ({checkpoint.path})", steps=step)
         else:
-            log.info(f"fit: resuming from {checkpoint.path}", step=step, epoch=epoch + 1)
+            log.info(f"{name}: resuming from {checkpoint.path}", step=step, epoch=epoch + 1)
 
     def save(epoch_generator: Tensor, finished: bool = False) -> None:
         if checkpoint is None or not world.is_main:
@@ -386,7 +389,7 @@ def fit_logits(
 
     started = time.perf_counter()
     epoch_generator = generator.get_state()
-    with log.meter(total_steps, epochs) as meter:
+    with log.meter(total_steps, epochs, name) as meter:
         while epoch < epochs and (config.steps is None or step < config.steps):
             # An epoch's shuffle is drawn from this state, so a resumed run replays it exactly.
             epoch_generator = generator.get_state()
@@ -426,7 +429,8 @@ def fit_logits(
             if validate is not None:
                 record.update(validate(logits.detach()))
             history.append(record)
-            log.info(f"fit epoch {epoch}/{epochs}", **{k: round(v, 4) for k, v in record.items()})
+            rounded = {k: round(v, 4) for k, v in record.items()}
+            log.info(f"{name} epoch {epoch}/{epochs}", **rounded)
     if saved is None or not saved.get("finished"):
         # A run stopped in a later step resumes after the fit instead of redoing its tail.
         save(epoch_generator, finished=True)

@@ -129,6 +129,7 @@ def _fit(
             merge = pairwise_merge
         validate = _validator(state, module, flat, buffers, merge, params)
         checkpoint = _checkpoint(state, stage)
+        name = f"fit stage {stage + 1}/{len(stages)}" if len(stages) > 1 else "fit"
         problem = FitProblem(
             module, flat, buffers, merge, initial, indexed, loss_fn, device, validate
         )
@@ -136,7 +137,12 @@ def _fit(
         # never raised in the middle of a step or of a save.
         with STOP.deferred():
             outcome = fit_logits(
-                problem, config, state.log, checkpoint, should_stop=lambda _: STOP.pending()
+                problem,
+                config,
+                state.log,
+                checkpoint,
+                should_stop=lambda _: STOP.pending(),
+                name=name,
             )
         if outcome.stopped_by is not None:
             total = config.steps or math.ceil(len(indexed) / config.batch_size) * config.epochs
@@ -160,7 +166,7 @@ def _fit(
             }
         )
         state.log.info(
-            f"fit: {outcome.steps} steps in {outcome.seconds:.1f} s",
+            f"{name}: {outcome.steps} steps in {outcome.seconds:.1f} s",
             mean_coefficient=round(float(values.float().mean()), 4),
         )
         return merged
@@ -213,7 +219,8 @@ def _run_stages(
             alignments.append(first)
         else:
             # pairwise: one member, and with `batchnorm: fold` the running merge folded alike
-            running, aligned, record = _aligned_to(state, align, running, members[0])
+            name = f"fit stage {stage + 1}/{len(stages)}"
+            running, aligned, record = _aligned_to(state, align, running, members[0], name)
             sources = [running, aligned]
             alignments.append(record)
         running = {**running, **run(stage, sources, init)}
@@ -236,7 +243,11 @@ def _stages(params: FitParams, models: list) -> list[tuple[list, float]]:
 
 
 def _aligned_to(
-    state: MergeState, align: StepSpec | None, running: StateDict, checkpoint: Checkpoint
+    state: MergeState,
+    align: StepSpec | None,
+    running: StateDict,
+    checkpoint: Checkpoint,
+    name: str = "fit",
 ) -> tuple[StateDict, StateDict, dict | None]:
     """In a pairwise chain each next model is aligned to the running merge (as in the paper), by
     the method and parameters of the recipe's align step; with no align step, not at all.
@@ -252,12 +263,12 @@ def _aligned_to(
     if pair is None:
         why = "reused from a file" if getattr(align.params, "from_", None) else "not a built-in"
         state.log.info(
-            f"fit: {checkpoint.name} keeps the align step's alignment to {state.reference.name} "
+            f"{name}: {checkpoint.name} keeps the align step's alignment to {state.reference.name} "
             f"(its transforms, {why}, cannot be recomputed against the running merge)"
         )
         record = {"method": align.method, "to": state.reference.name}
         return running, checkpoint.aligned_or_original, record
-    state.log.info(f"fit: aligned {checkpoint.name} to the running merge ({align.method})")
+    state.log.info(f"{name}: aligned {checkpoint.name} to the running merge ({align.method})")
     target, aligned = pair
     return target, aligned, {"method": align.method, "to": "running merge"}
 
