@@ -68,7 +68,11 @@ def test_run_average_end_to_end(tmp_path: Path, trained_pair: tuple[Path, Path])
     rows = {row["name"]: row for row in report["evaluate"]["results"]}
     assert set(rows) == {"mlp-seed0", "mlp-seed1", "ensemble", "average", "merged (average)"}
     assert report["evaluate"]["examples"] == 1000
-    assert rows["mlp-seed0"]["accuracy"] > 0.8 and rows["ensemble"]["accuracy"] > 0.8
+    # Trained, far above chance (0.1). Here they score 0.801 and 0.825, but the training takes
+    # other float paths on another CPU or thread count (a point or so either way), so the
+    # bound leaves room rather than quoting this machine.
+    assert rows["mlp-seed0"]["accuracy"] > 0.7 and rows["ensemble"]["accuracy"] > 0.7
+    # The baseline and the step run the same merge of the same inputs: the same model, exactly.
     assert rows["average"]["accuracy"] == rows["merged (average)"]["accuracy"]
     # The merged checkpoint is the plain average, tensor by tensor.
     merged, ta, tb = load_file(out / "model.safetensors"), load_file(a), load_file(b)
