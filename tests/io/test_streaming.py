@@ -253,6 +253,7 @@ def test_per_model_density(tmp_path: Path) -> None:
     result = run_cli("validate", str(recipe))
     assert result.returncode == 2
     assert ":4: checkpoints.1.parameters.lambda: not a per-model parameter of ties" in result.stderr
-    assert "checkpoints.1.parameters.density: input should be less than or equal to 1 (got 1.5)" in (
-        result.stderr
+    assert (
+        "checkpoints.1.parameters.density: input should be less than or equal to 1 (got 1.5)"
+        in (result.stderr)
     )
