@@ -127,9 +127,9 @@ def train_model(
 
     With ``init``, training starts from that checkpoint's weights: a fine-tune, the kind of
     model that task arithmetic, TIES and DARE merge (``init_fix``: what to change if it does
-    not fit). With ``checkpoint``, a state saved there
-    is resumed, and a stop signal (polled after every batch) saves the state and raises
-    ``Stopped``; the result is the same, bit for bit on one machine, as without the stop.
+    not fit). With ``checkpoint``, a state saved there is resumed, the state is saved after
+    every epoch, and a stop signal (polled after every batch) saves it and raises ``Stopped``;
+    the result is the same, bit for bit on one machine, as without the stop.
     """
     from mergecli.evaluate.metrics import accuracy
     from mergecli.io import load_state_dict
