@@ -306,7 +306,7 @@ def run(
                 )
 
 
-def _stop_line(stop, requeue: bool) -> str:
+def _stop_line(stop, requeue: bool, kept: str = "fit state") -> str:
     """The one line a stopped run logs: why, where, what was kept, whether the job requeued.
     ``requeue`` is false on ranks other than 0: a job is requeued once."""
     import signal
@@ -316,7 +316,7 @@ def _stop_line(stop, requeue: bool) -> str:
 
     parts = [f"stopped by {signal_name(stop.signum)} {stop.detail}".rstrip()]
     if stop.saved is not None:
-        parts.append(f"fit state saved in {stop.saved}; run the same command to resume")
+        parts.append(f"{kept} saved in {stop.saved}; run the same command to resume")
     else:
         parts.append("no output written; run the same command to start again")
     # Never after Ctrl-C: a person stopped the run and wants it stopped.
@@ -473,8 +473,13 @@ class Optimizer(str, Enum):
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .safetensors file.")],
     arch: Annotated[
-        str, typer.Option(help="Built-in architecture or package.module:factory.")
-    ] = "mlp",
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Built-in architecture or package.module:factory (default: mlp, or the --init "
+            "checkpoint's).",
+            show_default=False,
+        ),
+    ] = None,
     arg: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option("--arg", help="Model argument key=value (repeatable), e.g. --arg depth=8."),
@@ -494,10 +499,24 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     init: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="Start from this checkpoint (fine-tuning) instead of a seeded init."),
+        typer.Option(
+            help="Start from this checkpoint (fine-tuning) instead of a seeded init; its "
+            "architecture and arguments come from its metadata."
+        ),
     ] = None,
+    resume: Annotated[
+        Resume,
+        typer.Option(
+            help="auto: continue a stopped training from the state beside --out "
+            "(NAME.state.safetensors); never: start over."
+        ),
+    ] = Resume.auto,
 ) -> None:
-    """Train a model on a data source and write a checkpoint that recipes can merge."""
+    """Train a model on a data source and write a checkpoint that recipes can merge.
+
+    SIGTERM, SIGUSR1 and SIGINT stop it after the batch it is in, with its state saved beside
+    --out; the same command then resumes it. --out appears only when training has finished.
+    """
     with user_errors():
         import os
         import time
@@ -505,8 +524,17 @@ def train(
         import torch
 
         from mergecli.errors import RecipeError
+        from mergecli.io import checkpoint_sha256
         from mergecli.runtime.device import resolve_device
-        from mergecli.train import save_trained, train_model
+        from mergecli.runtime.signals import STOP, Stopped, signal_name
+        from mergecli.train import (
+            DEFAULT_ARCH,
+            INIT_FIX,
+            model_for_init,
+            save_trained,
+            train_model,
+        )
+        from mergecli.train_state import TrainCheckpoint, fingerprint, state_path
 
         if init is not None and os.path.realpath(out) == os.path.realpath(init):
             raise RecipeError(
@@ -521,31 +549,62 @@ def train(
         eval_spec = (
             None if eval_data.lower() == "none" else _parse_data_option(eval_data, "--eval-data")
         )
-        started = time.perf_counter()
-        module, metrics = train_model(
-            arch,
-            args,
-            train_spec,
-            eval_spec,
-            seed=seed,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            optimizer=optimizer.value,
-            device=resolve_device(device),
-            log=log,
-            init=init,
-        )
-        metadata = {"seed": str(seed), "data": train_spec, **metrics}
-        # How long it took, and on how many threads: `make figures` quotes training times.
-        metadata["train_seconds"] = f"{time.perf_counter() - started:.1f}"
-        metadata["threads"] = str(torch.get_num_threads())
+        init_fix = INIT_FIX
         if init is not None:
-            metadata["init"] = str(init)
-        if eval_spec is not None:
-            metadata["eval_data"] = eval_spec
-        save_trained(module, out, arch, args, metadata)
+            arch, args, init_fix = model_for_init(init, arch, args)
+        arch = arch or DEFAULT_ARCH
+        options = {
+            "arch": arch, "args": args, "data": train_spec, "eval_data": eval_spec,
+            "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+            "optimizer": optimizer.value,
+            "init": checkpoint_sha256(init) if init is not None else None,
+        }  # fmt: skip
+        checkpoint = TrainCheckpoint(state_path(out), fingerprint(options))
+        with STOP.installed():
+            try:
+                if resume is Resume.never:
+                    checkpoint.remove()
+                started = time.perf_counter()
+                module, metrics = train_model(
+                    arch,
+                    args,
+                    train_spec,
+                    eval_spec,
+                    seed=seed,
+                    epochs=epochs,
+                    lr=lr,
+                    batch_size=batch_size,
+                    optimizer=optimizer.value,
+                    device=resolve_device(device),
+                    log=log,
+                    init=init,
+                    init_fix=init_fix,
+                    checkpoint=checkpoint,
+                )
+                metadata = {"seed": str(seed), "data": train_spec, **metrics}
+                # How long it took (this run, if it resumed), on how many threads: `make
+                # figures` quotes training times.
+                metadata["train_seconds"] = f"{time.perf_counter() - started:.1f}"
+                metadata["threads"] = str(torch.get_num_threads())
+                if init is not None:
+                    metadata["init"] = str(init)
+                if eval_spec is not None:
+                    metadata["eval_data"] = eval_spec
+                # The checkpoint appears whole, then the state it replaces goes.
+                with STOP.deferred():
+                    save_trained(module, out, arch, args, metadata)
+                    checkpoint.remove()
+            except Stopped as stop:
+                if stop.saved is None and checkpoint.path.exists():
+                    stop.saved = checkpoint.path
+                log.info(_stop_line(stop, False, kept="training state"))
+                raise typer.Exit(stop.exit_code) from None
         log.info(f"wrote {out}", **{k: round(v, 4) for k, v in metrics.items()})
+        if STOP.pending() is not None:
+            log.info(
+                f"received {signal_name(STOP.pending())} after {out} was written; "
+                "the training finished"
+            )
 
 
 def _parse_assignments(items: list[str], option: str) -> dict[str, Any]:

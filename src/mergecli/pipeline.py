@@ -17,6 +17,7 @@ from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.io.output_dir import STATE, OutputDir
 from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.writer import ShardWriter
+from mergecli.model_card import CARD_NAME, model_card
 from mergecli.models.metadata import model_from_metadata, model_metadata
 from mergecli.recipe import LoadedRecipe, ModelSpec
 from mergecli.registry import changes_weights, methods_of
@@ -305,6 +306,8 @@ def output_metadata(state: MergeState) -> dict[str, str]:
         "mergecli.steps": json.dumps([s.as_dict() for s in loaded.steps]),
         "mergecli.seed": str(loaded.recipe.seed),
     }
+    if state.history:  # the methods that shaped the weights, in order
+        metadata["mergecli.method"] = " + ".join(state.history)
     if state.model_spec is not None:
         metadata.update(model_metadata(state.model_spec.arch, state.model_spec.args))
     return metadata
@@ -343,7 +346,13 @@ def _write_finished(state: MergeState, output_dir: OutputDir, paths: list[Path])
             dtype = OUTPUT_DTYPES.get(output.dtype)
             metadata = output_metadata(state)
             paths = save_state_dict(state.merged, staging, metadata, output.shard_size, dtype)
-        paths += copy_model_files(state, staging)
+        copied = copy_model_files(state, staging)
+        paths += copied
+        if any(p.name == "config.json" for p in copied):
+            # A Hugging Face model directory: its README.md is the Hub's model card.
+            card = staging / CARD_NAME
+            card.write_text(model_card(state), encoding="utf-8")
+            paths.append(card)
         state.report["output"] = {"files": [p.name for p in paths], "dtype": output.dtype}
     for name, (tensors, metadata) in state.artifacts.items():
         write_safetensors(output_dir.file(name), tensors, metadata)

@@ -107,7 +107,7 @@ def markdown(report: dict[str, Any]) -> str:
     if "repair" in report:
         lines += _repair(report["repair"])
     if "evaluate" in report:
-        lines += _evaluation(report["evaluate"])
+        lines += evaluation_section(report["evaluate"])
     analyses = report.get("analysis", {})
     for kind, data in analyses.items():
         lines += [f"## Analysis: {kind.replace('_', ' ')}", ""]
@@ -130,7 +130,8 @@ def _repair(repair: dict[str, Any]) -> list[str]:
     return ["## Repair", "", text + ".", ""]
 
 
-def _evaluation(evaluation: dict[str, Any]) -> list[str]:
+def evaluation_section(evaluation: dict[str, Any]) -> list[str]:
+    """The evaluate step's table (and per-class accuracies) as Markdown lines."""
     rows = evaluation["results"]
     lines = ["## Evaluation", "", f"On data.{evaluation['split']} ({evaluation['examples']} "
              "examples).", ""]  # fmt: skip

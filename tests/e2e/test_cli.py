@@ -385,5 +385,7 @@ def test_train_init_fine_tunes_from_a_checkpoint(tmp_path: Path, trained_pair) -
         "train", "--arch", "mlp", "--arg", "depth=2", "--init", str(base),
         "--eval-data", "none", "--epochs", "1", "--out", str(tmp_path / "x.safetensors"),
     )  # fmt: skip
-    assert wrong.returncode == 1 and "--init" in wrong.stderr and "Traceback" not in wrong.stderr
+    # The checkpoint's metadata names depth 3: --arg depth=2 contradicts it (a usage error).
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.startswith("--arg depth=2: the --init checkpoint")
     assert not (tmp_path / "x.safetensors").exists()

@@ -24,6 +24,7 @@ from mergecli.io.safetensors_format import (
     read_header,
     write_safetensors,
 )
+from mergecli.io.saved_state import join_optimizer, split_optimizer
 from mergecli.runtime.distributed import World
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
@@ -134,22 +135,12 @@ PAYLOAD_TENSORS = ("logits", "epoch_generator")
 
 
 def _to_saved(payload: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split a payload into tensors and JSON: the optimizer's per-parameter tensors are named
-    ``optimizer.state.<param>.<key>`` and referred to as ``{"tensor": name}`` in the JSON."""
+    """Split a payload into tensors and JSON (the optimizer's tensors as ``split_optimizer``
+    names them)."""
     tensors = {name: payload[name] for name in PAYLOAD_TENSORS}
     plain = {k: v for k, v in payload.items() if k not in PAYLOAD_TENSORS and k != "optimizer"}
-    optimizer = payload["optimizer"]
-    state: dict[str, dict[str, Any]] = {}
-    for index, values in optimizer["state"].items():
-        state[str(index)] = {}
-        for key, value in values.items():
-            if isinstance(value, Tensor):
-                name = f"optimizer.state.{index}.{key}"
-                tensors[name] = value
-                value = {"tensor": name}
-            state[str(index)][key] = value
-    plain["optimizer"] = {"state": state, "param_groups": optimizer["param_groups"]}
-    return tensors, plain
+    optimizer_tensors, plain["optimizer"] = split_optimizer(payload["optimizer"])
+    return {**tensors, **optimizer_tensors}, plain
 
 
 # What a resumed fit reads besides the tensors and the optimizer.
@@ -162,21 +153,7 @@ def _from_saved(plain: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, 
     if lacking:
         raise ValueError(f"it lacks {', '.join(lacking)}")
     saved = {**plain, **{name: tensors[name] for name in PAYLOAD_TENSORS}}
-    optimizer = plain["optimizer"]
-    saved["optimizer"] = {
-        "state": {
-            int(index): {
-                key: tensors[value["tensor"]] if isinstance(value, dict) else value
-                for key, value in values.items()
-            }
-            for index, values in optimizer["state"].items()
-        },
-        # JSON has no tuples: Adam's betas come back as lists otherwise.
-        "param_groups": [
-            {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-            for g in optimizer["param_groups"]
-        ],
-    }
+    saved["optimizer"] = join_optimizer(plain["optimizer"], tensors)
     return saved
 
 

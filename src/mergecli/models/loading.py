@@ -27,10 +27,16 @@ def _strip_hint(missing: list[str], unexpected: list[str]) -> str:
     return ""
 
 
-def load_into_model(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+RECIPE_FIX = "check that model.arch and model.args match the checkpoint"
+
+
+def load_into_model(
+    module: nn.Module, state_dict: dict[str, Tensor], source: str, fix: str = RECIPE_FIX
+) -> None:
     """Copy ``state_dict`` into ``module`` (strict); raise one MergeCliError listing every problem.
 
     Nothing is copied unless everything fits, so the module is unchanged after a failure.
+    ``fix`` ends the message: what to change, in the terms of where the model came from.
     """
     expected = module.state_dict()
     missing = [
@@ -58,8 +64,7 @@ def load_into_model(module: nn.Module, state_dict: dict[str, Tensor], source: st
         if len(problems) > MAX_PROBLEMS:
             shown += f"; and {len(problems) - MAX_PROBLEMS} more"
         raise MergeCliError(
-            f"{source}: does not fit the model: {shown}{_strip_hint(missing, unexpected)}; "
-            f"check that model.arch and model.args match the checkpoint"
+            f"{source}: does not fit the model: {shown}{_strip_hint(missing, unexpected)}; {fix}"
         )
     try:
         with torch.no_grad():
