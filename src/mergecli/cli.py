@@ -243,13 +243,19 @@ def _stop_line(stop, requeue: bool) -> str:
 
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
-    """Check a recipe without running it; print the resolved recipe."""
+    """Check a recipe and what it names without running it (the checks `run` makes first:
+    checkpoint files, pins, tensor shapes against each other and the model, data files and
+    shapes); print the resolved recipe."""
     with user_errors():
+        from mergecli.preflight import check_inputs
         from mergecli.recipe import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         _recipe_warnings(loaded, _log())
+        checked = check_inputs(loaded)
         typer.echo(f"# {recipe}: valid")
+        for line in checked.summary:
+            typer.echo(f"# {line}")
         typer.echo(loaded.resolved_yaml(), nl=False)
 
 

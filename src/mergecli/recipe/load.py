@@ -118,7 +118,7 @@ def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> 
     problems += _per_model_problems(recipe, data, where)
     if problems:
         raise RecipeError(problems)
-    return LoadedRecipe(recipe, steps, where.filename, warnings)
+    return LoadedRecipe(recipe, steps, where.filename, warnings, where)
 
 
 def _validate_step(

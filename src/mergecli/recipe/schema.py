@@ -200,6 +200,15 @@ class LoadedRecipe:
     steps: list[StepSpec]
     source: str
     warnings: list[str] = field(default_factory=list)
+    # Where each key stands in the file (a recipe.problems.Locator), for `file:line` messages
+    # about the inputs the recipe names; None for recipes built in code.
+    where: Any = field(default=None, compare=False, repr=False)
+
+    def at(self, key: tuple[str | int, ...], message: str) -> str:
+        """``message`` about recipe key ``key`` as ``file:line: dotted.key: message``."""
+        if self.where is not None:
+            return self.where(key, message)
+        return f"{self.source}: {'.'.join(str(k) for k in key)}: {message}"
 
     @property
     def output_dir(self) -> Path:
