@@ -261,16 +261,21 @@ def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
 
 @app.command("align-spec")
 def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
-    """Show the permutation groups derived from the recipe's model: sizes and tensor axes."""
+    """Show the permutation groups derived from the recipe's model: sizes and tensor axes.
+    Before any checkpoint exists (or with none listed), of the recipe's `model:` built afresh."""
     with user_errors():
         from mergecli.align.step import permutation_spec
-        from mergecli.pipeline import prepare_state
+        from mergecli.pipeline import model_only_state, prepare_state
         from mergecli.recipe import load_recipe
 
         log = _log()
-        loaded = load_recipe(recipe, set_ or [])
+        loaded = load_recipe(recipe, set_ or [], needs_checkpoints=False)
         _recipe_warnings(loaded, log)
-        state = prepare_state(loaded, log, needs_model=True)
+        specs = loaded.recipe.checkpoints
+        if any(Path(c.path).exists() or Path(c.path).is_symlink() for c in specs):
+            state = prepare_state(loaded, log, needs_model=True)
+        else:
+            state = model_only_state(loaded, log)
         spec = permutation_spec(state)
         rows = []
         for group in spec.groups:

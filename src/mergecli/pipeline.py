@@ -149,6 +149,37 @@ def prepare_state(
     return state
 
 
+def model_only_state(loaded: LoadedRecipe, log: Log) -> MergeState:
+    """A state whose one checkpoint is the recipe's `model:` freshly built (seeded): what
+    `align-spec` shows before any checkpoint has been trained."""
+    from mergecli.errors import RecipeError
+    from mergecli.models import build_model
+    from mergecli.recipe import CheckpointSpec
+
+    recipe = loaded.recipe
+    if recipe.model is None:
+        raise RecipeError(
+            [
+                loaded.at(
+                    ("checkpoints",),
+                    "none of the checkpoints exists, and without them the model comes from "
+                    "`model: {arch: ..., args: ...}`, which the recipe lacks; add it",
+                )
+            ]
+        )
+    torch.manual_seed(recipe.seed)
+    try:
+        module = build_model(recipe.model.arch, recipe.model.args)
+    except MergeCliError as exc:
+        raise RecipeError([loaded.at(("model",), str(exc))]) from None
+    spec = CheckpointSpec(path=f"(model: {recipe.model.arch})")
+    tensors = {name: t.detach() for name, t in module.state_dict().items()}
+    built = Checkpoint(spec, recipe.model.arch, "", tensors, {})
+    device = current_world().device_for(recipe.device)
+    log.info(f"no checkpoint exists yet: the groups of {recipe.model.arch} built from `model:`")
+    return MergeState(loaded, [built], 0, device, log, recipe.model)
+
+
 def is_data_free(loaded: LoadedRecipe) -> bool:
     """Recipes made only of `merge` steps on no model run out of core, one tensor at a time."""
     steps = loaded.steps

@@ -143,7 +143,8 @@ class Recipe(Strict):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     model: ModelSpec | None = None
-    checkpoints: list[CheckpointSpec] = Field(min_length=1)
+    # At least one, checked when the recipe loads: `align-spec` previews a model without any.
+    checkpoints: list[CheckpointSpec] = Field(default_factory=list)
     data: DataSection = Field(default_factory=DataSection)
     steps: list[Any] = Field(default_factory=list)
     output: OutputSpec = Field(default_factory=OutputSpec)
