@@ -256,7 +256,27 @@ def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
         typer.echo(f"# {recipe}: valid")
         for line in checked.summary:
             typer.echo(f"# {line}")
-        typer.echo(loaded.resolved_yaml(), nl=False)
+        typer.echo(_described_defaults(loaded), nl=False)
+
+
+def _described_defaults(loaded) -> str:
+    """The resolved recipe with, beside each step parameter left unset whose effect no one
+    value states (e.g. init per stage), a comment saying what it does."""
+    lines = loaded.resolved_yaml().splitlines(keepends=True)
+    notes = [s.params.defaults_described(loaded.recipe) for s in loaded.steps]
+    step, in_steps = -1, False
+    for i, line in enumerate(lines):
+        if not line.startswith((" ", "-")):
+            in_steps = line.startswith("steps:")
+            continue
+        if in_steps and line.startswith("- "):
+            step += 1
+        key, sep, value = line.strip().partition(": ")
+        if in_steps and sep and value == "null" and line.startswith("    ") and step >= 0:
+            note = notes[step].get(key) if step < len(notes) else None
+            if note is not None and line[4] != " ":
+                lines[i] = f"{line.rstrip()}  # {note}\n"
+    return "".join(lines)
 
 
 @app.command("align-spec")
@@ -343,11 +363,7 @@ def methods() -> None:
             params = []
             for field_name, field in method.params.model_fields.items():
                 name = field.alias or field_name
-                default = (
-                    "required"
-                    if field.is_required()
-                    else repr(field.get_default(call_default_factory=True))
-                )
+                default = _shown_default(field)
                 params.append(f"{name}={default}")
             rows.append(
                 [
@@ -367,6 +383,18 @@ def methods() -> None:
                 for name, fn in builtin_architectures().items()
             ],
         )
+
+
+def _shown_default(field) -> str:
+    """A parameter's default as `methods` shows it: a value, or in words what an unset
+    (None) one does (e.g. the recipe's seed), never a bare None."""
+    if field.is_required():
+        return "required"
+    default = field.get_default(call_default_factory=True)
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if default is None and "shown_default" in extra:
+        return str(extra["shown_default"])
+    return repr(default)
 
 
 class Optimizer(str, Enum):
