@@ -37,10 +37,10 @@ class StepParams(RecipeModel):
         """What parameters left unset do where no one value says it (an initial weight per
         stage), by recipe key: `validate` shows it beside them. Here: their `shown_default`."""
         described = {}
-        for name, field in type(self).model_fields.items():
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        for name, info in type(self).model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
             if getattr(self, name) is None and "shown_default" in extra:
-                described[field.alias or name] = str(extra["shown_default"])
+                described[info.alias or name] = str(extra["shown_default"])
         return described
 
 
