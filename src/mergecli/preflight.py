@@ -52,8 +52,9 @@ def check_inputs(loaded: LoadedRecipe, needs_model: bool = False) -> Checked:
             )
         except MergeCliError as exc:
             problems.append(_located(loaded, exc, ("checkpoints",)))
-    # Checkpoints that disagree with each other are checked against the model one at most.
-    against = checkpoints if agree else checkpoints[:1]
+    # Checkpoints that agree with each other fit the model if the first does; ones that
+    # disagree are that one problem, not one more per checkpoint.
+    against = checkpoints[:1] if agree else []
     build = _model(loaded, checkpoints if readable else [], against, needs_model, checked, problems)
     problems += _data(loaded, checked, build)
     if problems:
@@ -150,14 +151,16 @@ def _model(
         return None
     if recipe.model is not None or needed:
         expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-        fits = bool(against) and len(against) == len(checkpoints)
+        fits = bool(against)
         for checkpoint in against:
             given = {n: tensor_shape(checkpoint.tensors, n) for n in checkpoint.tensors}
             try:
                 check_fits(expected, given, checkpoint.spec.path)
             except MergeCliError as exc:
                 fits = False
-                problems.append(_located(loaded, exc, ("checkpoints", checkpoint.index, "path")))
+                # The recipe's model is what to change; else the checkpoint that names it.
+                at = ("model", "args") if recipe.model is not None else _key(checkpoint)
+                problems.append(_located(loaded, exc, at))
         if fits:
             checked.summary.append(
                 f"model: {spec.arch} (built on the meta device) fits every checkpoint"

@@ -354,7 +354,7 @@ def test_user_model_and_data_without_model_key(tmp_path: Path) -> None:
         "steps: [{merge: {method: average}}, {evaluate: {baselines: [endpoints]}}]\n"
     )
     refused = run_cli("run", "r.yaml", cwd=tmp_path)
-    assert refused.returncode == 1 and "its metadata names user code" in refused.stderr
+    assert refused.returncode == 2 and "its metadata names user code" in refused.stderr
     assert 'add `model: {arch: "mymodels:tiny", args: {"width": 8}}`' in refused.stderr
     sets = ["--set", "model.arch=mymodels:tiny", "--set", "model.args.width=8"]
     run_cli("run", "r.yaml", *sets, cwd=tmp_path, check=True)
