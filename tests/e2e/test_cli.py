@@ -264,8 +264,9 @@ def test_nan_in_checkpoint(tmp_path: Path, trained_pair) -> None:
 
 def test_wrong_sha256_pin(tmp_path: Path, trained_pair) -> None:
     recipe = write_recipe(tmp_path, *trained_pair)
-    line = fails(tmp_path, recipe, "checkpoints.1.sha256=" + "f" * 64)
-    assert "mlp-seed1.safetensors: sha256 is" in line and "checkpoints.1.sha256" in line
+    line = fails(tmp_path, recipe, "checkpoints.1.sha256=" + "f" * 64, code=2)
+    assert line.startswith("--set checkpoints.1.sha256: ") and "the recipe pins fff" in line
+    assert "mlp-seed1.safetensors has sha256 " in line
 
 
 def test_unwritable_output_dir(tmp_path: Path, trained_pair) -> None:
