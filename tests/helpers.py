@@ -66,6 +66,16 @@ def run_cli(
     return result
 
 
+def mlp_checkpoint(path: Path, seed: int, **args: int) -> Path:
+    """A seeded untrained MLP written as `mergecli train` writes it: enough where only the
+    names and shapes matter (what `validate` checks), in milliseconds."""
+    from mergecli.train import save_trained
+
+    torch.manual_seed(seed)
+    save_trained(build_model("mlp", args), path, "mlp", args, {})
+    return path
+
+
 def saved_fit_state(path: Path) -> dict:
     """The plain values of a fit state (step, finished...), read as any safetensors reader would."""
     from safetensors import safe_open

@@ -333,28 +333,59 @@ def _stop_line(stop, requeue: bool, kept: str = "fit state") -> str:
 
 @command()
 def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
-    """Check a recipe without running it; print the resolved recipe."""
+    """Check a recipe and what it names without running it (the checks `run` makes first:
+    checkpoint files, pins, tensor shapes against each other and the model, data files and
+    shapes); print the resolved recipe."""
     with user_errors():
+        from mergecli.preflight import check_inputs
         from mergecli.recipe import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         _recipe_warnings(loaded, _log())
+        checked = check_inputs(loaded)
         typer.echo(f"# {recipe}: valid")
-        typer.echo(loaded.resolved_yaml(), nl=False)
+        for line in checked.summary:
+            typer.echo(f"# {line}")
+        typer.echo(_described_defaults(loaded), nl=False)
+
+
+def _described_defaults(loaded) -> str:
+    """The resolved recipe with, beside each step parameter left unset whose effect no one
+    value states (e.g. init per stage), a comment saying what it does."""
+    lines = loaded.resolved_yaml().splitlines(keepends=True)
+    notes = [s.params.defaults_described(loaded.recipe) for s in loaded.steps]
+    step, in_steps = -1, False
+    for i, line in enumerate(lines):
+        if not line.startswith((" ", "-")):
+            in_steps = line.startswith("steps:")
+            continue
+        if in_steps and line.startswith("- "):
+            step += 1
+        key, sep, value = line.strip().partition(": ")
+        if in_steps and sep and value == "null" and line.startswith("    ") and step >= 0:
+            note = notes[step].get(key) if step < len(notes) else None
+            if note is not None and line[4] != " ":
+                lines[i] = f"{line.rstrip()}  # {note}\n"
+    return "".join(lines)
 
 
 @command("align-spec")
 def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
-    """Show the permutation groups derived from the recipe's model: sizes and tensor axes."""
+    """Show the permutation groups derived from the recipe's model: sizes and tensor axes.
+    Before any checkpoint exists (or with none listed), of the recipe's `model:` built afresh."""
     with user_errors():
         from mergecli.align.step import permutation_spec
-        from mergecli.pipeline import prepare_state
+        from mergecli.pipeline import model_only_state, prepare_state
         from mergecli.recipe import load_recipe
 
         log = _log()
-        loaded = load_recipe(recipe, set_ or [])
+        loaded = load_recipe(recipe, set_ or [], needs_checkpoints=False)
         _recipe_warnings(loaded, log)
-        state = prepare_state(loaded, log, needs_model=True)
+        specs = loaded.recipe.checkpoints
+        if any(Path(c.path).exists() or Path(c.path).is_symlink() for c in specs):
+            state = prepare_state(loaded, log, needs_model=True)
+        else:
+            state = model_only_state(loaded, log)
         spec = permutation_spec(state)
         rows = []
         for group in spec.groups:
@@ -423,11 +454,7 @@ def methods() -> None:
             params = []
             for field_name, field in method.params.model_fields.items():
                 name = field.alias or field_name
-                default = (
-                    "required"
-                    if field.is_required()
-                    else repr(field.get_default(call_default_factory=True))
-                )
+                default = _shown_default(field)
                 params.append(f"{name}={default}")
             rows.append(
                 [
@@ -462,6 +489,18 @@ def methods() -> None:
 def _plain(doc: str) -> str:
     """A docstring's line as text: RST's ``literal`` marks are for Sphinx, not a terminal."""
     return doc.replace("``", "")
+
+
+def _shown_default(field) -> str:
+    """A parameter's default as `methods` shows it: a value, or in words what an unset
+    (None) one does (e.g. the recipe's seed), never a bare None."""
+    if field.is_required():
+        return "required"
+    default = field.get_default(call_default_factory=True)
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if default is None and "shown_default" in extra:
+        return str(extra["shown_default"])
+    return repr(default)
 
 
 class Optimizer(str, Enum):

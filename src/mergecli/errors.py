@@ -10,6 +10,14 @@ class MergeCliError(Exception):
     """
 
     exit_code = 1
+    # The recipe key the problem is about (e.g. ("checkpoints", 1, "path")), where one is:
+    # the recipe checks report the file and line of that key.
+    key: tuple[str | int, ...] | None = None
+
+    def at(self, key: tuple[str | int, ...]) -> MergeCliError:
+        """This error, about the recipe key ``key``."""
+        self.key = key
+        return self
 
     def within(self, where: str) -> MergeCliError:
         """This error with ``where`` (e.g. ``steps.2 (fit np_merge)``) before its message."""

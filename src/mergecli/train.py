@@ -257,9 +257,13 @@ def _load_for(
     from mergecli.data import load_data
     from mergecli.data.model_check import DataUse, check_against_model
     from mergecli.data.sources import describe_source
+    from mergecli.models import argument_names
 
     data = load_data(spec, seed=seed, where=where)
-    check_against_model(data, module, DataUse(where, describe_source(spec), arch))
+    use = DataUse(
+        where, describe_source(spec), arch, None, argument_names(arch), "--arg {name}={value}"
+    )
+    check_against_model(data, module, use)
     return data
 
 

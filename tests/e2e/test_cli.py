@@ -268,8 +268,9 @@ def test_nan_in_checkpoint(tmp_path: Path, trained_pair) -> None:
 
 def test_wrong_sha256_pin(tmp_path: Path, trained_pair) -> None:
     recipe = write_recipe(tmp_path, *trained_pair)
-    line = fails(tmp_path, recipe, "checkpoints.1.sha256=" + "f" * 64)
-    assert "mlp-seed1.safetensors: sha256 is" in line and "checkpoints.1.sha256" in line
+    line = fails(tmp_path, recipe, "checkpoints.1.sha256=" + "f" * 64, code=2)
+    assert line.startswith("--set checkpoints.1.sha256: ") and "the recipe pins fff" in line
+    assert "mlp-seed1.safetensors has sha256 " in line
 
 
 def test_unwritable_output_dir(tmp_path: Path, trained_pair) -> None:
@@ -358,7 +359,7 @@ def test_user_model_and_data_without_model_key(tmp_path: Path) -> None:
         "steps: [{merge: {method: average}}, {evaluate: {baselines: [endpoints]}}]\n"
     )
     refused = run_cli("run", "r.yaml", cwd=tmp_path)
-    assert refused.returncode == 1 and "its metadata names user code" in refused.stderr
+    assert refused.returncode == 2 and "its metadata names user code" in refused.stderr
     assert 'add `model: {arch: "mymodels:tiny", args: {"width": 8}}`' in refused.stderr
     sets = ["--set", "model.arch=mymodels:tiny", "--set", "model.args.width=8"]
     run_cli("run", "r.yaml", *sets, cwd=tmp_path, check=True)

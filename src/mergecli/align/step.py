@@ -21,7 +21,7 @@ from mergecli.align.transform import BatchNormMapping, Transforms, apply_transfo
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
 from mergecli.models.metadata import model_metadata
-from mergecli.recipe.schema import StepParams, StepSpec
+from mergecli.recipe.schema import StepParams, StepSpec, shown_default
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
 from mergecli.state import Checkpoint, MergeState, StateDict
@@ -53,12 +53,16 @@ class WeightMatchingParams(AlignParams):
 
 class ActivationMatchingParams(AlignParams):
     statistic: Literal["correlation", "cross_moment"] = "correlation"
-    batches: int | None = Field(default=None, ge=1)
+    batches: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("all of data.fit")
+    )
 
 
 class CCAParams(AlignParams):
     gamma: float = Field(default=1.0, ge=0)
-    batches: int | None = Field(default=None, ge=1)
+    batches: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("all of data.fit")
+    )
     # paper: M on a conv's outputs and its BatchNorm's affine and mean, as CCA Merge does;
     # fold: the norm's scale folded into the conv first, so M acts where CCA measured it.
     batchnorm: BatchNormMapping = "paper"

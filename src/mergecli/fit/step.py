@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,31 +25,43 @@ from mergecli.fit.coefficients import (
 )
 from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
 from mergecli.models.batchnorm import batch_norms
-from mergecli.recipe.schema import StepParams, StepSpec
+from mergecli.recipe.schema import Recipe, StepParams, StepSpec, shown_default
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.signals import STOP, STOP_SIGNALS
 from mergecli.state import Checkpoint, MergeState, StateDict
 
 COEFFICIENTS_FILE = "coefficients.safetensors"
+# Pairwise stage k (1-based) starts the running merge of k models at weight k/(k+1).
+INIT_DEFAULT = "k/(k+1) per stage (0.5 for two models)"
 
 
 class FitParams(StepParams):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_: str | None = Field(default=None, alias="from")
-    init: float | None = Field(default=None, gt=0, lt=1)
+    init: float | None = Field(
+        default=None, gt=0, lt=1, json_schema_extra=shown_default(INIT_DEFAULT)
+    )
     multi: Literal["pairwise", "joint"] = "pairwise"
     granularity: Literal["parameter", "tensor", "model"] = "parameter"
     loss: Literal["cross_entropy", "distill", "entropy"] = "cross_entropy"
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(default=0.05, gt=0)
-    epochs: int | None = Field(default=None, ge=1)
-    steps: int | None = Field(default=None, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
-    fraction: float | None = Field(default=None, gt=0, le=1)
+    epochs: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("5 (unless steps is given)")
+    )
+    steps: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("as many as the epochs take")
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("data.fit's batch_size")
+    )
+    fraction: float | None = Field(
+        default=None, gt=0, le=1, json_schema_extra=shown_default("1 (all of data.fit)")
+    )
     l2: float = Field(default=0.0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, json_schema_extra=shown_default("the recipe's seed"))
     compile: bool = False
     checkpoint_every: int = Field(default=200, ge=1)
 
@@ -62,6 +74,27 @@ class FitParams(StepParams):
         if self.init is not None and self.multi == "joint":
             raise ValueError("init applies to multi: pairwise (joint starts uniform)")
         return self
+
+    def defaults_used(self, recipe: Recipe) -> dict[str, Any]:
+        used: dict[str, Any] = {"seed": recipe.seed}
+        if recipe.data.fit is not None:
+            used["batch_size"] = recipe.data.fit.batch_size
+        if self.multi == "pairwise" and _merged_count(recipe) == 2:
+            used["init"] = 0.5
+        return used
+
+    def defaults_described(self, recipe: Recipe) -> dict[str, str]:
+        described = super().defaults_described(recipe)
+        if self.multi == "joint":
+            return {**described, "init": "joint starts uniform"}
+        count = _merged_count(recipe)
+        per_stage = ", ".join(f"{k / (k + 1):.3g}" for k in range(1, max(count, 2)))
+        return {**described, "init": f"{INIT_DEFAULT}: {per_stage} for {count} models"}
+
+
+def _merged_count(recipe: Recipe) -> int:
+    """How many checkpoints the fit merges: all but the base."""
+    return sum(c.role != "base" for c in recipe.checkpoints)
 
 
 @step_method("fit", "np_merge", FitParams, needs=("model", "data.fit"), default=True)

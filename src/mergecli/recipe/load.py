@@ -16,8 +16,11 @@ from mergecli.recipe.yaml_lines import Path_, load_yaml_with_lines
 from mergecli.user_code import is_reference
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
-    """Read, override, validate and resolve a recipe; raise RecipeError listing every problem."""
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, needs_checkpoints: bool = True
+) -> LoadedRecipe:
+    """Read, override, validate and resolve a recipe; raise RecipeError listing every problem.
+    ``needs_checkpoints=False`` accepts a recipe without checkpoints (a model to preview)."""
     path = Path(path)
     filename = str(path)
     try:
@@ -36,7 +39,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
     _expand_method_names(data)
     overridden = apply_overrides(data, overrides or [])
     where = Locator(filename, lines, overridden)
-    return validate_recipe(data, where, default_name=path.stem)
+    return validate_recipe(data, where, default_name=path.stem, needs_checkpoints=needs_checkpoints)
 
 
 def _expand_method_names(data: dict[str, Any]) -> None:
@@ -98,12 +101,18 @@ def _descend(node: Any, part: str | int, key: str, create: bool) -> Any:
     raise RecipeError([_set_problem(key, f"cannot set a key inside {type(node).__name__}")])
 
 
-def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> LoadedRecipe:
+def validate_recipe(
+    data: dict[str, Any], where: Locator, default_name: str, needs_checkpoints: bool = True
+) -> LoadedRecipe:
     """Validate the top level, then each step against its registered method."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(validation_problems(exc, Recipe, (), data, where)) from None
+    if needs_checkpoints and not recipe.checkpoints:
+        missing = "checkpoints" not in data
+        message = "required key is missing" if missing else "list should have at least 1 item"
+        raise RecipeError([where(("checkpoints",), message)])
     if recipe.name is None:
         recipe.name = default_name
     problems: list[str] = []
@@ -124,7 +133,7 @@ def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> 
     problems += _per_model_problems(recipe, data, where)
     if problems:
         raise RecipeError(problems)
-    return LoadedRecipe(recipe, steps, where.filename, warnings)
+    return LoadedRecipe(recipe, steps, where.filename, warnings, where)
 
 
 def _validate_step(
