@@ -53,7 +53,7 @@ def uninterrupted_gated(tmp_path_factory: pytest.TempPathFactory, trained_pair) 
     result = run_cli("--log", "json", "--log-every", "0", "run", "recipe.yaml", cwd=folder)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stderr.splitlines()]
-    progress = [r for r in records if r["msg"] == "fit progress"]
+    progress = [r for r in records if r["message"] == "fit progress"]
     assert [r["step"] for r in progress] == list(range(1, GATED_STEPS + 1))
     for record in progress:
         assert {"time", "rank", "step", "steps", "epoch", "epochs", "loss"} <= record.keys()

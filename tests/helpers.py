@@ -66,6 +66,16 @@ def run_cli(
     return result
 
 
+def mlp_checkpoint(path: Path, seed: int, **args: int) -> Path:
+    """A seeded untrained MLP written as `mergecli train` writes it: enough where only the
+    names and shapes matter (what `validate` checks), in milliseconds."""
+    from mergecli.train import save_trained
+
+    torch.manual_seed(seed)
+    save_trained(build_model("mlp", args), path, "mlp", args, {})
+    return path
+
+
 def saved_fit_state(path: Path) -> dict:
     """The plain values of a fit state (step, finished...), read as any safetensors reader would."""
     from safetensors import safe_open
@@ -128,7 +138,7 @@ output: {{dir: out}}
 
 def assert_same_fit(one: Path, several: Path) -> None:
     """What several processes computed equals what one did: the same alignment, coefficients
-    within 1e-4, the same evaluation (counts all-reduced or gathered)."""
+    within 1e-4, the same evaluation up to float rounding (counts all-reduced or gathered)."""
     assert (
         load_file(several / "alignment.safetensors").keys()
         == load_file(one / "alignment.safetensors").keys()
@@ -146,8 +156,11 @@ def assert_same_fit(one: Path, several: Path) -> None:
     reports = [json.loads((d / "report.json").read_text()) for d in (one, several)]
     rows = [{r["name"]: r for r in rep["evaluate"]["results"]} for rep in reports]
     assert rows[0].keys() == rows[1].keys()
+    # The coefficients differ by float rounding, so an example whose two top logits are within
+    # it may change its argmax: one example (1e-3 would allow none of 999).
+    one_example = 1 / reports[0]["evaluate"]["examples"]
     for name, row in rows[0].items():
-        assert abs(rows[1][name]["accuracy"] - row["accuracy"]) <= 1e-3, name
+        assert abs(rows[1][name]["accuracy"] - row["accuracy"]) <= 1.5 * one_example, name
         assert abs(rows[1][name]["loss"] - row["loss"]) <= 1e-4, name
     histories = [rep["fit"]["stages"][0]["history"] for rep in reports]
     for first, second in zip(*histories, strict=True):

@@ -3,7 +3,11 @@ so that `mergecli --help` starts instantly."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -47,25 +51,19 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+LOG_HELP = "How to print progress: rich on a terminal, plain lines or JSON (one object a line)."
+DEBUG_HELP = "Show tracebacks for errors (in a `traceback` field with --log json)."
+LOG_EVERY_HELP = "Seconds between progress lines (plain and json logs): step, loss, throughput."
+
+
 @app.callback()
 def options(
     # The environment variables serve launchers that read options themselves (torchrun takes
     # --log for its --log-dir) and job scripts that set them once.
-    log: Annotated[
-        LogChoice,
-        typer.Option(
-            envvar="MERGECLI_LOG",
-            help="How to print progress: rich on a terminal, plain lines or JSON.",
-        ),
-    ] = LogChoice.auto,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    log: Annotated[LogChoice, typer.Option(envvar="MERGECLI_LOG", help=LOG_HELP)] = LogChoice.auto,
+    debug: Annotated[bool, typer.Option(help=DEBUG_HELP)] = False,
     log_every: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            envvar="MERGECLI_LOG_EVERY",
-            help="Seconds between progress lines (plain and json logs): step, loss, throughput.",
-        ),
+        float, typer.Option(min=0.0, envvar="MERGECLI_LOG_EVERY", help=LOG_EVERY_HELP)
     ] = 10.0,
     version: Annotated[
         bool,
@@ -78,52 +76,144 @@ def options(
     SETTINGS.log_every = log_every
 
 
+# The global options are accepted after the command too (`mergecli run r.yaml --log plain`):
+# every command gets them, and a value given there wins over one given before the command.
+COMMAND_OPTIONS = [
+    inspect.Parameter(
+        "log",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[Optional[LogChoice], typer.Option(help=LOG_HELP)],  # noqa: UP045
+    ),
+    inspect.Parameter(
+        "log_every",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Optional[float],  # noqa: UP045
+            typer.Option(min=0.0, help=LOG_EVERY_HELP),
+        ],
+    ),
+    inspect.Parameter(
+        "debug",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Optional[bool],  # noqa: UP045
+            typer.Option("--debug/--no-debug", help=DEBUG_HELP, show_default=False),
+        ],
+    ),
+]
+
+
+def command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``app.command`` whose command also takes the global options (--log, --log-every,
+    --debug) after its name."""
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(function, eval_str=True)
+
+        @functools.wraps(function)
+        def with_options(*args: Any, log=None, log_every=None, debug=None, **kwargs: Any) -> None:  # noqa: ANN001
+            if log is not None:
+                SETTINGS.log = log.value
+            if log_every is not None:
+                SETTINGS.log_every = log_every
+            if debug is not None:
+                SETTINGS.debug = debug
+            function(*args, **kwargs)
+
+        params = [*signature.parameters.values(), *COMMAND_OPTIONS]
+        with_options.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        return app.command(name)(with_options)
+
+    return register
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Print a user mistake as its one-line message and exit non-zero; --debug re-raises."""
-    from mergecli.errors import MergeCliError, RecipeError
+    """Print a user mistake as its one-line message and exit non-zero; --debug re-raises (with
+    --log json: the traceback goes in the error's JSON object)."""
+    from mergecli.errors import MergeCliError
 
     try:
         yield
     except MergeCliError as exc:
-        if SETTINGS.debug:
+        if SETTINGS.debug and SETTINGS.log != "json":
             raise
-        prefix = "" if isinstance(exc, RecipeError) else "error: " + _rank_tag()
-        for line in str(exc).splitlines():
-            typer.echo(f"{prefix}{line}", err=True)
+        _print_error(exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        if SETTINGS.log == "json":
+            _error_line("interrupted", exit_code=130)
+        else:
+            typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:
-        if SETTINGS.debug:
+        if SETTINGS.debug and SETTINGS.log != "json":
             raise
-        typer.echo(
+        message = (
             f"internal error: {type(exc).__name__}: {exc} "
-            "(rerun with --debug for the traceback and report it)",
-            err=True,
+            "(rerun with --debug for the traceback and report it)"
         )
+        if SETTINGS.log == "json":
+            _error_line(message, exit_code=70)
+        else:
+            typer.echo(message, err=True)
         raise typer.Exit(70) from None
+
+
+def _print_error(exc) -> None:  # noqa: ANN001 - MergeCliError, imported lazily
+    """A user mistake: one line per problem, as text or (--log json) as JSON objects."""
+    from mergecli.errors import Problem, RecipeError
+
+    if SETTINGS.log == "json":
+        problems = exc.problems if isinstance(exc, RecipeError) else [str(exc)]
+        for problem in problems:
+            fields = problem.fields() if isinstance(problem, Problem) else {"message": problem}
+            _error_line(exit_code=exc.exit_code, **fields)
+        return
+    prefix = "" if isinstance(exc, RecipeError) else "error: " + _rank_tag()
+    for line in str(exc).splitlines():
+        typer.echo(f"{prefix}{line}", err=True)
+
+
+def _error_line(message: str, exit_code: int, **fields: Any) -> None:
+    """An error as one JSON object on stderr; with --debug it carries the traceback."""
+    import traceback
+
+    from mergecli.runtime.log import json_line
+
+    if SETTINGS.debug:
+        fields["traceback"] = traceback.format_exc()
+    rank, size = _rank()
+    json_line("error", message, rank, size, exit_code=exit_code, **fields)
+
+
+def _rank() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 when never started)."""
+    if "mergecli.runtime.distributed" not in sys.modules:  # never started: one process
+        return 0, 1
+    from mergecli.runtime.distributed import current
+
+    world = current()
+    return (world.rank, world.size) if world.distributed else (0, 1)
 
 
 def _rank_tag() -> str:
     """Several processes share one job log: an error says which one failed."""
-    import sys
-
-    if "mergecli.runtime.distributed" not in sys.modules:  # never started: one process
-        return ""
-    from mergecli.runtime.distributed import current
-
-    world = current()
-    return f"[rank {world.rank}/{world.size}] " if world.distributed else ""
+    rank, size = _rank()
+    return f"[rank {rank}/{size}] " if size > 1 else ""
 
 
 def _log(rank: int = 0, world: int = 1):
-    from mergecli.runtime.log import Log
+    from mergecli.runtime.log import Log, capture_warnings
 
-    return Log(SETTINGS.log, rank, world, SETTINGS.log_every)  # type: ignore[arg-type]
+    log = Log(SETTINGS.log, rank, world, SETTINGS.log_every)  # type: ignore[arg-type]
+    capture_warnings(log)
+    return log
 
 
 def _recipe_warnings(loaded, log) -> None:
@@ -145,7 +235,7 @@ class Resume(str, Enum):
     never = "never"
 
 
-@app.command()
+@command()
 def run(
     recipe: RecipeArg,
     set_: SetOption = None,
@@ -216,7 +306,7 @@ def run(
                 )
 
 
-def _stop_line(stop, requeue: bool) -> str:
+def _stop_line(stop, requeue: bool, kept: str = "fit state") -> str:
     """The one line a stopped run logs: why, where, what was kept, whether the job requeued.
     ``requeue`` is false on ranks other than 0: a job is requeued once."""
     import signal
@@ -226,7 +316,7 @@ def _stop_line(stop, requeue: bool) -> str:
 
     parts = [f"stopped by {signal_name(stop.signum)} {stop.detail}".rstrip()]
     if stop.saved is not None:
-        parts.append(f"fit state saved in {stop.saved}; run the same command to resume")
+        parts.append(f"{kept} saved in {stop.saved}; run the same command to resume")
     else:
         parts.append("no output written; run the same command to start again")
     # Never after Ctrl-C: a person stopped the run and wants it stopped.
@@ -241,30 +331,61 @@ def _stop_line(stop, requeue: bool) -> str:
     return "; ".join(parts)
 
 
-@app.command()
+@command()
 def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
-    """Check a recipe without running it; print the resolved recipe."""
+    """Check a recipe and what it names without running it (the checks `run` makes first:
+    checkpoint files, pins, tensor shapes against each other and the model, data files and
+    shapes); print the resolved recipe."""
     with user_errors():
+        from mergecli.preflight import check_inputs
         from mergecli.recipe import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         _recipe_warnings(loaded, _log())
+        checked = check_inputs(loaded)
         typer.echo(f"# {recipe}: valid")
-        typer.echo(loaded.resolved_yaml(), nl=False)
+        for line in checked.summary:
+            typer.echo(f"# {line}")
+        typer.echo(_described_defaults(loaded), nl=False)
 
 
-@app.command("align-spec")
+def _described_defaults(loaded) -> str:
+    """The resolved recipe with, beside each step parameter left unset whose effect no one
+    value states (e.g. init per stage), a comment saying what it does."""
+    lines = loaded.resolved_yaml().splitlines(keepends=True)
+    notes = [s.params.defaults_described(loaded.recipe) for s in loaded.steps]
+    step, in_steps = -1, False
+    for i, line in enumerate(lines):
+        if not line.startswith((" ", "-")):
+            in_steps = line.startswith("steps:")
+            continue
+        if in_steps and line.startswith("- "):
+            step += 1
+        key, sep, value = line.strip().partition(": ")
+        if in_steps and sep and value == "null" and line.startswith("    ") and step >= 0:
+            note = notes[step].get(key) if step < len(notes) else None
+            if note is not None and line[4] != " ":
+                lines[i] = f"{line.rstrip()}  # {note}\n"
+    return "".join(lines)
+
+
+@command("align-spec")
 def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
-    """Show the permutation groups derived from the recipe's model: sizes and tensor axes."""
+    """Show the permutation groups derived from the recipe's model: sizes and tensor axes.
+    Before any checkpoint exists (or with none listed), of the recipe's `model:` built afresh."""
     with user_errors():
         from mergecli.align.step import permutation_spec
-        from mergecli.pipeline import prepare_state
+        from mergecli.pipeline import model_only_state, prepare_state
         from mergecli.recipe import load_recipe
 
         log = _log()
-        loaded = load_recipe(recipe, set_ or [])
+        loaded = load_recipe(recipe, set_ or [], needs_checkpoints=False)
         _recipe_warnings(loaded, log)
-        state = prepare_state(loaded, log, needs_model=True)
+        specs = loaded.recipe.checkpoints
+        if any(Path(c.path).exists() or Path(c.path).is_symlink() for c in specs):
+            state = prepare_state(loaded, log, needs_model=True)
+        else:
+            state = model_only_state(loaded, log)
         spec = permutation_spec(state)
         rows = []
         for group in spec.groups:
@@ -283,7 +404,7 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
         )
 
 
-@app.command()
+@command()
 def report(
     output_dir: Annotated[Path, typer.Argument(help="The output dir of a finished `run`.")],
 ) -> None:
@@ -304,8 +425,8 @@ def report(
             _log().info(f"wrote {path}")
 
 
-@app.command()
-def inspect(
+@command("inspect")
+def inspect_(
     checkpoint: Annotated[str, typer.Argument(help="A safetensors file or checkpoint directory.")],
     other: Annotated[
         Optional[str],  # noqa: UP045
@@ -319,12 +440,13 @@ def inspect(
         inspect_checkpoints(checkpoint, other, _log())
 
 
-@app.command()
+@command()
 def methods() -> None:
     """List every step method with its parameters and defaults."""
     with user_errors():
         from mergecli.models import builtin_architectures
         from mergecli.registry import all_methods
+        from mergecli.runtime.log import Column
 
         log = _log()
         rows = []
@@ -332,30 +454,53 @@ def methods() -> None:
             params = []
             for field_name, field in method.params.model_fields.items():
                 name = field.alias or field_name
-                default = (
-                    "required"
-                    if field.is_required()
-                    else repr(field.get_default(call_default_factory=True))
-                )
+                default = _shown_default(field)
                 params.append(f"{name}={default}")
             rows.append(
                 [
                     method.kind,
                     method.name + (" (default)" if method.default else ""),
-                    ", ".join(params) or "-",
-                    ", ".join(sorted(method.needs)) or "-",
-                    method.doc,
+                    params,
+                    sorted(method.needs),
+                    _plain(method.doc),
                 ]
             )
-        log.table("step methods", ["step", "method", "parameters", "needs", "what it does"], rows)
+        # Names (of methods, parameters, what a method needs) read whole on a narrow terminal;
+        # the description wraps.
+        # Parameters and needs are lists in the JSON log; people see a parameter a line.
+        columns = [
+            Column("step", name=True),
+            Column("method", name=True),
+            Column("parameters", show=lambda v: "\n".join(v) or "-", name=True),
+            Column("needs", show=lambda v: ", ".join(v) or "-", name=True),
+            "what it does",
+        ]
+        log.table("step methods", columns, rows)
         log.table(
             "built-in architectures (model.arch)",
             ["arch", "what it is"],
             [
-                [name, (fn.__doc__ or "").strip().splitlines()[0]]
+                [name, _plain((fn.__doc__ or "").strip().splitlines()[0])]
                 for name, fn in builtin_architectures().items()
             ],
         )
+
+
+def _plain(doc: str) -> str:
+    """A docstring's line as text: RST's ``literal`` marks are for Sphinx, not a terminal."""
+    return doc.replace("``", "")
+
+
+def _shown_default(field) -> str:
+    """A parameter's default as `methods` shows it: a value, or in words what an unset
+    (None) one does (e.g. the recipe's seed), never a bare None."""
+    if field.is_required():
+        return "required"
+    default = field.get_default(call_default_factory=True)
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if default is None and "shown_default" in extra:
+        return str(extra["shown_default"])
+    return repr(default)
 
 
 class Optimizer(str, Enum):
@@ -363,12 +508,17 @@ class Optimizer(str, Enum):
     sgd = "sgd"
 
 
-@app.command()
+@command()
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .safetensors file.")],
     arch: Annotated[
-        str, typer.Option(help="Built-in architecture or package.module:factory.")
-    ] = "mlp",
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Built-in architecture or package.module:factory (default: mlp, or the --init "
+            "checkpoint's).",
+            show_default=False,
+        ),
+    ] = None,
     arg: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option("--arg", help="Model argument key=value (repeatable), e.g. --arg depth=8."),
@@ -388,10 +538,24 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     init: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="Start from this checkpoint (fine-tuning) instead of a seeded init."),
+        typer.Option(
+            help="Start from this checkpoint (fine-tuning) instead of a seeded init; its "
+            "architecture and arguments come from its metadata."
+        ),
     ] = None,
+    resume: Annotated[
+        Resume,
+        typer.Option(
+            help="auto: continue a stopped training from the state beside --out "
+            "(NAME.state.safetensors); never: start over."
+        ),
+    ] = Resume.auto,
 ) -> None:
-    """Train a model on a data source and write a checkpoint that recipes can merge."""
+    """Train a model on a data source and write a checkpoint that recipes can merge.
+
+    SIGTERM, SIGUSR1 and SIGINT stop it after the batch it is in, with its state saved beside
+    --out; the same command then resumes it. --out appears only when training has finished.
+    """
     with user_errors():
         import os
         import time
@@ -399,8 +563,17 @@ def train(
         import torch
 
         from mergecli.errors import RecipeError
+        from mergecli.io import checkpoint_sha256
         from mergecli.runtime.device import resolve_device
-        from mergecli.train import save_trained, train_model
+        from mergecli.runtime.signals import STOP, Stopped, signal_name
+        from mergecli.train import (
+            DEFAULT_ARCH,
+            INIT_FIX,
+            model_for_init,
+            save_trained,
+            train_model,
+        )
+        from mergecli.train_state import TrainCheckpoint, fingerprint, state_path
 
         if init is not None and os.path.realpath(out) == os.path.realpath(init):
             raise RecipeError(
@@ -415,31 +588,62 @@ def train(
         eval_spec = (
             None if eval_data.lower() == "none" else _parse_data_option(eval_data, "--eval-data")
         )
-        started = time.perf_counter()
-        module, metrics = train_model(
-            arch,
-            args,
-            train_spec,
-            eval_spec,
-            seed=seed,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            optimizer=optimizer.value,
-            device=resolve_device(device),
-            log=log,
-            init=init,
-        )
-        metadata = {"seed": str(seed), "data": train_spec, **metrics}
-        # How long it took, and on how many threads: `make figures` quotes training times.
-        metadata["train_seconds"] = f"{time.perf_counter() - started:.1f}"
-        metadata["threads"] = str(torch.get_num_threads())
+        init_fix = INIT_FIX
         if init is not None:
-            metadata["init"] = str(init)
-        if eval_spec is not None:
-            metadata["eval_data"] = eval_spec
-        save_trained(module, out, arch, args, metadata)
+            arch, args, init_fix = model_for_init(init, arch, args)
+        arch = arch or DEFAULT_ARCH
+        options = {
+            "arch": arch, "args": args, "data": train_spec, "eval_data": eval_spec,
+            "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+            "optimizer": optimizer.value,
+            "init": checkpoint_sha256(init) if init is not None else None,
+        }  # fmt: skip
+        checkpoint = TrainCheckpoint(state_path(out), fingerprint(options))
+        with STOP.installed():
+            try:
+                if resume is Resume.never:
+                    checkpoint.remove()
+                started = time.perf_counter()
+                module, metrics = train_model(
+                    arch,
+                    args,
+                    train_spec,
+                    eval_spec,
+                    seed=seed,
+                    epochs=epochs,
+                    lr=lr,
+                    batch_size=batch_size,
+                    optimizer=optimizer.value,
+                    device=resolve_device(device),
+                    log=log,
+                    init=init,
+                    init_fix=init_fix,
+                    checkpoint=checkpoint,
+                )
+                metadata = {"seed": str(seed), "data": train_spec, **metrics}
+                # How long it took (this run, if it resumed), on how many threads: `make
+                # figures` quotes training times.
+                metadata["train_seconds"] = f"{time.perf_counter() - started:.1f}"
+                metadata["threads"] = str(torch.get_num_threads())
+                if init is not None:
+                    metadata["init"] = str(init)
+                if eval_spec is not None:
+                    metadata["eval_data"] = eval_spec
+                # The checkpoint appears whole, then the state it replaces goes.
+                with STOP.deferred():
+                    save_trained(module, out, arch, args, metadata)
+                    checkpoint.remove()
+            except Stopped as stop:
+                if stop.saved is None and checkpoint.path.exists():
+                    stop.saved = checkpoint.path
+                log.info(_stop_line(stop, False, kept="training state"))
+                raise typer.Exit(stop.exit_code) from None
         log.info(f"wrote {out}", **{k: round(v, 4) for k, v in metrics.items()})
+        if STOP.pending() is not None:
+            log.info(
+                f"received {signal_name(STOP.pending())} after {out} was written; "
+                "the training finished"
+            )
 
 
 def _parse_assignments(items: list[str], option: str) -> dict[str, Any]:
@@ -483,4 +687,32 @@ def _parse_data_option(text: str, option: str) -> dict[str, Any]:
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="mergecli")
+    if _log_mode(sys.argv[1:]) != "json":
+        app(prog_name="mergecli")
+        return
+    # With --log json a mistake on the command line is a JSON line too.
+    try:
+        code = app(prog_name="mergecli", standalone_mode=False)
+    except typer.TyperException as exc:
+        usage = getattr(exc, "ctx", None)
+        fields = {"usage": usage.get_usage()} if usage is not None else {}
+        _error_line(exc.format_message(), exit_code=exc.exit_code, **fields)
+        code = exc.exit_code
+    except typer.Abort:
+        _error_line("aborted", exit_code=1)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _log_mode(args: list[str]) -> str:
+    """The --log a command line asks for (the last one given), else $MERGECLI_LOG: known
+    before the options are parsed, to print a mistake in them the way the user asked."""
+    mode = os.environ.get("MERGECLI_LOG", "auto")
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--log" and i + 1 < len(args):
+            mode = args[i + 1]
+        elif arg.startswith("--log="):
+            mode = arg.removeprefix("--log=")
+    return mode

@@ -7,7 +7,7 @@ import json
 import torch
 
 from mergecli.io import load_state_dict, read_metadata
-from mergecli.runtime.log import Log
+from mergecli.runtime.log import Column, Log
 
 
 def inspect_checkpoints(path: str, other: str | None, log: Log) -> None:
@@ -17,14 +17,16 @@ def inspect_checkpoints(path: str, other: str | None, log: Log) -> None:
     if metadata:
         log.table(f"metadata of {path}", ["key", "value"], sorted(metadata.items()))
     if other is None:
-        rows = [
-            [name, _shape(t), _dtype(t), _size(t.numel() * t.element_size())]
+        rows: list[list] = [
+            [name, list(t.shape), _dtype(t), t.numel(), t.numel() * t.element_size()]
             for name, t in tensors.items()
         ]
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         params = sum(t.numel() for t in tensors.values())
-        rows.append(["total", f"{params:,} values", "", _size(total)])
-        log.table(f"{path}: {len(tensors)} tensors", ["tensor", "shape", "dtype", "size"], rows)
+        rows.append(["total", None, None, params, total])
+        count, size = Column("values", show="{:,}".format), Column("size", "bytes", _size)
+        columns = ["tensor", Column("shape", show=json.dumps), "dtype", count, size]
+        log.table(f"{path}: {len(tensors)} tensors", columns, rows)
         return
     second = load_state_dict(other)
     rows = []
@@ -32,19 +34,20 @@ def inspect_checkpoints(path: str, other: str | None, log: Log) -> None:
         a, b = tensors.get(name), second.get(name)
         if a is None or b is None:
             where = other if a is not None else path
-            rows.append([name, _shape(a if a is not None else b), "", f"missing in {where}", ""])
+            shape = list((a if a is not None else b).shape)
+            rows.append([name, shape, None, None, None, f"missing in {where}"])
         elif a.shape != b.shape:
-            rows.append([name, f"{_shape(a)} vs {_shape(b)}", "", "shape differs", ""])
+            note = f"shape differs: {_shape(a)} vs {_shape(b)}"
+            rows.append([name, list(a.shape), None, None, None, note])
         else:
             diff = (a.double() - b.double()).norm().item()
             scale = a.double().norm().item()
-            relative = f"{diff / scale:.3g}" if scale > 0 else "-"
-            rows.append([name, _shape(a), f"{_dtype(a)}/{_dtype(b)}", f"{diff:.4g}", relative])
-    log.table(
-        f"{path} vs {other}",
-        ["tensor", "shape", "dtypes", "‖A−B‖", "‖A−B‖/‖A‖"],
-        rows,
-    )
+            relative = diff / scale if scale > 0 else None
+            rows.append([name, list(a.shape), f"{_dtype(a)}/{_dtype(b)}", diff, relative, None])
+    columns = ["tensor", Column("shape", show=json.dumps), "dtypes",
+               Column("‖A−B‖", "diff_norm", "{:.4g}".format),
+               Column("‖A−B‖/‖A‖", "relative_diff", "{:.3g}".format, "-"), "note"]  # fmt: skip
+    log.table(f"{path} vs {other}", columns, rows)
 
 
 def _shape(tensor: torch.Tensor) -> str:

@@ -13,12 +13,14 @@ import torch
 from mergecli import __version__
 from mergecli.errors import MergeCliError
 from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
-from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
+from mergecli.io.lazy import LazyTensors
 from mergecli.io.output_dir import STATE, OutputDir
 from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.writer import ShardWriter
-from mergecli.models.metadata import model_from_metadata, model_metadata
-from mergecli.recipe import LoadedRecipe, ModelSpec
+from mergecli.model_card import CARD_NAME, model_card
+from mergecli.models.metadata import model_metadata
+from mergecli.preflight import Checked, check_inputs, check_tensors, needs_a_model, reference_index
+from mergecli.recipe import LoadedRecipe
 from mergecli.registry import changes_weights, methods_of
 from mergecli.report import render_report
 from mergecli.runtime.distributed import current as current_world
@@ -38,6 +40,9 @@ def run_recipe(
     ``overwrite`` lets the run replace an output directory holding files it did not write.
     """
     recipe = loaded.recipe
+    # Before the output dir is touched: a recipe naming inputs that are not there, or do not
+    # fit each other, the model or the data, writes nothing.
+    checked = check_inputs(loaded)
     torch.manual_seed(recipe.seed)
     world = current_world()
     out_dir = loaded.output_dir
@@ -56,11 +61,13 @@ def run_recipe(
         raise problem or MergeCliError(f"{out_dir}: rank 0 cannot write the output directory")
     step = None
     try:
-        state = prepare_state(loaded, log)
+        state = prepare_state(loaded, log, checked=checked)
         state.resume_dir = resume_dir
         for step in loaded.steps:
             method = methods_of(step.kind)[step.method]
-            log.info(f"step {step.index}: {step.kind} ({step.method})")
+            source = getattr(step.params, "from_", None)  # then the method does not run
+            how = f"from {source}" if source else f"({step.method})"
+            log.info(f"step {step.index}: {step.kind} {how}")
             started = time.perf_counter()
             state.step = step
             try:
@@ -100,20 +107,20 @@ def input_paths(loaded: LoadedRecipe) -> list[Path]:
     return paths
 
 
-def prepare_state(loaded: LoadedRecipe, log: Log, needs_model: bool = False) -> MergeState:
-    """Verify pins, load and cross-check every checkpoint, and decide the model (``needs_model``:
-    the caller builds it whatever the steps are, as `align-spec` does)."""
+def prepare_state(
+    loaded: LoadedRecipe, log: Log, needs_model: bool = False, checked: Checked | None = None
+) -> MergeState:
+    """Check the inputs (unless ``checked`` is what `check_inputs` found), load every
+    checkpoint and decide the model (``needs_model``: the caller builds it whatever the steps
+    are, as `align-spec` does)."""
+    if checked is None:
+        checked = check_inputs(loaded, needs_model)
     recipe = loaded.recipe
     device = current_world().device_for(recipe.device)
     streaming = is_data_free(loaded)
     checkpoints: list[Checkpoint] = []
     for index, spec in enumerate(recipe.checkpoints):
-        digest = checkpoint_sha256(spec.path)
-        if spec.sha256 is not None and digest != spec.sha256:
-            raise MergeCliError(
-                f"{spec.path}: sha256 is {digest}, the recipe pins {spec.sha256} "
-                f"(checkpoints.{index}.sha256); the file changed: restore it or update the pin"
-            )
+        digest = checked.digests.get(index) or checkpoint_sha256(spec.path)
         name = spec.name or _display_name(spec.path, index)
         if any(c.name == name for c in checkpoints):
             name = f"{name}#{index}"  # tables and saved transforms are keyed by name
@@ -122,21 +129,21 @@ def prepare_state(loaded: LoadedRecipe, log: Log, needs_model: bool = False) -> 
         else:
             tensors = load_state_dict(spec.path)
             _check_finite(spec.path, tensors)
-        checkpoints.append(Checkpoint(spec, name, digest, tensors, read_metadata(spec.path)))
+        metadata = read_metadata(spec.path)
+        checkpoints.append(Checkpoint(spec, name, digest, tensors, metadata, index=index))
         log.info(f"loaded {spec.path}", tensors=len(tensors), sha256=digest[:12])
-    copied = _check_tensors(loaded, checkpoints)
-    reference = _reference_index(recipe.checkpoints)
-    needed = needs_model or _needs_model(loaded)
-    model_spec = recipe.model or _model_from_metadata(checkpoints[reference], needed)
-    state = MergeState(loaded, checkpoints, reference, device, log, model_spec)
+    copied = check_tensors(loaded, checkpoints)
+    reference = reference_index(recipe.checkpoints)
+    state = MergeState(loaded, checkpoints, reference, device, log, checked.model)
     state.streaming = streaming
     state.copied_from_base = copied
     if copied:
         log.warn(
             f"{len(copied)} tensor(s) missing from some models are copied from the base "
-            f"(missing: copy_from_base): {_names(sorted(copied))}"
+            f"(missing: copy_from_base): {', '.join(repr(n) for n in sorted(copied)[:5])}"
+            + (f" and {len(copied) - 5} more" if len(copied) > 5 else "")
         )
-    if recipe.model is not None or _needs_model(loaded):
+    if recipe.model is not None or needs_a_model(loaded):
         _check_checkpoints_fit(state)
     state.report["inputs"] = [
         {"name": c.name, "path": c.spec.path, "sha256": c.sha256, "role": c.spec.role}
@@ -145,19 +152,41 @@ def prepare_state(loaded: LoadedRecipe, log: Log, needs_model: bool = False) -> 
     return state
 
 
+def model_only_state(loaded: LoadedRecipe, log: Log) -> MergeState:
+    """A state whose one checkpoint is the recipe's `model:` freshly built (seeded): what
+    `align-spec` shows before any checkpoint has been trained."""
+    from mergecli.errors import RecipeError
+    from mergecli.models import build_model
+    from mergecli.recipe import CheckpointSpec
+
+    recipe = loaded.recipe
+    if recipe.model is None:
+        raise RecipeError(
+            [
+                loaded.at(
+                    ("checkpoints",),
+                    "none of the checkpoints exists, and without them the model comes from "
+                    "`model: {arch: ..., args: ...}`, which the recipe lacks; add it",
+                )
+            ]
+        )
+    torch.manual_seed(recipe.seed)
+    try:
+        module = build_model(recipe.model.arch, recipe.model.args)
+    except MergeCliError as exc:
+        raise RecipeError([loaded.at(("model",), str(exc))]) from None
+    spec = CheckpointSpec(path=f"(model: {recipe.model.arch})")
+    tensors = {name: t.detach() for name, t in module.state_dict().items()}
+    built = Checkpoint(spec, recipe.model.arch, "", tensors, {})
+    device = current_world().device_for(recipe.device)
+    log.info(f"no checkpoint exists yet: the groups of {recipe.model.arch} built from `model:`")
+    return MergeState(loaded, [built], 0, device, log, recipe.model)
+
+
 def is_data_free(loaded: LoadedRecipe) -> bool:
     """Recipes made only of `merge` steps on no model run out of core, one tensor at a time."""
     steps = loaded.steps
     return loaded.recipe.model is None and bool(steps) and all(s.kind == "merge" for s in steps)
-
-
-def _reference_index(specs: list) -> int:
-    """`role: reference` if given, else the first checkpoint that is not the base."""
-    for wanted in ("reference", None):
-        for index, spec in enumerate(specs):
-            if spec.role == wanted:
-                return index
-    return 0
 
 
 def _display_name(path: str, index: int) -> str:
@@ -174,113 +203,6 @@ def _check_finite(path: str, tensors: StateDict) -> None:
                 f"{path}: tensor '{name}' contains NaN or inf values; the checkpoint is broken "
                 "(re-train or re-export it)"
             )
-
-
-def _check_tensors(loaded: LoadedRecipe, checkpoints: list[Checkpoint]) -> frozenset[str]:
-    """The names and shapes must agree; returns the tensors to copy from the base instead."""
-    copy_steps = [
-        s for s in loaded.steps if getattr(s.params, "missing", "error") == "copy_from_base"
-    ]
-    base = next((c for c in checkpoints if c.spec.role == "base"), None)
-    if not copy_steps:
-        _check_same_tensors(checkpoints)
-        _check_something_floating(checkpoints[0])
-        return frozenset()
-    if base is None:
-        raise MergeCliError(
-            f"{loaded.source}: steps.{copy_steps[0].index}: `missing: copy_from_base` needs a "
-            "checkpoint with `role: base` to copy from"
-        )
-    copied: set[str] = set()
-    for other in checkpoints:
-        if other is base:
-            continue
-        extra = [n for n in other.tensors if n not in base.tensors]
-        if extra:
-            raise MergeCliError(
-                f"{other.spec.path}: has {_names(extra)}, which the base {base.spec.path} lacks; "
-                "`missing: copy_from_base` can only copy tensors the base has"
-            )
-        copied.update(n for n in base.tensors if n not in other.tensors)
-    for name in base.tensors:
-        holders = [c for c in checkpoints if name in c.tensors]
-        for other in holders[1:]:
-            _check_shape(holders[0], other, name)
-    _check_something_floating(base)
-    return frozenset(copied)
-
-
-def _check_same_tensors(checkpoints: list[Checkpoint]) -> None:
-    """Every checkpoint must hold the same tensor names and shapes as the first."""
-    first = checkpoints[0]
-    for other in checkpoints[1:]:
-        missing = [n for n in first.tensors if n not in other.tensors]
-        extra = [n for n in other.tensors if n not in first.tensors]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"lacks {_names(missing)}")
-            if extra:
-                parts.append(f"has extra {_names(extra)}")
-            raise MergeCliError(
-                f"{other.spec.path}: {' and '.join(parts)} compared with {first.spec.path}; "
-                "checkpoints to merge must have the same tensors"
-            )
-        for name in first.tensors:
-            _check_shape(first, other, name)
-
-
-def _check_shape(first: Checkpoint, other: Checkpoint, name: str) -> None:
-    """Same shape, and both floating or both not: merges average floating tensors and copy the
-    others (step counters, position ids) from the reference, so a tensor floating in one
-    checkpoint and integer in another would be cast, or copied unmerged, without a word."""
-    theirs, ours = tensor_shape(other.tensors, name), tensor_shape(first.tensors, name)
-    if theirs != ours:
-        raise MergeCliError(
-            f"{other.spec.path}: tensor '{name}' has shape {theirs}, {first.spec.path} "
-            f"has {ours}; checkpoints to merge must have the same shapes"
-        )
-    theirs, ours = tensor_dtype(other.tensors, name), tensor_dtype(first.tensors, name)
-    if theirs.is_floating_point != ours.is_floating_point:
-        raise MergeCliError(
-            f"{other.spec.path}: tensor '{name}' is {_kind(theirs)} but {_kind(ours)} in "
-            f"{first.spec.path}; a tensor must be floating-point in every checkpoint or in none: "
-            "re-export the odd one"
-        )
-
-
-def _kind(dtype: torch.dtype) -> str:
-    if dtype.is_floating_point:
-        kind = "floating-point"
-    else:
-        kind = "bool" if dtype == torch.bool else "integer"
-    return f"{str(dtype).removeprefix('torch.')} ({kind})"
-
-
-def _check_something_floating(checkpoint: Checkpoint) -> None:
-    """A merge changes floating tensors only: with none there is nothing to merge, and the
-    output would be an unchanged copy of the reference."""
-    if not any(tensor_dtype(checkpoint.tensors, n).is_floating_point for n in checkpoint.tensors):
-        raise MergeCliError(
-            f"{checkpoint.spec.path}: none of its {len(checkpoint.tensors)} tensors is "
-            "floating-point (all are integer or bool), nor are the other checkpoints', so there "
-            "is nothing to merge; check that these are model weights"
-        )
-
-
-def _names(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _model_from_metadata(checkpoint: Checkpoint, needed: bool) -> ModelSpec | None:
-    """Checkpoints written by `mergecli train` or `run` say which architecture they are."""
-    named = model_from_metadata(checkpoint.metadata, checkpoint.spec.path, needed)
-    return None if named is None else ModelSpec(arch=named[0], args=named[1])
-
-
-def _needs_model(loaded: LoadedRecipe) -> bool:
-    return any("model" in methods_of(s.kind)[s.method].needs for s in loaded.steps)
 
 
 def _check_checkpoints_fit(state: MergeState) -> None:
@@ -303,6 +225,8 @@ def output_metadata(state: MergeState) -> dict[str, str]:
         "mergecli.steps": json.dumps([s.as_dict() for s in loaded.steps]),
         "mergecli.seed": str(loaded.recipe.seed),
     }
+    if state.history:  # the methods that shaped the weights, in order
+        metadata["mergecli.method"] = " + ".join(state.history)
     if state.model_spec is not None:
         metadata.update(model_metadata(state.model_spec.arch, state.model_spec.args))
     return metadata
@@ -341,7 +265,13 @@ def _write_finished(state: MergeState, output_dir: OutputDir, paths: list[Path])
             dtype = OUTPUT_DTYPES.get(output.dtype)
             metadata = output_metadata(state)
             paths = save_state_dict(state.merged, staging, metadata, output.shard_size, dtype)
-        paths += copy_model_files(state, staging)
+        copied = copy_model_files(state, staging)
+        paths += copied
+        if any(p.name == "config.json" for p in copied):
+            # A Hugging Face model directory: its README.md is the Hub's model card.
+            card = staging / CARD_NAME
+            card.write_text(model_card(state), encoding="utf-8")
+            paths.append(card)
         state.report["output"] = {"files": [p.name for p in paths], "dtype": output.dtype}
     for name, (tensors, metadata) in state.artifacts.items():
         write_safetensors(output_dir.file(name), tensors, metadata)

@@ -73,8 +73,13 @@ def markdown(report: dict[str, Any]) -> str:
                          for i in inputs])  # fmt: skip
     if "align" in report:
         align = report["align"]
-        lines += ["## Alignment", "", f"Method `{align['method']}`, reference "
-                  f"`{align['reference']}`, {len(align['groups'])} groups.", ""]  # fmt: skip
+        how = (
+            f"Transforms from `{align['from']}` (an earlier run's, not recomputed)"
+            if align.get("from")
+            else f"Method `{align['method']}`"
+        )
+        lines += ["## Alignment", "", f"{how}, reference `{align['reference']}`, "
+                  f"{len(align['groups'])} groups.", ""]  # fmt: skip
         lines += _table(["model", "weight distance before", "after"],
                         [[n, f"{d['before']:.3f}", f"{d['after']:.3f}"]
                          for n, d in align.get("weight_distance", {}).items()])  # fmt: skip
@@ -102,7 +107,7 @@ def markdown(report: dict[str, Any]) -> str:
     if "repair" in report:
         lines += _repair(report["repair"])
     if "evaluate" in report:
-        lines += _evaluation(report["evaluate"])
+        lines += evaluation_section(report["evaluate"])
     analyses = report.get("analysis", {})
     for kind, data in analyses.items():
         lines += [f"## Analysis: {kind.replace('_', ' ')}", ""]
@@ -125,7 +130,8 @@ def _repair(repair: dict[str, Any]) -> list[str]:
     return ["## Repair", "", text + ".", ""]
 
 
-def _evaluation(evaluation: dict[str, Any]) -> list[str]:
+def evaluation_section(evaluation: dict[str, Any]) -> list[str]:
+    """The evaluate step's table (and per-class accuracies) as Markdown lines."""
     rows = evaluation["results"]
     lines = ["## Evaluation", "", f"On data.{evaluation['split']} ({evaluation['examples']} "
              "examples).", ""]  # fmt: skip

@@ -57,6 +57,7 @@ class Align(Shape):
     groups: list[Any] | dict[str, Any]
     weight_distance: dict[str, Distance] = {}
     matching: dict[str, Matching] = {}
+    from_: str | None = Field(default=None, alias="from")
 
 
 class Repair(Shape):

@@ -30,6 +30,7 @@ class Checkpoint:
     tensors: StateDict
     metadata: dict[str, str]
     aligned: StateDict | None = None  # the tensors in the reference's basis, after `align`
+    index: int = 0  # its place in the recipe's `checkpoints:`
 
     @property
     def aligned_or_original(self) -> StateDict:
@@ -127,11 +128,13 @@ class MergeState:
         rather than deep in a step. Without a model spec the step itself says it needs one."""
         from mergecli.data.model_check import DataUse, check_against_model
         from mergecli.data.sources import describe_source
+        from mergecli.models import argument_names
 
         if self.model_spec is None:
             return
         spec = self.model_spec
-        use = DataUse(where, describe_source(raw), spec.arch, spec.input_shape)
+        names = argument_names(spec.arch)
+        use = DataUse(where, describe_source(raw), spec.arch, spec.input_shape, names)
         check_against_model(data, self.build_module(), use)
 
     def example_input(self) -> Tensor:

@@ -49,6 +49,7 @@ def test_align_then_average(tmp_path: Path, trained_pair, align: str) -> None:
     result = run_cli("run", str(recipe), check=True)
     out = tmp_path / "out"
     found = rows(out)
+    # The baseline and the step run the same merge of the same aligned models: exactly equal.
     assert found["aligned average"]["accuracy"] == found["merged"]["accuracy"]
     assert found["aligned average"]["accuracy"] > found["average"]["accuracy"]
     report = json.loads((out / "report.json").read_text())
@@ -69,7 +70,10 @@ def test_alignment_is_saved_and_reused(tmp_path: Path, trained_pair) -> None:
         assert handle.metadata()["mergecli.alignment"] == "weight_matching"
         keys = set(handle.keys())
     assert keys == {"mlp-seed1/layers.0", "mlp-seed1/layers.1"}
-    # The aligned checkpoint is the same function as the original: same accuracy.
+    # The aligned checkpoint is the same function as the original: the same accuracy, up to
+    # float32 rounding. Its permuted hidden units are summed in another order, so the logits
+    # differ by ~1e-6 and an example whose two top logits are that close may change its
+    # argmax: at most one of the 1,000 examples.
     aligned = out / "aligned" / "mlp-seed1.safetensors"
     check = tmp_path / "check.yaml"
     check.write_text(
@@ -79,7 +83,7 @@ def test_alignment_is_saved_and_reused(tmp_path: Path, trained_pair) -> None:
     )
     run_cli("run", str(check), check=True)
     accuracies = [r["accuracy"] for r in rows(tmp_path / "c").values()]
-    assert len(accuracies) == 2 and accuracies[0] == accuracies[1]
+    assert len(accuracies) == 2 and abs(accuracies[0] - accuracies[1]) <= 1.5 / 1000
     aligned_names = load_file(aligned).keys()
     # Reusing the saved permutations reproduces the merge bit for bit (and the new output set
     # holds no aligned/ folder: the rerun did not ask for one).
@@ -293,7 +297,11 @@ def test_cca_through_batchnorm(tmp_path: Path) -> None:
         assert "aligned by permutation" not in result.stderr, result.stderr
         assert "pass through BatchNorm" not in result.stderr, result.stderr
         accuracy[batchnorm] = rows(tmp_path / batchnorm)["merged"]["accuracy"]
-    assert accuracy["fold"] > accuracy["paper"] + 0.005, accuracy
+    # Trained here, the models differ from machine to machine (the CPU's summation order, the
+    # thread count): over seed pairs 0-1, 2-3, 4-5 at 1 and 2 threads fold led by 0.6 to 3.2
+    # points, and one pair's lead moved by a point with the thread count. So: ahead, by any
+    # margin, rather than by a margin measured on one machine.
+    assert accuracy["fold"] > accuracy["paper"], accuracy
     # Without a reset the mapped running statistics are an estimate, and the log says so.
     recipe.write_text(recipe.read_text().replace("{repair: reset_bn}, ", ""))
     result = run_cli("--log", "plain", "run", str(recipe), check=True)

@@ -1,5 +1,7 @@
 """Broken or mismatched checkpoints, as `mergecli run` meets them: one line naming the file and
-the tensor, exit 1, no traceback, no model file written. Most run out of core (a data-free
+the tensor, no traceback, no model file written; exit 2 at the checkpoint's line in the recipe
+for what the checks before any work find (headers, names, shapes, dtypes), exit 1 for what
+only reading the tensors shows (NaN). Most run out of core (a data-free
 recipe), where tensors are read lazily from hand-checked headers."""
 
 from __future__ import annotations
@@ -45,9 +47,14 @@ def run_average(tmp_path: Path, first: Path, second: Path, model: bool = False):
     return run_cli("run", str(recipe))
 
 
-def one_error(tmp_path: Path, result) -> str:
-    """The run failed with exit 1 on one line, with no traceback and no model file."""
-    assert result.returncode == 1, result.stderr
+def at_checkpoint(tmp_path: Path, index: int, model: bool = False) -> str:
+    """How a problem with checkpoint ``index`` of `run_average`'s recipe starts."""
+    return f"{tmp_path / 'recipe.yaml'}:{3 + index + model}: checkpoints.{index}.path: "
+
+
+def one_error(tmp_path: Path, result, code: int = 2) -> str:
+    """The run failed with ``code`` on one line, with no traceback and no model file."""
+    assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
     # Progress lines start with a timestamp; the failure itself is exactly one line.
     lines = [line for line in result.stderr.strip().splitlines() if not line[:4].isdigit()]
@@ -93,7 +100,9 @@ def good_checkpoint(tmp_path: Path) -> Path:
 def test_malformed_header_is_a_user_error(tmp_path: Path, header, expected: str) -> None:
     bad = raw_safetensors(tmp_path / "bad.safetensors", header, bytes(16))
     line = one_error(tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), bad))
-    assert line.startswith(f"error: {bad}: not a readable safetensors file ("), line
+    assert line.startswith(
+        f"{at_checkpoint(tmp_path, 1)}{bad}: not a readable safetensors file ("
+    ), line
     assert expected in line and line.endswith("re-download or re-save it"), line
 
 
@@ -102,7 +111,9 @@ def test_nan_in_a_checkpoint_read_out_of_core_names_the_file_and_tensor(tmp_path
     broken = {**GOOD, "layers.0.weight": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}
     save_file(broken, tmp_path / "nan.safetensors")
     line = one_error(
-        tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), tmp_path / "nan.safetensors")
+        tmp_path,
+        run_average(tmp_path, good_checkpoint(tmp_path), tmp_path / "nan.safetensors"),
+        code=1,
     )
     assert line == (
         f"error: {tmp_path / 'nan.safetensors'}: tensor 'layers.0.weight' contains NaN or inf "
@@ -115,7 +126,7 @@ def test_symlink_loop_and_dangling_link_say_so(tmp_path: Path) -> None:
     loop = tmp_path / "loop.safetensors"
     os.symlink(loop.name, loop)
     line = one_error(tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), loop))
-    assert line.startswith(f"error: {loop}: symbolic link loop"), line
+    assert line.startswith(f"{at_checkpoint(tmp_path, 1)}{loop}: symbolic link loop"), line
     dangling = tmp_path / "dangling.safetensors"
     os.symlink("gone.safetensors", dangling)
     line = one_error(tmp_path, run_average(tmp_path, good_checkpoint(tmp_path), dangling))
@@ -136,7 +147,8 @@ def test_tensor_integer_in_one_checkpoint_and_float_in_another(
     kinds = ["int64 (integer)", "float32 (floating-point)"]
     kinds = kinds if integer_first else kinds[::-1]
     assert line == (
-        f"error: {second}: tensor 'layers.0.weight' is {kinds[1]} but {kinds[0]} in {first}; "
+        f"{at_checkpoint(tmp_path, 1, model)}{second}: tensor 'layers.0.weight' is {kinds[1]} "
+        f"but {kinds[0]} in {first}; "
         "a tensor must be floating-point in every checkpoint or in none: re-export the odd one"
     )
 
@@ -152,6 +164,7 @@ def test_integer_tensors_are_copied_but_all_integer_checkpoints_are_refused(
     result = run_average(tmp_path, tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     assert result.returncode == 0, result.stderr
     merged = load_file(tmp_path / "out" / "model.safetensors")
+    # The average of 1 and 3 is 2 exactly, whatever the order of the float operations.
     assert torch.equal(merged["w"], torch.full((2, 2), 2.0)) and merged["steps"].item() == 7
     # Nothing floating: nothing to merge, rather than an unchanged copy of the reference.
     for name in ("c", "d"):
@@ -161,7 +174,7 @@ def test_integer_tensors_are_copied_but_all_integer_checkpoints_are_refused(
     first = tmp_path / "c.safetensors"
     line = one_error(tmp_path, run_average(tmp_path, first, tmp_path / "d.safetensors"))
     assert line == (
-        f"error: {first}: none of its 2 tensors is floating-point (all are integer or bool), "
-        "nor are the other checkpoints', so there is nothing to merge; check that these are "
-        "model weights"
+        f"{at_checkpoint(tmp_path, 0)}{first}: none of its 2 tensors is floating-point (all are "
+        "integer or bool), nor are the other checkpoints', so there is nothing to merge; check "
+        "that these are model weights"
     )

@@ -68,7 +68,11 @@ def test_run_average_end_to_end(tmp_path: Path, trained_pair: tuple[Path, Path])
     rows = {row["name"]: row for row in report["evaluate"]["results"]}
     assert set(rows) == {"mlp-seed0", "mlp-seed1", "ensemble", "average", "merged (average)"}
     assert report["evaluate"]["examples"] == 1000
-    assert rows["mlp-seed0"]["accuracy"] > 0.8 and rows["ensemble"]["accuracy"] > 0.8
+    # Trained, far above chance (0.1). Here they score 0.801 and 0.825, but the training takes
+    # other float paths on another CPU or thread count (a point or so either way), so the
+    # bound leaves room rather than quoting this machine.
+    assert rows["mlp-seed0"]["accuracy"] > 0.7 and rows["ensemble"]["accuracy"] > 0.7
+    # The baseline and the step run the same merge of the same inputs: the same model, exactly.
     assert rows["average"]["accuracy"] == rows["merged (average)"]["accuracy"]
     # The merged checkpoint is the plain average, tensor by tensor.
     merged, ta, tb = load_file(out / "model.safetensors"), load_file(a), load_file(b)
@@ -174,7 +178,7 @@ def test_inspect_one_and_two_checkpoints(trained_pair) -> None:
     assert "‖A−B‖" in pair and "head.bias" in pair
     same = run_cli("--log", "json", "inspect", str(a), str(a), check=True).stdout
     rows = [json.loads(line) for line in same.splitlines()][-1]["rows"]
-    assert all(row["‖A−B‖"] == "0" for row in rows)
+    assert all(row["diff_norm"] == 0 for row in rows)
 
 
 def test_methods_lists_parameters() -> None:
@@ -187,7 +191,7 @@ def test_json_log_lines_parse(tmp_path: Path, trained_pair) -> None:
     recipe = write_recipe(tmp_path, *trained_pair)
     result = run_cli("--log", "json", "run", str(recipe), check=True)
     records = [json.loads(line) for line in result.stderr.splitlines()]
-    assert any(r["msg"].startswith("step 0: merge") for r in records)
+    assert any(r["message"].startswith("step 0: merge") for r in records)
     table = json.loads(result.stdout.strip().splitlines()[-1])
     assert table["rows"][0]["model"] == "mlp-seed0"
 
@@ -264,8 +268,9 @@ def test_nan_in_checkpoint(tmp_path: Path, trained_pair) -> None:
 
 def test_wrong_sha256_pin(tmp_path: Path, trained_pair) -> None:
     recipe = write_recipe(tmp_path, *trained_pair)
-    line = fails(tmp_path, recipe, "checkpoints.1.sha256=" + "f" * 64)
-    assert "mlp-seed1.safetensors: sha256 is" in line and "checkpoints.1.sha256" in line
+    line = fails(tmp_path, recipe, "checkpoints.1.sha256=" + "f" * 64, code=2)
+    assert line.startswith("--set checkpoints.1.sha256: ") and "the recipe pins fff" in line
+    assert "mlp-seed1.safetensors has sha256 " in line
 
 
 def test_unwritable_output_dir(tmp_path: Path, trained_pair) -> None:
@@ -354,7 +359,7 @@ def test_user_model_and_data_without_model_key(tmp_path: Path) -> None:
         "steps: [{merge: {method: average}}, {evaluate: {baselines: [endpoints]}}]\n"
     )
     refused = run_cli("run", "r.yaml", cwd=tmp_path)
-    assert refused.returncode == 1 and "its metadata names user code" in refused.stderr
+    assert refused.returncode == 2 and "its metadata names user code" in refused.stderr
     assert 'add `model: {arch: "mymodels:tiny", args: {"width": 8}}`' in refused.stderr
     sets = ["--set", "model.arch=mymodels:tiny", "--set", "model.args.width=8"]
     run_cli("run", "r.yaml", *sets, cwd=tmp_path, check=True)
@@ -381,5 +386,7 @@ def test_train_init_fine_tunes_from_a_checkpoint(tmp_path: Path, trained_pair) -
         "train", "--arch", "mlp", "--arg", "depth=2", "--init", str(base),
         "--eval-data", "none", "--epochs", "1", "--out", str(tmp_path / "x.safetensors"),
     )  # fmt: skip
-    assert wrong.returncode == 1 and "--init" in wrong.stderr and "Traceback" not in wrong.stderr
+    # The checkpoint's metadata names depth 3: --arg depth=2 contradicts it (a usage error).
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.startswith("--arg depth=2: the --init checkpoint")
     assert not (tmp_path / "x.safetensors").exists()

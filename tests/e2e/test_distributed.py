@@ -126,7 +126,7 @@ def test_log_lines_name_their_rank(capsys: pytest.CaptureFixture) -> None:
     out, err = capsys.readouterr()
     assert out == "" and "only rank 0" not in err
     assert re.search(r"^\S+ \[rank 1/2\] rank 1 is ready$", err, re.MULTILINE)
-    assert '"level": "warning", "rank": 1, "world": 2, "msg": "careful"' in err
+    assert '"level": "warning", "rank": 1, "world": 2, "message": "careful"' in err
 
 
 # --- real processes ------------------------------------------------------------------------

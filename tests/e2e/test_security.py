@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import cli_env, run_cli
+from helpers import cli_env, mlp_checkpoint, run_cli
 from mergecli.models import build_model
 from mergecli.recipe import (
     CheckpointSpec,
@@ -180,7 +180,9 @@ def test_ordinary_aliases_still_work(tmp_path: Path) -> None:
     line = one_line_error(run_cli("validate", str(recipe)), 2)
     assert line.startswith(f"{recipe}:8: x: unknown key 'x'")
     recipe.write_text(recipe.read_text().rpartition("x: &deep")[0])
-    result = run_cli("validate", str(recipe), check=True)
+    for seed, name in enumerate(("a", "b")):  # validate checks the files the recipe names
+        mlp_checkpoint(tmp_path / f"{name}.safetensors", seed, **MLP_ARGS)
+    result = run_cli("validate", str(recipe), cwd=tmp_path, check=True)
     assert "split: 0:100" in result.stdout.replace("'", "")
 
 
@@ -227,9 +229,10 @@ def test_checkpoint_metadata_never_chooses_code(
     )
     a, b = mlp_checkpoints(tmp_path, arch, json.dumps(args))
     recipe = recipe_without_model(tmp_path, a, b, "[merge: average, evaluate: {}]")
-    line = one_line_error(run_cli(command, str(recipe), cwd=tmp_path), 1)
+    line = one_line_error(run_cli(command, str(recipe), cwd=tmp_path), 2)
     assert not (tmp_path / "PWNED").exists(), "code named by a checkpoint ran"
-    assert line.startswith(f"error: {a}: its metadata names user code") and arch in line
+    at = f"{recipe}:2: checkpoints.0.path: {a}: its metadata names user code"
+    assert line.startswith(at) and arch in line
     assert "only a recipe may import" in line
     assert f'model: {{arch: "{arch}", args: {json.dumps(args)}}}' in line
     assert not (tmp_path / "out").exists()
@@ -253,10 +256,9 @@ def test_user_code_in_metadata_is_not_passed_on(tmp_path: Path) -> None:
 def test_malformed_metadata_args_name_the_file(tmp_path: Path, args: str, problem: str) -> None:
     a, b = mlp_checkpoints(tmp_path, "mlp", args)
     recipe = recipe_without_model(tmp_path, a, b, "[merge: average, evaluate: {}]")
-    line = one_line_error(run_cli("run", str(recipe), cwd=tmp_path), 1)
-    assert (
-        line.startswith(f"error: {a}: metadata mergecli.args is not a mapping") and problem in line
-    )
+    line = one_line_error(run_cli("run", str(recipe), cwd=tmp_path), 2)
+    at = f"{recipe}:2: checkpoints.0.path: {a}: metadata mergecli.args is not a mapping"
+    assert line.startswith(at) and problem in line
     # The same checkpoints with well-formed arguments: a built-in named by metadata still works.
     a, b = mlp_checkpoints(tmp_path, "mlp", json.dumps(MLP_ARGS))
     run_cli("run", str(recipe), cwd=tmp_path, check=True)

@@ -113,6 +113,7 @@ def test_task_arithmetic_lambda_by_filter_with_a_gradient_default(tmp_path: Path
     for name, lam in zip(NAMES, (0.0, 0.75, 1.0, 2.0), strict=True):
         task = 0.6 * (m["a"][name] - m["base"][name]) + 0.4 * (m["b"][name] - m["base"][name])
         torch.testing.assert_close(out[name], m["base"][name] + lam * task)
+    # lambda 0 adds exactly 0 to the base: the base tensor bit for bit.
     torch.testing.assert_close(out[LAYERS[0]], m["base"][LAYERS[0]], rtol=0, atol=0)
 
 

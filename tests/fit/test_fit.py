@@ -154,6 +154,8 @@ def test_np_merge_end_to_end_and_reapply(tmp_path: Path, trained_pair) -> None:
     )
     run_cli("run", str(recipe), check=True)
     again = load_file(out / "model.safetensors")
+    # The fit merged with lerp by the very values it saved; re-applying runs the same
+    # element-wise lerp on them (no reduction, no order to differ): the same bits.
     assert all(torch.equal(again[k], merged[k]) for k in merged)
 
 
@@ -170,6 +172,7 @@ def test_coefficient_files_of_ones_and_zeros_reproduce_endpoints(
         recipe = fit_recipe(tmp_path, trained_pair, f"{{from: {coefficients}}}", align=False)
         run_cli("run", str(recipe), check=True)
         merged = load_file(tmp_path / "out" / "model.safetensors")
+        # lerp's endpoints are exact (weight 1: end - diff * 0; weight 0: start + 0).
         assert all(torch.equal(merged[k], expected[k]) for k in expected)
 
 

@@ -81,7 +81,10 @@ def test_three_batchnorm_models_fit_and_reapply(tmp_path: Path, arch: str) -> No
     recipe = chain_recipe(tmp_path, paths, "{method: weight_matching}", "{steps: 2}", extra)
     result = run_cli("--log", "plain", "run", str(recipe))
     assert result.returncode == 0, result.stderr
-    assert f"fit: aligned {arch}-seed2 to the running merge (weight_matching)" in result.stderr
+    assert (
+        f"fit stage 2/2: aligned {arch}-seed2 to the running merge (weight_matching)"
+        in result.stderr
+    )
     fit = report(tmp_path)["fit"]
     assert [s["align"] for s in fit["stages"]] == [
         {"method": "weight_matching", "to": f"{arch}-seed0"},
@@ -107,6 +110,8 @@ def test_three_batchnorm_models_fit_and_reapply(tmp_path: Path, arch: str) -> No
     run_cli("run", str(recipe), check=True)
     again = load_file(tmp_path / "out" / "model.safetensors")
     assert again.keys() == model.keys()
+    # The same element-wise lerps by the saved values, the same alignment and BatchNorm
+    # statistics recomputed the same way on the same machine: the same bits.
     assert all(torch.equal(again[k], model[k]) for k in model)
     if arch == "mlp":  # without data.fit the running merge's statistics cannot be recomputed
         lines = recipe.read_text().splitlines(keepends=True)
@@ -163,7 +168,7 @@ def test_later_stages_align_as_the_recipe_says(
         expected = load_file(three_mlps[2])
     else:
         method = align.split(",")[0].removeprefix("{method: ")
-        assert f"fit: aligned mlp-seed2 to the running merge ({method})" in result.stderr
+        assert f"fit stage 2/2: aligned mlp-seed2 to the running merge ({method})" in result.stderr
         running = tmp_path / "out" / "aligned" / "mlp-seed1.safetensors"
         pair = tmp_path / "pair"
         pair.mkdir()
@@ -193,7 +198,7 @@ def test_three_batchnorm_models_with_cca(tmp_path: Path, batchnorm: str) -> None
     recipe = chain_recipe(tmp_path, paths, align, "{steps: 2}")
     result = run_cli("--log", "plain", "run", str(recipe))
     assert result.returncode == 0, result.stderr
-    assert "fit: aligned mlp-seed2 to the running merge (cca)" in result.stderr
+    assert "fit stage 2/2: aligned mlp-seed2 to the running merge (cca)" in result.stderr
     fit = report(tmp_path)["fit"]
     assert fit["stages"][1]["align"] == {"method": "cca", "to": "running merge"}
     last = fit["stages"][-1]["history"][-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,16 @@ def test_compute_dtype(tmp_path: Path, compute_dtype: str) -> None:
         assert tensor.dtype == torch.float32, "written in output.dtype"
         expected = 0.3 * ta[name].double() + 0.7 * tb[name].double()
         if compute_dtype == "float64":  # one rounding, at the end
-            assert torch.equal(tensor, expected.float())
+            # Within half a float32 ulp of the float64 value (a float32 computation misses
+            # this bound on ~40% of entries). Not bit-equal to `expected.float()`: the float64
+            # sum's last bits depend on the CPU's vector path (FMA, order), which can tip the
+            # final rounding either way. Those bits are at most 8 float64 roundings (weights
+            # normalised, products, sum; here and in `expected`) of the terms' magnitudes.
+            magnitude = tensor.abs()
+            half_ulp = (torch.nextafter(magnitude, torch.tensor(math.inf)) - magnitude) / 2
+            terms = 0.3 * ta[name].double().abs() + 0.7 * tb[name].double().abs()
+            bound = half_ulp.double() + 8 * torch.finfo(torch.float64).eps * terms
+            assert ((tensor.double() - expected).abs() <= bound).all(), name
         else:  # bfloat16 keeps 8 bits of mantissa
             error = (tensor.double() - expected).abs().max() / expected.abs().max()
             assert 1e-4 < error < 1e-2
@@ -243,6 +253,7 @@ def test_per_model_density(tmp_path: Path) -> None:
     result = run_cli("validate", str(recipe))
     assert result.returncode == 2
     assert ":4: checkpoints.1.parameters.lambda: not a per-model parameter of ties" in result.stderr
-    assert "checkpoints.1.parameters.density: Input should be less than or equal to 1" in (
-        result.stderr
+    assert (
+        "checkpoints.1.parameters.density: input should be less than or equal to 1 (got 1.5)"
+        in (result.stderr)
     )

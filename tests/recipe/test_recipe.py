@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, run_cli
+from helpers import ROOT, mlp_checkpoint, run_cli
 from mergecli.errors import RecipeError
 from mergecli.recipe import load_recipe
 
@@ -242,7 +242,9 @@ def test_analysis_kind_is_a_deprecated_name_of_method(tmp_path: Path) -> None:
     new = tmp_path / "new.yaml"
     new.write_text(ANALYSIS)
     assert loaded.resolved() == load_recipe(new).resolved()
-    result = run_cli("validate", str(old))
+    for seed, name in enumerate(("a", "b")):  # validate checks the files the recipe names
+        mlp_checkpoint(tmp_path / f"{name}.safetensors", seed, depth=3)
+    result = run_cli("validate", str(old), cwd=tmp_path)
     assert result.returncode == 0
     assert "warning: " in result.stderr
     assert "recipe.yaml:15: steps.2.analyze.kind: deprecated" in result.stderr

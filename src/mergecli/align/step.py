@@ -21,7 +21,7 @@ from mergecli.align.transform import BatchNormMapping, Transforms, apply_transfo
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
 from mergecli.models.metadata import model_metadata
-from mergecli.recipe.schema import StepParams, StepSpec
+from mergecli.recipe.schema import StepParams, StepSpec, shown_default
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
 from mergecli.state import Checkpoint, MergeState, StateDict
@@ -53,12 +53,16 @@ class WeightMatchingParams(AlignParams):
 
 class ActivationMatchingParams(AlignParams):
     statistic: Literal["correlation", "cross_moment"] = "correlation"
-    batches: int | None = Field(default=None, ge=1)
+    batches: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("all of data.fit")
+    )
 
 
 class CCAParams(AlignParams):
     gamma: float = Field(default=1.0, ge=0)
-    batches: int | None = Field(default=None, ge=1)
+    batches: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("all of data.fit")
+    )
     # paper: M on a conv's outputs and its BatchNorm's affine and mean, as CCA Merge does;
     # fold: the norm's scale folded into the conv first, so M acts where CCA measured it.
     batchnorm: BatchNormMapping = "paper"
@@ -331,8 +335,10 @@ def _align(
             "before": _distance(reference.tensors, checkpoint.tensors),
             "after": _distance(reference.tensors, checkpoint.aligned),
         }
+        # Transforms read from a file were not computed here: the log says where they came from.
+        how = f" with the transforms from {params.from_}" if saved is not None else ""
         state.log.info(
-            f"aligned {checkpoint.name} to {reference.name}",
+            f"aligned {checkpoint.name} to {reference.name}{how}",
             distance_before=round(distances[checkpoint.name]["before"], 3),
             distance_after=round(distances[checkpoint.name]["after"], 3),
         )
@@ -355,6 +361,7 @@ def _align(
         "groups": [{"name": g.name, "size": g.size} for g in spec.groups],
         "warnings": list(spec.warnings),
         "weight_distance": distances,
+        **({"from": params.from_} if saved is not None else {}),
     }
 
 

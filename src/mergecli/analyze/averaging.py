@@ -17,6 +17,7 @@ from mergecli.evaluate.metrics import cross_entropy, expected_accuracy
 from mergecli.merge.average import average_state_dicts
 from mergecli.recipe.schema import Recipe, StepParams
 from mergecli.registry import step_method
+from mergecli.runtime.log import Column, fixed, percent
 from mergecli.state import MergeState, StateDict
 
 
@@ -80,8 +81,8 @@ def analyze_averaging(state: MergeState, params: AveragingParams) -> None:
     }
     state.log.table(
         f"averaging vs ensembling on data.{report_on} (greedy soup selected on data.{select_on})",
-        ["model", "accuracy", "loss"],
-        [[r["name"], f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}"] for r in rows],
+        ["model", Column("accuracy", "accuracy_fraction", percent), Column("loss", show=fixed(4))],
+        [[r["name"], r["accuracy"], r["loss"]] for r in rows],
     )
 
 

@@ -16,6 +16,7 @@ from mergecli.errors import MergeCliError
 from mergecli.fit.step import COEFFICIENTS_FILE
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
+from mergecli.runtime.log import Column, fixed
 from mergecli.state import MergeState
 
 
@@ -53,6 +54,6 @@ def analyze_coefficients(state: MergeState, params: CoefficientsParams) -> None:
     }
     state.log.table(
         f"learned coefficients (weight of {models[0] if models else 'the reference'})",
-        ["tensor", "values", "mean", "std"],
-        [[r["tensor"], r["count"], f"{r['mean']:.3f}", f"{r['std']:.3f}"] for r in layers],
+        ["tensor", "values", Column("mean", show=fixed(3)), Column("std", show=fixed(3))],
+        [[r["tensor"], r["count"], r["mean"], r["std"]] for r in layers],
     )

@@ -16,6 +16,7 @@ from mergecli.errors import MergeCliError
 from mergecli.merge.average import average_state_dicts
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
+from mergecli.runtime.log import Column, fixed
 from mergecli.state import MergeState, StateDict
 
 Path = Literal["naive", "aligned", "fit"]
@@ -71,15 +72,21 @@ def analyze_interpolation(state: MergeState, params: InterpolationParams) -> Non
         result["paths"][name] = {"from": start_name, "to": end_name, **curves}
     state.report.setdefault("analysis", {})["interpolation"] = result
     rows = [
-        [name, split, *([f"{c['loss_barrier']:.4f}", f"{c['loss_barrier_midpoint']:.4f}",
-                         f"{100 * c['accuracy_barrier']:.2f}"] if has_barrier(name) else ["—"] * 3)]
+        [name, split, *([c["loss_barrier"], c["loss_barrier_midpoint"], c["accuracy_barrier"]]
+                        if has_barrier(name) else [None] * 3)]
         for name, path in result["paths"].items()
         for split, c in path.items()
         if isinstance(c, dict)
     ]  # fmt: skip
-    state.log.table(
-        "interpolation barriers", ["path", "data", "loss barrier", "at λ=½", "acc drop (pts)"], rows
-    )
+    # No barrier on the fit path (None): "—" for people, null in JSON.
+    columns = [
+        Column("path", name=True),
+        Column("data", name=True),
+        Column("loss barrier", "loss_barrier", fixed(4), "—"),
+        Column("at λ=½", "loss_barrier_midpoint", fixed(4), "—"),
+        Column("acc drop (pts)", "accuracy_drop_fraction", lambda v: f"{100 * v:.2f}", "—"),
+    ]
+    state.log.table("interpolation barriers", columns, rows)
 
 
 def has_barrier(path: str) -> bool:

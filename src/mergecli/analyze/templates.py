@@ -22,6 +22,7 @@ from mergecli.analyze.scoring import Split, available_splits, describe_data, mod
 from mergecli.errors import MergeCliError
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
+from mergecli.runtime.log import Column, fixed
 from mergecli.state import MergeState
 
 
@@ -90,8 +91,11 @@ def analyze_templates(state: MergeState, params: TemplatesParams) -> None:
     state.report.setdefault("analysis", {})["templates"] = result
     state.log.table(
         f"templates: {len(shown)} rows of {layer} against the centred class means",
-        ["rows of", "mean cosine to their class"],
-        [[s["name"], f"{s['mean_cosine']:.3f}"] for s in result["sets"]],
+        [
+            Column("rows of", "rows_of", name=True),
+            Column("mean cosine to their class", "mean_cosine", fixed(3)),
+        ],
+        [[s["name"], s["mean_cosine"]] for s in result["sets"]],
     )
 
 

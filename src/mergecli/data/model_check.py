@@ -4,7 +4,8 @@ repair, analyze, train) finds out in the middle of a torch call."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,10 @@ class DataUse:
     source: str
     model: str
     input_shape: Sequence[int] | None = None
+    # The model factory's argument names, and how the user sets one (a recipe's key or
+    # train's option), to say which argument makes the model take the data.
+    arg_names: Sequence[str] = ()
+    arg_form: str = "model.args.{name}: {value}"
 
 
 def check_against_model(data: TensorData, module: nn.Module, use: DataUse) -> None:
@@ -31,6 +36,25 @@ def check_against_model(data: TensorData, module: nn.Module, use: DataUse) -> No
     outputs = _probe(data, module, use)
     if isinstance(outputs, Tensor) and outputs.dim() == 2:
         _check_labels(data, int(outputs.shape[1]), use)
+
+
+def check_shape_against_model(
+    shape: Sequence[int], build: Callable[[], nn.Module], use: DataUse
+) -> None:
+    """Inputs of ``shape`` (one example) must go through the model: tried on the model built
+    on the meta device (no weights, no arithmetic); only when that fails is a real model run
+    on zeros, which tells a misfit from an operation the meta device does not have."""
+    try:
+        with torch.device("meta"):
+            module = build()
+        module.eval()
+        with torch.no_grad():
+            module(torch.empty(2, *shape, device="meta"))
+        return
+    except Exception:  # noqa: S110 - confirmed or cleared on a real model below
+        pass
+    zeros = TensorData(torch.zeros(2, *shape), torch.zeros(2, dtype=torch.int64))
+    _probe(zeros, build(), use)
 
 
 @torch.no_grad()
@@ -48,14 +72,19 @@ def _probe(data: TensorData, module: nn.Module, use: DataUse) -> object:
         return module(data.x[:2].to(device))
     except Exception as exc:  # torch raises RuntimeError, user models anything
         layer = entered[-1] if entered else None
-        raise MergeCliError(_shape_message(data, use, layer, exc)) from exc
+        first = len(entered) == 1  # the model's first layer refused the inputs
+        raise MergeCliError(_shape_message(data, use, layer, exc, first)) from exc
     finally:
         for hook in hooks:
             hook.remove()
 
 
 def _shape_message(
-    data: TensorData, use: DataUse, layer: tuple[str, nn.Module] | None, exc: Exception
+    data: TensorData,
+    use: DataUse,
+    layer: tuple[str, nn.Module] | None,
+    exc: Exception,
+    first: bool,
 ) -> str:
     """One line: the source, the given and expected shapes, the failing layer, what to do."""
     given = list(data.x.shape[1:])
@@ -65,11 +94,32 @@ def _shape_message(
         else ""
     )
     at = f" at {_describe_layer(*layer)}" if layer is not None else ""
+    fix = _argument_fix(given, use, layer) if first else None
+    subject = f"{use.where} ({use.source})" if use.where and use.source else use.where or use.source
     return (
-        f"{use.where} ({use.source}): inputs of shape {given} per example do not fit model "
-        f"{use.model}{expected}; it fails{at} ({describe(exc)}); give inputs of the shape "
-        "the model takes"
+        f"{subject + ': ' if subject else ''}inputs of shape {given} per example do not fit model "
+        f"{use.model}{expected}; it fails{at} ({describe(exc)}); "
+        + (f"set {fix} for these inputs, or " if fix else "")
+        + "give inputs of the shape the model takes"
     )
+
+
+def _argument_fix(
+    given: list[int], use: DataUse, layer: tuple[str, nn.Module] | None
+) -> str | None:
+    """The model argument that makes the failing first layer take ``given`` inputs, written
+    as the user sets it (e.g. ``--arg in_channels=1``), if the factory has one."""
+    if layer is None:
+        return None
+    module = layer[1]
+    conv = isinstance(module, nn.modules.conv._ConvNd)
+    if conv and "in_channels" in use.arg_names and given and given[0] != module.in_channels:
+        return use.arg_form.format(name="in_channels", value=given[0])
+    if isinstance(module, nn.Linear) and "in_features" in use.arg_names:
+        features = math.prod(given)
+        if features != module.in_features:
+            return use.arg_form.format(name="in_features", value=features)
+    return None
 
 
 def _describe_layer(name: str, layer: nn.Module) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,11 @@ def _check_finite(x: Tensor, what: str, where: str, first_row: int = 0) -> None:
     )
 
 
-def _read_tensors(path: Path, names: tuple[str, str], where: str) -> tuple[Tensor, Tensor]:
-    """Read the two named arrays from a .safetensors or .npz file."""
+def _read_tensors(
+    path: Path, names: tuple[str, str], where: str, shapes_only: bool = False
+) -> tuple[Tensor, Tensor] | None:
+    """Read the two named arrays from a .safetensors or .npz file (``shapes_only``: check the
+    file and its keys, read nothing)."""
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".npz"):
         raise MergeCliError(
@@ -102,10 +106,14 @@ def _read_tensors(path: Path, names: tuple[str, str], where: str) -> tuple[Tenso
             with safe_open(str(path), framework="pt") as f:
                 present = sorted(f.keys())
                 _check_keys(present, names, path, where)
+                if shapes_only:
+                    return None
                 return f.get_tensor(names[0]), f.get_tensor(names[1])
         with np.load(path, allow_pickle=False) as f:
             present = sorted(f.files)
             _check_keys(present, names, path, where)
+            if shapes_only:
+                return None
             return torch.from_numpy(np.asarray(f[names[0]])), torch.from_numpy(
                 np.asarray(f[names[1]])
             )
@@ -136,7 +144,9 @@ def load_tensors(spec: Mapping[str, Any], where: str) -> TensorData:
     path = Path(raw_path).expanduser()
     x_key = _key(spec, "x", "x", where)
     y_key = _key(spec, "y", "y", where)
-    x, y = _read_tensors(path, (x_key, y_key), where)
+    read = _read_tensors(path, (x_key, y_key), where)
+    assert read is not None  # shapes_only is False
+    x, y = read
     floating = x.is_floating_point()  # whole numbers (pixels, ids) cannot be NaN or inf
     x = _inputs(x, f"{x_key!r} in {path}", where)
     y = _labels(y, f"{y_key!r} in {path}", where)
@@ -270,6 +280,64 @@ def describe_source(spec: Mapping[str, Any]) -> str:
     if source == "python":
         return f"python factory {spec.get('factory')}"
     return f"{source} split {spec.get('split', 'train')!s}" if source == "mnist" else str(source)
+
+
+def example_shape(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -> list[int] | None:
+    """The shape of one input example, without loading a data file: its header is enough.
+    MNIST is bundled and small, so it is loaded (with every option checked); a python
+    factory is imported but not called (None: its shape is known only once it runs)."""
+    source = spec.get("source")
+    if source == "tensors":
+        return _tensors_example_shape(spec, where)
+    if source == "python":
+        _factory(spec, where)
+        return None
+    return list(load_data(spec, seed, where).x.shape[1:])
+
+
+def _tensors_example_shape(spec: Mapping[str, Any], where: str) -> list[int]:
+    """Checks `load_tensors` makes that need only the file's header: the file, its keys, the
+    row counts, the split."""
+    path = Path(str(spec.get("path"))).expanduser()
+    names = (_key(spec, "x", "x", where), _key(spec, "y", "y", where))
+    _read_tensors(path, names, where, shapes_only=True)
+    x_shape, y_shape = _header_shapes(path, names, where)
+    if not x_shape:
+        raise MergeCliError(f"{where}.x: {names[0]!r} in {path} is a scalar; inputs need (N, ...)")
+    if len(y_shape) != 1 or x_shape[0] != y_shape[0]:
+        raise MergeCliError(
+            f"{where}: x ({names[0]!r}, shape {list(x_shape)}) and y ({names[1]!r}, shape "
+            f"{list(y_shape)}) in {path} must have as many rows, with 1-D labels"
+        )
+    _split(spec.get("split"), x_shape[0], where)
+    return list(x_shape[1:])
+
+
+def _header_shapes(
+    path: Path, names: tuple[str, str], where: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of the two named arrays, read from the file's headers alone."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from mergecli.io.safetensors_format import header_entries, read_header
+
+            header, start = read_header(path)
+            entries = header_entries(header, start, path.stat().st_size)
+            return entries[names[0]].shape, entries[names[1]].shape
+        shapes = []
+        with zipfile.ZipFile(path) as archive:
+            for name in names:
+                with archive.open(f"{name}.npy") as member:
+                    fmt = np.lib.format
+                    first = fmt.read_magic(member) == (1, 0)
+                    read = fmt.read_array_header_1_0 if first else fmt.read_array_header_2_0
+                    shapes.append(tuple(read(member)[0]))
+        return shapes[0], shapes[1]
+    except Exception as exc:  # safetensors, zipfile and numpy headers: many kinds of corrupt
+        raise MergeCliError(
+            f"{where}.path: cannot read {path} ({describe(exc)}); re-save it with "
+            "safetensors.torch.save_file or numpy.savez"
+        ) from exc
 
 
 def load_data(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -> TensorData:

@@ -16,6 +16,7 @@ from mergecli.evaluate.metrics import (
 )
 from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
+from mergecli.runtime.log import Column, fixed, percent, points
 from mergecli.state import MergeState
 
 Baseline = Literal["endpoints", "ensemble", "logit_ensemble", "average", "aligned_average"]
@@ -86,32 +87,23 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
     state.report["evaluate"] = {"split": params.split, "examples": len(data), "results": rows}
     state.log.table(
         f"evaluation on data.{params.split} ({len(data)} examples)",
+        EVALUATION_COLUMNS,
         [
-            "model",
-            "kind",
-            "accuracy",
-            "loss",
-            "ECE",
-            "Δ vs best (pts)",
-            "Δ vs ensemble",
-            "fit time",
+            [r["name"], r["kind"], r["accuracy"], r["loss"], r["ece"],
+             r["delta_vs_best_endpoint"], r["delta_vs_ensemble"], r.get("fit_seconds")]
+            for r in rows
         ],
-        [_table_row(r) for r in rows],
-    )
+    )  # fmt: skip
 
 
-def _points(delta: float | None) -> str:
-    return "" if delta is None else f"{100 * delta:+.2f}"
-
-
-def _table_row(r: dict) -> list[str]:
-    return [
-        r["name"],
-        r["kind"],
-        f"{100 * r['accuracy']:.2f}%",
-        f"{r['loss']:.4f}",
-        f"{r['ece']:.3f}",
-        _points(r["delta_vs_best_endpoint"]),
-        _points(r["delta_vs_ensemble"]),
-        f"{r['fit_seconds']:.1f} s" if "fit_seconds" in r else "",
-    ]
+# Accuracies are fractions in the JSON log (as in report.json) and percent for people.
+EVALUATION_COLUMNS = [
+    Column("model", name=True),
+    Column("kind", name=True),
+    Column("accuracy", "accuracy_fraction", percent),
+    Column("loss", show=fixed(4)),
+    Column("ECE", "ece", fixed(3)),
+    Column("Δ vs best (pts)", "delta_vs_best_fraction", points),
+    Column("Δ vs ensemble", "delta_vs_ensemble_fraction", points),
+    Column("fit time", "fit_seconds", lambda s: f"{s:.1f} s"),
+]

@@ -24,6 +24,7 @@ from mergecli.io.safetensors_format import (
     read_header,
     write_safetensors,
 )
+from mergecli.io.saved_state import join_optimizer, split_optimizer
 from mergecli.runtime.distributed import World
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
@@ -134,22 +135,12 @@ PAYLOAD_TENSORS = ("logits", "epoch_generator")
 
 
 def _to_saved(payload: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split a payload into tensors and JSON: the optimizer's per-parameter tensors are named
-    ``optimizer.state.<param>.<key>`` and referred to as ``{"tensor": name}`` in the JSON."""
+    """Split a payload into tensors and JSON (the optimizer's tensors as ``split_optimizer``
+    names them)."""
     tensors = {name: payload[name] for name in PAYLOAD_TENSORS}
     plain = {k: v for k, v in payload.items() if k not in PAYLOAD_TENSORS and k != "optimizer"}
-    optimizer = payload["optimizer"]
-    state: dict[str, dict[str, Any]] = {}
-    for index, values in optimizer["state"].items():
-        state[str(index)] = {}
-        for key, value in values.items():
-            if isinstance(value, Tensor):
-                name = f"optimizer.state.{index}.{key}"
-                tensors[name] = value
-                value = {"tensor": name}
-            state[str(index)][key] = value
-    plain["optimizer"] = {"state": state, "param_groups": optimizer["param_groups"]}
-    return tensors, plain
+    optimizer_tensors, plain["optimizer"] = split_optimizer(payload["optimizer"])
+    return {**tensors, **optimizer_tensors}, plain
 
 
 # What a resumed fit reads besides the tensors and the optimizer.
@@ -162,21 +153,7 @@ def _from_saved(plain: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, 
     if lacking:
         raise ValueError(f"it lacks {', '.join(lacking)}")
     saved = {**plain, **{name: tensors[name] for name in PAYLOAD_TENSORS}}
-    optimizer = plain["optimizer"]
-    saved["optimizer"] = {
-        "state": {
-            int(index): {
-                key: tensors[value["tensor"]] if isinstance(value, dict) else value
-                for key, value in values.items()
-            }
-            for index, values in optimizer["state"].items()
-        },
-        # JSON has no tuples: Adam's betas come back as lists otherwise.
-        "param_groups": [
-            {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-            for g in optimizer["param_groups"]
-        ],
-    }
+    saved["optimizer"] = join_optimizer(plain["optimizer"], tensors)
     return saved
 
 
@@ -326,8 +303,11 @@ def fit_logits(
     checkpoint: FitCheckpoint | None = None,
     should_stop: Callable[[int], int | None] | None = None,
     world: World | None = None,
+    name: str = "fit",
 ) -> FitOutcome:
     """Minimise the problem's loss over the logits only.
+
+    ``name`` starts the fit's log lines: ``fit stage 2/3`` for a stage of a chain.
 
     ``should_stop(step)`` is asked after every step and returns the signal number to stop for
     (None: go on); the fit then saves its state and returns early. With several ranks every
@@ -355,9 +335,9 @@ def fit_logits(
         history, elapsed = saved["history"], saved["seconds"]
         loss_sum, seen = saved.get("loss_sum", 0.0), saved.get("seen", 0)
         if saved.get("finished"):
-            log.info(f"fit: already finished in an earlier run ({checkpoint.path})", steps=step)
+            log.info(f"{name}: already finished in an earlier run ({checkpoint.path})", steps=step)
         else:
-            log.info(f"fit: resuming from {checkpoint.path}", step=step, epoch=epoch + 1)
+            log.info(f"{name}: resuming from {checkpoint.path}", step=step, epoch=epoch + 1)
 
     def save(epoch_generator: Tensor, finished: bool = False) -> None:
         if checkpoint is None or not world.is_main:
@@ -386,7 +366,7 @@ def fit_logits(
 
     started = time.perf_counter()
     epoch_generator = generator.get_state()
-    with log.meter(total_steps, epochs) as meter:
+    with log.meter(total_steps, epochs, name) as meter:
         while epoch < epochs and (config.steps is None or step < config.steps):
             # An epoch's shuffle is drawn from this state, so a resumed run replays it exactly.
             epoch_generator = generator.get_state()
@@ -426,7 +406,8 @@ def fit_logits(
             if validate is not None:
                 record.update(validate(logits.detach()))
             history.append(record)
-            log.info(f"fit epoch {epoch}/{epochs}", **{k: round(v, 4) for k, v in record.items()})
+            rounded = {k: round(v, 4) for k, v in record.items()}
+            log.info(f"{name} epoch {epoch}/{epochs}", **rounded)
     if saved is None or not saved.get("finished"):
         # A run stopped in a later step resumes after the fit instead of redoing its tail.
         save(epoch_generator, finished=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,31 +25,43 @@ from mergecli.fit.coefficients import (
 )
 from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
 from mergecli.models.batchnorm import batch_norms
-from mergecli.recipe.schema import StepParams, StepSpec
+from mergecli.recipe.schema import Recipe, StepParams, StepSpec, shown_default
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.signals import STOP, STOP_SIGNALS
 from mergecli.state import Checkpoint, MergeState, StateDict
 
 COEFFICIENTS_FILE = "coefficients.safetensors"
+# Pairwise stage k (1-based) starts the running merge of k models at weight k/(k+1).
+INIT_DEFAULT = "k/(k+1) per stage (0.5 for two models)"
 
 
 class FitParams(StepParams):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_: str | None = Field(default=None, alias="from")
-    init: float | None = Field(default=None, gt=0, lt=1)
+    init: float | None = Field(
+        default=None, gt=0, lt=1, json_schema_extra=shown_default(INIT_DEFAULT)
+    )
     multi: Literal["pairwise", "joint"] = "pairwise"
     granularity: Literal["parameter", "tensor", "model"] = "parameter"
     loss: Literal["cross_entropy", "distill", "entropy"] = "cross_entropy"
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(default=0.05, gt=0)
-    epochs: int | None = Field(default=None, ge=1)
-    steps: int | None = Field(default=None, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
-    fraction: float | None = Field(default=None, gt=0, le=1)
+    epochs: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("5 (unless steps is given)")
+    )
+    steps: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("as many as the epochs take")
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("data.fit's batch_size")
+    )
+    fraction: float | None = Field(
+        default=None, gt=0, le=1, json_schema_extra=shown_default("1 (all of data.fit)")
+    )
     l2: float = Field(default=0.0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, json_schema_extra=shown_default("the recipe's seed"))
     compile: bool = False
     checkpoint_every: int = Field(default=200, ge=1)
 
@@ -62,6 +74,27 @@ class FitParams(StepParams):
         if self.init is not None and self.multi == "joint":
             raise ValueError("init applies to multi: pairwise (joint starts uniform)")
         return self
+
+    def defaults_used(self, recipe: Recipe) -> dict[str, Any]:
+        used: dict[str, Any] = {"seed": recipe.seed}
+        if recipe.data.fit is not None:
+            used["batch_size"] = recipe.data.fit.batch_size
+        if self.multi == "pairwise" and _merged_count(recipe) == 2:
+            used["init"] = 0.5
+        return used
+
+    def defaults_described(self, recipe: Recipe) -> dict[str, str]:
+        described = super().defaults_described(recipe)
+        if self.multi == "joint":
+            return {**described, "init": "joint starts uniform"}
+        count = _merged_count(recipe)
+        per_stage = ", ".join(f"{k / (k + 1):.3g}" for k in range(1, max(count, 2)))
+        return {**described, "init": f"{INIT_DEFAULT}: {per_stage} for {count} models"}
+
+
+def _merged_count(recipe: Recipe) -> int:
+    """How many checkpoints the fit merges: all but the base."""
+    return sum(c.role != "base" for c in recipe.checkpoints)
 
 
 @step_method("fit", "np_merge", FitParams, needs=("model", "data.fit"), default=True)
@@ -129,6 +162,7 @@ def _fit(
             merge = pairwise_merge
         validate = _validator(state, module, flat, buffers, merge, params)
         checkpoint = _checkpoint(state, stage)
+        name = f"fit stage {stage + 1}/{len(stages)}" if len(stages) > 1 else "fit"
         problem = FitProblem(
             module, flat, buffers, merge, initial, indexed, loss_fn, device, validate
         )
@@ -136,7 +170,12 @@ def _fit(
         # never raised in the middle of a step or of a save.
         with STOP.deferred():
             outcome = fit_logits(
-                problem, config, state.log, checkpoint, should_stop=lambda _: STOP.pending()
+                problem,
+                config,
+                state.log,
+                checkpoint,
+                should_stop=lambda _: STOP.pending(),
+                name=name,
             )
         if outcome.stopped_by is not None:
             total = config.steps or math.ceil(len(indexed) / config.batch_size) * config.epochs
@@ -160,7 +199,7 @@ def _fit(
             }
         )
         state.log.info(
-            f"fit: {outcome.steps} steps in {outcome.seconds:.1f} s",
+            f"{name}: {outcome.steps} steps in {outcome.seconds:.1f} s",
             mean_coefficient=round(float(values.float().mean()), 4),
         )
         return merged
@@ -213,7 +252,8 @@ def _run_stages(
             alignments.append(first)
         else:
             # pairwise: one member, and with `batchnorm: fold` the running merge folded alike
-            running, aligned, record = _aligned_to(state, align, running, members[0])
+            name = f"fit stage {stage + 1}/{len(stages)}"
+            running, aligned, record = _aligned_to(state, align, running, members[0], name)
             sources = [running, aligned]
             alignments.append(record)
         running = {**running, **run(stage, sources, init)}
@@ -236,7 +276,11 @@ def _stages(params: FitParams, models: list) -> list[tuple[list, float]]:
 
 
 def _aligned_to(
-    state: MergeState, align: StepSpec | None, running: StateDict, checkpoint: Checkpoint
+    state: MergeState,
+    align: StepSpec | None,
+    running: StateDict,
+    checkpoint: Checkpoint,
+    name: str = "fit",
 ) -> tuple[StateDict, StateDict, dict | None]:
     """In a pairwise chain each next model is aligned to the running merge (as in the paper), by
     the method and parameters of the recipe's align step; with no align step, not at all.
@@ -252,12 +296,12 @@ def _aligned_to(
     if pair is None:
         why = "reused from a file" if getattr(align.params, "from_", None) else "not a built-in"
         state.log.info(
-            f"fit: {checkpoint.name} keeps the align step's alignment to {state.reference.name} "
+            f"{name}: {checkpoint.name} keeps the align step's alignment to {state.reference.name} "
             f"(its transforms, {why}, cannot be recomputed against the running merge)"
         )
         record = {"method": align.method, "to": state.reference.name}
         return running, checkpoint.aligned_or_original, record
-    state.log.info(f"fit: aligned {checkpoint.name} to the running merge ({align.method})")
+    state.log.info(f"{name}: aligned {checkpoint.name} to the running merge ({align.method})")
     target, aligned = pair
     return target, aligned, {"method": align.method, "to": "running merge"}
 

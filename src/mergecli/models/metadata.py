@@ -38,10 +38,10 @@ def model_from_metadata(
         if needed:
             raise MergeCliError(_user_code_refusal(metadata, path, arch))
         return None
-    return arch, _metadata_args(metadata, path, arch)
+    return arch, metadata_args(metadata, path, arch)
 
 
-def _metadata_args(metadata: Mapping[str, str], path: str, arch: str) -> dict[str, Any]:
+def metadata_args(metadata: Mapping[str, str], path: str, arch: str) -> dict[str, Any]:
     """``mergecli.args``: a JSON mapping of keyword arguments, or a one-line error."""
     text = metadata.get(ARGS_KEY, "{}")
     try:
@@ -64,7 +64,7 @@ def _user_code_refusal(metadata: Mapping[str, str], path: str, arch: str) -> str
     """What to say when metadata names a `package.module:factory`: the line to trust it with.
     The names are shown JSON-quoted: a file's text must not write control characters."""
     try:
-        args = json.dumps(_metadata_args(metadata, path, arch))
+        args = json.dumps(metadata_args(metadata, path, arch))
     except MergeCliError:
         args = "{...}"
     args = args if len(args) <= 200 else "{...}"

@@ -53,6 +53,18 @@ def build_model(arch: str, args: dict[str, Any] | None = None) -> nn.Module:
     return _call(arch, _BUILTINS[arch], args, user=False)
 
 
+def argument_names(arch: str) -> list[str]:
+    """The keyword arguments ``arch``'s factory takes (none known: an empty list)."""
+    arch = arch.strip()
+    if ":" in arch:
+        factory = _user_factory(arch)
+    elif arch in _BUILTINS:
+        factory = _BUILTINS[arch]
+    else:
+        return []
+    return _parameter_names(factory) or []
+
+
 def _builtin_list() -> str:
     return ", ".join(_BUILTINS)
 

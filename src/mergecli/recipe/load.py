@@ -9,32 +9,37 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mergecli.errors import MergeCliError, RecipeError
+from mergecli.errors import MergeCliError, Problem, RecipeError
 from mergecli.recipe.problems import Locator, unknown_name, validation_problems
 from mergecli.recipe.schema import LoadedRecipe, Recipe, StepSpec
 from mergecli.recipe.yaml_lines import Path_, load_yaml_with_lines
 from mergecli.user_code import is_reference
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
-    """Read, override, validate and resolve a recipe; raise RecipeError listing every problem."""
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, needs_checkpoints: bool = True
+) -> LoadedRecipe:
+    """Read, override, validate and resolve a recipe; raise RecipeError listing every problem.
+    ``needs_checkpoints=False`` accepts a recipe without checkpoints (a model to preview)."""
     path = Path(path)
     filename = str(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise RecipeError([f"{filename}: no such recipe file"]) from None
+        raise RecipeError([Problem("no such recipe file", filename)]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError([f"{filename}: cannot read the recipe ({exc})"]) from None
+        raise RecipeError([Problem(f"cannot read the recipe ({exc})", filename)]) from None
     data, lines = load_yaml_with_lines(text, filename)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError([f"{filename}:1: the recipe must be a mapping of keys (version, ...)"])
+        raise RecipeError(
+            [Problem("the recipe must be a mapping of keys (version, ...)", filename, 1)]
+        )
     _expand_method_names(data)
     overridden = apply_overrides(data, overrides or [])
     where = Locator(filename, lines, overridden)
-    return validate_recipe(data, where, default_name=path.stem)
+    return validate_recipe(data, where, default_name=path.stem, needs_checkpoints=needs_checkpoints)
 
 
 def _expand_method_names(data: dict[str, Any]) -> None:
@@ -54,7 +59,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[Path_]:
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
-            raise RecipeError([f"--set {override}: expected dotted.key=value"])
+            raise RecipeError([_set_problem(override, "expected dotted.key=value")])
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
@@ -67,13 +72,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[Path_]:
         if isinstance(node, list):
             if not isinstance(last, int) or last >= len(node):
                 raise RecipeError(
-                    [f"--set {key}: there is no item {last} (the list has {len(node)})"]
+                    [_set_problem(key, f"there is no item {last} (the list has {len(node)})")]
                 )
             node[last] = value
         elif isinstance(node, dict):
             node[last] = value
         else:
-            raise RecipeError([f"--set {key}: {'.'.join(map(str, parts[:-1]))} is not a mapping"])
+            raise RecipeError(
+                [_set_problem(key, f"{'.'.join(map(str, parts[:-1]))} is not a mapping")]
+            )
         applied.add(tuple(parts))
     return applied
 
@@ -81,23 +88,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[Path_]:
 def _descend(node: Any, part: str | int, key: str, create: bool) -> Any:
     if isinstance(node, list):
         if not isinstance(part, int) or part >= len(node):
-            raise RecipeError([f"--set {key}: there is no item {part} (the list has {len(node)})"])
+            raise RecipeError(
+                [_set_problem(key, f"there is no item {part} (the list has {len(node)})")]
+            )
         return node[part]
     if isinstance(node, dict):
         if part not in node or node[part] is None:
             if not create:
-                raise RecipeError([f"--set {key}: there is no list at {part}"])
+                raise RecipeError([_set_problem(key, f"there is no list at {part}")])
             node[part] = {}
         return node[part]
-    raise RecipeError([f"--set {key}: cannot set a key inside {type(node).__name__}"])
+    raise RecipeError([_set_problem(key, f"cannot set a key inside {type(node).__name__}")])
 
 
-def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> LoadedRecipe:
+def validate_recipe(
+    data: dict[str, Any], where: Locator, default_name: str, needs_checkpoints: bool = True
+) -> LoadedRecipe:
     """Validate the top level, then each step against its registered method."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(validation_problems(exc, Recipe, (), data, where)) from None
+    if needs_checkpoints and not recipe.checkpoints:
+        missing = "checkpoints" not in data
+        message = "required key is missing" if missing else "list should have at least 1 item"
+        raise RecipeError([where(("checkpoints",), message)])
     if recipe.name is None:
         recipe.name = default_name
     problems: list[str] = []
@@ -118,7 +133,7 @@ def validate_recipe(data: dict[str, Any], where: Locator, default_name: str) -> 
     problems += _per_model_problems(recipe, data, where)
     if problems:
         raise RecipeError(problems)
-    return LoadedRecipe(recipe, steps, where.filename, warnings)
+    return LoadedRecipe(recipe, steps, where.filename, warnings, where)
 
 
 def _validate_step(
@@ -245,3 +260,8 @@ def _unmet_needs(recipe: Recipe, steps: list[StepSpec], where: Locator) -> list[
                     )
                 )
     return problems
+
+
+def _set_problem(key: str, message: str) -> Problem:
+    """A problem with a ``--set`` override: it has no line in the file, only its key."""
+    return Problem(message, key=key, text=f"--set {key}: {message}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Tag, ValidationError
 
+from mergecli.errors import Problem
 from mergecli.recipe.yaml_lines import Path_
 
 
@@ -22,15 +23,16 @@ class Locator:
     lines: dict[Path_, int]
     overridden: set[Path_]
 
-    def __call__(self, path: Path_, message: str) -> str:
+    def __call__(self, path: Path_, message: str) -> Problem:
         dotted = ".".join(str(p) for p in path) or "(top level)"
         for length in range(len(path), 0, -1):
             if path[:length] in self.overridden:
-                return f"--set {'.'.join(str(p) for p in path[:length])}: {dotted}: {message}"
+                option = f"--set {'.'.join(str(p) for p in path[:length])}"
+                return Problem(message, key=dotted, text=f"{option}: {dotted}: {message}")
         for length in range(len(path), -1, -1):
             if path[:length] in self.lines:
-                return f"{self.filename}:{self.lines[path[:length]]}: {dotted}: {message}"
-        return f"{self.filename}: {dotted}: {message}"
+                return Problem(message, self.filename, self.lines[path[:length]], dotted)
+        return Problem(message, self.filename, key=dotted)
 
 
 def validation_problems(
@@ -39,7 +41,7 @@ def validation_problems(
     prefix: Path_,
     data: dict[str, Any],
     where: Locator,
-) -> list[str]:
+) -> list[Problem]:
     """One ``file:line: key: message`` line per pydantic error."""
     problems = []
     errors = [(tuple(p for p in e["loc"] if not _is_internal(p)), e) for e in exc.errors()]

@@ -28,6 +28,27 @@ class StepParams(RecipeModel):
         runs: (key path inside the step, message) pairs. None by default."""
         return []
 
+    def defaults_used(self, recipe: Recipe) -> dict[str, Any]:
+        """The values that parameters left unset take from the rest of the recipe (a seed from
+        the recipe's), by recipe key: the resolved recipe shows them as values. None here."""
+        return {}
+
+    def defaults_described(self, recipe: Recipe) -> dict[str, str]:
+        """What parameters left unset do where no one value says it (an initial weight per
+        stage), by recipe key: `validate` shows it beside them. Here: their `shown_default`."""
+        described = {}
+        for name, info in type(self).model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if getattr(self, name) is None and "shown_default" in extra:
+                described[info.alias or name] = str(extra["shown_default"])
+        return described
+
+
+def shown_default(text: str) -> dict[str, Any]:
+    """A field's ``json_schema_extra`` saying in words what its default (None) does, for
+    `mergecli methods`: e.g. ``Field(default=None, json_schema_extra=shown_default(...))``."""
+    return {"shown_default": text}
+
 
 class Strict(RecipeModel):
     """A recipe section: unknown keys and non-finite floats are errors."""
@@ -143,7 +164,8 @@ class Recipe(Strict):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     model: ModelSpec | None = None
-    checkpoints: list[CheckpointSpec] = Field(min_length=1)
+    # At least one, checked when the recipe loads: `align-spec` previews a model without any.
+    checkpoints: list[CheckpointSpec] = Field(default_factory=list)
     data: DataSection = Field(default_factory=DataSection)
     steps: list[Any] = Field(default_factory=list)
     output: OutputSpec = Field(default_factory=OutputSpec)
@@ -200,25 +222,44 @@ class LoadedRecipe:
     steps: list[StepSpec]
     source: str
     warnings: list[str] = field(default_factory=list)
+    # Where each key stands in the file (a recipe.problems.Locator), for `file:line` messages
+    # about the inputs the recipe names; None for recipes built in code.
+    where: Any = field(default=None, compare=False, repr=False)
+
+    def at(self, key: tuple[str | int, ...], message: str) -> str:
+        """``message`` about recipe key ``key`` as ``file:line: dotted.key: message``."""
+        if self.where is not None:
+            return self.where(key, message)
+        return f"{self.source}: {'.'.join(str(k) for k in key)}: {message}"
 
     @property
     def output_dir(self) -> Path:
         return Path(self.recipe.output.dir or f"out/{self.recipe.name}")
 
     def resolved(self) -> dict[str, Any]:
-        """The recipe with every default filled in and overrides applied."""
+        """The recipe with every default filled in (those a step takes from the rest of the
+        recipe too) and overrides applied."""
         data = self.recipe.model_dump(mode="json", exclude_none=True)
         data["output"]["dir"] = str(self.output_dir)
-        data["steps"] = [step.as_dict() for step in self.steps]
+        data["steps"] = []
+        for step in self.steps:
+            resolved = step.as_dict()
+            params = resolved[step.kind]
+            for key, value in step.params.defaults_used(self.recipe).items():
+                if params.get(key) is None:
+                    params[key] = value
+            data["steps"].append(resolved)
         return data
 
     def resolved_yaml(self) -> str:
         return yaml.safe_dump(self.resolved(), sort_keys=False)
 
     def sha256(self) -> str:
-        """What the run computes: the resolved recipe without its `slurm` section, which only
-        says how to run, so that adding `requeue` neither changes the output's metadata nor
-        stops an interrupted run from resuming."""
+        """What the run computes: the resolved recipe without where it writes (`output.dir`)
+        and how it runs (`slurm`), so that neither moving the output nor adding `requeue`
+        changes the output's metadata or stops an interrupted run from resuming (its fit
+        state lives in the output dir, so another dir never finds it)."""
         resolved = self.resolved()
         resolved.pop("slurm", None)
+        resolved["output"].pop("dir", None)
         return hashlib.sha256(yaml.safe_dump(resolved, sort_keys=False).encode()).hexdigest()

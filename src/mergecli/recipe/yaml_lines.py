@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from mergecli.errors import RecipeError
+from mergecli.errors import Problem, RecipeError
 
 Path_ = tuple[str | int, ...]
 
@@ -37,9 +37,9 @@ def load_yaml_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = exc.problem or str(exc)
-        raise RecipeError([f"{filename}:{line}: invalid YAML: {problem}"]) from None
+        raise RecipeError([Problem(f"invalid YAML: {problem}", filename, line)]) from None
     except yaml.YAMLError as exc:
-        raise RecipeError([f"{filename}: invalid YAML: {exc}"]) from None
+        raise RecipeError([Problem(f"invalid YAML: {exc}", filename)]) from None
     finally:
         loader.dispose()
     if duplicates:
@@ -60,10 +60,12 @@ def _check_nesting(text: str, filename: str) -> None:
             depth -= 1
 
 
-def _too_deep(filename: str, line: int) -> str:
-    return (
-        f"{filename}:{line}: nested deeper than {MAX_DEPTH} levels (aliases included); "
-        "a recipe needs a handful: flatten it"
+def _too_deep(filename: str, line: int) -> Problem:
+    return Problem(
+        f"nested deeper than {MAX_DEPTH} levels (aliases included); "
+        "a recipe needs a handful: flatten it",
+        filename,
+        line,
     )
 
 
@@ -95,8 +97,12 @@ def _check_expansion(root: yaml.Node, filename: str) -> None:
             if values > MAX_NODES:
                 raise RecipeError(
                     [
-                        f"{filename}:{line}: its aliases expand to more than {MAX_NODES:,} "
-                        "values; write the values out or use fewer nested aliases"
+                        Problem(
+                            f"its aliases expand to more than {MAX_NODES:,} values; write the "
+                            "values out or use fewer nested aliases",
+                            filename,
+                            line,
+                        )
                     ]
                 )
             if depth > MAX_DEPTH:
@@ -108,8 +114,12 @@ def _check_expansion(root: yaml.Node, filename: str) -> None:
         if key in open_nodes:
             raise RecipeError(
                 [
-                    f"{filename}:{node.start_mark.line + 1}: an alias refers to a value that "
-                    "contains it (a recursive structure); recipes cannot be recursive"
+                    Problem(
+                        "an alias refers to a value that contains it (a recursive structure); "
+                        "recipes cannot be recursive",
+                        filename,
+                        node.start_mark.line + 1,
+                    )
                 ]
             )
         open_nodes.add(key)
@@ -117,13 +127,13 @@ def _check_expansion(root: yaml.Node, filename: str) -> None:
         stack.extend((child, False) for child in _children(node))
 
 
-def _walk(root: yaml.Node, lines: dict[Path_, int], filename: str) -> list[str]:
+def _walk(root: yaml.Node, lines: dict[Path_, int], filename: str) -> list[Problem]:
     """Record the line of every key path; return the duplicate-key problems.
 
     Iterative, and each node is entered once: a subtree reached again through an alias has its
     lines recorded under its first path only (a key holding the alias still has its own line).
     """
-    duplicates: list[str] = []
+    duplicates: list[Problem] = []
     entered: set[int] = set()
     stack: list[tuple[yaml.Node, Path_]] = [(root, ())]
     while stack:
@@ -144,7 +154,7 @@ def _walk(root: yaml.Node, lines: dict[Path_, int], filename: str) -> list[str]:
                     # PyYAML silently keeps the last value; a recipe with two `lr:` is a mistake.
                     dotted = ".".join(str(p) for p in child)
                     duplicates.append(
-                        f"{filename}:{key_node.start_mark.line + 1}: {dotted}: duplicate key"
+                        Problem("duplicate key", filename, key_node.start_mark.line + 1, dotted)
                     )
                 seen.add(key)
                 lines[child] = key_node.start_mark.line + 1

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mergecli.errors import MergeCliError
 from mergecli.models.batchnorm import batch_norms, batchnorm_buffers, reset_batchnorm_stats
-from mergecli.recipe.schema import StepParams
+from mergecli.recipe.schema import StepParams, shown_default
 from mergecli.registry import step_method
 from mergecli.repair.repair import head_layer, repair
 from mergecli.state import MergeState, StateDict
@@ -60,7 +60,9 @@ def _no_batchnorm_error() -> MergeCliError:
 
 
 class ResetBNParams(StepParams):
-    batches: int | None = Field(default=None, ge=1)
+    batches: int | None = Field(
+        default=None, ge=1, json_schema_extra=shown_default("all of data.fit")
+    )
 
 
 @step_method("repair", "reset_bn", ResetBNParams, needs=("model", "data.fit"))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -14,6 +17,42 @@ T = TypeVar("T")
 
 # Plain mode reports progress at most this often, so SLURM logs stay readable.
 PLAIN_PROGRESS_SECONDS = 10.0
+
+# Without a terminal (and without COLUMNS) tables are this wide: a batch log has no width.
+BATCH_TABLE_WIDTH = 120
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header for people, its key in JSON (snake_case, with the unit where
+    the value has one), and how a value reads for people. Cells hold plain values (numbers,
+    text, lists, None), so ``--log json`` tables carry numbers, not the text people see."""
+
+    header: str
+    key: str | None = None
+    show: Callable[[Any], str] | None = None
+    missing: str = ""
+    # A name column: never broken inside a word, so a name reads whole at 80 columns.
+    name: bool = False
+
+    def text(self, value: Any) -> str:
+        if value is None:
+            return self.missing
+        return self.show(value) if self.show is not None else _fmt(value)
+
+
+def percent(fraction: float) -> str:
+    """A fraction as people read it: 0.9235 -> 92.35%."""
+    return f"{100 * fraction:.2f}%"
+
+
+def points(fraction: float) -> str:
+    """A difference of fractions in percentage points: 0.0035 -> +0.35."""
+    return f"{100 * fraction:+.2f}"
+
+
+def fixed(digits: int) -> Callable[[float], str]:
+    return lambda value: f"{value:.{digits}f}"
 
 
 class Log:
@@ -59,9 +98,7 @@ class Log:
     def _emit(self, level: str, message: str, fields: dict[str, Any]) -> None:
         prefix = "warning: " if level == "warning" else ""
         if self.mode == "json":
-            ranks = {"rank": self.rank, "world": self.world} if self.world > 1 else {}
-            record = {"time": _now(), "level": level, **ranks, "msg": message, **fields}
-            _write_line(json.dumps(record, default=str))
+            json_line(level, message, self.rank, self.world, **fields)
             return
         tag = f"[rank {self.rank}/{self.world}] " if self.world > 1 else ""
         extra = "".join(f" {k}={_fmt(v)}" for k, v in fields.items())
@@ -96,28 +133,61 @@ class Log:
                 last = now
                 self.info(f"{description}: {done}/{total or '?'}", elapsed_s=round(now - start, 1))
 
-    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Print a table to stdout (a JSON object per table in json mode); rank 0 only."""
+    def table(
+        self, title: str, columns: Sequence[str | Column], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Print a table to stdout (a JSON object per table in json mode); rank 0 only.
+
+        Cells are values; a column given as text is its own header and JSON key. People see
+        every name whole (name columns break only between words, the first column is one)
+        and the rest wrapped to the terminal's width; numbers right-aligned, text left."""
         if not self.main:
             return
+        specs = [
+            c if isinstance(c, Column) else Column(c, name=i == 0) for i, c in enumerate(columns)
+        ]
         if self.mode == "json":
-            records = [dict(zip(columns, row, strict=True)) for row in rows]
+            keys = [c.key or c.header for c in specs]
+            records = [dict(zip(keys, row, strict=True)) for row in rows]
             print(json.dumps({"table": title, "rows": records}, default=str), flush=True)
             return
+        from rich import box
         from rich.console import Console
         from rich.markup import escape
         from rich.table import Table
 
-        # Cells such as "w[axis]" are text, not rich markup.
-        table = Table(title=escape(title))
-        for i, column in enumerate(columns):
-            table.add_column(escape(column), justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*(escape(_fmt(v)) for v in row))
-        # Batch logs have no terminal width; keep tables on one line each there.
+        from mergecli.runtime.tables import layout
+
+        # People do not need a column with nothing in it (JSON keeps its nulls).
+        shown = [i for i, c in enumerate(specs) if c.missing or any(r[i] is not None for r in rows)]
+        cells = [[specs[i].text(row[i]) for row in rows] for i in shown]
+        numeric = [
+            any(row[i] is not None for row in rows)
+            and all(_is_number(row[i]) for row in rows if row[i] is not None)
+            for i in shown
+        ]
         console = Console(highlight=False)
-        if not console.is_terminal:
-            console.width = max(console.width, 120)
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console.width = max(console.width, BATCH_TABLE_WIDTH)
+        headers = [specs[i].header for i in shown]
+        names = [specs[i].name for i in shown]
+        plan = layout(headers, cells, names, numeric, console.width)
+        console.width = max(console.width, plan.width)
+        # Cells such as "w[axis]" are text, not rich markup.
+        table = Table(
+            title=escape(title),
+            title_justify="left",
+            **({} if plan.boxed else {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": 0}),
+        )
+        for k, header in enumerate(headers):
+            table.add_column(
+                escape(header),
+                justify="right" if numeric[k] else "left",
+                width=None if plan.widths is None else plan.widths[k],
+                overflow="fold",
+            )
+        for r in range(len(rows)):
+            table.add_row(*(escape(column[r]) for column in cells))
         console.print(table)
 
     def meter(self, total_steps: int, epochs: int, description: str = "fit") -> StepMeter:
@@ -188,6 +258,29 @@ class StepMeter:
                 f"examples/s={fields['examples_per_s']:.1f} steps/s={fields['steps_per_s']:.2f}"
             )
         self._last, self._loss_sum, self._examples, self._steps = now, 0.0, 0, 0
+
+
+def json_line(level: str, message: str, rank: int = 0, world: int = 1, /, **fields: Any) -> None:
+    """One JSON object on one line of stderr: time, level, (rank and world), message, fields."""
+    ranks = {"rank": rank, "world": world} if world > 1 else {}
+    record = {"time": _now(), "level": level, **ranks, "message": message, **fields}
+    _write_line(json.dumps(record, default=str))
+
+
+def capture_warnings(log: Log) -> None:
+    """In json mode, Python's warnings (from torch and the like) become JSON lines too, so
+    every line of stderr parses; they say where they were raised."""
+    if log.mode != "json":
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        log.warn(str(message), category=category.__name__, file=filename, line=lineno)
+
+    warnings.showwarning = show
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _write_line(line: str) -> None:
