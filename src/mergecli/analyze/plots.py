@@ -223,8 +223,9 @@ def figure_templates(data: dict[str, Any]):
     what = "its cosine to its class" if per_class else "the closest class (cosine)"
     pair = data.get("pair")
     models = f"{data['model']} and {pair['other']}, averaged" if pair else data["model"]
-    title = (f"Rows of {data['layer']} as images ({models}) beside the centred class means; "
-             f"below each, {what}")  # fmt: skip
+    # Two lines: one would run past the figure's edges with long layer and model names.
+    title = (f"Rows of {data['layer']} as images ({models})\n"
+             f"beside the centred class means; below each, {what}")  # fmt: skip
     if pair:
         title += f"\nmean cosine of matching rows: {pair['mean_cosine_before']:.2f}"
         if "mean_cosine_after" in pair:
