@@ -80,6 +80,8 @@ class TrainCheckpoint:
     def save(self, payload: dict[str, Any]) -> None:
         tensors, plain = _to_saved(payload)
         metadata = {FINGERPRINT_KEY: self.fingerprint, PLAIN_KEY: json.dumps(plain)}
+        # Beside --out, whose folder the finished checkpoint creates if need be: so may this.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_target(self.path) as tmp:
             write_safetensors(tmp, tensors, metadata)
 

@@ -8,10 +8,18 @@ import re
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from helpers import cli_env, run_cli, write_recipe
 
 pytestmark = pytest.mark.slow
+
+
+def safe_metadata(path: Path) -> dict[str, str]:
+    """A checkpoint's safetensors metadata (its architecture), to copy onto an edited one."""
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
 
 
 def json_lines(text: str) -> list[dict]:
@@ -79,17 +87,34 @@ def test_json_log_is_json_on_every_line(tmp_path: Path, trained_pair) -> None:
     assert result.returncode == 2 and error["key"] == "steps.1.fit.stpes"
     assert error["traceback"].startswith("Traceback") and "RecipeError" in error["traceback"]
 
-    # An input mistake (exit 1) and a deprecation warning, in the same run.
-    text = recipe.read_text().replace("stpes: 3", "steps: 3").replace(str(trained_pair[1]), "no.st")
+    # An input mistake found only in the data (exit 1: a NaN weight) and a deprecation
+    # warning, in the same run.
+    broken = tmp_path / "nan.safetensors"
+    tensors = load_file(trained_pair[1])
+    first = next(iter(tensors))
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, broken, safe_metadata(trained_pair[1]))
+    text = (
+        recipe.read_text()
+        .replace("stpes: 3", "steps: 3")
+        .replace(str(trained_pair[1]), str(broken))
+    )
     analyze = "  - analyze: {kind: averaging_vs_ensembling}\n"
     recipe.write_text(text.replace("  - evaluate:", analyze + "  - evaluate:"))
     result = run_cli("--log", "json", "run", str(recipe))
     records = json_lines(result.stderr)
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
     warning = next(r for r in records if r["level"] == "warning")
     assert "deprecated; write `method:` instead" in warning["message"]
     assert records[-1]["level"] == "error" and records[-1]["exit_code"] == 1
-    assert "no.st" in records[-1]["message"]
+    assert "nan.safetensors" in records[-1]["message"] and "NaN" in records[-1]["message"]
+
+    # A missing checkpoint is found before anything runs: exit 2, with its line and key.
+    recipe.write_text(recipe.read_text().replace(str(broken), "no.st"))
+    result = run_cli("--log", "json", "run", str(recipe))
+    error = json_lines(result.stderr)[-1]
+    assert result.returncode == 2 and error["key"] == "checkpoints.1.path", result.stderr
+    assert "no.st" in error["message"]
 
     # Mistakes on the command line itself.
     for args in (["run", "--log", "json"], ["--log", "json", "methods", "--bogus"]):

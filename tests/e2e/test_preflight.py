@@ -192,6 +192,7 @@ def test_defaults_are_shown_as_what_they_do(tmp_path: Path) -> None:
     listing = run_cli("--log", "json", "methods", check=True).stdout
     rows = [row for row in map(json.loads, listing.splitlines()) if "rows" in row][0]["rows"]
     fit = next(row for row in rows if row["method"].startswith("np_merge"))
+    fit["parameters"] = " ".join(fit["parameters"])  # JSON tables carry one entry per parameter
     assert "init=k/(k+1) per stage (0.5 for two models)" in fit["parameters"], fit
     assert "seed=the recipe's seed" in fit["parameters"], fit
     assert "=None" not in fit["parameters"].replace("from=None", ""), fit
