@@ -137,7 +137,7 @@ def test_streamed_merge_errors_name_the_tensor(tmp_path: Path) -> None:
         f"steps: [{{merge: {{method: ties, density: 0.5}}}}]\noutput: {{dir: {tmp_path / 'out'}}}\n"
     )
     result = run_cli("run", str(recipe))
-    assert result.returncode == 1
+    assert result.returncode == 2  # found by the checks before any work
     assert "tensor 'model.layers.1.mlp.weight' has shape (16, 8)" in result.stderr
     assert "(16, 16)" in result.stderr
     del state["model.layers.1.mlp.weight"]
@@ -172,7 +172,7 @@ def test_missing_tensors_copied_from_the_base(tmp_path: Path) -> None:
     state["extra.weight"] = torch.ones(2)
     save_file(state, a / "model.safetensors")
     result = run_cli("run", str(recipe))
-    assert result.returncode == 1
+    assert result.returncode == 2  # found by the checks before any work
     assert "has 'extra.weight', which the base" in result.stderr
     # Without a base there is nothing to copy from.
     recipe.write_text(
@@ -180,7 +180,7 @@ def test_missing_tensors_copied_from_the_base(tmp_path: Path) -> None:
         "steps: [{merge: {method: average, missing: copy_from_base}}]\n"
     )
     result = run_cli("run", str(recipe))
-    assert result.returncode == 1 and "needs a checkpoint with `role: base`" in result.stderr
+    assert result.returncode == 2 and "needs a checkpoint with `role: base`" in result.stderr
 
 
 @pytest.mark.parametrize("compute_dtype", ["float64", "bfloat16"])
