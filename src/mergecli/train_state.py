@@ -14,22 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import Tensor
 
-from mergecli.errors import MergeCliError
-from mergecli.io.atomic import atomic_target
-from mergecli.io.safetensors_format import (
-    BadSafetensors,
-    header_metadata,
-    read_header,
-    write_safetensors,
-)
-from mergecli.io.saved_state import join_optimizer, split_optimizer
+from mergecli.io.saved_state import StateFormat, join_optimizer, split_optimizer
 
 FINGERPRINT_KEY = "mergecli.train_fingerprint"
 PLAIN_KEY = "mergecli.train_state"
 RESUME_HINT = "run with --resume never to start over (or delete it)"
+TRAIN_STATE = StateFormat(
+    FINGERPRINT_KEY,
+    PLAIN_KEY,
+    "training state",
+    "a training with other options or another --init",
+    RESUME_HINT,
+)
 # The payload's tensors besides the model's and the optimizer's (``cuda_rng`` only on CUDA).
 RNG_TENSORS = ("shuffle_rng", "torch_rng", "cuda_rng")
 # What a resumed training reads besides the tensors.
@@ -56,43 +54,14 @@ class TrainCheckpoint:
     def load(self) -> dict[str, Any] | None:
         """The saved payload, or None when there is none; a one-line error when it is another
         training's or unreadable."""
-        if not self.path.exists():
-            return None
-        try:
-            header, _ = read_header(self.path)
-            metadata = header_metadata(header)
-        except (BadSafetensors, OSError) as exc:
-            raise self._unreadable(exc) from None
-        if PLAIN_KEY not in metadata:
-            raise MergeCliError(f"{self.path}: not a mergecli training state; {RESUME_HINT}")
-        if metadata.get(FINGERPRINT_KEY) != self.fingerprint:
-            raise MergeCliError(
-                f"{self.path}: saved training state belongs to a training with other options "
-                f"or another --init; {RESUME_HINT}"
-            )
-        try:
-            return _from_saved(json.loads(metadata[PLAIN_KEY]), load_file(self.path))
-        except MemoryError:
-            raise
-        except Exception as exc:  # a broken file, whatever part of it: one line, not exit 70
-            raise self._unreadable(exc) from None
+        return TRAIN_STATE.read(self.path, self.fingerprint, _from_saved)
 
     def save(self, payload: dict[str, Any]) -> None:
-        tensors, plain = _to_saved(payload)
-        metadata = {FINGERPRINT_KEY: self.fingerprint, PLAIN_KEY: json.dumps(plain)}
-        # Beside --out, whose folder the finished checkpoint creates if need be: so may this.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_target(self.path) as tmp:
-            write_safetensors(tmp, tensors, metadata)
+        # Beside --out, whose folder the finished checkpoint creates if need be: so does this.
+        TRAIN_STATE.write(self.path, self.fingerprint, *_to_saved(payload))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-
-    def _unreadable(self, exc: BaseException) -> MergeCliError:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        return MergeCliError(
-            f"{self.path}: not a readable training state ({reason}); {RESUME_HINT}"
-        )
 
 
 def _to_saved(payload: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -11,20 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
 from mergecli.fit.coefficients import FlatParameters, Granularity, expand
-from mergecli.io.atomic import atomic_target
-from mergecli.io.safetensors_format import (
-    BadSafetensors,
-    header_metadata,
-    read_header,
-    write_safetensors,
-)
-from mergecli.io.saved_state import join_optimizer, split_optimizer
+from mergecli.io.saved_state import StateFormat, join_optimizer, split_optimizer
 from mergecli.runtime.distributed import World
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
@@ -80,6 +71,9 @@ class FitOutcome:
 FINGERPRINT_KEY = "mergecli.fit_fingerprint"
 PLAIN_KEY = "mergecli.fit_state"
 RESUME_HINT = "run with --resume never to start over (or delete the .state directory)"
+FIT_STATE = StateFormat(
+    FINGERPRINT_KEY, PLAIN_KEY, "fit state", "a different recipe or different inputs", RESUME_HINT
+)
 
 
 @dataclass
@@ -97,37 +91,10 @@ class FitCheckpoint:
     legacy: Path | None = None  # where earlier versions kept it, as a pickle: never loaded now
 
     def load(self) -> dict[str, Any] | None:
-        if not self.path.exists():
-            return None
-        try:
-            header, _ = read_header(self.path)
-            metadata = header_metadata(header)
-        except (BadSafetensors, OSError) as exc:
-            raise self._unreadable(exc) from None
-        if PLAIN_KEY not in metadata:
-            raise MergeCliError(f"{self.path}: not a mergecli fit state; {RESUME_HINT}")
-        if metadata.get(FINGERPRINT_KEY) != self.fingerprint:
-            raise MergeCliError(
-                f"{self.path}: saved fit state belongs to a different recipe or different "
-                f"inputs; {RESUME_HINT}"
-            )
-        try:
-            return _from_saved(json.loads(metadata[PLAIN_KEY]), load_file(self.path))
-        except MemoryError:
-            raise
-        except Exception as exc:  # a broken file, whatever part of it: one line, not exit 70
-            raise self._unreadable(exc) from None
+        return FIT_STATE.read(self.path, self.fingerprint, _from_saved)
 
     def save(self, payload: dict[str, Any]) -> None:
-        tensors, plain = _to_saved(payload)
-        metadata = {FINGERPRINT_KEY: self.fingerprint, PLAIN_KEY: json.dumps(plain)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_target(self.path) as tmp:
-            write_safetensors(tmp, tensors, metadata)
-
-    def _unreadable(self, exc: BaseException) -> MergeCliError:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        return MergeCliError(f"{self.path}: not a readable fit state ({reason}); {RESUME_HINT}")
+        FIT_STATE.write(self.path, self.fingerprint, *_to_saved(payload))
 
 
 # The payload's tensors outside the optimizer; everything else in it is plain (JSON).
