@@ -132,6 +132,9 @@ def test_a_signalled_job_requeues_resumes_and_ends_like_an_uninterrupted_run(
         assert time.monotonic() < deadline, f"the job never reached step 5:\n{log(tmp_path)}"
         time.sleep(0.05)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True)
+    # scancel returns once slurmctld has the request; slurmstepd delivers the signal after it.
+    # Released before delivery, the fit would run on past step 5 (seen once: stopped at 17).
+    time.sleep(2)
     (tmp_path / "release").touch()
     # The job saves, requeues itself and waits (BeginTime, the cluster's 10 s cred_expire)
     # before it starts again. Not sooner: a job started at once after its requeue is killed
