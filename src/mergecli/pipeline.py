@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from mergecli import __version__
 from mergecli.errors import MergeCliError
 from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
-from mergecli.io.lazy import LazyTensors
+from mergecli.io.lazy import LazyTensors, tensor_dtype
 from mergecli.io.output_dir import STATE, OutputDir
 from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.writer import ShardWriter
@@ -319,7 +320,7 @@ MODEL_FILES = (
 
 def copy_model_files(state: MergeState, out_dir: Path) -> list[Path]:
     """An input that is a model directory makes the output one: copy its config and tokenizer
-    (from the base model, else the reference)."""
+    (from the base model, else the reference), the config's dtype the one written."""
     source = state.base or state.reference
     folder = Path(source.spec.path)
     if not (folder.is_dir() and (folder / "config.json").is_file()):
@@ -327,9 +328,42 @@ def copy_model_files(state: MergeState, out_dir: Path) -> list[Path]:
     copied = []
     for name in MODEL_FILES:
         if (folder / name).is_file():
-            shutil.copyfile(folder / name, out_dir / name)
+            if name == "config.json":
+                _write_config(folder / name, out_dir / name, _written_dtype(state))
+            else:
+                shutil.copyfile(folder / name, out_dir / name)
             copied.append(out_dir / name)
     return copied
+
+
+def _written_dtype(state: MergeState) -> torch.dtype | None:
+    """The dtype of the output's floating-point tensors (the most common one, if mixed)."""
+    dtype = OUTPUT_DTYPES.get(state.loaded.recipe.output.dtype)
+    if dtype is not None:
+        return dtype
+    # A streamed merge has written the reference's dtypes; a fit's dict holds its own.
+    tensors = state.merged if isinstance(state.merged, dict) else state.layout
+    counts = Counter(tensor_dtype(tensors, n) for n in tensors)
+    floating = [d for d, _ in counts.most_common() if d.is_floating_point]
+    return floating[0] if floating else None
+
+
+def _write_config(source: Path, target: Path, dtype: torch.dtype | None) -> None:
+    """config.json as it is, but for the dtype it names (transformers loads the weights in
+    that dtype by default): set to ``dtype``, the one the weights are written in."""
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    # transformers 5 writes "dtype", 4.x "torch_dtype"; only a key the file has is changed.
+    keys = [k for k in ("dtype", "torch_dtype") if isinstance(config, dict) and k in config]
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    if name is None or all(config[k] == name for k in keys):
+        shutil.copyfile(source, target)
+        return
+    for key in keys:
+        config[key] = name
+    target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _plain(value: Any) -> Any:

@@ -117,6 +117,8 @@ def _model(
     device and checked against the ``against`` checkpoints; returns how to build it (None: no
     model, or none that builds). ``checkpoints`` is empty when some could not be read."""
     from mergecli.models import build_model, check_fits
+    from mergecli.models.hf import model_directory
+    from mergecli.models.loading import tied_names
     from mergecli.models.metadata import model_from_metadata
 
     recipe = loaded.recipe
@@ -138,8 +140,11 @@ def _model(
     if spec is None:
         return None
 
+    paths = [c.path for c in recipe.checkpoints]
+    folder = model_directory(paths[reference_index(recipe.checkpoints)]) if paths else None
+
     def build() -> nn.Module:
-        return build_model(spec.arch, spec.args)
+        return build_model(spec.arch, spec.args, model_dir=folder)
 
     try:
         module = _on_meta(build)
@@ -151,11 +156,12 @@ def _model(
         return None
     if recipe.model is not None or needed:
         expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+        tied = tied_names(module)
         fits = bool(against)
         for checkpoint in against:
             given = {n: tensor_shape(checkpoint.tensors, n) for n in checkpoint.tensors}
             try:
-                check_fits(expected, given, checkpoint.spec.path)
+                check_fits(expected, given, checkpoint.spec.path, tied=tied)
             except MergeCliError as exc:
                 fits = False
                 # The recipe's model is what to change; else the checkpoint that names it.

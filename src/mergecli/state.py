@@ -100,13 +100,15 @@ class MergeState:
     def build_module(self) -> nn.Module:
         """A fresh module of the recipe's architecture, on the run's device."""
         from mergecli.models import build_model
+        from mergecli.models.hf import model_directory
 
         if self.model_spec is None:
             raise MergeCliError(
                 f"{self.loaded.source}: this step needs `model: {{arch: ..., args: ...}}`, and the "
                 "checkpoints do not say which architecture they are (not written by mergecli)"
             )
-        return build_model(self.model_spec.arch, self.model_spec.args).to(self.device)
+        spec, folder = self.model_spec, model_directory(self.reference.spec.path)
+        return build_model(spec.arch, spec.args, model_dir=folder).to(self.device)
 
     def data(self, split: Literal["fit", "eval"]) -> Any:
         """The recipe's ``data.fit`` or ``data.eval``, loaded once and checked against the model
