@@ -57,8 +57,10 @@ HEADS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 def hf(
     *, config: str | None = None, head: str | None = None, trust_remote_code: bool = False
 ) -> nn.Module:
-    """A Hugging Face transformers model built from a model directory's config.json (needs
-    ``pip install 'mergecli[hf]'``)."""
+    """A Hugging Face transformers model, built from the model directory's config.json.
+
+    Needs ``pip install 'mergecli[hf]'``; ``head`` and ``trust_remote_code`` as the README says.
+    """
     transformers = _transformers()
     trust = boolean(HF_ARCH, "trust_remote_code", trust_remote_code)
     folder = _config_folder(config)
@@ -211,6 +213,10 @@ def _from_config(
     major = int(transformers.__version__.split(".")[0])
     dtype_key = "dtype" if major >= 5 else "torch_dtype"
     kwargs = {dtype_key: torch.get_default_dtype(), "trust_remote_code": trust}
+    # transformers' advice on building a model (e.g. a head used on its own) is not the
+    # user's to act on here: our own checks say what does not fit, in one line.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         try:
             return auto.from_config(config, attn_implementation="sdpa", **kwargs)
@@ -228,3 +234,5 @@ def _from_config(
             f"model.args.head: transformers has no {head} head for model_type "
             f"'{config.model_type}' ({folder}); its heads here are: {', '.join(has) or 'none'}"
         ) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
