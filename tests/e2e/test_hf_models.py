@@ -133,7 +133,7 @@ output: {{dir: {tmp_path / "out"}}}
     config = json.loads((out / "config.json").read_text())
     assert {f"torch.{config['dtype']}"} == _written_dtypes(out)
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        assert "lm_head.weight" not in f.keys()  # tied, as in the inputs
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118 - tied, as in the inputs
     merged = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
