@@ -25,6 +25,7 @@ from mergecli.fit.coefficients import (
 )
 from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
 from mergecli.models.batchnorm import batch_norms
+from mergecli.models.forward import functional_logits, model_logits
 from mergecli.recipe.schema import Recipe, StepParams, StepSpec, shown_default
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
@@ -125,7 +126,7 @@ def _fit(
     device = state.device
     seed = params.seed if params.seed is not None else state.loaded.recipe.seed
     data = _subset(state.data("fit"), params.fraction, seed)
-    indexed = TensorData(data.x, torch.arange(len(data)))
+    indexed = data.with_labels(torch.arange(len(data)))
     if device.type == "cuda":
         indexed = indexed.pin_memory()
     _set_fit_mode(module)
@@ -422,7 +423,7 @@ def _mean_softmax(state: MergeState, data: TensorData, models: list) -> Tensor:
         module.load_state_dict(checkpoint.tensors)
         probs = torch.cat(
             [
-                F.softmax(module(x).float(), dim=1).cpu()
+                F.softmax(model_logits(module, x).float(), dim=1).cpu()
                 for x, _ in data.batches(state.batch_size("fit"), device=state.device)
             ]
         )
@@ -444,7 +445,7 @@ def _validator(state, module, flat, buffers, merge, params):
     data = state.data("eval")
     world = current_world()
     start, end = world.part(len(data))
-    shard = TensorData(data.x[start:end], data.y[start:end])
+    shard = data.take(slice(start, end))
     index = flat.tensor_index() if params.granularity == "tensor" else None
     # The fit runs BatchNorm in train mode, so a model with BatchNorm is validated on a module
     # of its own in eval mode; any other on the fit's module, in eval mode already.
@@ -464,9 +465,9 @@ def _validator(state, module, flat, buffers, merge, params):
         sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # loss, correct
         for x, y in shard.batches(state.batch_size("eval"), device=state.device):
             if evaluated is None:
-                outputs = torch.func.functional_call(module, weights, (x,)).float()
+                outputs = functional_logits(module, weights, x).float()
             else:
-                outputs = evaluated(x).float()
+                outputs = model_logits(evaluated, x).float()
             sums[0] += F.cross_entropy(outputs, y, reduction="sum")
             sums[1] += (outputs.argmax(1) == y).sum()
         loss, correct = world.all_reduce_(sums).tolist()
@@ -515,7 +516,7 @@ def _subset(data: TensorData, fraction: float | None, seed: int) -> TensorData:
     count = max(1, round(fraction * len(data)))
     chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
     chosen = chosen.sort().values
-    return TensorData(data.x[chosen], data.y[chosen])
+    return data.take(chosen)
 
 
 def _autocast_dtype(state: MergeState) -> torch.dtype | None:
