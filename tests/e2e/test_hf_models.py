@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fixtures.hf_models import (
     SEQ_LEN,
@@ -41,8 +41,7 @@ def _fine_tunes(tmp_path: Path, build, train, dtype=None) -> tuple[Path, Path]:
 
 
 def _written_dtypes(folder: Path) -> set[str]:
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        return {str(f.get_slice(n).get_dtype()) for n in f.keys()}  # noqa: SIM118
+    return {str(t.dtype) for t in load_file(str(folder / "model.safetensors")).values()}
 
 
 @pytest.mark.slow
@@ -67,25 +66,22 @@ data:
   fit: {{{source}, split: "0:256", batch_size: 64}}
   eval: {{{source}, split: "256:384"}}
 steps:
-  - fit: {{method: np_merge, loss: cross_entropy, steps: 12, lr: 0.05}}
+  - fit: {{method: np_merge, loss: cross_entropy, steps: 6, lr: 0.05}}
   - evaluate: {{method: classification, baselines: [endpoints, average]}}
 output: {{dir: {tmp_path / "out"}}}
 """
     )
-    checked = run_cli("validate", str(recipe))
-    assert checked.returncode == 0, checked.stderr
-    assert "model: hf (built on the meta device) fits every checkpoint" in checked.stdout
     result = run_cli("run", str(recipe))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     rows = {row["name"]: row for row in report["evaluate"]["results"]}
-    assert set(rows) == {"ft1", "ft2", "average", "merged"}
+    assert set(rows) == {"ft1", "ft2", "average", "merged (np_merge)"}
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 1.0
     # Both fine-tunes learnt the rule (half the examples are each class).
     assert rows["ft1"]["accuracy"] > 0.8 and rows["ft2"]["accuracy"] > 0.8
     # A merge of two fine-tunes of one start, fitted on the task, keeps it.
-    assert rows["merged"]["accuracy"] > 0.8
+    assert rows["merged (np_merge)"]["accuracy"] > 0.8
     out = tmp_path / "out"
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out)
     assert type(merged).__name__ == "BertForSequenceClassification"
@@ -97,7 +93,7 @@ output: {{dir: {tmp_path / "out"}}}
     with torch.no_grad():
         predicted = merged(eval_ids, attention_mask=eval_mask).logits.argmax(-1)
     accuracy = (predicted == eval_labels).float().mean().item()
-    assert accuracy == pytest.approx(rows["merged"]["accuracy"], abs=1 / 128)
+    assert accuracy == pytest.approx(rows["merged (np_merge)"]["accuracy"], abs=1 / 128)
 
 
 @pytest.mark.slow

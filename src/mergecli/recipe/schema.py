@@ -97,6 +97,7 @@ class DataSpec(Strict):
     path: str | None = None
     x: str | None = None
     y: str | None = None
+    mask: str | None = None  # tensors: the attention mask of token ids x (1 token, 0 padding)
     factory: str | None = None
     args: dict[str, Any] | None = None
     batch_size: int = Field(default=256, gt=0)
@@ -106,11 +107,11 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _keys_fit_source(self) -> DataSpec:
-        own = {"mnist": {"split"}, "tensors": {"path", "x", "y", "split"}}
+        own = {"mnist": {"split"}, "tensors": {"path", "x", "y", "mask", "split"}}
         own["python"] = {"factory", "args"}
         foreign = [
             key
-            for key in ("split", "path", "x", "y", "factory", "args")
+            for key in ("split", "path", "x", "y", "mask", "factory", "args")
             if getattr(self, key) is not None and key not in own[self.source]
         ]
         if foreign:
