@@ -205,3 +205,20 @@ def test_without_transformers_the_recipe_says_what_to_install(tmp_path: Path) ->
     env["PYTHONPATH"] = f"{hide}:{env['PYTHONPATH']}"
     line = _validate(tmp_path, a, b, env=env)
     assert line.endswith("model: {arch: hf} needs transformers: pip install 'mergecli[hf]'")
+
+
+def test_the_copied_config_names_the_dtype_written(tmp_path: Path) -> None:
+    """transformers loads weights in the dtype config.json names: the copy names the output's
+    (4.x spells the key torch_dtype, 5.x dtype); a config naming none is copied as it is."""
+    from mergecli.pipeline import _write_config
+
+    source, target = tmp_path / "config.json", tmp_path / "out.json"
+    for key in ("dtype", "torch_dtype"):
+        source.write_text(json.dumps({"model_type": "llama", key: "bfloat16"}))
+        _write_config(source, target, torch.float32)
+        assert json.loads(target.read_text()) == {"model_type": "llama", key: "float32"}
+        _write_config(source, target, torch.bfloat16)
+        assert target.read_bytes() == source.read_bytes()
+    source.write_text('{"model_type": "llama"}')
+    _write_config(source, target, torch.float16)
+    assert target.read_bytes() == source.read_bytes()
