@@ -209,10 +209,40 @@ def _check_finite(path: str, tensors: StateDict) -> None:
 def _check_checkpoints_fit(state: MergeState) -> None:
     """Load every checkpoint into the module once, so a misfit is reported before any work."""
     from mergecli.models import load_into_model
+    from mergecli.models.loading import tied_names
 
     module = state.build_module()
+    tied = tied_names(module)
+    dropped: set[str] = set()
     for checkpoint in state.checkpoints:
+        dropped |= _one_name_per_tied_tensor(tied, checkpoint)
         load_into_model(module, checkpoint.tensors, checkpoint.spec.path)
+    if dropped:
+        state.log.info(
+            f"{', '.join(repr(n) for n in sorted(dropped))}: the model ties it to another "
+            "tensor the checkpoints hold with the same values; merged as that one tensor and "
+            "written once, as save_pretrained writes tied weights"
+        )
+
+
+def _one_name_per_tied_tensor(tied: dict[str, list[str]], checkpoint: Checkpoint) -> set[str]:
+    """A checkpoint that holds one tied tensor under several names (e.g. a language model's
+    token embeddings and its output layer, both written) keeps it under the first only: a
+    model calls both with one tensor, and steps that give it both would give two."""
+    dropped = set()
+    for group in {tuple(group) for group in tied.values()}:
+        held = [name for name in group if name in checkpoint.tensors]
+        for other in held[1:]:
+            if not torch.equal(checkpoint.tensors[held[0]], checkpoint.tensors[other]):
+                raise MergeCliError(
+                    f"{checkpoint.spec.path}: holds '{held[0]}' and '{other}' with different "
+                    "values, but the model ties them (one tensor under both names, e.g. by "
+                    "config.json's tie_word_embeddings); untie them in the model's config, or "
+                    "save the checkpoint with one of them"
+                )
+            del checkpoint.tensors[other]
+            dropped.add(other)
+    return dropped
 
 
 def output_metadata(state: MergeState) -> dict[str, str]:

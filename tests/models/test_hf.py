@@ -61,6 +61,25 @@ def test_a_tied_parameter_missing_under_every_name_is_still_missing() -> None:
         check_fits(expected, {"embed.weight": (5, 3)}, "x")  # untied: both are needed
 
 
+def test_a_tied_tensor_written_under_both_names_is_kept_under_one() -> None:
+    """A model calls both names with one tensor; a checkpoint that writes both (equal) keeps
+    the first, and one whose copies differ does not fit a model that ties them."""
+    from mergecli.pipeline import _one_name_per_tied_tensor
+    from mergecli.recipe.schema import CheckpointSpec
+    from mergecli.state import Checkpoint
+
+    weight = torch.randn(5, 3)
+    tensors = {"out.weight": weight.clone(), "embed.weight": weight}
+    checkpoint = Checkpoint(CheckpointSpec(path="m.safetensors"), "m", "", tensors, {})
+    tied = tied_names(Tied())
+    assert _one_name_per_tied_tensor(tied, checkpoint) == {"out.weight"}
+    assert list(checkpoint.tensors) == ["embed.weight"]
+    assert _one_name_per_tied_tensor({}, checkpoint) == set()
+    checkpoint.tensors["out.weight"] = weight + 1
+    with pytest.raises(MergeCliError, match="'embed.weight' and 'out.weight' with different"):
+        _one_name_per_tied_tensor(tied, checkpoint)
+
+
 # --- hf --------------------------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
