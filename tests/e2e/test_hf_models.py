@@ -181,7 +181,7 @@ def test_bad_hf_models_are_one_line_each(tmp_path: Path) -> None:
     assert "has no config.json" in _validate(tmp_path, a, b)
     config = json.loads((tmp_path / "config.json").read_text())
     (a / "config.json").write_text(json.dumps({**config, "architectures": ["BertForPreTraining"]}))
-    assert "architecture 'BertForPreTraining' has a head mergecli does not build" in _validate(
+    assert "architecture 'BertForPreTraining' is not a model with a head mergecli" in _validate(
         tmp_path, a, b
     )
     custom = {**config, "model_type": "bert-custom", "auto_map": {"AutoConfig": "c.Config"}}

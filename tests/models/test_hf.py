@@ -158,7 +158,9 @@ def test_bad_model_directories_are_one_line_each(tmp_path: Path) -> None:
     assert "auto_map" in message and "trust_remote_code: true" in message
     bert = _bert_dir(tmp_path / "bert2")
     _edit_config(bert, architectures=["BertForPreTraining"])
-    assert "has a head mergecli does not build; set model.args.head" in _problem(bert)
+    assert "is not a model with a head mergecli builds" in _problem(bert)
+    _edit_config(bert, architectures=["BertForCausalLM"])  # no such class in transformers
+    assert "'BertForCausalLM' is not a model with a head" in _problem(bert)
     _edit_config(bert, architectures=None)
     assert "names no architectures" in _problem(bert)
     assert "unknown head 'lm'" in _problem(bert, {"head": "lm"})

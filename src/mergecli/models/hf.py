@@ -65,7 +65,7 @@ def hf(
     trust = boolean(HF_ARCH, "trust_remote_code", trust_remote_code)
     folder = _config_folder(config)
     loaded = _auto_config(transformers, folder, trust)
-    chosen = _head(loaded, head, folder)
+    chosen = _head(loaded, head, folder, trust)
     _quiet(loaded)
     model = _from_config(transformers, loaded, chosen, folder, trust)
     # Dropout off (and zeroed above, for steps that put a module in train mode for BatchNorm).
@@ -162,7 +162,7 @@ def _names(mapping: str, model_type: str) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _head(config: Any, head: Any, folder: Path) -> str:
+def _head(config: Any, head: Any, folder: Path, trust: bool) -> str:
     """``model.args.head``, else the head ``config.architectures[0]`` names."""
     heads = ", ".join(HEADS)
     if head is not None:
@@ -179,13 +179,15 @@ def _head(config: Any, head: Any, folder: Path) -> str:
     for name, (_, mapping, _) in HEADS.items():
         if wanted in _names(mapping, config.model_type):
             return name
-    # Code from the model directory (trust_remote_code) is in no mapping: go by the name.
-    for name, (_, _, suffixes) in HEADS.items():
-        if wanted.endswith(suffixes):
-            return name
+    if trust:
+        # Code from the model directory is in no mapping: go by the name's suffix.
+        for name, (_, _, suffixes) in HEADS.items():
+            if wanted.endswith(suffixes):
+                return name
     raise MergeCliError(
-        f"{folder / 'config.json'}: architecture '{wanted}' has a head mergecli does not "
-        f"build; set model.args.head to one of: {heads}"
+        f"{folder / 'config.json'}: architecture '{wanted}' is not a model with a head mergecli "
+        f"builds (of transformers' classes for model_type '{config.model_type}'); set "
+        f"model.args.head to one of: {heads}"
     )
 
 
