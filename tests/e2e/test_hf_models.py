@@ -22,9 +22,15 @@ from fixtures.hf_models import (
     train_classifier,
     train_lm,
 )
-from helpers import run_cli
+from helpers import cli_env, run_cli
 
 transformers = pytest.importorskip("transformers")
+
+
+def one_thread() -> dict[str, str]:
+    """The CLI's environment with one thread: these models are tiny, so one thread is as fast
+    as two, and far faster on a busy machine."""
+    return cli_env(OMP_NUM_THREADS="1")
 
 
 def _fine_tunes(tmp_path: Path, build, train, dtype=None) -> tuple[Path, Path]:
@@ -71,7 +77,7 @@ steps:
 output: {{dir: {tmp_path / "out"}}}
 """
     )
-    result = run_cli("run", str(recipe))
+    result = run_cli("run", str(recipe), env=one_thread())
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     rows = {row["name"]: row for row in report["evaluate"]["results"]}
@@ -132,7 +138,7 @@ steps:
 output: {{dir: {tmp_path / "out"}}}
 """
     )
-    result = run_cli("run", str(recipe))
+    result = run_cli("run", str(recipe), env=one_thread())
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
@@ -166,7 +172,7 @@ def _validate(tmp_path: Path, a: Path, b: Path, args: str = "{}", env=None):
         "steps: [{merge: {method: average}}]\n"
         f"output: {{dir: {tmp_path / 'out'}}}\n"
     )
-    result = run_cli("validate", str(recipe), env=env)
+    result = run_cli("validate", str(recipe), env=env or one_thread())
     assert result.returncode == 2, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -176,27 +182,18 @@ def _validate(tmp_path: Path, a: Path, b: Path, args: str = "{}", env=None):
 
 @pytest.mark.slow
 def test_bad_hf_models_are_one_line_each(tmp_path: Path) -> None:
+    """As `validate` shows them, at the recipe's model key (the other bad model directories
+    are tested in tests/models/test_hf.py, without a process each)."""
     a, b = _bert_pair(tmp_path)
     (a / "config.json").rename(tmp_path / "config.json")
     assert "has no config.json" in _validate(tmp_path, a, b)
     config = json.loads((tmp_path / "config.json").read_text())
-    (a / "config.json").write_text(json.dumps({**config, "architectures": ["BertForPreTraining"]}))
-    assert "architecture 'BertForPreTraining' is not a model with a head mergecli" in _validate(
-        tmp_path, a, b
-    )
     custom = {**config, "model_type": "bert-custom", "auto_map": {"AutoConfig": "c.Config"}}
     (a / "config.json").write_text(json.dumps(custom))
     assert "trust_remote_code: true" in _validate(tmp_path, a, b)
-    # The model the recipe names must take the checkpoints' tensors.
-    (a / "config.json").write_text(json.dumps(config))
-    assert "does not fit the model: missing 'cls.predictions.bias'" in _validate(
-        tmp_path, a, b, "{head: causal_lm}"
-    )
 
 
 def test_without_transformers_the_recipe_says_what_to_install(tmp_path: Path) -> None:
-    from helpers import cli_env
-
     a, b = _bert_pair(tmp_path)
     hide = tmp_path / "hide"
     hide.mkdir()
