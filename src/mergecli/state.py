@@ -110,18 +110,45 @@ class MergeState:
 
     def data(self, split: Literal["fit", "eval"]) -> Any:
         """The recipe's ``data.fit`` or ``data.eval``, loaded once and checked against the model
-        (every step that runs the model on data gets it here)."""
-        from mergecli.data import load_data
+        (every step that runs the model on data gets it here). A step that reads one eval set
+        refuses a recipe with several (`eval_sets` gives them all)."""
+        if split == "eval":
+            specs = self.loaded.recipe.data.eval_specs()
+            if len(specs) > 1:
+                step = f"{self.step.kind} {self.step.method}" if self.step else "this step"
+                raise MergeCliError(
+                    f"data.eval: {step} reads one eval set, the recipe names {len(specs)} "
+                    f"({', '.join(specs)}); give data.eval one set for it"
+                )
+            return self._load("eval", next(iter(specs.values()), None), "data.eval")
+        return self._load("fit", self.loaded.recipe.data.fit, "data.fit")
 
-        if split not in self._data:
-            spec = getattr(self.loaded.recipe.data, split)
+    def eval_sets(self) -> dict[str, Any]:
+        """Every set of ``data.eval`` by name, loaded and checked (one unnamed set: ``eval``)."""
+        specs = self.loaded.recipe.data.eval_specs()
+        if not specs:
+            raise MergeCliError(f"{self.loaded.source}: this step needs data.eval")
+        if not isinstance(self.loaded.recipe.data.eval, dict):
+            return {"eval": self.data("eval")}
+        return {
+            name: self._load(f"eval.{name}", spec, f"data.eval.{name}")
+            for name, spec in specs.items()
+        }
+
+    def _load(self, key: str, spec: Any, where: str) -> Any:
+        """Load the data ``spec`` once (by ``key``) and check it against the model."""
+        from mergecli.data import load_data
+        from mergecli.data.text import with_default_tokenizer
+
+        if key not in self._data:
             if spec is None:
-                raise MergeCliError(f"{self.loaded.source}: this step needs data.{split}")
+                raise MergeCliError(f"{self.loaded.source}: this step needs {where}")
             raw = spec.model_dump(exclude_none=True, exclude={"batch_size"})
-            data = load_data(raw, seed=self.loaded.recipe.seed, where=f"data.{split}")
-            self._check_against_model(data, raw, f"data.{split}")
-            self._data[split] = data
-        return self._data[split]
+            raw = with_default_tokenizer(raw, self.reference.spec.path)
+            data = load_data(raw, seed=self.loaded.recipe.seed, where=where)
+            self._check_against_model(data, raw, where)
+            self._data[key] = data
+        return self._data[key]
 
     def _check_against_model(self, data: TensorData, raw: Mapping[str, Any], where: str) -> None:
         """Inputs the model cannot take or labels it has no output for fail here, in one line,
@@ -151,6 +178,10 @@ class MergeState:
             "`model: {input_shape: [C, H, W]}` or a `data:` section"
         )
 
-    def batch_size(self, split: Literal["fit", "eval"]) -> int:
-        spec = getattr(self.loaded.recipe.data, split)
-        return spec.batch_size
+    def batch_size(self, split: str) -> int:
+        """The batch size of ``fit``, ``eval`` (one set) or a named eval set."""
+        data = self.loaded.recipe.data
+        if split == "fit":
+            return data.fit.batch_size
+        specs = data.eval_specs()
+        return (specs[split] if split in specs else next(iter(specs.values()))).batch_size
