@@ -114,10 +114,9 @@ class MergeState:
         refuses a recipe with several (`eval_sets` gives them all)."""
         if split == "eval":
             specs = self.loaded.recipe.data.eval_specs()
-            if len(specs) > 1:
-                step = f"{self.step.kind} {self.step.method}" if self.step else "this step"
+            if len(specs) > 1:  # the pipeline's prefix names the step
                 raise MergeCliError(
-                    f"data.eval: {step} reads one eval set, the recipe names {len(specs)} "
+                    f"data.eval: this step reads one eval set, the recipe names {len(specs)} "
                     f"({', '.join(specs)}); give data.eval one set for it"
                 )
             return self._load("eval", next(iter(specs.values()), None), "data.eval")
@@ -170,18 +169,21 @@ class MergeState:
         if spec is not None and spec.input_shape:
             generator = torch.Generator().manual_seed(self.loaded.recipe.seed)
             return torch.randn(2, *spec.input_shape, generator=generator)
-        for split in ("fit", "eval"):
-            if getattr(self.loaded.recipe.data, split) is not None:
-                return self.data(split).x[:2].clone()
+        if self.loaded.recipe.data.fit is not None:
+            return self.data("fit").x[:2].clone()
+        if self.loaded.recipe.data.eval is not None:
+            return next(iter(self.eval_sets().values())).x[:2].clone()
         raise MergeCliError(
             f"{self.loaded.source}: tracing the model needs an example input; add "
             "`model: {input_shape: [C, H, W]}` or a `data:` section"
         )
 
-    def batch_size(self, split: str) -> int:
-        """The batch size of ``fit``, ``eval`` (one set) or a named eval set."""
+    def batch_size(self, split: Literal["fit", "eval"]) -> int:
+        """The batch size of data.fit or of data.eval (its one set)."""
         data = self.loaded.recipe.data
-        if split == "fit":
-            return data.fit.batch_size
-        specs = data.eval_specs()
-        return (specs[split] if split in specs else next(iter(specs.values()))).batch_size
+        spec = data.fit if split == "fit" else next(iter(data.eval_specs().values()))
+        return spec.batch_size
+
+    def eval_batch_size(self, name: str) -> int:
+        """The batch size of the eval set ``name`` (as `eval_sets` names them)."""
+        return self.loaded.recipe.data.eval_specs()[name].batch_size
