@@ -212,7 +212,7 @@ def _data(
                 f"{where}: {describe_source(raw)} (its shape is known when it runs)"
             )
         else:
-            shapes.append((key, describe_source(raw), shape, example_dtype(raw)))
+            shapes.append((key, describe_source(raw), shape, example_dtype(raw, where)))
     for key, source, shape, dtype in shapes:
         if build is None or spec is None:
             checked.summary.append(f"{'.'.join(map(str, key))}: {source}, inputs {shape}")

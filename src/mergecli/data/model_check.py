@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from mergecli.data.batches import TensorData
 from mergecli.errors import MergeCliError, describe
+from mergecli.models.forward import model_logits
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def check_shape_against_model(
         try:
             module.eval()
             with torch.no_grad():
-                module(torch.zeros(2, *shape, device="meta", dtype=dtype))
+                model_logits(module, torch.zeros(2, *shape, device="meta", dtype=dtype))
             return
         except Exception:  # noqa: S110 - confirmed or cleared on a real model below
             pass
@@ -139,7 +140,7 @@ def _probe(data: TensorData, module: nn.Module, use: DataUse) -> object:
     ]
     module.eval()
     try:
-        return module(data.x[:2].to(device))
+        return model_logits(module, data.inputs(slice(0, 2)).to(device))
     except Exception as exc:  # torch raises RuntimeError, user models anything
         layer = entered[-1] if entered else None
         first = len(entered) == 1  # the model's first layer refused the inputs

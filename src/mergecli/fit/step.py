@@ -127,7 +127,7 @@ def _fit(
     device = state.device
     seed = params.seed if params.seed is not None else state.loaded.recipe.seed
     data = _subset(state.data("fit"), params.fraction, seed)
-    indexed = TensorData(data.x, torch.arange(len(data)))
+    indexed = data.with_labels(torch.arange(len(data)))
     if device.type == "cuda":
         indexed = indexed.pin_memory()
     _set_fit_mode(module)
@@ -586,7 +586,7 @@ def _subset(data: TensorData, fraction: float | None, seed: int) -> TensorData:
     count = max(1, round(fraction * len(data)))
     chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
     chosen = chosen.sort().values
-    return TensorData(data.x[chosen], data.y[chosen])
+    return data.take(chosen)
 
 
 def _autocast_dtype(state: MergeState) -> torch.dtype | None:
