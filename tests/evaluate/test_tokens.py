@@ -74,17 +74,11 @@ def test_matches_transformers_own_loss() -> None:
     assert float(ours) == pytest.approx(float(output.loss), abs=1e-5)
 
 
-def fit_losses(kind: str, data: TensorData, teacher=None):
+def fit_losses(kind: str, data: TensorData, monkeypatch=None, teacher=None):
     """The fit's loss function of ``kind`` over ``data`` (a teacher stands in for the models)."""
-    state = SimpleNamespace()
     if teacher is not None:
-        original = fit_step._mean_softmax
-        fit_step._mean_softmax = lambda *_: teacher
-        try:
-            return fit_step._loss(kind, state, data, [], torch.device("cpu"))
-        finally:
-            fit_step._mean_softmax = original
-    return fit_step._loss(kind, state, data, [], torch.device("cpu"))
+        monkeypatch.setattr(fit_step, "_mean_softmax", lambda *_: teacher)
+    return fit_step._loss(kind, SimpleNamespace(), data, [], torch.device("cpu"))
 
 
 def test_fit_causal_lm_looks_up_the_batch_ids_by_index() -> None:
@@ -103,23 +97,43 @@ def test_fit_causal_lm_looks_up_the_batch_ids_by_index() -> None:
         fit_losses("causal_lm", floats)
 
 
-def test_distill_and_entropy_over_token_distributions() -> None:
+@pytest.mark.parametrize("padded", [False, True])
+def test_distill_and_entropy_over_token_distributions(
+    monkeypatch: pytest.MonkeyPatch, padded: bool
+) -> None:
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 7, (4, 5), generator=generator)
+    mask = torch.ones(4, 5, dtype=torch.int64)
+    mask[2, 3:] = 0  # the second example of the batch below ends early
     teacher = torch.softmax(torch.randn(4, 5, 7, generator=generator), dim=-1)
-    data = TensorData(ids, torch.zeros(4, dtype=torch.int64))
-    index = torch.tensor([2, 0])
+    data = TensorData(ids, torch.zeros(4, dtype=torch.int64), mask=mask if padded else None)
+    index = torch.tensor([0, 2])
     logits = torch.randn(2, 5, 7, generator=generator)
-    # per token: KL(teacher || student) and the student's entropy, averaged over tokens
-    expected_kl, expected_entropy = 0.0, 0.0
+    # per real token: KL(teacher || student) and the student's entropy, averaged over tokens
+    kls, entropies = [], []
     for n, row in enumerate(index.tolist()):
         for t in range(5):
+            if padded and not mask[row, t]:
+                continue
             p = teacher[row, t].double()
             log_q = torch.log_softmax(logits[n, t].double(), 0)
-            expected_kl += float((p * (p.log() - log_q)).sum()) / 10
-            expected_entropy += float(-(log_q.exp() * log_q).sum()) / 10
-    distill = fit_losses("distill", data, teacher)
-    assert float(distill(logits, index)) == pytest.approx(expected_kl, abs=1e-6)
+            kls.append(float((p * (p.log() - log_q)).sum()))
+            entropies.append(float(-(log_q.exp() * log_q).sum()))
+    assert len(kls) == (8 if padded else 10)
+    distill = fit_losses("distill", data, monkeypatch, teacher)
+    assert float(distill(logits, index)) == pytest.approx(sum(kls) / len(kls), abs=1e-6)
     entropy = fit_losses("entropy", data)
-    assert float(entropy(logits, index)) == pytest.approx(expected_entropy, abs=1e-6)
+    assert float(entropy(logits, index)) == pytest.approx(sum(entropies) / len(entropies), abs=1e-6)
     assert math.isfinite(float(entropy(torch.randn(2, 7), index)))  # classifiers as before
+
+
+def test_fit_causal_lm_ignores_padding() -> None:
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 9, (3, 6), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 2:] = 0
+    loss = fit_losses("causal_lm", TensorData(ids, torch.zeros(3, dtype=torch.int64), mask=mask))
+    index = torch.tensor([1, 2])
+    logits = torch.randn(2, 6, 9, generator=generator)
+    expected = loop_cross_entropy(logits, ids[index], mask[index])
+    assert float(loss(logits, index)) == pytest.approx(expected, abs=1e-6)

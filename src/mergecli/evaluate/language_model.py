@@ -201,7 +201,6 @@ def token_metrics(
 
 def predicted_tokens(data: TensorData) -> int:
     """How many tokens the evaluation predicts in ``data``: all but each sequence's first."""
-    mask = getattr(data, "mask", None)
-    if mask is None:
+    if data.mask is None:
         return len(data) * (int(data.x.shape[1]) - 1)
-    return int(mask[:, 1:].sum())
+    return int(data.mask[:, 1:].sum())

@@ -400,8 +400,7 @@ def _apply_saved(state: MergeState, params: FitParams, models: list, names: list
 def _loss(kind: str, state: MergeState, data: TensorData, models: list, device: torch.device):
     """The task loss over example indices: labels, the next tokens, the models' mean
     prediction, or none. Logits (N, L, V) of a language model are scored per token."""
-    mask = getattr(data, "mask", None)
-    mask = mask.to(device) if mask is not None else None
+    mask = data.mask.to(device) if data.mask is not None else None
     if kind == "cross_entropy":
         labels = data.y.to(device)
         return lambda outputs, index: F.cross_entropy(outputs, labels[index])
