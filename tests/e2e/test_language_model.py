@@ -162,6 +162,10 @@ def test_causal_lm_fit_and_language_model_evaluation(lm_setup: dict) -> None:
     # One table with a CE and a perplexity column per set.
     for header in ("english CE", "english ppl", "code CE", "code ppl", "mean ppl"):
         assert header in result.stdout, result.stdout
+    # report.md is drawn again from report.json alone
+    assert run(lm_setup, "report", str(out)).returncode == 0
+    markdown = (out / "report.md").read_text()
+    assert "| model | kind | english CE | english ppl | code CE | code ppl | mean ppl |" in markdown
     # The token cache was written once (fit and two eval sets) and the rerun reads it.
     assert len(list((lm_setup["cache"] / "text").glob("*.safetensors"))) == 3
 

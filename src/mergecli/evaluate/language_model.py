@@ -47,7 +47,7 @@ class LanguageModelParams(StepParams):
                 problems.append((("baselines", i), str(exc)))
             except ValidationError as exc:
                 first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
+                where = ".".join(str(p) for p in first["loc"] if p in options)  # no union tags
                 problems.append(
                     (("baselines", i), f"{name}: {where + ': ' if where else ''}{first['msg']}")
                 )
