@@ -89,7 +89,7 @@ def _check_positions(length: int, module: nn.Module, use: DataUse) -> None:
         raise MergeCliError(
             f"{_subject(use)}sequences of {length} tokens are longer than model {use.model} "
             f"takes (config.max_position_embeddings {positions}); set seq_len to at most "
-            f"{positions}"
+            f"{positions} (or give shorter sequences)"
         )
 
 
