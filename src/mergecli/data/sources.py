@@ -15,6 +15,7 @@ from torch import Tensor
 from mergecli.data.batches import TensorData
 from mergecli.data.mnist import load_mnist
 from mergecli.data.subset import SPLIT_HELP, apply_subset, parse_slice
+from mergecli.data.text import load_text, text_options, tokenizers_module
 from mergecli.errors import MergeCliError, describe
 from mergecli.user_code import import_object
 
@@ -300,6 +301,7 @@ _SOURCES: dict[str, Callable[[Mapping[str, Any], str], TensorData]] = {
     "mnist": load_mnist,
     "tensors": load_tensors,
     "python": load_python,
+    "text": load_text,
 }
 
 
@@ -310,19 +312,26 @@ def describe_source(spec: Mapping[str, Any]) -> str:
         return f"tensors file {spec.get('path')}"
     if source == "python":
         return f"python factory {spec.get('factory')}"
+    if source == "text":
+        return f"text {spec.get('path')}"
     return f"{source} split {spec.get('split', 'train')!s}" if source == "mnist" else str(source)
 
 
 def example_shape(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -> list[int] | None:
     """The shape of one input example, without loading a data file: its header is enough.
     MNIST is bundled and small, so it is loaded (with every option checked); a python
-    factory is imported but not called (None: its shape is known only once it runs)."""
+    factory is imported but not called (None: its shape is known only once it runs); text is
+    [seq_len], its files and tokenizer found but not read."""
     source = spec.get("source")
     if source == "tensors":
         return _tensors_example_shape(spec, where)
     if source == "python":
         _factory(spec, where)
         return None
+    if source == "text":  # the files and the tokenizer are checked; tokenizing is the run's
+        options = text_options(spec, where)
+        tokenizers_module(where)
+        return [options.seq_len]
     return list(load_data(spec, seed, where).x.shape[1:])
 
 
@@ -355,7 +364,9 @@ def _tensors_example_shape(spec: Mapping[str, Any], where: str) -> list[int]:
 
 def example_dtype(spec: Mapping[str, Any], where: str = "data") -> torch.dtype:
     """The dtype the inputs of ``spec`` have once loaded (int64 token ids or float32), read
-    from a tensors file's header; float32 for the other sources."""
+    from a tensors file's header; int64 for text; float32 for the other sources."""
+    if spec.get("source") == "text":
+        return torch.int64
     if spec.get("source") != "tensors":
         return torch.float32
     path = Path(str(spec.get("path"))).expanduser()
