@@ -102,16 +102,7 @@ output: {{dir: {tmp_path / "out"}}}
     assert accuracy == pytest.approx(rows["merged (np_merge)"]["accuracy"], abs=1 / 128)
 
 
-def _has_causal_lm_loss() -> bool:
-    from mergecli.fit.step import FitParams
-
-    return "causal_lm" in str(FitParams.model_fields["loss"].annotation)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _has_causal_lm_loss(), reason="the fit's loss: causal_lm is not on this branch yet"
-)
 def test_llamas_fit_with_causal_lm_loss_and_generate(tmp_path: Path) -> None:
     """Two tiny Llamas (tied embeddings, saved in bfloat16) fitted on next-token prediction:
     the merged directory loads with AutoModelForCausalLM and generates."""
