@@ -19,7 +19,14 @@ from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.writer import ShardWriter
 from mergecli.model_card import CARD_NAME, model_card
 from mergecli.models.metadata import model_metadata
-from mergecli.preflight import Checked, check_inputs, check_tensors, needs_a_model, reference_index
+from mergecli.preflight import (
+    Checked,
+    check_inputs,
+    check_tensors,
+    data_specs,
+    needs_a_model,
+    reference_index,
+)
 from mergecli.recipe import LoadedRecipe
 from mergecli.registry import changes_weights, methods_of
 from mergecli.report import render_report
@@ -102,7 +109,8 @@ def input_paths(loaded: LoadedRecipe) -> list[Path]:
     """Every file the recipe reads: the recipe, checkpoints, data files, saved alignments."""
     recipe = loaded.recipe
     paths = [Path(loaded.source)] + [Path(c.path) for c in recipe.checkpoints]
-    paths += [Path(s.path) for s in (recipe.data.fit, recipe.data.eval) if s and s.path]
+    specs = [spec for _, spec in data_specs(recipe)]
+    paths += [Path(p) for s in specs for p in (s.path, s.tokenizer) if p]
     paths += [Path(p) for s in loaded.steps if (p := getattr(s.params, "from_", None))]
     return paths
 

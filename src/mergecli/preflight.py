@@ -18,6 +18,7 @@ from mergecli.errors import MergeCliError, RecipeError
 from mergecli.io import checkpoint_sha256, read_metadata
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.recipe import LoadedRecipe, ModelSpec
+from mergecli.recipe.schema import DataSpec, Recipe
 from mergecli.registry import methods_of
 from mergecli.state import Checkpoint
 
@@ -184,40 +185,42 @@ def _data(
     """Each data source's file (header only) and per-example shape, and that shape (and
     `model.input_shape`) through the model."""
     from mergecli.data.model_check import DataUse, check_shape_against_model
-    from mergecli.data.sources import describe_source, example_shape
+    from mergecli.data.sources import describe_source, example_dtype, example_shape
+    from mergecli.data.text import with_default_tokenizer
     from mergecli.models import argument_names
 
     recipe = loaded.recipe
     spec = checked.model
     names = argument_names(spec.arch) if spec is not None and build is not None else []
-    shapes: list[tuple[Key, str, list[int]]] = []
+    shapes: list[tuple[Key, str, list[int], torch.dtype]] = []
     problems = []
     if recipe.model is not None and recipe.model.input_shape and build is not None:
-        shapes.append((("model", "input_shape"), "", list(recipe.model.input_shape)))
-    for split in ("fit", "eval"):
-        data = getattr(recipe.data, split)
-        if data is None:
-            continue
+        shapes.append((("model", "input_shape"), "", list(recipe.model.input_shape), torch.float32))
+    for key, data in data_specs(recipe):
+        where = ".".join(key)
         raw = data.model_dump(exclude_none=True, exclude={"batch_size"})
+        if recipe.checkpoints:
+            reference = recipe.checkpoints[reference_index(recipe.checkpoints)].path
+            raw = with_default_tokenizer(raw, reference)
         try:
-            shape = example_shape(raw, recipe.seed, f"data.{split}")
+            shape = example_shape(raw, recipe.seed, where)
         except MergeCliError as exc:
-            problems.append(_located(loaded, exc, ("data", split)))
+            problems.append(_located(loaded, exc, key))
             continue
         if shape is None:
             checked.summary.append(
-                f"data.{split}: {describe_source(raw)} (its shape is known when it runs)"
+                f"{where}: {describe_source(raw)} (its shape is known when it runs)"
             )
         else:
-            shapes.append((("data", split), describe_source(raw), shape))
-    for key, source, shape in shapes:
+            shapes.append((key, describe_source(raw), shape, example_dtype(raw, where)))
+    for key, source, shape, dtype in shapes:
         if build is None or spec is None:
             checked.summary.append(f"{'.'.join(map(str, key))}: {source}, inputs {shape}")
             continue
         declared = spec.input_shape if key[0] == "data" else None
         use = DataUse("", source, spec.arch, declared, names)
         try:
-            check_shape_against_model(shape, build, use)
+            check_shape_against_model(shape, build, use, dtype)
         except MergeCliError as exc:
             problems.append(_located(loaded, exc, key))
             continue
@@ -226,6 +229,18 @@ def _data(
             "the model"
         )
     return problems
+
+
+def data_specs(recipe: Recipe) -> list[tuple[tuple[str, ...], DataSpec]]:
+    """The recipe's data specs with their keys: data.fit, data.eval or each data.eval.NAME."""
+    specs: list[tuple[tuple[str, ...], DataSpec]] = []
+    if recipe.data.fit is not None:
+        specs.append((("data", "fit"), recipe.data.fit))
+    if isinstance(recipe.data.eval, dict):
+        specs += [(("data", "eval", name), s) for name, s in recipe.data.eval.items()]
+    elif recipe.data.eval is not None:
+        specs.append((("data", "eval"), recipe.data.eval))
+    return specs
 
 
 def _located(loaded: LoadedRecipe, exc: MergeCliError, key: Key) -> str:

@@ -16,6 +16,7 @@ from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
 from mergecli.fit.coefficients import FlatParameters, Granularity, expand
 from mergecli.io.saved_state import StateFormat, join_optimizer, split_optimizer
+from mergecli.models.forward import functional_logits
 from mergecli.runtime.distributed import World
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
@@ -156,7 +157,7 @@ class CoefficientStep:
         autocast = self.config.autocast
         with torch.autocast(self.device.type, autocast or torch.float32, enabled=bool(autocast)):
             weights = {**self.flat.views(merged), **self.buffers}
-            outputs = torch.func.functional_call(self.module, weights, (x,))
+            outputs = functional_logits(self.module, weights, x)
         loss = self.loss_fn(outputs.float(), index)
         if weight != 1.0:
             loss = loss * weight
