@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-resnet demo-datafree figures test bench parity clean
+.PHONY: demo demo-resnet demo-datafree demo-lm figures test bench parity clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,24 @@ runs/mlp3-ft-digits5-9.safetensors: runs/mlp3-base.safetensors
 # Fine-tunes of one base merged without data: TIES beats the base and both fine-tunes.
 demo-datafree: $(VENV)/.installed runs/mlp3-ft-digits0-4.safetensors runs/mlp3-ft-digits5-9.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-mlp3-ties.yaml
+
+# The language-model demo: a tokenizer and a small Llama pre-trained on English fortunes and
+# Python code (data/text/, from scripts/lm_corpus.py), fine-tuned on each; one run of
+# scripts/lm_demo.py writes all three model directories and prints their perplexities.
+
+# The script writes perplexity.json last, so it stands for all three directories.
+runs/lm/base runs/lm/ft-english runs/lm/ft-code: runs/lm/perplexity.json
+
+runs/lm/perplexity.json: | $(VENV)/.installed
+	$(BIN)/python scripts/lm_demo.py --out runs/lm
+
+# Merged without data (average, task arithmetic, TIES), then by NP Merge from two starts.
+demo-lm: $(VENV)/.installed runs/lm/perplexity.json
+	$(BIN)/mergecli run configs/examples/lm-average.yaml
+	$(BIN)/mergecli run configs/examples/lm-task-arithmetic.yaml
+	$(BIN)/mergecli run configs/examples/lm-ties.yaml
+	$(BIN)/mergecli run configs/examples/lm-np-merge.yaml
+	$(BIN)/mergecli run configs/examples/lm-np-merge-ties.yaml
 
 # Every figure the README quotes: trains the demo checkpoints that are missing, runs the example
 # recipes into out/figures/, writes figures/figures.json (machine, threads) and the README's values.
