@@ -248,7 +248,10 @@ def figure_coefficients(data: dict[str, Any]):
                marker="|", s=120, linewidths=2, label="mean", zorder=3)  # fmt: skip
     ax.axvline(data["even"], color="black", lw=0.8, ls="--", label=f"even mix ({data['even']:.2f})")
     ax.set_yticks(range(len(layers)), [layer["tensor"] for layer in layers])
-    ax.set_xlabel(f"weight of {data['reference']} in the merged parameter")
+    if data.get("multi") == "task_vectors":
+        ax.set_xlabel("coefficient of the model's task vector (base + sum_i c_i tau_i)")
+    else:
+        ax.set_xlabel(f"weight of {data['reference']} in the merged parameter")
     fig.legend(loc="outside lower center", ncol=2)
     fig.colorbar(image, ax=ax, label="share of the tensor's parameters")
     fig.suptitle(f"Learned merge coefficients ({data.get('multi') or 'fit'}), per tensor: "

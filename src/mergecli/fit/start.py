@@ -46,8 +46,7 @@ def start_problems(method: str, raw: Mapping[str, Any]) -> list[tuple[tuple[str 
         params = start_params_model(method).model_validate(dict(raw))
     except ValidationError as exc:
         for error in exc.errors():
-            where = ("start_params", *error["loc"])
-            problems.append((where, error["msg"]))
+            problems.append((("start_params", *_keys(raw, error["loc"])), error["msg"]))
         return problems
     if method == "average" and not params.normalize:
         problems.append(
@@ -55,6 +54,22 @@ def start_problems(method: str, raw: Mapping[str, Any]) -> list[tuple[tuple[str 
              "average without normalize is not base + sum_i c_i (theta_i - base); drop it")
         )  # fmt: skip
     return problems
+
+
+def _keys(raw: Any, loc: tuple) -> list[str | int]:
+    """The part of a pydantic error location that is keys of the recipe (without the tags of
+    the forms a varying value may take)."""
+    keys: list[str | int] = []
+    for part in loc:
+        if (
+            isinstance(raw, dict)
+            and part in raw
+            or isinstance(raw, list)
+            and (isinstance(part, int) and part < len(raw))
+        ):
+            keys.append(part)
+            raw = raw[part]
+    return keys
 
 
 def start_values(method: str, raw: Mapping[str, Any], names: list[str]) -> dict[str, dict]:

@@ -99,12 +99,11 @@ class FitParams(StepParams):
     def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
         has_base = any(c.role == "base" for c in recipe.checkpoints)
         if not has_base:
+            given = [key for key in ("start", "start_params") if key in self.model_fields_set]
             return [
-                ((key,), f"{key} needs a base model: mark one checkpoint `role: base` (without "
-                         "one, np_merge merges the models themselves)")
-                for key in ("start", "start_params")
-                if key in self.model_fields_set
-            ]  # fmt: skip
+                ((given[0],), f"{given[0]} needs a base model: mark one checkpoint `role: base` "
+                              "(without one, np_merge merges the models themselves)")
+            ] if given else []  # fmt: skip
         problems = [
             ((key,), f"{key} applies to NP Merge without a base model; with `role: base` the "
                      "fit learns one coefficient per task vector, all models at once")
