@@ -16,15 +16,22 @@ _ENABLED = "_mergecli_checkpointing"
 
 
 def enable_checkpointing(module: nn.Module) -> None:
-    """Checkpoint the module's layers: a Hugging Face model by its own mechanism (its decoder
-    or encoder layers), any other module block by block (the members of every ModuleList, or
-    its children when it has none). Idempotent."""
+    """Checkpoint the module's layers: a Hugging Face model (the module, or the first one
+    inside it) by its own mechanism (its decoder or encoder layers), any other module block by
+    block (the members of every ModuleList, or its children when it has none). Idempotent."""
     if getattr(module, _ENABLED, False):
         return
-    if getattr(module, "supports_gradient_checkpointing", False) and hasattr(
-        module, "gradient_checkpointing_enable"
-    ):
-        _enable_hugging_face(module)
+    hugging_face = next(
+        (
+            m
+            for m in module.modules()
+            if getattr(m, "supports_gradient_checkpointing", False)
+            and hasattr(m, "gradient_checkpointing_enable")
+        ),
+        None,
+    )
+    if hugging_face is not None:
+        _enable_hugging_face(hugging_face)
     else:
         lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
         blocks = [b for m in lists for b in m] if lists else list(module.children())
