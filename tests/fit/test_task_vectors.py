@@ -347,9 +347,12 @@ def test_start_without_a_base_is_one_line(tmp_path, finetuned_triple) -> None:
         f"{recipe}:11: steps.0.fit.start: start needs a base model: mark one checkpoint "
         "`role: base` (without one, np_merge merges the models themselves)"
     )
-    recipe = task_vector_recipe(tmp_path, finetuned_triple, "{start_params: {density: 2}}")
-    result = run_cli("run", str(recipe))
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert (
-        "steps.0.fit.start_params.density: Input should be less than or equal to 1" in result.stderr
-    )
+    for fit, message in (
+        ("{start: ties, start_params: {density: 2}}", "density: Input should be less than or "
+                                                      "equal to 1"),
+        ("{start_params: {density: 0.5}}", "density: not a parameter of task_arithmetic, the "
+                                           "start merge (its parameters: lambda, normalize)"),
+    ):  # fmt: skip
+        result = run_cli("run", str(task_vector_recipe(tmp_path, finetuned_triple, fit)))
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert f"{recipe}:11: steps.0.fit.start_params.{message}" in result.stderr

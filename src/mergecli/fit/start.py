@@ -45,8 +45,20 @@ def start_problems(method: str, raw: Mapping[str, Any]) -> list[tuple[tuple[str 
     try:
         params = start_params_model(method).model_validate(dict(raw))
     except ValidationError as exc:
+        model = start_params_model(method)
+        own = [
+            f.alias or n
+            for n, f in model.model_fields.items()
+            if n not in MergeOptions.model_fields
+        ]
         for error in exc.errors():
-            problems.append((("start_params", *_keys(raw, error["loc"])), error["msg"]))
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = (
+                    f"not a parameter of {method}, the start merge (its parameters: "
+                    f"{', '.join(own) or 'none'})"
+                )
+            problems.append((("start_params", *_keys(raw, error["loc"])), message))
         return problems
     if method == "average" and not params.normalize:
         problems.append(
