@@ -126,7 +126,7 @@ def test_row_granularity_is_one_coefficient_per_output_unit() -> None:
     assert logits_per_model("row", flat) == sum(shapes[n][0] for n in names)
     values = torch.rand(logits_per_model("row", flat))
     merged = flat.views(
-        pairwise_merge(flat.thetas, expand(values.logit(), "row", flat.row_index()))
+        pairwise_merge(flat.thetas, expand(values.logit(), "row", flat.group_index("row")))
     )
     rows = dict(zip(names, values.split(flat.rows), strict=True))
     for name in names:  # each row its own weight, by the formula
@@ -138,6 +138,26 @@ def test_row_granularity_is_one_coefficient_per_output_unit() -> None:
     assert {n: tuple(t.shape) for n, t in saved.items()} == {n: (2, shapes[n][0]) for n in names}
     pairwise = _coefficients_by_name(flat, values, FitParams(granularity="row"), "")
     assert {n: tuple(t.shape) for n, t in pairwise.items()} == {n: (shapes[n][0],) for n in names}
+
+
+def test_expanding_groups_matches_an_index_and_its_gradient() -> None:
+    _, models, names = two_models()
+    flat = FlatParameters.stack(models, names, torch.device("cpu"))
+    for granularity in ("row", "tensor"):
+        groups = flat.group_index(granularity)
+        logits = torch.randn(2, sum(groups.counts), requires_grad=True)
+        # the independent formula: a scalar-to-group index, as torch would gather it
+        index = torch.repeat_interleave(
+            torch.arange(sum(groups.counts)),
+            torch.tensor(
+                [n for c, n in zip(groups.counts, groups.lengths, strict=True) for _ in range(c)]
+            ),
+        )
+        assert torch.equal(expand(logits, granularity, groups), logits[:, index])
+        weights = torch.randn(2, flat.thetas.shape[1])
+        (expand(logits, granularity, groups) * weights).sum().backward()
+        expected = torch.zeros(2, sum(groups.counts)).index_add_(1, index, weights)
+        torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_bf16_stack_merges_in_float32() -> None:

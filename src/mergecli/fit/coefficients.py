@@ -61,33 +61,63 @@ class FlatParameters:
             )
         }
 
-    def tensor_index(self) -> Tensor:
-        """For every scalar, the index of the tensor it belongs to (for per-tensor logits)."""
-        sizes = torch.tensor(self.sizes, device=self.thetas.device)
-        return torch.repeat_interleave(torch.arange(len(self.names), device=sizes.device), sizes)
-
     @property
     def rows(self) -> list[int]:
         """Rows per tensor: its length along dim 0 (one for a scalar)."""
         return [rows_of(s) for s in self.shapes]
 
-    def row_index(self) -> Tensor:
-        """For every scalar, the index of its row among all tensors' rows (for per-row logits):
-        a row is one slice along dim 0, the scalars of one output unit."""
-        per_row = [size // rows for size, rows in zip(self.sizes, self.rows, strict=True)]
-        lengths = torch.tensor(
-            [n for n, r in zip(per_row, self.rows, strict=True) for _ in range(r)],
-            device=self.thetas.device,
-        )
-        return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-
-    def group_index(self, granularity: Granularity) -> Tensor | None:
-        """What ``expand`` needs for ``granularity``: the scalar-to-group index, or None."""
+    def group_index(self, granularity: Granularity) -> Groups | None:
+        """What ``expand`` needs for ``granularity``: how many coefficients each tensor has and
+        how many scalars each of them covers (None: nothing to expand)."""
         if granularity == "tensor":
-            return self.tensor_index()
+            return Groups(tuple([1] * len(self.sizes)), tuple(self.sizes))
         if granularity == "row":
-            return self.row_index()
+            lengths = tuple(n // r for n, r in zip(self.sizes, self.rows, strict=True))
+            return Groups(tuple(self.rows), lengths)
         return None
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Per tensor, in order: its coefficients (``counts``) and the consecutive scalars each
+    covers (``lengths``): one per tensor of ``size`` scalars, or one per row."""
+
+    counts: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+
+class _ExpandGroups(torch.autograd.Function):
+    """Per-group logits (..., G) -> per-scalar (..., P), each written as a broadcast into its
+    slice of the output; the backward sums each group's gradient. No index the size of the
+    model is built or kept (an int64 one would be 8 bytes per parameter for the whole fit)."""
+
+    @staticmethod
+    def forward(logits: Tensor, groups: Groups) -> Tensor:
+        lead = logits.shape[:-1]
+        total = sum(c * n for c, n in zip(groups.counts, groups.lengths, strict=True))
+        out = logits.new_empty(*lead, total)
+        pieces = out.split([c * n for c, n in zip(groups.counts, groups.lengths, strict=True)], -1)
+        parts = logits.split(list(groups.counts), -1)
+        for piece, part, count, length in zip(
+            pieces, parts, groups.counts, groups.lengths, strict=True
+        ):
+            piece.view(*lead, count, length).copy_(part.unsqueeze(-1))
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.groups = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        groups = ctx.groups
+        lead = grad.shape[:-1]
+        pieces = grad.split([c * n for c, n in zip(groups.counts, groups.lengths, strict=True)], -1)
+        sums = [
+            piece.reshape(*lead, count, length).sum(-1)
+            for piece, count, length in zip(pieces, groups.counts, groups.lengths, strict=True)
+        ]
+        return torch.cat(sums, dim=-1), None
 
 
 def rows_of(shape: torch.Size) -> int:
@@ -107,11 +137,11 @@ def logits_per_model(granularity: Granularity, flat: FlatParameters) -> int:
     return counts[granularity]()
 
 
-def expand(logits: Tensor, granularity: Granularity, group_index: Tensor | None) -> Tensor:
+def expand(logits: Tensor, granularity: Granularity, groups: Groups | None) -> Tensor:
     """Logits per scalar parameter (the last axis), from per-parameter/-row/-tensor/-model
-    logits (``group_index``: ``FlatParameters.group_index``)."""
+    logits (``groups``: ``FlatParameters.group_index``)."""
     if granularity in ("tensor", "row"):
-        return logits.index_select(-1, group_index)
+        return _ExpandGroups.apply(logits, groups)
     return logits  # per parameter already, or (…, 1) which broadcasts
 
 

@@ -144,7 +144,9 @@ class CoefficientStep:
         self.module, self.flat, self.buffers, self.merge = module, flat, buffers, merge
         self.loss_fn, self.config, self.device = loss_fn, config, device
         self.logits = initial.clone().to(device).requires_grad_(True)
-        self.anchor = initial.to(device)
+        # The l2 pull's centre, kept only when there is a pull (it is one more coefficient-sized
+        # buffer on the device).
+        self.anchor = initial.to(device) if config.l2 else None
         self.optimizer = _optimizer(config, self.logits)
         self.group_index = flat.group_index(config.granularity)
         if config.checkpointing:
