@@ -184,16 +184,16 @@ def _data(
     """Each data source's file (header only) and per-example shape, and that shape (and
     `model.input_shape`) through the model."""
     from mergecli.data.model_check import DataUse, check_shape_against_model
-    from mergecli.data.sources import describe_source, example_shape
+    from mergecli.data.sources import describe_source, example_dtype, example_shape
     from mergecli.models import argument_names
 
     recipe = loaded.recipe
     spec = checked.model
     names = argument_names(spec.arch) if spec is not None and build is not None else []
-    shapes: list[tuple[Key, str, list[int]]] = []
+    shapes: list[tuple[Key, str, list[int], torch.dtype]] = []
     problems = []
     if recipe.model is not None and recipe.model.input_shape and build is not None:
-        shapes.append((("model", "input_shape"), "", list(recipe.model.input_shape)))
+        shapes.append((("model", "input_shape"), "", list(recipe.model.input_shape), torch.float32))
     for split in ("fit", "eval"):
         data = getattr(recipe.data, split)
         if data is None:
@@ -201,6 +201,7 @@ def _data(
         raw = data.model_dump(exclude_none=True, exclude={"batch_size"})
         try:
             shape = example_shape(raw, recipe.seed, f"data.{split}")
+            dtype = example_dtype(raw, f"data.{split}")
         except MergeCliError as exc:
             problems.append(_located(loaded, exc, ("data", split)))
             continue
@@ -209,15 +210,15 @@ def _data(
                 f"data.{split}: {describe_source(raw)} (its shape is known when it runs)"
             )
         else:
-            shapes.append((("data", split), describe_source(raw), shape))
-    for key, source, shape in shapes:
+            shapes.append((("data", split), describe_source(raw), shape, dtype))
+    for key, source, shape, dtype in shapes:
         if build is None or spec is None:
             checked.summary.append(f"{'.'.join(map(str, key))}: {source}, inputs {shape}")
             continue
         declared = spec.input_shape if key[0] == "data" else None
         use = DataUse("", source, spec.arch, declared, names)
         try:
-            check_shape_against_model(shape, build, use)
+            check_shape_against_model(shape, build, use, dtype)
         except MergeCliError as exc:
             problems.append(_located(loaded, exc, key))
             continue

@@ -16,6 +16,7 @@ from mergecli import __version__
 from mergecli.errors import MergeCliError, RecipeError
 from mergecli.io.atomic import atomic_target
 from mergecli.io.safetensors_format import write_safetensors
+from mergecli.models.forward import model_logits
 from mergecli.runtime.log import Log
 from mergecli.runtime.signals import STOP
 from mergecli.train_state import RESUME_HINT, TrainCheckpoint
@@ -188,7 +189,7 @@ def train_model(
             for i, (x, y) in enumerate(batches):
                 if i < at.position:
                     continue  # done before the resume: the same shuffle, skipped
-                logits = module(x)
+                logits = model_logits(module, x)
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
                     raise MergeCliError(
@@ -270,7 +271,9 @@ def _load_for(
 @torch.no_grad()
 def _accuracy(module, data, batch_size, device, accuracy) -> float:
     module.eval()
-    logits = torch.cat([module(x).cpu() for x, _ in data.batches(batch_size, device=device)])
+    logits = torch.cat(
+        [model_logits(module, x).cpu() for x, _ in data.batches(batch_size, device=device)]
+    )
     return accuracy(logits, data.y)
 
 

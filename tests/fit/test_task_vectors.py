@@ -210,14 +210,15 @@ def test_checkpointing_gives_the_same_gradients_on_an_mlp() -> None:
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_checkpointing_a_hugging_face_llama_gives_the_same_gradients() -> None:
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_checkpointing_a_hugging_face_llama_gives_the_same_gradients(wrapped: bool) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
     )  # fmt: skip
 
-    class Logits(torch.nn.Module):  # the model's logits alone, as the fit's losses take them
+    class Logits(torch.nn.Module):  # a model of the user's own around a transformers one
         def __init__(self, seed: int) -> None:
             super().__init__()
             torch.manual_seed(seed)
@@ -227,7 +228,10 @@ def test_checkpointing_a_hugging_face_llama_gives_the_same_gradients() -> None:
             return self.lm(ids).logits
 
     def llama(seed: int):
-        return Logits(seed)
+        if wrapped:
+            return Logits(seed)
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(config).eval()
 
     module = llama(0)
     names = [n for n, _ in module.named_parameters()]
@@ -242,7 +246,8 @@ def test_checkpointing_a_hugging_face_llama_gives_the_same_gradients() -> None:
     checkpointed_module = llama(0)
     checkpointed = gradients(checkpointed_module, flat, ids, next_token, "row", True)
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-5)
-    layers = checkpointed_module.lm.model.layers
+    inner = checkpointed_module.lm if wrapped else checkpointed_module
+    layers = inner.model.layers
     assert all(layer.gradient_checkpointing and layer.training for layer in layers)
     assert not any(m.training for m in layers[0].modules() if m is not layers[0])
 

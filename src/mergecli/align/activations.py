@@ -11,6 +11,7 @@ from torch import Tensor
 from mergecli.align.groups import PermutationSpec
 from mergecli.align.permute import StateDict
 from mergecli.errors import MergeCliError
+from mergecli.models.forward import model_arguments
 from mergecli.runtime.distributed import World
 
 
@@ -79,10 +80,13 @@ def pair_statistics(
     probe = probe_module(graph_module, nodes).eval()
     stats: dict[str, PairStatistics] = {}
     for x in batches:
+        args, kwargs = model_arguments(x)
         outputs_a = dict(
-            zip(nodes, torch.func.functional_call(probe, reference, (x,)), strict=True)
+            zip(nodes, torch.func.functional_call(probe, reference, args, kwargs), strict=True)
         )
-        outputs_b = dict(zip(nodes, torch.func.functional_call(probe, other, (x,)), strict=True))
+        outputs_b = dict(
+            zip(nodes, torch.func.functional_call(probe, other, args, kwargs), strict=True)
+        )
         for group in spec.groups:
             a, b = (
                 _units_last(out[group.activation], group.activation_axis).narrow(

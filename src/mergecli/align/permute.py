@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from mergecli.align.groups import PermutationSpec
 from mergecli.errors import MergeCliError
+from mergecli.models.forward import logits_from
 
 StateDict = dict[str, Tensor]
 Permutations = dict[str, Tensor]  # group name -> LongTensor p: new unit i is old unit p[i]
@@ -58,7 +59,7 @@ def check_spec(module: nn.Module, spec: PermutationSpec, example_input: Tensor) 
     x = example_input.double() if example_input.is_floating_point() else example_input  # ids
 
     def output(sd: StateDict) -> Tensor:
-        return torch.func.functional_call(probe, sd, (x,))
+        return logits_from(torch.func.functional_call(probe, sd, (x,)))
 
     reference = output(state)
     scale = reference.norm().clamp_min(1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch.fx as fx
@@ -85,6 +86,22 @@ def _encoder(
 _PLAIN_FORWARDS = {nn.TransformerEncoderLayer: _encoder_layer, nn.TransformerEncoder: _encoder}
 
 
+def _defaults_after_input(module: nn.Module) -> dict[str, Any]:
+    """The forward's optional arguments after the input (an attention mask, flags) at their
+    defaults: mergecli calls the model with its input alone, so the graph is traced that way
+    rather than with a proxy that an ``if mask is None`` would take for a tensor."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.kind in kinds and p.default is not inspect.Parameter.empty
+    }
+
+
 def trace(module: nn.Module) -> fx.GraphModule:
     """The module's graph (torch.fx); a submodule fx cannot trace is kept whole, and named with
     the reason in ``graph_module.meta["untraceable"]``. The model's own forward must trace."""
@@ -92,7 +109,7 @@ def trace(module: nn.Module) -> fx.GraphModule:
     while True:
         tracer = _Tracer(set(untraceable))
         try:
-            graph = tracer.trace(module)
+            graph = tracer.trace(module, concrete_args=_defaults_after_input(module))
         except Exception as exc:
             if tracer.failed is None or tracer.failed[0] in untraceable:
                 reason = " ".join(str(exc).split())[:300]

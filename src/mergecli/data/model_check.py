@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from mergecli.data.batches import TensorData
 from mergecli.errors import MergeCliError, describe
+from mergecli.models.forward import model_logits
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,10 @@ def check_against_model(data: TensorData, module: nn.Module, use: DataUse) -> No
 
 
 def check_shape_against_model(
-    shape: Sequence[int], build: Callable[[], nn.Module], use: DataUse
+    shape: Sequence[int],
+    build: Callable[[], nn.Module],
+    use: DataUse,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Inputs of ``shape`` (one example) must go through the model: tried on the model built
     on the meta device (no weights, no arithmetic); only when that fails is a real model run
@@ -49,11 +53,12 @@ def check_shape_against_model(
             module = build()
         module.eval()
         with torch.no_grad():
-            module(torch.empty(2, *shape, device="meta"))
+            model_logits(module, torch.empty(2, *shape, device="meta", dtype=dtype))
         return
     except Exception:  # noqa: S110 - confirmed or cleared on a real model below
         pass
-    zeros = TensorData(torch.zeros(2, *shape), torch.zeros(2, dtype=torch.int64))
+    # Zeros are valid token ids as well as inputs.
+    zeros = TensorData(torch.zeros(2, *shape, dtype=dtype), torch.zeros(2, dtype=torch.int64))
     _probe(zeros, build(), use)
 
 
@@ -69,7 +74,7 @@ def _probe(data: TensorData, module: nn.Module, use: DataUse) -> object:
     ]
     module.eval()
     try:
-        return module(data.x[:2].to(device))
+        return model_logits(module, data.inputs(slice(0, 2)).to(device))
     except Exception as exc:  # torch raises RuntimeError, user models anything
         layer = entered[-1] if entered else None
         first = len(entered) == 1  # the model's first layer refused the inputs

@@ -59,11 +59,17 @@ def _labels(y: Tensor, what: str, where: str) -> Tensor:
 
 
 def _inputs(x: Tensor, what: str, where: str) -> Tensor:
-    """Check inputs have a batch dimension and return them as float32."""
+    """Check inputs have a batch dimension; return real values as float32 and token ids
+    (int16/int32/int64) as int64. Bytes (uint8) and booleans are pixel-like values, as float32:
+    no vocabulary fits in a byte, while images are commonly stored as bytes."""
     if x.dim() == 0:
         raise MergeCliError(f"{where}.x: {what} is a scalar; inputs need shape (N, ...)")
     if x.is_complex():
         raise MergeCliError(f"{where}.x: {what} has complex dtype {x.dtype}; use real numbers")
+    if x.dtype in (torch.int16, torch.int32, torch.int64):
+        # Token ids index an embedding, which needs integers: a float cast breaks every model
+        # that starts with one (and loses ids above 2**24).
+        return x.to(torch.int64)
     return x.to(torch.float32)
 
 
@@ -313,26 +319,47 @@ def _tensors_example_shape(spec: Mapping[str, Any], where: str) -> list[int]:
     return list(x_shape[1:])
 
 
+def example_dtype(spec: Mapping[str, Any], where: str = "data") -> torch.dtype:
+    """The dtype the inputs of ``spec`` have once loaded (int64 token ids or float32), read
+    from a tensors file's header; float32 for the other sources."""
+    if spec.get("source") != "tensors":
+        return torch.float32
+    path = Path(str(spec.get("path"))).expanduser()
+    names = (_key(spec, "x", "x", where), _key(spec, "y", "y", where))
+    stored = _header_arrays(path, names, where)[0][1]
+    return _inputs(torch.empty(0, dtype=stored), "", where).dtype
+
+
 def _header_shapes(
     path: Path, names: tuple[str, str], where: str
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The shapes of the two named arrays, read from the file's headers alone."""
+    (x_shape, _), (y_shape, _) = _header_arrays(path, names, where)
+    return x_shape, y_shape
+
+
+def _header_arrays(
+    path: Path, names: tuple[str, str], where: str
+) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and dtype of each named array, read from the file's headers alone."""
     try:
         if path.suffix.lower() == ".safetensors":
             from mergecli.io.safetensors_format import header_entries, read_header
 
             header, start = read_header(path)
             entries = header_entries(header, start, path.stat().st_size)
-            return entries[names[0]].shape, entries[names[1]].shape
-        shapes = []
+            return [(tuple(entries[n].shape), entries[n].dtype) for n in names]
+        arrays = []
         with zipfile.ZipFile(path) as archive:
             for name in names:
                 with archive.open(f"{name}.npy") as member:
                     fmt = np.lib.format
                     first = fmt.read_magic(member) == (1, 0)
                     read = fmt.read_array_header_1_0 if first else fmt.read_array_header_2_0
-                    shapes.append(tuple(read(member)[0]))
-        return shapes[0], shapes[1]
+                    shape, _, dtype = read(member)
+                    stored = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+                    arrays.append((tuple(shape), stored))
+        return arrays
     except Exception as exc:  # safetensors, zipfile and numpy headers: many kinds of corrupt
         raise MergeCliError(
             f"{where}.path: cannot read {path} ({describe(exc)}); re-save it with "

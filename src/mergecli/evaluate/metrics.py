@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergecli.data import TensorData
+from mergecli.models.forward import model_logits
 from mergecli.runtime.distributed import current as current_world
 from mergecli.state import StateDict
 
@@ -23,10 +23,12 @@ def collect_logits(
     module.eval()
     world = current_world()
     start, end = world.part(len(data))
-    shard = data if not world.distributed else TensorData(data.x[start:end], data.y[start:end])
-    outputs = [module(x).float().cpu() for x, _ in shard.batches(batch_size, device=device)]
+    shard = data if not world.distributed else data.take(slice(start, end))
+    outputs = [
+        model_logits(module, x).float().cpu() for x, _ in shard.batches(batch_size, device=device)
+    ]
     if not outputs:  # fewer examples than ranks: an empty batch still gives the logits' width
-        outputs = [module(data.x[:0].to(device)).float().cpu()]
+        outputs = [model_logits(module, data.inputs(slice(0, 0)).to(device)).float().cpu()]
     return world.gather_rows(torch.cat(outputs))
 
 

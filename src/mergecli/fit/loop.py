@@ -18,6 +18,7 @@ from mergecli.errors import MergeCliError
 from mergecli.fit.checkpointing import bind, enable_checkpointing
 from mergecli.fit.coefficients import FlatParameters, Granularity, expand
 from mergecli.io.saved_state import StateFormat, join_optimizer, split_optimizer
+from mergecli.models.forward import functional_logits, model_logits
 from mergecli.runtime.distributed import World
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
@@ -180,9 +181,9 @@ class CoefficientStep:
                 if self._bound is None:
                     raise RuntimeError("a checkpointed step runs inside CoefficientStep.session()")
                 self._bound.enter_context(bind(self.module, weights))
-                outputs = self.module(x)
+                outputs = model_logits(self.module, x)
             else:
-                outputs = torch.func.functional_call(self.module, weights, (x,))
+                outputs = functional_logits(self.module, weights, x)
         loss = self.loss_fn(outputs.float(), index)
         if weight != 1.0:
             loss = loss * weight

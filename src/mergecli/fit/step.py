@@ -36,6 +36,7 @@ from mergecli.fit.start import (
     start_problems,
 )
 from mergecli.models.batchnorm import batch_norms
+from mergecli.models.forward import functional_logits, model_logits
 from mergecli.recipe.schema import Recipe, StepParams, StepSpec, shown_default
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
@@ -242,7 +243,7 @@ def _prepare(state: MergeState, params: FitParams, module: nn.Module, names: lis
     device = state.device
     seed = params.seed if params.seed is not None else state.loaded.recipe.seed
     data = _subset(state.data("fit"), params.fraction, seed)
-    indexed = TensorData(data.x, torch.arange(len(data)))
+    indexed = data.with_labels(torch.arange(len(data)))
     if device.type == "cuda":
         indexed = indexed.pin_memory()
     _set_fit_mode(module)
@@ -381,7 +382,7 @@ def _fit_loss_of(state, module, buffers, data, loss_fn, config) -> Callable[[Sta
     the fit's mode and precision (with several ranks, each its share, summed)."""
     world = current_world()
     start, end = world.part(len(data))
-    shard = TensorData(data.x[start:end], data.y[start:end])
+    shard = data.take(slice(start, end))
     autocast = config.autocast
 
     @torch.no_grad()
@@ -392,7 +393,7 @@ def _fit_loss_of(state, module, buffers, data, loss_fn, config) -> Callable[[Sta
             with torch.autocast(
                 state.device.type, autocast or torch.float32, enabled=bool(autocast)
             ):
-                outputs = torch.func.functional_call(module, weights, (x,))
+                outputs = functional_logits(module, weights, x)
             total += loss_fn(outputs.float(), index).double() * len(index)
         return float(world.all_reduce_(total)) / len(data)
 
@@ -613,7 +614,7 @@ def _mean_softmax(state: MergeState, data: TensorData, models: list) -> Tensor:
         module.load_state_dict(checkpoint.tensors)
         probs = torch.cat(
             [
-                F.softmax(module(x).float(), dim=1).cpu()
+                F.softmax(model_logits(module, x).float(), dim=1).cpu()
                 for x, _ in data.batches(state.batch_size("fit"), device=state.device)
             ]
         )
@@ -635,7 +636,7 @@ def _validator(state, module, flat, buffers, merge, params):
     data = state.data("eval")
     world = current_world()
     start, end = world.part(len(data))
-    shard = TensorData(data.x[start:end], data.y[start:end])
+    shard = data.take(slice(start, end))
     index = flat.group_index(params.granularity)
     # The fit runs BatchNorm in train mode, so a model with BatchNorm is validated on a module
     # of its own in eval mode; any other on the fit's module, in eval mode already.
@@ -655,9 +656,9 @@ def _validator(state, module, flat, buffers, merge, params):
         sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # loss, correct
         for x, y in shard.batches(state.batch_size("eval"), device=state.device):
             if evaluated is None:
-                outputs = torch.func.functional_call(module, weights, (x,)).float()
+                outputs = functional_logits(module, weights, x).float()
             else:
-                outputs = evaluated(x).float()
+                outputs = model_logits(evaluated, x).float()
             sums[0] += F.cross_entropy(outputs, y, reduction="sum")
             sums[1] += (outputs.argmax(1) == y).sum()
         loss, correct = world.all_reduce_(sums).tolist()
@@ -706,7 +707,7 @@ def _subset(data: TensorData, fraction: float | None, seed: int) -> TensorData:
     count = max(1, round(fraction * len(data)))
     chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
     chosen = chosen.sort().values
-    return TensorData(data.x[chosen], data.y[chosen])
+    return data.take(chosen)
 
 
 def _compute_dtype(state: MergeState) -> torch.dtype:

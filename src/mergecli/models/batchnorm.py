@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mergecli.errors import MergeCliError
+from mergecli.models.forward import call_model
 
 StateDict = dict[str, Tensor]
 
@@ -48,9 +49,9 @@ def reset_batchnorm_stats(module: nn.Module, inputs: Iterable[Tensor]) -> tuple[
     for x in inputs:
         # A one-example batch has no variance (BatchNorm1d refuses it); it can only be the
         # ragged last batch, so dropping it loses nothing.
-        if x.shape[0] < 2:
+        if len(x) < 2:
             continue
-        module(x)
+        call_model(module, x)
         used += 1
     module.eval()
     if used == 0:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mergecli.errors import MergeCliError
+from mergecli.models.forward import call_model
 
 StateDict = dict[str, Tensor]
 
@@ -107,7 +108,7 @@ def collect_stats(
         for x in inputs:
             batches += 1
             with contextlib.suppress(_StopForward):
-                module(x)
+                call_model(module, x)
     finally:
         for handle in handles:
             handle.remove()
