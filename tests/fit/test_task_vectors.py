@@ -18,6 +18,7 @@ from mergecli.fit.coefficients import (
     expand,
     joint_merge,
     logits_per_model,
+    merged_weights,
     pairwise_merge,
     task_vector_merge,
 )
@@ -113,6 +114,27 @@ def test_the_fit_starts_exactly_at_the_start_merge(finetuned_triple) -> None:
     )
     for name in names:
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6)
+
+
+def test_merging_tensor_by_tensor_is_the_fused_merge_and_gradient(finetuned_triple) -> None:
+    base, tuned, names = triple(finetuned_triple)
+    start = start_merge("ties", {"density": 0.3}, base, tuned, torch.ones(2), names)
+    flat = FlatParameters.stack(
+        [start.merged, *(TaskVectors(t, base) for t in tuned)], names, torch.device("cpu")
+    )
+    for granularity in ("row", "tensor", "model"):
+        groups = flat.group_index(granularity)
+        deltas = torch.randn(2, logits_per_model(granularity, flat), requires_grad=True)
+        fused = flat.views(task_vector_merge(flat.thetas, expand(deltas, granularity, groups)))
+        by_tensor = merged_weights(flat, task_vector_merge, deltas, granularity, groups)
+        weights = {n: torch.randn_like(t) for n, t in fused.items()}
+        grads = [
+            torch.autograd.grad(sum((m[n] * weights[n]).sum() for n in names), deltas)[0]
+            for m in (fused, by_tensor)
+        ]
+        for name in names:
+            torch.testing.assert_close(by_tensor[name], fused[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-4)
 
 
 # --- granularity row --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ buffer promote to float32).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 Granularity = Literal["parameter", "row", "tensor", "model"]
+MergeFn = Callable[[Tensor, Tensor], Tensor]  # (stacked flat parameters, logits per scalar)
 
 
 @dataclass
@@ -164,6 +165,42 @@ def task_vector_merge(thetas: Tensor, deltas: Tensor) -> Tensor:
     start = base + sum_i c0_i * tau_i, so the coefficients are c_i = c0_i + delta_i and
     delta = 0 is the start merge exactly."""
     return thetas[0] + (deltas * thetas[1:]).sum(dim=0)
+
+
+def task_vector_merge_by_tensor(
+    flat: FlatParameters, deltas: Tensor, granularity: Granularity
+) -> dict[str, Tensor]:
+    """``task_vector_merge`` tensor by tensor, each model's per-row, per-tensor or per-model
+    delta broadcast over its scalars rather than expanded to them: the temporaries are one
+    tensor's N copies at a time instead of N x P floats (what lets a 7B model fit a GPU)."""
+    merged = {}
+    rows = flat.rows
+    offset, row_offset = 0, 0
+    for i, (name, shape) in enumerate(zip(flat.names, flat.shapes, strict=True)):
+        size = shape.numel()
+        part = flat.thetas[:, offset : offset + size]
+        if granularity == "row":
+            d = deltas[:, row_offset : row_offset + rows[i]].unsqueeze(-1)  # (N, rows, 1)
+            part = part.reshape(len(part), rows[i], -1)
+        else:
+            d = deltas[:, i : i + 1] if granularity == "tensor" else deltas  # (N, 1)
+        merged[name] = (part[0] + (d * part[1:]).sum(dim=0)).reshape(shape)
+        offset, row_offset = offset + size, row_offset + rows[i]
+    return merged
+
+
+def merged_weights(
+    flat: FlatParameters,
+    merge: MergeFn,
+    logits: Tensor,
+    granularity: Granularity,
+    groups: Groups | None,
+) -> dict[str, Tensor]:
+    """The merged parameters by name: tensor by tensor over task vectors at a coarser
+    granularity than ``parameter``, else in one fused pass over the flat buffers."""
+    if merge is task_vector_merge and granularity != "parameter":
+        return task_vector_merge_by_tensor(flat, logits, granularity)
+    return flat.views(merge(flat.thetas, expand(logits, granularity, groups)))
 
 
 def coefficient_values(logits: Tensor, multi: Literal["pairwise", "joint"]) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
 from mergecli.fit.checkpointing import bind, enable_checkpointing
-from mergecli.fit.coefficients import FlatParameters, Granularity, expand
+from mergecli.fit.coefficients import FlatParameters, Granularity, merged_weights
 from mergecli.io.saved_state import StateFormat, join_optimizer, split_optimizer
 from mergecli.models.forward import functional_logits, model_logits
 from mergecli.runtime.distributed import World
@@ -171,12 +171,12 @@ class CoefficientStep:
     ) -> Tensor:
         """The loss of the batch ``x``; ``weight`` scales the task loss (a rank's share of the
         global batch), ``regularise`` adds the l2 pull (once per step, not once per rank)."""
-        merged = self.merge(
-            self.flat.thetas, expand(self.logits, self.config.granularity, self.group_index)
+        merged = merged_weights(
+            self.flat, self.merge, self.logits, self.config.granularity, self.group_index
         )
         autocast = self.config.autocast
         with torch.autocast(self.device.type, autocast or torch.float32, enabled=bool(autocast)):
-            weights = {**self.flat.views(merged), **self.buffers}
+            weights = {**merged, **self.buffers}
             if self.config.checkpointing:
                 if self._bound is None:
                     raise RuntimeError("a checkpointed step runs inside CoefficientStep.session()")

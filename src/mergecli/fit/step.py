@@ -18,10 +18,10 @@ from mergecli.errors import MergeCliError
 from mergecli.fit.coefficients import (
     FlatParameters,
     coefficient_values,
-    expand,
     joint_merge,
     logit,
     logits_per_model,
+    merged_weights,
     pairwise_merge,
     task_vector_merge,
 )
@@ -645,8 +645,8 @@ def _validator(state, module, flat, buffers, merge, params):
 
     @torch.no_grad()
     def validate(logits: Tensor) -> dict[str, float]:
-        merged = merge(flat.thetas, expand(logits, params.granularity, index))
-        weights = {**flat.views(merged), **buffers}
+        merged = merged_weights(flat, merge, logits, params.granularity, index)
+        weights = {**merged, **buffers}
         if evaluated is not None:
             if resets:
                 batchnorm_statistics(state, evaluated, weights, batches, "fit: validated model")
