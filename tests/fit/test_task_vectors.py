@@ -4,6 +4,8 @@ another dtype, activation checkpointing, and the step as users run it with `role
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -403,3 +405,15 @@ def test_start_without_a_base_is_one_line(tmp_path, finetuned_triple) -> None:
         result = run_cli("run", str(task_vector_recipe(tmp_path, finetuned_triple, fit)))
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
         assert f"{recipe}:11: steps.0.fit.start_params.{message}" in result.stderr
+
+
+def test_the_readme_quotes_the_memory_scripts_table() -> None:
+    root = Path(__file__).parents[2]
+    printed = subprocess.run(
+        [sys.executable, str(root / "scripts" / "fit_memory.py")],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    readme = (root / "README.md").read_text()
+    quoted = readme.split("<!-- fit_memory -->\n")[1].split("<!-- /fit_memory -->")[0]
+    rows = quoted.strip().splitlines()
+    assert len(rows) >= 9 and all(row in printed for row in rows)

@@ -163,8 +163,9 @@ def task_vector_merge(thetas: Tensor, deltas: Tensor) -> Tensor:
     """Learned coefficients over task vectors (AdaMerging, Yang et al., 2024, per parameter):
     start + sum_i delta_i * tau_i, with ``thetas`` = [start, tau_1, ..., tau_N] and
     start = base + sum_i c0_i * tau_i, so the coefficients are c_i = c0_i + delta_i and
-    delta = 0 is the start merge exactly."""
-    return thetas[0] + (deltas * thetas[1:]).sum(dim=0)
+    delta = 0 is the start merge exactly. The result comes in the stack's dtype: bf16 weights
+    on CUDA, which the bf16 forward would round them to anyway, at half the memory."""
+    return (thetas[0] + (deltas * thetas[1:]).sum(dim=0)).to(thetas.dtype)
 
 
 def task_vector_merge_by_tensor(
@@ -184,7 +185,7 @@ def task_vector_merge_by_tensor(
             part = part.reshape(len(part), rows[i], -1)
         else:
             d = deltas[:, i : i + 1] if granularity == "tensor" else deltas  # (N, 1)
-        merged[name] = (part[0] + (d * part[1:]).sum(dim=0)).reshape(shape)
+        merged[name] = (part[0] + (d * part[1:]).sum(dim=0)).reshape(shape).to(part.dtype)
         offset, row_offset = offset + size, row_offset + rows[i]
     return merged
 

@@ -302,6 +302,7 @@ def _fit_task_vectors(
     they lower the fit loss below the start's on the same batches."""
     device = state.device
     seed, data, indexed, buffers = _prepare(state, params, module, names)
+    _release_own_weights(module, names)
     base = state.base.tensors
     sources = [m.aligned_or_original for m in models]
     weights = torch.tensor([float(m.spec.weight) for m in models])
@@ -369,6 +370,16 @@ def _fit_task_vectors(
         "seconds": round(outcome.seconds, 3),
     }
     return ends
+
+
+def _release_own_weights(module: nn.Module, names: list[str]) -> None:
+    """Free the module's own initial weights: every call of the fit gives it the merged ones
+    (functional_call, or bound for checkpointing), so they would only take one more copy of
+    the model on the device."""
+    parameters = dict(module.named_parameters())
+    for name in names:
+        parameter = parameters[name]
+        parameter.data = parameter.data.new_empty(0)
 
 
 def _plus(c0: Tensor, delta: Tensor) -> Tensor:
