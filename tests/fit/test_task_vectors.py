@@ -279,7 +279,9 @@ def test_checkpointing_a_hugging_face_llama_gives_the_same_gradients(wrapped: bo
 # --- the step, as users run it ------------------------------------------------------------------
 
 
-def task_vector_recipe(tmp_path: Path, paths, fit: str, name: str = "recipe.yaml") -> Path:
+def task_vector_recipe(
+    tmp_path: Path, paths, fit: str, name: str = "recipe.yaml", extra: str = ""
+) -> Path:
     base, a, b = paths
     recipe = tmp_path / name
     recipe.write_text(
@@ -295,7 +297,7 @@ data:
   fit: {{source: mnist, split: "3000:3600", batch_size: 100}}
 steps:
   - fit: {fit}
-output: {{dir: {tmp_path / "out"}}}
+{extra}output: {{dir: {tmp_path / "out"}}}
 """
     )
     return recipe
@@ -308,9 +310,14 @@ def report(out: Path) -> dict:
 @pytest.mark.slow
 def test_ties_start_fit_beats_ties_and_reapplies_bit_identical(tmp_path, finetuned_triple) -> None:
     fit = "{start: ties, start_params: {density: 0.3}, granularity: row, steps: 30, lr: 0.02}"
-    recipe = task_vector_recipe(tmp_path, finetuned_triple, fit)
+    analyze = "  - analyze: {method: coefficients}\n"
+    recipe = task_vector_recipe(tmp_path, finetuned_triple, fit, extra=analyze)
     result = run_cli("--log", "plain", "run", str(recipe), check=True)
     out = tmp_path / "out"
+    shown = report(out)["analysis"]["coefficients"]
+    assert shown["multi"] == "task_vectors" and len(shown["layers"]) == 6 * 2
+    first = shown["layers"][0]
+    assert first["tensor"] == "layers.0.weight [ft1]" and sum(first["histogram"]) == 32 * 784
     fitted = report(out)["fit"]
     assert fitted["start"] == {"method": "ties", "params": {"density": 0.3}}
     assert fitted["kept"] == "fit" and fitted["fit_loss"]["end"] < fitted["fit_loss"]["start"]
@@ -345,7 +352,7 @@ def test_ties_start_fit_beats_ties_and_reapplies_bit_identical(tmp_path, finetun
         assert f.metadata()["mergecli.multi"] == "task_vectors"
     saved = tmp_path / "saved.safetensors"
     saved.write_bytes((out / "coefficients.safetensors").read_bytes())
-    recipe.write_text(recipe.read_text().replace(fit, f"{{from: {saved}}}"))
+    recipe.write_text(recipe.read_text().replace(fit, f"{{from: {saved}}}").replace(analyze, ""))
     run_cli("run", str(recipe), check=True)
     again = load_file(out / "model.safetensors")
     assert all(torch.equal(again[k], model[k]) for k in model)
