@@ -11,10 +11,11 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, so that installing mergecli (torch>=2.2) does not pull a different build.
+# torch first, so that installing mergecli (torch>=2.2) and transformers (the hf extra, which
+# the tests use) does not pull a different build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,hf]"
 	touch $@
 
 runs/mlp8-seed%.safetensors: | $(VENV)/.installed

@@ -249,3 +249,25 @@ def permuted_copy(
     state = model.state_dict()
     perms = random_permutations(spec, torch.Generator().manual_seed(seed))
     return model, x, spec, state, apply_permutations(state, spec, perms)
+
+
+def stdlib_text(chars: int = 6000, module: str = "textwrap") -> str:
+    """Real text nobody here wrote, on every machine: the start of a CPython stdlib module."""
+    import importlib
+
+    return Path(importlib.import_module(module).__file__).read_text(encoding="utf-8")[:chars]
+
+
+def train_tokenizer(folder: Path, text: str, vocab_size: int = 120) -> Path:
+    """A small BPE tokenizer trained on ``text`` with `tokenizers`, saved as a model directory
+    saves it: tokenizer.json and tokenizer_config.json (EOS ``</s>``). Returns ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>"])
+    tokenizer.train_from_iterator(text.splitlines(), trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,20 @@ import torch
 from mergecli import __version__
 from mergecli.errors import MergeCliError
 from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
-from mergecli.io.lazy import LazyTensors
+from mergecli.io.lazy import LazyTensors, tensor_dtype
 from mergecli.io.output_dir import STATE, OutputDir
 from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.writer import ShardWriter
 from mergecli.model_card import CARD_NAME, model_card
 from mergecli.models.metadata import model_metadata
-from mergecli.preflight import Checked, check_inputs, check_tensors, needs_a_model, reference_index
+from mergecli.preflight import (
+    Checked,
+    check_inputs,
+    check_tensors,
+    data_specs,
+    needs_a_model,
+    reference_index,
+)
 from mergecli.recipe import LoadedRecipe
 from mergecli.registry import changes_weights, methods_of
 from mergecli.report import render_report
@@ -102,7 +110,8 @@ def input_paths(loaded: LoadedRecipe) -> list[Path]:
     """Every file the recipe reads: the recipe, checkpoints, data files, saved alignments."""
     recipe = loaded.recipe
     paths = [Path(loaded.source)] + [Path(c.path) for c in recipe.checkpoints]
-    paths += [Path(s.path) for s in (recipe.data.fit, recipe.data.eval) if s and s.path]
+    specs = [spec for _, spec in data_specs(recipe)]
+    paths += [Path(p) for s in specs for p in (s.path, s.tokenizer) if p]
     paths += [Path(p) for s in loaded.steps if (p := getattr(s.params, "from_", None))]
     return paths
 
@@ -208,10 +217,40 @@ def _check_finite(path: str, tensors: StateDict) -> None:
 def _check_checkpoints_fit(state: MergeState) -> None:
     """Load every checkpoint into the module once, so a misfit is reported before any work."""
     from mergecli.models import load_into_model
+    from mergecli.models.loading import tied_names
 
     module = state.build_module()
+    tied = tied_names(module)
+    dropped: set[str] = set()
     for checkpoint in state.checkpoints:
+        dropped |= _one_name_per_tied_tensor(tied, checkpoint)
         load_into_model(module, checkpoint.tensors, checkpoint.spec.path)
+    if dropped:
+        state.log.info(
+            f"{', '.join(repr(n) for n in sorted(dropped))}: the model ties it to another "
+            "tensor the checkpoints hold with the same values; merged as that one tensor and "
+            "written once, as save_pretrained writes tied weights"
+        )
+
+
+def _one_name_per_tied_tensor(tied: dict[str, list[str]], checkpoint: Checkpoint) -> set[str]:
+    """A checkpoint that holds one tied tensor under several names (e.g. a language model's
+    token embeddings and its output layer, both written) keeps it under the first only: a
+    model calls both with one tensor, and steps that give it both would give two."""
+    dropped = set()
+    for group in {tuple(group) for group in tied.values()}:
+        held = [name for name in group if name in checkpoint.tensors]
+        for other in held[1:]:
+            if not torch.equal(checkpoint.tensors[held[0]], checkpoint.tensors[other]):
+                raise MergeCliError(
+                    f"{checkpoint.spec.path}: holds '{held[0]}' and '{other}' with different "
+                    "values, but the model ties them (one tensor under both names, e.g. by "
+                    "config.json's tie_word_embeddings); untie them in the model's config, or "
+                    "save the checkpoint with one of them"
+                )
+            del checkpoint.tensors[other]
+            dropped.add(other)
+    return dropped
 
 
 def output_metadata(state: MergeState) -> dict[str, str]:
@@ -319,7 +358,7 @@ MODEL_FILES = (
 
 def copy_model_files(state: MergeState, out_dir: Path) -> list[Path]:
     """An input that is a model directory makes the output one: copy its config and tokenizer
-    (from the base model, else the reference)."""
+    (from the base model, else the reference), the config's dtype the one written."""
     source = state.base or state.reference
     folder = Path(source.spec.path)
     if not (folder.is_dir() and (folder / "config.json").is_file()):
@@ -327,9 +366,42 @@ def copy_model_files(state: MergeState, out_dir: Path) -> list[Path]:
     copied = []
     for name in MODEL_FILES:
         if (folder / name).is_file():
-            shutil.copyfile(folder / name, out_dir / name)
+            if name == "config.json":
+                _write_config(folder / name, out_dir / name, _written_dtype(state))
+            else:
+                shutil.copyfile(folder / name, out_dir / name)
             copied.append(out_dir / name)
     return copied
+
+
+def _written_dtype(state: MergeState) -> torch.dtype | None:
+    """The dtype of the output's floating-point tensors (the most common one, if mixed)."""
+    dtype = OUTPUT_DTYPES.get(state.loaded.recipe.output.dtype)
+    if dtype is not None:
+        return dtype
+    # A streamed merge has written the reference's dtypes; a fit's dict holds its own.
+    tensors = state.merged if isinstance(state.merged, dict) else state.layout
+    counts = Counter(tensor_dtype(tensors, n) for n in tensors)
+    floating = [d for d, _ in counts.most_common() if d.is_floating_point]
+    return floating[0] if floating else None
+
+
+def _write_config(source: Path, target: Path, dtype: torch.dtype | None) -> None:
+    """config.json as it is, but for the dtype it names (transformers loads the weights in
+    that dtype by default): set to ``dtype``, the one the weights are written in."""
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    # transformers 5 writes "dtype", 4.x "torch_dtype"; only a key the file has is changed.
+    keys = [k for k in ("dtype", "torch_dtype") if isinstance(config, dict) and k in config]
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    if name is None or all(config[k] == name for k in keys):
+        shutil.copyfile(source, target)
+        return
+    for key in keys:
+        config[key] = name
+    target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _plain(value: Any) -> Any:

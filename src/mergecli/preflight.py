@@ -18,6 +18,7 @@ from mergecli.errors import MergeCliError, RecipeError
 from mergecli.io import checkpoint_sha256, read_metadata
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.recipe import LoadedRecipe, ModelSpec
+from mergecli.recipe.schema import DataSpec, Recipe
 from mergecli.registry import methods_of
 from mergecli.state import Checkpoint
 
@@ -117,6 +118,8 @@ def _model(
     device and checked against the ``against`` checkpoints; returns how to build it (None: no
     model, or none that builds). ``checkpoints`` is empty when some could not be read."""
     from mergecli.models import build_model, check_fits
+    from mergecli.models.hf import model_directory
+    from mergecli.models.loading import tied_names
     from mergecli.models.metadata import model_from_metadata
 
     recipe = loaded.recipe
@@ -138,8 +141,11 @@ def _model(
     if spec is None:
         return None
 
+    paths = [c.path for c in recipe.checkpoints]
+    folder = model_directory(paths[reference_index(recipe.checkpoints)]) if paths else None
+
     def build() -> nn.Module:
-        return build_model(spec.arch, spec.args)
+        return build_model(spec.arch, spec.args, model_dir=folder)
 
     try:
         module = _on_meta(build)
@@ -151,11 +157,12 @@ def _model(
         return None
     if recipe.model is not None or needed:
         expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+        tied = tied_names(module)
         fits = bool(against)
         for checkpoint in against:
             given = {n: tensor_shape(checkpoint.tensors, n) for n in checkpoint.tensors}
             try:
-                check_fits(expected, given, checkpoint.spec.path)
+                check_fits(expected, given, checkpoint.spec.path, tied=tied)
             except MergeCliError as exc:
                 fits = False
                 # The recipe's model is what to change; else the checkpoint that names it.
@@ -185,6 +192,7 @@ def _data(
     `model.input_shape`) through the model."""
     from mergecli.data.model_check import DataUse, check_shape_against_model
     from mergecli.data.sources import describe_source, example_dtype, example_shape
+    from mergecli.data.text import with_default_tokenizer
     from mergecli.models import argument_names
 
     recipe = loaded.recipe
@@ -194,23 +202,23 @@ def _data(
     problems = []
     if recipe.model is not None and recipe.model.input_shape and build is not None:
         shapes.append((("model", "input_shape"), "", list(recipe.model.input_shape), torch.float32))
-    for split in ("fit", "eval"):
-        data = getattr(recipe.data, split)
-        if data is None:
-            continue
+    for key, data in data_specs(recipe):
+        where = ".".join(key)
         raw = data.model_dump(exclude_none=True, exclude={"batch_size"})
+        if recipe.checkpoints:
+            reference = recipe.checkpoints[reference_index(recipe.checkpoints)].path
+            raw = with_default_tokenizer(raw, reference)
         try:
-            shape = example_shape(raw, recipe.seed, f"data.{split}")
-            dtype = example_dtype(raw, f"data.{split}")
+            shape = example_shape(raw, recipe.seed, where)
         except MergeCliError as exc:
-            problems.append(_located(loaded, exc, ("data", split)))
+            problems.append(_located(loaded, exc, key))
             continue
         if shape is None:
             checked.summary.append(
-                f"data.{split}: {describe_source(raw)} (its shape is known when it runs)"
+                f"{where}: {describe_source(raw)} (its shape is known when it runs)"
             )
         else:
-            shapes.append((("data", split), describe_source(raw), shape, dtype))
+            shapes.append((key, describe_source(raw), shape, example_dtype(raw, where)))
     for key, source, shape, dtype in shapes:
         if build is None or spec is None:
             checked.summary.append(f"{'.'.join(map(str, key))}: {source}, inputs {shape}")
@@ -227,6 +235,18 @@ def _data(
             "the model"
         )
     return problems
+
+
+def data_specs(recipe: Recipe) -> list[tuple[tuple[str, ...], DataSpec]]:
+    """The recipe's data specs with their keys: data.fit, data.eval or each data.eval.NAME."""
+    specs: list[tuple[tuple[str, ...], DataSpec]] = []
+    if recipe.data.fit is not None:
+        specs.append((("data", "fit"), recipe.data.fit))
+    if isinstance(recipe.data.eval, dict):
+        specs += [(("data", "eval", name), s) for name, s in recipe.data.eval.items()]
+    elif recipe.data.eval is not None:
+        specs.append((("data", "eval"), recipe.data.eval))
+    return specs
 
 
 def _located(loaded: LoadedRecipe, exc: MergeCliError, key: Key) -> str:

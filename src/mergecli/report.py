@@ -101,6 +101,13 @@ def markdown(report: dict[str, Any]) -> str:
         last = fit["stages"][-1]["history"][-1] if fit["stages"][-1]["history"] else {}
         accuracy = f", last validation accuracy {100 * last['val_accuracy']:.2f}%" if (
             "val_accuracy" in last) else ""  # fmt: skip
+        perplexities = {k: v for k, v in last.items()
+                        if k.startswith("val_") and k.endswith("perplexity")}  # fmt: skip
+        if perplexities:
+            accuracy += ", last validation perplexity " + ", ".join(
+                f"{k[4 : -len('perplexity')].rstrip('_') or 'data.eval'} {v:.2f}"
+                for k, v in perplexities.items()
+            )
         lines += ["## Fit", "", f"`{fit['method']}` ({fit['granularity']}, {fit['multi']}), "
                   f"{sum(s['steps'] for s in fit['stages'])} steps in {fit['seconds']:.1f} s on "
                   f"{fit['examples']} examples{accuracy}.", ""]  # fmt: skip
@@ -138,24 +145,53 @@ def _repair(repair: dict[str, Any]) -> list[str]:
 
 def evaluation_section(evaluation: dict[str, Any]) -> list[str]:
     """The evaluate step's table (and per-class accuracies) as Markdown lines."""
+    if evaluation.get("method") == "language_model":
+        return _language_model_section(evaluation)
     rows = evaluation["results"]
-    lines = ["## Evaluation", "", f"On data.{evaluation['split']} ({evaluation['examples']} "
-             "examples).", ""]  # fmt: skip
+    sets = evaluation.get("sets")
+    on = (
+        ", ".join(f"{name} ({count} examples)" for name, count in sets.items())
+        if sets
+        else f"{evaluation['examples']} examples"
+    )
+    lines = ["## Evaluation", "", f"On data.{evaluation['split']}: {on}." if sets else
+             f"On data.{evaluation['split']} ({on}).", ""]  # fmt: skip
+    first = ["set"] if sets else []
     lines += _table(
-        ["model", "kind", "accuracy", "loss", "ECE", "Δ vs best endpoint (pts)",
+        [*first, "model", "kind", "accuracy", "loss", "ECE", "Δ vs best endpoint (pts)",
          "Δ vs ensemble (pts)"],
-        [[r["name"], r["kind"], f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}",
+        [[*([r.get("set", "")] if sets else []), r["name"], r["kind"],
+          f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}",
           f"{r['ece']:.3f}" if "ece" in r else "", _points(r.get("delta_vs_best_endpoint")),
           _points(r.get("delta_vs_ensemble"))] for r in rows],
     )  # fmt: skip
     classes = sorted({c for r in rows for c in r.get("per_class_accuracy", {})}, key=int)
     if classes:
         lines += ["Accuracy per class (%):", ""]
-        lines += _table(["model", *[str(c) for c in classes]],
-                        [[r["name"], *[f"{100 * r['per_class_accuracy'][c]:.1f}"
+        lines += _table([*first, "model", *[str(c) for c in classes]],
+                        [[*([r.get("set", "")] if sets else []), r["name"],
+                          *[f"{100 * r['per_class_accuracy'][c]:.1f}"
                                        if c in r["per_class_accuracy"] else "" for c in classes]]
                          for r in rows])  # fmt: skip
     return lines
+
+
+def _language_model_section(evaluation: dict[str, Any]) -> list[str]:
+    """The language-model evaluation: cross-entropy and perplexity per set, per model."""
+    sets = evaluation["sets"]
+    on = ", ".join(f"{name} ({s['tokens']} tokens)" for name, s in sets.items())
+    lines = ["## Evaluation", "", f"Next-token cross-entropy (CE) and perplexity on data.eval: "
+             f"{on}.", ""]  # fmt: skip
+    headers = ["model", "kind"]
+    headers += [h for name in sets for h in (f"{name} CE", f"{name} ppl")]
+    rows = [
+        [r["name"], r["kind"]]
+        + [v for name in sets for v in (f"{r['sets'][name]['loss']:.4f}",
+                                         f"{r['sets'][name]['perplexity']:.2f}")]
+        + [f"{r['mean_perplexity']:.2f}"]
+        for r in evaluation["results"]
+    ]  # fmt: skip
+    return lines + _table([*headers, "mean ppl"], rows)
 
 
 def _interpolation(data: dict[str, Any]) -> list[str]:

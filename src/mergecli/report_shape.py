@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     ValidationError,
     model_validator,
 )
@@ -101,7 +103,41 @@ class Result(Shape):
 class Evaluate(Shape):
     split: Any
     examples: Any
+    sets: dict[str, Any] = Field(default=None)  # several named eval sets: a `set` per row
     results: list[Result]
+
+
+class SetScore(Shape):
+    loss: Number
+    perplexity: Number
+
+
+class LanguageModelResult(Shape):
+    name: Any
+    kind: Any
+    sets: dict[str, SetScore]
+    mean_perplexity: Number
+
+
+class TokenSet(Shape):
+    tokens: int
+
+
+class LanguageModelEvaluate(Shape):
+    method: Literal["language_model"]
+    sets: dict[str, TokenSet] = Field(min_length=1)
+    results: list[LanguageModelResult]
+
+    @model_validator(mode="after")
+    def _every_set_scored(self) -> LanguageModelEvaluate:
+        for row in self.results:
+            if set(row.sets) != set(self.sets):
+                raise ValueError(f"results: {row.name!r} is not scored on every set")
+        return self
+
+
+def _evaluate_form(value: Any) -> str:
+    return "language_model" if isinstance(value, dict) and "method" in value else "classification"
 
 
 class Curve(Shape):
@@ -251,7 +287,11 @@ class Report(Shape):
     align: Align = Field(default=None)
     repair: Repair = Field(default=None)
     fit: Fit = Field(default=None)
-    evaluate: Evaluate = Field(default=None)
+    evaluate: Annotated[
+        Annotated[Evaluate, Tag("classification")]
+        | Annotated[LanguageModelEvaluate, Tag("language_model")],
+        Discriminator(_evaluate_form),
+    ] = Field(default=None)
     analysis: dict[str, dict[str, Any]] = {}
 
 

@@ -100,28 +100,56 @@ class MergeState:
     def build_module(self) -> nn.Module:
         """A fresh module of the recipe's architecture, on the run's device."""
         from mergecli.models import build_model
+        from mergecli.models.hf import model_directory
 
         if self.model_spec is None:
             raise MergeCliError(
                 f"{self.loaded.source}: this step needs `model: {{arch: ..., args: ...}}`, and the "
                 "checkpoints do not say which architecture they are (not written by mergecli)"
             )
-        return build_model(self.model_spec.arch, self.model_spec.args).to(self.device)
+        spec, folder = self.model_spec, model_directory(self.reference.spec.path)
+        return build_model(spec.arch, spec.args, model_dir=folder).to(self.device)
 
     def data(self, split: Literal["fit", "eval"]) -> Any:
         """The recipe's ``data.fit`` or ``data.eval``, loaded once and checked against the model
-        (every step that runs the model on data gets it here)."""
-        from mergecli.data import load_data
+        (every step that runs the model on data gets it here). A step that reads one eval set
+        refuses a recipe with several (`eval_sets` gives them all)."""
+        if split == "eval":
+            specs = self.loaded.recipe.data.eval_specs()
+            if len(specs) > 1:  # the pipeline's prefix names the step
+                raise MergeCliError(
+                    f"data.eval: this step reads one eval set, the recipe names {len(specs)} "
+                    f"({', '.join(specs)}); give data.eval one set for it"
+                )
+            return self._load("eval", next(iter(specs.values()), None), "data.eval")
+        return self._load("fit", self.loaded.recipe.data.fit, "data.fit")
 
-        if split not in self._data:
-            spec = getattr(self.loaded.recipe.data, split)
+    def eval_sets(self) -> dict[str, Any]:
+        """Every set of ``data.eval`` by name, loaded and checked (one unnamed set: ``eval``)."""
+        specs = self.loaded.recipe.data.eval_specs()
+        if not specs:
+            raise MergeCliError(f"{self.loaded.source}: this step needs data.eval")
+        if not isinstance(self.loaded.recipe.data.eval, dict):
+            return {"eval": self.data("eval")}
+        return {
+            name: self._load(f"eval.{name}", spec, f"data.eval.{name}")
+            for name, spec in specs.items()
+        }
+
+    def _load(self, key: str, spec: Any, where: str) -> Any:
+        """Load the data ``spec`` once (by ``key``) and check it against the model."""
+        from mergecli.data import load_data
+        from mergecli.data.text import with_default_tokenizer
+
+        if key not in self._data:
             if spec is None:
-                raise MergeCliError(f"{self.loaded.source}: this step needs data.{split}")
+                raise MergeCliError(f"{self.loaded.source}: this step needs {where}")
             raw = spec.model_dump(exclude_none=True, exclude={"batch_size"})
-            data = load_data(raw, seed=self.loaded.recipe.seed, where=f"data.{split}")
-            self._check_against_model(data, raw, f"data.{split}")
-            self._data[split] = data
-        return self._data[split]
+            raw = with_default_tokenizer(raw, self.reference.spec.path)
+            data = load_data(raw, seed=self.loaded.recipe.seed, where=where)
+            self._check_against_model(data, raw, where)
+            self._data[key] = data
+        return self._data[key]
 
     def _check_against_model(self, data: TensorData, raw: Mapping[str, Any], where: str) -> None:
         """Inputs the model cannot take or labels it has no output for fail here, in one line,
@@ -143,14 +171,21 @@ class MergeState:
         if spec is not None and spec.input_shape:
             generator = torch.Generator().manual_seed(self.loaded.recipe.seed)
             return torch.randn(2, *spec.input_shape, generator=generator)
-        for split in ("fit", "eval"):
-            if getattr(self.loaded.recipe.data, split) is not None:
-                return self.data(split).x[:2].clone()
+        if self.loaded.recipe.data.fit is not None:
+            return self.data("fit").x[:2].clone()
+        if self.loaded.recipe.data.eval is not None:
+            return next(iter(self.eval_sets().values())).x[:2].clone()
         raise MergeCliError(
             f"{self.loaded.source}: tracing the model needs an example input; add "
             "`model: {input_shape: [C, H, W]}` or a `data:` section"
         )
 
     def batch_size(self, split: Literal["fit", "eval"]) -> int:
-        spec = getattr(self.loaded.recipe.data, split)
+        """The batch size of data.fit or of data.eval (its one set)."""
+        data = self.loaded.recipe.data
+        spec = data.fit if split == "fit" else next(iter(data.eval_specs().values()))
         return spec.batch_size
+
+    def eval_batch_size(self, name: str) -> int:
+        """The batch size of the eval set ``name`` (as `eval_sets` names them)."""
+        return self.loaded.recipe.data.eval_specs()[name].batch_size

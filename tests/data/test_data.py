@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from helpers import ROOT
 from mergecli.data import TensorData, load_data, mnist_arrays
 from mergecli.data.mnist import parse_idx_images, parse_idx_labels
+from mergecli.data.sources import example_shape
 from mergecli.errors import MergeCliError
 
 WHERE = "data.fit"
@@ -267,6 +268,45 @@ def test_error_corrupt_files(tmp_path: Path) -> None:
         path = tmp_path / name
         path.write_bytes(b"this is not a tensor file at all")
         expect_error({"source": "tensors", "path": str(path)}, str(path), "cannot read")
+
+
+def test_tensors_source_attention_mask(tmp_path: Path) -> None:
+    """`mask:` names the attention mask of token ids; it follows the split and the subsets,
+    and batches carry it with the ids."""
+    ids = torch.randint(1, 50, (12, 5))
+    mask = (torch.arange(5)[None, :] < (5 - torch.arange(12) % 3)[:, None]).to(torch.uint8)
+    y = torch.arange(12) % 2
+    path = tmp_path / "tokens.safetensors"
+    save_file({"ids": ids, "am": mask, "y": y}, str(path))
+    spec = {"source": "tensors", "path": str(path), "x": "ids", "mask": "am", "split": "2:12"}
+    data = load_data(spec)
+    assert data.x.dtype == torch.int64 and data.mask.dtype == torch.int64
+    assert torch.equal(data.mask, mask[2:].long()) and torch.equal(data.x, ids[2:])
+    only = load_data({**spec, "classes": [1]})
+    assert torch.equal(only.mask, mask[3::2].long()) and torch.equal(only.x, ids[3::2])
+    x, labels = next(data.batches(4))
+    assert torch.equal(x.ids, ids[2:6]) and torch.equal(x.mask, mask[2:6].long())
+    assert torch.equal(labels, y[2:6])
+    assert load_data({**spec, "mask": None}).mask is None
+
+
+def test_error_attention_mask(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.npz"
+    ids = np.ones((4, 3), dtype=np.int64)
+    y = np.zeros(4, dtype=np.int64)
+    np.savez(path, x=ids, y=y, mask=np.ones((4, 2)), half=np.full((4, 3), 0.5), m=ids)
+    spec = {"source": "tensors", "path": str(path), "mask": "mask"}
+    expect_error(spec, "data.fit.mask", "(4, 2)", "(4, 3)", "one entry per token")
+    expect_error({**spec, "mask": "half"}, "data.fit.mask", "other than 0 and 1")
+    expect_error({**spec, "mask": "absent"}, "data.fit.mask", "'absent'", "keys present")
+    # validate reads the headers alone, and finds the same problems there.
+    with pytest.raises(MergeCliError, match=r"data.fit.mask: 'mask' .* has shape \(4, 2\)"):
+        example_shape(spec, where=WHERE)
+    with pytest.raises(MergeCliError, match="data.fit.mask: key 'absent' not in"):
+        example_shape({**spec, "mask": "absent"}, where=WHERE)
+    assert example_shape({**spec, "mask": "m"}, where=WHERE) == [3]
+    np.savez(path, x=np.ones((4, 3), dtype=np.float32), y=y, m=ids)
+    expect_error({**spec, "mask": "m"}, "data.fit.mask", "goes with token ids", "float32")
 
 
 def test_error_key_missing(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def _out_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def test_builtin_names() -> None:
-    assert set(builtin_architectures()) == {"mlp", "vgg", "resnet20", "vit"}
+    assert set(builtin_architectures()) == {"mlp", "vgg", "resnet20", "vit", "hf"}
 
 
 @pytest.mark.parametrize(

@@ -260,3 +260,37 @@ def test_analysis_kind_and_method_together_is_an_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{path}:15: steps.2.analyze.kind: give `method:` alone" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_named_eval_sets_and_text_keys_are_checked(tmp_path: Path) -> None:
+    named = "\n    low: {source: mnist, split: '0:10'}\n    high: {source: mnist, splt: '10:20'}"
+    [problem] = problems(tmp_path, GOOD.replace(" {source: mnist, split: test}", named))
+    assert ":13: data.eval.high.splt: unknown key 'splt'; did you mean 'split'?" in problem
+    bad_name = "\n    2nd: {source: mnist}"
+    [problem] = problems(tmp_path, GOOD.replace(" {source: mnist, split: test}", bad_name))
+    assert "data.eval: set name '2nd' is not a plain identifier" in problem
+    text = GOOD.replace("{source: mnist, split: test}", "{source: text, path: a.txt, classes: [1]}")
+    [problem] = problems(tmp_path, text)
+    assert "source 'text' has no classes" in problem
+    text = GOOD.replace("{source: mnist, split: test}", "{source: mnist, seq_len: 8}")
+    [problem] = problems(tmp_path, text)
+    assert "source 'mnist' takes no seq_len" in problem
+    loaded = load_recipe(
+        write(tmp_path, GOOD.replace(" {source: mnist, split: test}", named[:-36]))
+    )
+    assert list(loaded.recipe.data.eval_specs()) == ["low"]
+
+
+def test_language_model_baselines_are_checked(tmp_path: Path) -> None:
+    evaluate = "  - evaluate: {method: language_model, baselines: [endpoints, %s]}"
+    for baseline, message in [
+        ("nope", "steps.1.evaluate.baselines.1: unknown baseline 'nope'; use endpoints or a merge"),
+        ("task_arithmetic", "baselines.1: task_arithmetic needs a base model; mark one"),
+        ("{ties: {density: 2}}", "baselines.1: ties: density: Input should be less than or equal"),
+        ("{ties: {}, average: {}}", "baselines.1: a baseline with parameters is one method"),
+    ]:
+        [problem] = problems(tmp_path, GOOD.replace("  - evaluate: {}", evaluate % baseline))
+        assert message in problem, problem
+    text = GOOD.replace("  - evaluate: {}", evaluate % "{average: {normalize: false}}")
+    loaded = load_recipe(write(tmp_path, text))
+    assert loaded.steps[1].params.baselines == ["endpoints", {"average": {"normalize": False}}]

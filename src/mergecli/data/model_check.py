@@ -33,7 +33,11 @@ class DataUse:
 
 def check_against_model(data: TensorData, module: nn.Module, use: DataUse) -> None:
     """Run ``module`` on the first two examples; refuse inputs it cannot take and labels
-    beyond its outputs. The module is put in eval mode (batch norm on two rows)."""
+    beyond its outputs (token ids beyond its vocabulary and sequences beyond its positions
+    first, checked over all the data). The module is put in eval mode (batch norm on two rows)."""
+    if not data.x.is_floating_point() and data.x.dim() == 2:
+        _check_positions(int(data.x.shape[1]), module, use)
+        _check_token_ids(data, module, use)
     outputs = _probe(data, module, use)
     if isinstance(outputs, Tensor) and outputs.dim() == 2:
         _check_labels(data, int(outputs.shape[1]), use)
@@ -45,21 +49,83 @@ def check_shape_against_model(
     use: DataUse,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Inputs of ``shape`` (one example) must go through the model: tried on the model built
-    on the meta device (no weights, no arithmetic); only when that fails is a real model run
-    on zeros, which tells a misfit from an operation the meta device does not have."""
+    """Inputs of ``shape`` (one example) and ``dtype`` must go through the model: tried on the
+    model built on the meta device (no weights, no arithmetic); only when that fails is a real
+    model run on zeros, which tells a misfit from an operation the meta device does not have.
+    Sequences of token ids must also fit the model's positions."""
+    tokens = not dtype.is_floating_point and len(shape) == 1
     try:
         with torch.device("meta"):
             module = build()
-        module.eval()
-        with torch.no_grad():
-            model_logits(module, torch.empty(2, *shape, device="meta", dtype=dtype))
-        return
-    except Exception:  # noqa: S110 - confirmed or cleared on a real model below
-        pass
-    # Zeros are valid token ids as well as inputs.
+    except Exception:  # noqa: BLE001 - built for real below, where a real problem raises
+        module = None
+    if module is not None:
+        if tokens:
+            _check_positions(int(shape[0]), module, use)
+        try:
+            module.eval()
+            with torch.no_grad():
+                model_logits(module, torch.zeros(2, *shape, device="meta", dtype=dtype))
+            return
+        except Exception:  # noqa: S110 - confirmed or cleared on a real model below
+            pass
+    real = build()
+    if tokens:
+        _check_positions(int(shape[0]), real, use)
     zeros = TensorData(torch.zeros(2, *shape, dtype=dtype), torch.zeros(2, dtype=torch.int64))
-    _probe(zeros, build(), use)
+    _probe(zeros, real, use)
+
+
+def _subject(use: DataUse) -> str:
+    subject = f"{use.where} ({use.source})" if use.where and use.source else use.where or use.source
+    return subject + ": " if subject else ""
+
+
+def _check_positions(length: int, module: nn.Module, use: DataUse) -> None:
+    """Sequences no longer than the model's positions (``config.max_position_embeddings``,
+    where the model has a config saying it)."""
+    positions = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and length > positions:
+        raise MergeCliError(
+            f"{_subject(use)}sequences of {length} tokens are longer than model {use.model} "
+            f"takes (config.max_position_embeddings {positions}); set seq_len to at most "
+            f"{positions} (or give shorter sequences)"
+        )
+
+
+def _input_embedding(module: nn.Module) -> nn.Embedding | None:
+    """The token embedding: the model's own (``get_input_embeddings``, as Hugging Face models
+    have), else its only nn.Embedding (with several, which one embeds tokens is unknown)."""
+    getter = getattr(module, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            embedding = getter()
+        except Exception:  # noqa: BLE001 - a model without one raises NotImplementedError
+            embedding = None
+        if isinstance(embedding, nn.Embedding):
+            return embedding
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    return embeddings[0] if len(embeddings) == 1 else None
+
+
+def _check_token_ids(data: TensorData, module: nn.Module, use: DataUse) -> None:
+    """Token ids must be rows of the model's token embedding (and not negative)."""
+    embedding = _input_embedding(module)
+    if embedding is None:
+        return
+    vocabulary = embedding.num_embeddings
+    bad = (data.x >= vocabulary) | (data.x < 0)
+    rows = torch.nonzero(bad.any(dim=1)).flatten()
+    if len(rows) == 0:
+        return
+    row = int(rows[0])
+    token = int(data.x[row][bad[row]][0])
+    raise MergeCliError(
+        f"{_subject(use)}token id {token} in row {data.source_row(row)} is not in the "
+        f"vocabulary of model {use.model}, which embeds {vocabulary} tokens (ids 0.."
+        f"{vocabulary - 1}; {len(rows)} row(s) with such ids); tokenize with the model's own "
+        "tokenizer"
+    )
 
 
 @torch.no_grad()
@@ -100,9 +166,8 @@ def _shape_message(
     )
     at = f" at {_describe_layer(*layer)}" if layer is not None else ""
     fix = _argument_fix(given, use, layer) if first else None
-    subject = f"{use.where} ({use.source})" if use.where and use.source else use.where or use.source
     return (
-        f"{subject + ': ' if subject else ''}inputs of shape {given} per example do not fit model "
+        f"{_subject(use)}inputs of shape {given} per example do not fit model "
         f"{use.model}{expected}; it fails{at} ({describe(exc)}); "
         + (f"set {fix} for these inputs, or " if fix else "")
         + "give inputs of the shape the model takes"

@@ -15,6 +15,7 @@ from torch import Tensor
 from mergecli.data.batches import TensorData
 from mergecli.data.mnist import load_mnist
 from mergecli.data.subset import SPLIT_HELP, apply_subset, parse_slice
+from mergecli.data.text import load_text, text_options, tokenizers_module
 from mergecli.errors import MergeCliError, describe
 from mergecli.user_code import import_object
 
@@ -89,10 +90,10 @@ def _check_finite(x: Tensor, what: str, where: str, first_row: int = 0) -> None:
 
 
 def _read_tensors(
-    path: Path, names: tuple[str, str], where: str, shapes_only: bool = False
-) -> tuple[Tensor, Tensor] | None:
-    """Read the two named arrays from a .safetensors or .npz file (``shapes_only``: check the
-    file and its keys, read nothing)."""
+    path: Path, names: tuple[str, ...], where: str, shapes_only: bool = False
+) -> tuple[Tensor, ...] | None:
+    """Read the named arrays (x, y and maybe the mask) from a .safetensors or .npz file
+    (``shapes_only``: check the file and its keys, read nothing)."""
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".npz"):
         raise MergeCliError(
@@ -114,24 +115,22 @@ def _read_tensors(
                 _check_keys(present, names, path, where)
                 if shapes_only:
                     return None
-                return f.get_tensor(names[0]), f.get_tensor(names[1])
+                return tuple(f.get_tensor(name) for name in names)
         with np.load(path, allow_pickle=False) as f:
             present = sorted(f.files)
             _check_keys(present, names, path, where)
             if shapes_only:
                 return None
-            return torch.from_numpy(np.asarray(f[names[0]])), torch.from_numpy(
-                np.asarray(f[names[1]])
-            )
+            return tuple(torch.from_numpy(np.asarray(f[name])) for name in names)
     except MergeCliError:
         raise
     except Exception as exc:  # safetensors and zipfile raise a zoo of types on corrupt files
         raise MergeCliError(f"{where}.path: cannot read {path} ({describe(exc)}); {fix}") from exc
 
 
-def _check_keys(present: list[str], names: tuple[str, str], path: Path, where: str) -> None:
+def _check_keys(present: list[str], names: tuple[str, ...], path: Path, where: str) -> None:
     """Fail naming the option, the file and the keys it does hold."""
-    for option, name in zip(("x", "y"), names, strict=True):
+    for option, name in zip(("x", "y", "mask"), names, strict=False):
         if name not in present:
             listed = ", ".join(present) if present else "none"
             raise MergeCliError(
@@ -150,9 +149,11 @@ def load_tensors(spec: Mapping[str, Any], where: str) -> TensorData:
     path = Path(raw_path).expanduser()
     x_key = _key(spec, "x", "x", where)
     y_key = _key(spec, "y", "y", where)
-    read = _read_tensors(path, (x_key, y_key), where)
+    mask_key = spec.get("mask")
+    names = (x_key, y_key) if mask_key is None else (x_key, y_key, _key(spec, "mask", "", where))
+    read = _read_tensors(path, names, where)
     assert read is not None  # shapes_only is False
-    x, y = read
+    x, y = read[:2]
     floating = x.is_floating_point()  # whole numbers (pixels, ids) cannot be NaN or inf
     x = _inputs(x, f"{x_key!r} in {path}", where)
     y = _labels(y, f"{y_key!r} in {path}", where)
@@ -161,13 +162,38 @@ def load_tensors(spec: Mapping[str, Any], where: str) -> TensorData:
             f"{where}: x ({x_key!r}, {x.shape[0]} rows) and y ({y_key!r}, {y.shape[0]} rows) "
             f"in {path} have different lengths; they must match"
         )
+    mask = _attention_mask(read[2], x, f"{names[-1]!r} in {path}", where) if mask_key else None
     start, stop = _split(spec.get("split"), len(y), where)
     x, y = x[start:stop], y[start:stop]
     if len(y) == 0:
         raise MergeCliError(f"{where}.path: {path} holds no examples; use a non-empty file")
     if floating:
         _check_finite(x, f"{x_key!r} in {path}", where, first_row=start)
-    return TensorData(x.contiguous(), y.contiguous(), torch.arange(start, stop))
+    if mask is not None:
+        mask = mask[start:stop].contiguous()
+    return TensorData(x.contiguous(), y.contiguous(), torch.arange(start, stop), mask)
+
+
+def _attention_mask(mask: Tensor, x: Tensor, what: str, where: str) -> Tensor:
+    """An attention mask for the token ids ``x``: (N, L) like them, 1 for a token and 0 for
+    padding; returned as int64, as Hugging Face models take it."""
+    if x.is_floating_point() or x.dim() != 2:
+        raise MergeCliError(
+            f"{where}.mask: an attention mask goes with token ids, integer inputs of shape "
+            f"(N, L), but x is {str(x.dtype).removeprefix('torch.')} of shape "
+            f"{tuple(x.shape)}; leave out mask, or give x as integer token ids"
+        )
+    if tuple(mask.shape) != tuple(x.shape):
+        raise MergeCliError(
+            f"{where}.mask: {what} has shape {tuple(mask.shape)}, the token ids "
+            f"{tuple(x.shape)}; the mask has one entry per token"
+        )
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise MergeCliError(
+            f"{where}.mask: {what} holds values other than 0 and 1; an attention mask is 1 "
+            "for a token and 0 for padding"
+        )
+    return mask.to(torch.int64)
 
 
 def _split(split: Any, n: int, where: str) -> tuple[int, int]:
@@ -275,6 +301,7 @@ _SOURCES: dict[str, Callable[[Mapping[str, Any], str], TensorData]] = {
     "mnist": load_mnist,
     "tensors": load_tensors,
     "python": load_python,
+    "text": load_text,
 }
 
 
@@ -285,19 +312,26 @@ def describe_source(spec: Mapping[str, Any]) -> str:
         return f"tensors file {spec.get('path')}"
     if source == "python":
         return f"python factory {spec.get('factory')}"
+    if source == "text":
+        return f"text {spec.get('path')}"
     return f"{source} split {spec.get('split', 'train')!s}" if source == "mnist" else str(source)
 
 
 def example_shape(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -> list[int] | None:
     """The shape of one input example, without loading a data file: its header is enough.
     MNIST is bundled and small, so it is loaded (with every option checked); a python
-    factory is imported but not called (None: its shape is known only once it runs)."""
+    factory is imported but not called (None: its shape is known only once it runs); text is
+    [seq_len], its files and tokenizer found but not read."""
     source = spec.get("source")
     if source == "tensors":
         return _tensors_example_shape(spec, where)
     if source == "python":
         _factory(spec, where)
         return None
+    if source == "text":  # the files and the tokenizer are checked; tokenizing is the run's
+        options = text_options(spec, where)
+        tokenizers_module(where)
+        return [options.seq_len]
     return list(load_data(spec, seed, where).x.shape[1:])
 
 
@@ -306,6 +340,15 @@ def _tensors_example_shape(spec: Mapping[str, Any], where: str) -> list[int]:
     row counts, the split."""
     path = Path(str(spec.get("path"))).expanduser()
     names = (_key(spec, "x", "x", where), _key(spec, "y", "y", where))
+    if spec.get("mask") is not None:
+        mask = _key(spec, "mask", "", where)
+        _read_tensors(path, (*names, mask), where, shapes_only=True)
+        (x_shape, _), (mask_shape, _) = _header_arrays(path, (names[0], mask), where)
+        if mask_shape != x_shape:
+            raise MergeCliError(
+                f"{where}.mask: {mask!r} in {path} has shape {tuple(mask_shape)}, the token ids "
+                f"{tuple(x_shape)}; the mask has one entry per token"
+            )
     _read_tensors(path, names, where, shapes_only=True)
     x_shape, y_shape = _header_shapes(path, names, where)
     if not x_shape:
@@ -321,7 +364,9 @@ def _tensors_example_shape(spec: Mapping[str, Any], where: str) -> list[int]:
 
 def example_dtype(spec: Mapping[str, Any], where: str = "data") -> torch.dtype:
     """The dtype the inputs of ``spec`` have once loaded (int64 token ids or float32), read
-    from a tensors file's header; float32 for the other sources."""
+    from a tensors file's header; int64 for text; float32 for the other sources."""
+    if spec.get("source") == "text":
+        return torch.int64
     if spec.get("source") != "tensors":
         return torch.float32
     path = Path(str(spec.get("path"))).expanduser()

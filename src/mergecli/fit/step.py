@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
+from mergecli.evaluate.tokens import causal_lm_loss, next_token_losses
 from mergecli.fit.coefficients import (
     FlatParameters,
     coefficient_values,
@@ -36,7 +37,7 @@ from mergecli.fit.start import (
     start_problems,
 )
 from mergecli.models.batchnorm import batch_norms
-from mergecli.models.forward import functional_logits, model_logits
+from mergecli.models.forward import TokenBatch, functional_logits, model_logits
 from mergecli.recipe.schema import Recipe, StepParams, StepSpec, shown_default
 from mergecli.registry import step_method
 from mergecli.runtime.distributed import current as current_world
@@ -57,7 +58,7 @@ class FitParams(StepParams):
     )
     multi: Literal["pairwise", "joint"] = "pairwise"
     granularity: Literal["parameter", "row", "tensor", "model"] = "parameter"
-    loss: Literal["cross_entropy", "distill", "entropy"] = "cross_entropy"
+    loss: Literal["cross_entropy", "causal_lm", "distill", "entropy"] = "cross_entropy"
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(default=0.05, gt=0)
     epochs: int | None = Field(
@@ -599,33 +600,79 @@ def _apply_saved(state: MergeState, params: FitParams, models: list, names: list
 
 
 def _loss(kind: str, state: MergeState, data: TensorData, models: list, device: torch.device):
-    """The task loss over example indices: labels, the models' mean prediction, or none."""
+    """The task loss over example indices: labels, the next tokens, the models' mean
+    prediction, or none. Logits (N, L, V) of a language model are scored per token."""
+    mask = data.mask.to(device) if data.mask is not None else None
     if kind == "cross_entropy":
         labels = data.y.to(device)
         return lambda outputs, index: F.cross_entropy(outputs, labels[index])
+    if kind == "causal_lm":
+        if data.x.is_floating_point():
+            raise MergeCliError(
+                "fit: loss causal_lm predicts the next token of token ids, and data.fit holds "
+                "real-valued inputs; use `source: text` (or integer ids) or another loss"
+            )
+        ids = data.x.to(device)  # the fit's token ids: N x L x 8 bytes
+
+        def causal_lm(outputs: Tensor, index: Tensor) -> Tensor:
+            if outputs.dim() != 3:
+                raise MergeCliError(
+                    f"fit: loss causal_lm needs per-token logits (N, L, V) from a language "
+                    f"model; the model gives shape {tuple(outputs.shape)}"
+                )
+            return causal_lm_loss(outputs, ids[index], None if mask is None else mask[index])
+
+        return causal_lm
     if kind == "distill":
         teacher = _mean_softmax(state, data, models).to(device)
-        return lambda outputs, index: F.kl_div(
-            F.log_softmax(outputs, dim=1), teacher[index], reduction="batchmean"
-        )
+
+        def distill(outputs: Tensor, index: Tensor) -> Tensor:
+            rows, keep = _per_position(outputs, mask, index)
+            target = teacher[index].reshape(rows.shape)
+            kl = F.kl_div(F.log_softmax(rows, dim=-1), target, reduction="none").sum(dim=-1)
+            return _mean(kl, keep)
+
+        return distill
 
     def entropy(outputs: Tensor, index: Tensor) -> Tensor:
-        log_p = F.log_softmax(outputs, dim=1)
-        return -(log_p.exp() * log_p).sum(dim=1).mean()
+        rows, keep = _per_position(outputs, mask, index)
+        log_p = F.log_softmax(rows, dim=-1)
+        return _mean(-(log_p.exp() * log_p).sum(dim=-1), keep)
 
     return entropy
 
 
+def _per_position(
+    outputs: Tensor, mask: Tensor | None, index: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Logits as rows of one distribution each: (N, C) as they are; a language model's
+    (N, L, V) flattened to (N·L, V), with the mask of the real tokens (None: all count)."""
+    if outputs.dim() != 3:
+        return outputs, None
+    keep = mask[index].reshape(-1) if mask is not None else None
+    return outputs.reshape(-1, outputs.shape[-1]), keep
+
+
+def _mean(values: Tensor, keep: Tensor | None) -> Tensor:
+    """The mean of ``values`` over the rows ``keep`` marks (all of them without a mask)."""
+    if keep is None:
+        return values.mean()
+    keep = keep.to(values.dtype)
+    return (values * keep).sum() / keep.sum().clamp_min(1)
+
+
 @torch.no_grad()
 def _mean_softmax(state: MergeState, data: TensorData, models: list) -> Tensor:
-    """The input models' mean predicted distribution on every fit example (the teacher)."""
+    """The input models' mean predicted distribution on every fit example (the teacher): (N, C)
+    for a classifier; (N, L, V) per token for a language model, N·L·V·4 bytes (60k tokens of
+    a 32k vocabulary: 7.7 GB), so distill a language model on a small data.fit."""
     module = state.build_module().eval()
     total = None
     for checkpoint in models:
         module.load_state_dict(checkpoint.tensors)
         probs = torch.cat(
             [
-                F.softmax(model_logits(module, x).float(), dim=1).cpu()
+                F.softmax(model_logits(module, x).float(), dim=-1).cpu()
                 for x, _ in data.batches(state.batch_size("fit"), device=state.device)
             ]
         )
@@ -634,20 +681,25 @@ def _mean_softmax(state: MergeState, data: TensorData, models: list) -> Tensor:
 
 
 def _validator(state, module, flat, buffers, merge, params):
-    """Validation loss and accuracy on data.eval after each epoch, when the recipe has it, of
-    the merged model as it will be used: in eval mode, with the BatchNorm statistics it will
-    have (recomputed on data.fit as the reset after the fit will, when one follows).
+    """Validation on data.eval after each epoch, when the recipe has it, of the merged model as
+    it will be used: in eval mode, with the BatchNorm statistics it will have (recomputed on
+    data.fit as the reset after the fit will, when one follows). Loss and accuracy for a
+    classifier; for a language model (per-token logits) the mean next-token cross-entropy and
+    perplexity. With several named eval sets, each set's (keys ``val_<set>_loss``, ...).
 
-    With several ranks each evaluates its share of data.eval and the sums are all-reduced."""
+    With several ranks each evaluates its share of every set and the sums are all-reduced."""
     from mergecli.models import load_into_model
     from mergecli.repair.step import batchnorm_statistics
 
     if state.loaded.recipe.data.eval is None:
         return None
-    data = state.data("eval")
     world = current_world()
-    start, end = world.part(len(data))
-    shard = data.take(slice(start, end))
+    sets = state.eval_sets()
+    shards = {}
+    for name, data in sets.items():
+        start, end = world.part(len(data))
+        shards[name] = (data.take(slice(start, end)), len(data), state.eval_batch_size(name))
+    prefix = (lambda _: "val_") if len(sets) == 1 else (lambda name: f"val_{name}_")
     index = flat.group_index(params.granularity)
     # The fit runs BatchNorm in train mode, so a model with BatchNorm is validated on a module
     # of its own in eval mode; any other on the fit's module, in eval mode already.
@@ -664,16 +716,33 @@ def _validator(state, module, flat, buffers, merge, params):
             else:
                 load_into_model(evaluated, weights, "fit: validated model")
             evaluated.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # loss, correct
-        for x, y in shard.batches(state.batch_size("eval"), device=state.device):
-            if evaluated is None:
-                outputs = functional_logits(module, weights, x).float()
+        record = {}
+        for name, (shard, examples, batch_size) in shards.items():
+            # loss; correct examples (or predicted tokens); batches of per-token logits
+            sums = torch.zeros(3, dtype=torch.float64, device=state.device)
+            for x, y in shard.batches(batch_size, device=state.device):
+                if evaluated is None:
+                    outputs = functional_logits(module, weights, x).float()
+                else:
+                    outputs = model_logits(evaluated, x).float()
+                if outputs.dim() == 3:
+                    ids, mask = (x.ids, x.mask) if isinstance(x, TokenBatch) else (x, None)
+                    total, count = next_token_losses(outputs, ids, mask)
+                    sums[0] += total
+                    sums[1] += count
+                    sums[2] += 1
+                else:
+                    sums[0] += F.cross_entropy(outputs, y, reduction="sum")
+                    sums[1] += (outputs.argmax(1) == y).sum()
+            loss, second, per_token = world.all_reduce_(sums).tolist()
+            if per_token:
+                mean = loss / max(second, 1)
+                record[prefix(name) + "loss"] = mean
+                record[prefix(name) + "perplexity"] = math.exp(min(mean, 700.0))
             else:
-                outputs = model_logits(evaluated, x).float()
-            sums[0] += F.cross_entropy(outputs, y, reduction="sum")
-            sums[1] += (outputs.argmax(1) == y).sum()
-        loss, correct = world.all_reduce_(sums).tolist()
-        return {"val_loss": loss / len(data), "val_accuracy": correct / len(data)}
+                record[prefix(name) + "loss"] = loss / examples
+                record[prefix(name) + "accuracy"] = second / examples
+        return record
 
     return validate
 

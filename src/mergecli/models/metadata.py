@@ -2,7 +2,8 @@
 
 `mergecli train`, `run` and `align` write ``mergecli.arch`` and ``mergecli.args`` so that a later
 run can rebuild the model without a ``model:`` section. Reading them is where a file could choose
-code to import, so only a built-in architecture is taken from there.
+code to import, so only a built-in architecture is taken from there, and ``hf`` only without
+``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mergecli.errors import MergeCliError
+from mergecli.models.hf import HF_ARCH
 from mergecli.models.registry import builtin_architectures
 
 ARCH_KEY = "mergecli.arch"
@@ -38,7 +40,13 @@ def model_from_metadata(
         if needed:
             raise MergeCliError(_user_code_refusal(metadata, path, arch))
         return None
-    return arch, metadata_args(metadata, path, arch)
+    args = metadata_args(metadata, path, arch)
+    if arch == HF_ARCH and args.get("trust_remote_code", False) is not False:
+        # `hf` runs a model directory's own code only when a recipe says so, never a file.
+        if needed:
+            raise MergeCliError(_user_code_refusal(metadata, path, arch))
+        return None
+    return arch, args
 
 
 def metadata_args(metadata: Mapping[str, str], path: str, arch: str) -> dict[str, Any]:
@@ -68,9 +76,11 @@ def _user_code_refusal(metadata: Mapping[str, str], path: str, arch: str) -> str
     except MergeCliError:
         args = "{...}"
     args = args if len(args) <= 200 else "{...}"
+    what = f"names user code ({ARCH_KEY}: {json.dumps(arch)})"
+    if arch == HF_ARCH:
+        what = f"asks to run the model directory's own code ({ARGS_KEY}: trust_remote_code)"
     return (
-        f"{path}: its metadata names user code ({ARCH_KEY}: "
-        f"{json.dumps(arch)}), which only a recipe may import; if you trust that code, add "
+        f"{path}: its metadata {what}, which only a recipe may import; if you trust that code, add "
         f"`model: {{arch: {json.dumps(arch)}, args: {args}}}` to the recipe "
         f"(or --set model.arch={json.dumps(arch)})"
     )

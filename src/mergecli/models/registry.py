@@ -6,11 +6,14 @@ import difflib
 import inspect
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from mergecli.errors import MergeCliError, one_line
+from mergecli.models.hf import HF_ARCH, hf
+from mergecli.models.loading import allow_tied_absent
 from mergecli.models.mlp import mlp
 from mergecli.models.resnet import resnet20
 from mergecli.models.vgg import vgg
@@ -22,6 +25,7 @@ _BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "vgg": vgg,
     "resnet20": resnet20,
     "vit": vit,
+    HF_ARCH: hf,
 }
 
 
@@ -30,8 +34,13 @@ def builtin_architectures() -> dict[str, Callable[..., nn.Module]]:
     return dict(_BUILTINS)
 
 
-def build_model(arch: str, args: dict[str, Any] | None = None) -> nn.Module:
-    """Build a built-in architecture or a user ``package.module:factory`` with ``**args``."""
+def build_model(
+    arch: str, args: dict[str, Any] | None = None, model_dir: str | Path | None = None
+) -> nn.Module:
+    """Build a built-in architecture or a user ``package.module:factory`` with ``**args``.
+
+    ``model_dir`` is the reference checkpoint's directory, where ``hf`` reads config.json
+    unless ``args`` names another (``config``)."""
     if args is None:
         args = {}
     if not isinstance(args, dict):
@@ -46,11 +55,14 @@ def build_model(arch: str, args: dict[str, Any] | None = None) -> nn.Module:
         )
     arch = arch.strip()
     if ":" in arch:
-        factory = _user_factory(arch)
-        return _call(arch, factory, args, user=True)
-    if arch not in _BUILTINS:
+        module = _call(arch, _user_factory(arch), args, user=True)
+    elif arch not in _BUILTINS:
         raise MergeCliError(_unknown_builtin_message(arch))
-    return _call(arch, _BUILTINS[arch], args, user=False)
+    else:
+        if arch == HF_ARCH and model_dir is not None and "config" not in args:
+            args = {"config": str(model_dir), **args}
+        module = _call(arch, _BUILTINS[arch], args, user=False)
+    return allow_tied_absent(module)
 
 
 def argument_names(arch: str) -> list[str]:

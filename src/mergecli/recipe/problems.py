@@ -141,13 +141,16 @@ def _tagged_member(annotation: Any, part: str | int) -> Any:
 
 
 def _unwrap(annotation: Any) -> Any:
-    """``Annotated[X, ...]`` -> ``X``; ``X | None`` -> ``X``."""
-    while typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    """``Annotated[X, ...]`` -> ``X``; ``X | None`` -> ``X``; both, nested in any order."""
+    while True:
+        while typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+            return annotation
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else annotation
-    return annotation
+        if len(args) != 1:
+            return annotation
+        annotation = args[0]
 
 
 def unknown_name(what: str, name: str, allowed: Any) -> str:

@@ -7,10 +7,18 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 
 class RecipeModel(BaseModel):
@@ -92,13 +100,22 @@ class CheckpointSpec(Strict):
 class DataSpec(Strict):
     """A data source with its subset options."""
 
-    source: Literal["mnist", "tensors", "python"]
+    source: Literal["mnist", "tensors", "python", "text"]
     split: str | None = None
     path: str | None = None
     x: str | None = None
     y: str | None = None
+    mask: str | None = None  # tensors: the attention mask of token ids x (1 token, 0 padding)
     factory: str | None = None
     args: dict[str, Any] | None = None
+    # text: the tokenizer (default: the reference checkpoint's directory), the jsonl field
+    # (default text), tokens per block (default 256), a cap on the tokens read, the cache
+    # directory (default $MERGECLI_CACHE/text or ~/.cache/mergecli/text; false: none).
+    tokenizer: str | None = None
+    field: str | None = None
+    seq_len: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    cache: str | bool | None = None
     batch_size: int = Field(default=256, gt=0)
     fraction: float | None = Field(default=None, gt=0, le=1)
     classes: list[int] | None = None
@@ -106,11 +123,12 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _keys_fit_source(self) -> DataSpec:
-        own = {"mnist": {"split"}, "tensors": {"path", "x", "y", "split"}}
+        own = {"mnist": {"split"}, "tensors": {"path", "x", "y", "mask", "split"}}
         own["python"] = {"factory", "args"}
+        own["text"] = {"path", *TEXT_KEYS}
         foreign = [
             key
-            for key in ("split", "path", "x", "y", "factory", "args")
+            for key in ("split", "path", "x", "y", "mask", "factory", "args", *TEXT_KEYS)
             if getattr(self, key) is not None and key not in own[self.source]
         ]
         if foreign:
@@ -119,12 +137,62 @@ class DataSpec(Strict):
             raise ValueError("source 'tensors' needs `path` (a .safetensors or .npz file)")
         if self.source == "python" and self.factory is None:
             raise ValueError("source 'python' needs `factory: package.module:function`")
+        if self.source == "text" and self.path is None:
+            raise ValueError("source 'text' needs `path` (a .txt or .jsonl file or a directory)")
+        if self.source == "text" and (self.classes is not None or self.balanced):
+            raise ValueError(
+                "source 'text' has no classes, so no `classes` or `balanced` (`fraction` keeps "
+                "a share of the blocks)"
+            )
         return self
+
+
+# The keys only source 'text' takes.
+TEXT_KEYS = ("tokenizer", "field", "seq_len", "max_tokens", "cache")
+# A name of a set in `data.eval: {name: spec, ...}`.
+SET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _eval_form(value: Any) -> str:
+    """One set is a mapping with a `source` (or a DataSpec); anything else is named sets."""
+    if isinstance(value, DataSpec) or (isinstance(value, dict) and "source" in value):
+        return "set"
+    return "sets"
+
+
+# `data.eval`: one set, or several by name (each evaluated and shown apart). The form is
+# chosen before validating, so that an error is about that form alone.
+EvalSets = Annotated[
+    Annotated[DataSpec, Tag("set")] | Annotated[dict[str, DataSpec], Tag("sets")],
+    Discriminator(_eval_form),
+]
 
 
 class DataSection(Strict):
     fit: DataSpec | None = None
-    eval: DataSpec | None = None
+    eval: EvalSets | None = None
+
+    @field_validator("eval")
+    @classmethod
+    def _named_sets(
+        cls, value: DataSpec | dict[str, DataSpec] | None
+    ) -> DataSpec | dict[str, DataSpec] | None:
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("give at least one named set, or one data spec")
+            bad = [name for name in value if not SET_NAME.fullmatch(name)]
+            if bad:
+                raise ValueError(
+                    f"set name {bad[0]!r} is not a plain identifier (letters, digits and _, "
+                    "not starting with a digit)"
+                )
+        return value
+
+    def eval_specs(self) -> dict[str, DataSpec]:
+        """The eval sets by name: one unnamed set is called ``eval``."""
+        if self.eval is None:
+            return {}
+        return dict(self.eval) if isinstance(self.eval, dict) else {"eval": self.eval}
 
 
 class OutputSpec(Strict):
