@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import fit_config, run_cli, two_models
+from helpers import cli_env, fit_config, run_cli, two_models
 from mergecli.fit.coefficients import (
     FlatParameters,
     expand,
@@ -424,3 +424,49 @@ def test_the_readme_quotes_the_memory_scripts_table() -> None:
     quoted = readme.split("<!-- fit_memory -->\n")[1].split("<!-- /fit_memory -->")[0]
     rows = quoted.strip().splitlines()
     assert len(rows) >= 9 and all(row in printed for row in rows)
+
+
+@pytest.mark.slow
+def test_a_llama_base_and_fine_tunes_fit_from_ties_with_checkpointing(tmp_path) -> None:
+    """`arch: hf` with a base: coefficients per row over two fine-tunes' task vectors, on
+    next-token prediction, with activation checkpointing (tied embeddings, bf16 files)."""
+    from fixtures.hf_models import llama_config, lm_data, save, train_lm
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(llama_config(transformers))
+    train_lm(base, 10, 0)
+    folders = [save(base, tmp_path / "base", transformers, dtype=torch.bfloat16)]
+    for seed in (1, 2):
+        model = transformers.LlamaForCausalLM(llama_config(transformers))
+        model.load_state_dict(base.state_dict())
+        train_lm(model, 15, seed)
+        folders.append(save(model, tmp_path / f"ft{seed}", transformers, dtype=torch.bfloat16))
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.cat([lm_data(64, 1, generator), lm_data(64, 2, generator)])
+    data = tmp_path / "tokens.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": ids, "y": torch.zeros(len(ids), dtype=torch.int64)}, str(data))
+    recipe = tmp_path / "llama.yaml"
+    recipe.write_text(
+        f"""\
+version: 1
+model: {{arch: hf}}
+checkpoints: [{{path: {folders[0]}, role: base}}, {{path: {folders[1]}}}, {{path: {folders[2]}}}]
+data:
+  fit: {{source: tensors, path: {data}, batch_size: 32}}
+steps:
+  - fit: {{loss: causal_lm, start: ties, start_params: {{density: 0.5}}, granularity: row,
+           checkpointing: true, steps: 6, lr: 0.02}}
+output: {{dir: {tmp_path / "out"}}}
+"""
+    )
+    result = run_cli("--log", "plain", "run", str(recipe), env=cli_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    fitted = report(tmp_path / "out")["fit"]
+    assert fitted["start"]["method"] == "ties" and fitted["granularity"] == "row"
+    assert fitted["kept"] == "fit" and fitted["fit_loss"]["end"] < fitted["fit_loss"]["start"]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
+    assert torch.isfinite(merged(ids[:2]).logits).all()
