@@ -6,12 +6,27 @@ updates the logits; the baseline step trains the module's own parameters. Prints
 times and their ratio (goal <= 1.10), and the memory the fit holds against
 (N + 3) x parameters x 4 bytes (+ activations).
 Run: .venv/bin/python bench/fit_step.py [--repeats 200]
+
+With --llama: the fit over task vectors (a base and two fine-tunes, from task arithmetic) on a
+small Llama-style causal LM (transformers' LlamaForCausalLM from a config: hidden 256, 4 layers,
+vocab 8192; batch 8 x 128 random token ids; next-token cross-entropy) at granularity
+parameter, row and tensor, against a plain fine-tuning step (Adam) of the same model on the same
+batch. Times: fit and plain steps alternated in this process, medians. Memory: each kind of step
+in a fresh process, its peak resident set during the building of the step's own state and three
+steps (VmHWM, reset through /proc/self/clear_refs once the inputs exist: the checkpoints, module
+and batch) minus its resident set at that moment (VmRSS); on CUDA the allocator's peak.
+Run: .venv/bin/python bench/fit_step.py --llama [--repeats 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -132,12 +147,145 @@ def bench_epoch(device: torch.device) -> tuple[float, float]:
     return plain_s, fit_s
 
 
+LLAMA = {
+    "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
+}  # fmt: skip
+BATCH, SEQ = 8, 128
+GRANULARITIES = ("parameter", "row", "tensor")
+
+
+def llama_inputs(device: torch.device):
+    """The module, a base and two fine-tunes (base + 1% noise), the batch, the loss."""
+    import transformers
+
+    config = transformers.LlamaConfig(**LLAMA)
+    torch.manual_seed(0)
+    module = transformers.LlamaForCausalLM(config).to(device).eval()
+    base = {n: t.detach().clone() for n, t in module.state_dict().items()}
+    tuned = [{n: t + 0.01 * torch.randn_like(t) for n, t in base.items()} for _ in range(2)]
+    ids = torch.randint(0, LLAMA["vocab_size"], (BATCH, SEQ), device=device)
+
+    def next_token(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[index][:, 1:].flatten())
+
+    return module, base, tuned, ids, next_token
+
+
+def llama_step(kind: str, device: torch.device, inputs):
+    """A function running one step of ``kind`` (plain, or the fit at that granularity)."""
+    from mergecli.fit.coefficients import logits_per_model, task_vector_merge
+    from mergecli.fit.start import TaskVectors, start_merge
+
+    module, base, tuned, ids, next_token = inputs
+    index = torch.arange(BATCH, device=device)
+    if kind == "plain":
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
+
+        def plain_step() -> None:
+            loss = next_token(module(ids).logits, index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return plain_step
+    names = [n for n, _ in module.named_parameters()]
+    start = start_merge("task_arithmetic", {}, base, tuned, torch.ones(2), names)
+    flat = FlatParameters.stack(
+        [start.merged, *(TaskVectors(t, base) for t in tuned)], names, device
+    )
+    del start
+    config = FitConfig(kind, "adam", 0.01, 1, None, BATCH, 0.0, 0, 10**9)
+    initial = torch.zeros(2, logits_per_model(kind, flat))
+    fit = CoefficientStep(module, flat, {}, task_vector_merge, initial, next_token, config, device)
+
+    def fit_step() -> None:
+        with fit.session():
+            fit.update(fit.loss(ids, index))
+
+    return fit_step
+
+
+def memory_status(key: str) -> int:
+    """VmRSS (resident now) or VmHWM (its peak) of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def llama_memory(kind: str, device: torch.device) -> None:
+    """In a fresh process: the peak memory of ``kind``'s state and three steps (printed)."""
+    inputs = llama_inputs(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident set starts again from the current one
+        before = memory_status("VmRSS")
+    step = llama_step(kind, device, inputs)
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = memory_status("VmHWM")
+    print(json.dumps({"kind": kind, "bytes": peak - before}))
+
+
+def bench_llama(device: torch.device, repeats: int) -> None:
+    inputs = llama_inputs(device)
+    params = sum(t.numel() for t in inputs[0].parameters())
+    print(f"LlamaForCausalLM {LLAMA}, {params:,} parameters, batch {BATCH} x {SEQ}")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    steps = {kind: llama_step(kind, device, inputs) for kind in ("plain", *GRANULARITIES)}
+    for step in steps.values():  # warm up
+        step()
+    times: dict[str, list[float]] = {kind: [] for kind in steps}
+    for _ in range(repeats):  # alternated one by one, so machine noise hits all alike
+        for kind, step in steps.items():
+            times[kind].append(median_step_seconds(step, device, 1, warmup=0))
+    del steps, inputs
+    memory = {}
+    for kind in ("plain", *GRANULARITIES):
+        child = subprocess.run(
+            [sys.executable, __file__, "--llama-memory", kind, "--device", str(device),
+             "--threads", str(torch.get_num_threads())],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        memory[kind] = json.loads(child.stdout.strip().splitlines()[-1])["bytes"]
+    plain_s = statistics.median(times["plain"])
+    what = "peak CUDA memory" if device.type == "cuda" else "peak RSS increase"
+    print(f"{'step':18} {'ms':>9} {'x plain':>8} {what + ' MB':>24} {'x plain':>8}")
+    for kind in ("plain", *GRANULARITIES):
+        seconds = statistics.median(times[kind])
+        label = kind if kind == "plain" else f"fit, {kind}"
+        print(
+            f"{label:18} {1e3 * seconds:9.1f} {seconds / plain_s:8.2f} "
+            f"{memory[kind] / 1e6:24.1f} {memory[kind] / memory['plain']:8.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--llama", action="store_true", help="the task-vector fit on a Llama")
+    parser.add_argument("--llama-memory", choices=("plain", *GRANULARITIES), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        # On a shared machine, fewer threads than busy cores avoids OpenMP's spinning waits.
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.llama_memory:
+        llama_memory(args.llama_memory, device)
+        return
+    if args.llama:
+        bench_llama(device, args.repeats or 10)
+        return
+    args.repeats = args.repeats or 200
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(

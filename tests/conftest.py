@@ -36,6 +36,28 @@ def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def finetuned_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A base 3-layer MLP (500 MNIST images) and two fine-tunes of it, on digits 0-4 and 5-9
+    (as `make demo-datafree` trains them, smaller): the setting of task-vector merges."""
+    root = tmp_path_factory.mktemp("finetunes")
+    base = root / "base.safetensors"
+    run_cli(
+        "--log", "plain", "train", *SMALL_MLP, "--data", "mnist:0:500", "--epochs", "3",
+        "--seed", "0", "--out", str(base), check=True,
+    )  # fmt: skip
+    tuned = []
+    for seed, classes in ((1, "[0, 1, 2, 3, 4]"), (2, "[5, 6, 7, 8, 9]")):
+        out = root / f"ft{seed}.safetensors"
+        run_cli(
+            "--log", "plain", "train", *SMALL_MLP, "--init", str(base), "--epochs", "1",
+            "--lr", "3e-4", "--data", f"{{source: mnist, split: '0:3000', classes: {classes}}}",
+            "--seed", str(seed), "--out", str(out), check=True,
+        )  # fmt: skip
+        tuned.append(out)
+    return base, tuned[0], tuned[1]
+
+
+@pytest.fixture(scope="session")
 def one_process_fit(tmp_path_factory: pytest.TempPathFactory, trained_pair) -> Path:
     """The output directory of the data-parallel recipe run by one process."""
     folder = tmp_path_factory.mktemp("one-process")

@@ -111,6 +111,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Fit", "", f"`{fit['method']}` ({fit['granularity']}, {fit['multi']}), "
                   f"{sum(s['steps'] for s in fit['stages'])} steps in {fit['seconds']:.1f} s on "
                   f"{fit['examples']} examples{accuracy}.", ""]  # fmt: skip
+        if "fit_loss" in fit:
+            losses, start = fit["fit_loss"], fit["start"]["method"]
+            lines[-1:-1] = [f"Over task vectors from `{start}`: fit loss {losses['start']:.4f} at "
+                            f"the start, {losses['end']:.4f} at the end; the output is "
+                            + ("the fit's." if fit["kept"] == "fit" else f"the start (`{start}`)."),
+                            ""]  # fmt: skip
     if "repair" in report:
         lines += _repair(report["repair"])
     if "evaluate" in report:

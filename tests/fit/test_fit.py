@@ -49,7 +49,9 @@ def test_tensor_granularity_gives_one_coefficient_per_tensor() -> None:
     flat = FlatParameters.stack(models, names, torch.device("cpu"))
     values = torch.linspace(0.1, 0.9, len(names))
     merged = flat.views(
-        pairwise_merge(flat.thetas, expand(torch.logit(values), "tensor", flat.tensor_index()))
+        pairwise_merge(
+            flat.thetas, expand(torch.logit(values), "tensor", flat.group_index("tensor"))
+        )
     )
     for value, name in zip(values, names, strict=True):
         expected = value * models[0][name] + (1 - value) * models[1][name]

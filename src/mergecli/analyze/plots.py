@@ -246,13 +246,22 @@ def figure_coefficients(data: dict[str, Any]):
                       extent=(edges[0], edges[-1], len(layers) - 0.5, -0.5))  # fmt: skip
     ax.scatter([layer["mean"] for layer in layers], range(len(layers)), color="#d62728",
                marker="|", s=120, linewidths=2, label="mean", zorder=3)  # fmt: skip
-    ax.axvline(data["even"], color="black", lw=0.8, ls="--", label=f"even mix ({data['even']:.2f})")
+    over_task_vectors = data.get("multi") == "task_vectors"
+    even = "average" if over_task_vectors else "even mix"
+    ax.axvline(data["even"], color="black", lw=0.8, ls="--", label=f"{even} ({data['even']:.2f})")
     ax.set_yticks(range(len(layers)), [layer["tensor"] for layer in layers])
-    ax.set_xlabel(f"weight of {data['reference']} in the merged parameter")
+    if over_task_vectors:
+        ax.set_xlabel("coefficient of the model's task vector (base + sum_i c_i tau_i)")
+    else:
+        ax.set_xlabel(f"weight of {data['reference']} in the merged parameter")
     fig.legend(loc="outside lower center", ncol=2)
     fig.colorbar(image, ax=ax, label="share of the tensor's parameters")
-    fig.suptitle(f"Learned merge coefficients ({data.get('multi') or 'fit'}), per tensor: "
-                 f"histogram of the weight of {data['reference']}", fontsize=9)  # fmt: skip
+    if over_task_vectors:
+        fig.suptitle("Learned coefficients over task vectors, per tensor and fine-tune: "
+                     "histogram of c_i", fontsize=9)  # fmt: skip
+    else:
+        fig.suptitle(f"Learned merge coefficients ({data.get('multi') or 'fit'}), per tensor: "
+                     f"histogram of the weight of {data['reference']}", fontsize=9)  # fmt: skip
     return fig
 
 

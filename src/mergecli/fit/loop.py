@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,9 +15,10 @@ from torch import Tensor, nn
 
 from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
-from mergecli.fit.coefficients import FlatParameters, Granularity, expand
+from mergecli.fit.checkpointing import bind, enable_checkpointing
+from mergecli.fit.coefficients import FlatParameters, Granularity, merged_weights
 from mergecli.io.saved_state import StateFormat, join_optimizer, split_optimizer
-from mergecli.models.forward import functional_logits
+from mergecli.models.forward import functional_logits, model_logits
 from mergecli.runtime.distributed import World
 from mergecli.runtime.distributed import current as current_world
 from mergecli.runtime.log import Log
@@ -38,6 +40,7 @@ class FitConfig:
     seed: int
     checkpoint_every: int
     autocast: torch.dtype | None = None
+    checkpointing: bool = False  # recompute activations in the backward pass, layer by layer
 
 
 @dataclass
@@ -142,22 +145,45 @@ class CoefficientStep:
         self.module, self.flat, self.buffers, self.merge = module, flat, buffers, merge
         self.loss_fn, self.config, self.device = loss_fn, config, device
         self.logits = initial.clone().to(device).requires_grad_(True)
-        self.anchor = initial.to(device)
+        # The l2 pull's centre, kept only when there is a pull (it is one more coefficient-sized
+        # buffer on the device).
+        self.anchor = initial.to(device) if config.l2 else None
         self.optimizer = _optimizer(config, self.logits)
-        self.tensor_index = flat.tensor_index() if config.granularity == "tensor" else None
+        self.group_index = flat.group_index(config.granularity)
+        if config.checkpointing:
+            enable_checkpointing(module)
+        self._bound: ExitStack | None = None
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Where one step's forward and backward run. With checkpointing the merged weights
+        stay bound to the module until the backward is done: it recomputes each layer from the
+        module's attributes, which outside ``functional_call`` would be the module's own."""
+        with ExitStack() as stack:
+            self._bound = stack
+            try:
+                yield
+            finally:
+                self._bound = None
 
     def loss(
         self, x: Tensor, index: Tensor, weight: float = 1.0, regularise: bool = True
     ) -> Tensor:
         """The loss of the batch ``x``; ``weight`` scales the task loss (a rank's share of the
         global batch), ``regularise`` adds the l2 pull (once per step, not once per rank)."""
-        merged = self.merge(
-            self.flat.thetas, expand(self.logits, self.config.granularity, self.tensor_index)
+        merged = merged_weights(
+            self.flat, self.merge, self.logits, self.config.granularity, self.group_index
         )
         autocast = self.config.autocast
         with torch.autocast(self.device.type, autocast or torch.float32, enabled=bool(autocast)):
-            weights = {**self.flat.views(merged), **self.buffers}
-            outputs = functional_logits(self.module, weights, x)
+            weights = {**merged, **self.buffers}
+            if self.config.checkpointing:
+                if self._bound is None:
+                    raise RuntimeError("a checkpointed step runs inside CoefficientStep.session()")
+                self._bound.enter_context(bind(self.module, weights))
+                outputs = model_logits(self.module, x)
+            else:
+                outputs = functional_logits(self.module, weights, x)
         loss = self.loss_fn(outputs.float(), index)
         if weight != 1.0:
             loss = loss * weight
@@ -187,6 +213,17 @@ class CoefficientStep:
         decide to stop together (a signal may reach only some of them), at the loss exchange;
         a single process asks after its update, so a signal stops it after the step it is in.
         """
+        with self.session():
+            return self._parallel_step(x, index, examples, world, ask_stop)
+
+    def _parallel_step(
+        self,
+        x: Tensor,
+        index: Tensor,
+        examples: int,
+        world: World,
+        ask_stop: Callable[[], int | None],
+    ) -> tuple[float, int | None]:
         if not world.distributed:
             loss = self.loss(x, index)
             total = loss.item()

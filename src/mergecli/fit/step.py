@@ -1,4 +1,5 @@
-"""The `fit` step: NP Merge learns a merge coefficient per parameter on a task loss."""
+"""The `fit` step: NP Merge learns a merge coefficient per parameter on a task loss; with a base
+model, coefficients over the fine-tunes' task vectors, from a data-free merge (fit/start.py)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,23 @@ from mergecli.evaluate.tokens import causal_lm_loss, next_token_losses
 from mergecli.fit.coefficients import (
     FlatParameters,
     coefficient_values,
-    expand,
     joint_merge,
     logit,
     logits_per_model,
+    merged_weights,
     pairwise_merge,
+    task_vector_merge,
 )
 from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
+from mergecli.fit.start import (
+    DEFAULT_START,
+    TaskVectors,
+    apply_task_vectors,
+    broadcastable,
+    compact,
+    start_merge,
+    start_problems,
+)
 from mergecli.models.batchnorm import batch_norms
 from mergecli.models.forward import TokenBatch, functional_logits, model_logits
 from mergecli.recipe.schema import Recipe, StepParams, StepSpec, shown_default
@@ -46,7 +57,7 @@ class FitParams(StepParams):
         default=None, gt=0, lt=1, json_schema_extra=shown_default(INIT_DEFAULT)
     )
     multi: Literal["pairwise", "joint"] = "pairwise"
-    granularity: Literal["parameter", "tensor", "model"] = "parameter"
+    granularity: Literal["parameter", "row", "tensor", "model"] = "parameter"
     loss: Literal["cross_entropy", "causal_lm", "distill", "entropy"] = "cross_entropy"
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(default=0.05, gt=0)
@@ -66,6 +77,16 @@ class FitParams(StepParams):
     seed: int | None = Field(default=None, json_schema_extra=shown_default("the recipe's seed"))
     compile: bool = False
     checkpoint_every: int = Field(default=200, ge=1)
+    # With a `role: base` checkpoint: the data-free merge the fit over task vectors starts from.
+    start: Literal["task_arithmetic", "ties", "average"] | None = Field(
+        default=None,
+        json_schema_extra=shown_default(f"{DEFAULT_START} when a checkpoint has role: base"),
+    )
+    # The start merge's own parameters, named as in its merge step: lambda, density, normalize.
+    start_params: dict[str, Any] = Field(default_factory=dict)
+    # Recompute activations in the backward pass instead of keeping them (less memory, ~1/3
+    # more compute): per layer, by the model's own mechanism for Hugging Face models.
+    checkpointing: bool = False
 
     @model_validator(mode="after")
     def _epochs_or_steps(self) -> FitParams:
@@ -77,16 +98,37 @@ class FitParams(StepParams):
             raise ValueError("init applies to multi: pairwise (joint starts uniform)")
         return self
 
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
+        has_base = any(c.role == "base" for c in recipe.checkpoints)
+        if not has_base:
+            given = [key for key in ("start", "start_params") if key in self.model_fields_set]
+            return [
+                ((given[0],), f"{given[0]} needs a base model: mark one checkpoint `role: base` "
+                              "(without one, np_merge merges the models themselves)")
+            ] if given else []  # fmt: skip
+        problems = [
+            ((key,), f"{key} applies to NP Merge without a base model; with `role: base` the "
+                     "fit learns one coefficient per task vector, all models at once")
+            for key in ("multi", "init")
+            if key in self.model_fields_set
+        ]  # fmt: skip
+        return problems + start_problems(self.start or DEFAULT_START, self.start_params)
+
     def defaults_used(self, recipe: Recipe) -> dict[str, Any]:
         used: dict[str, Any] = {"seed": recipe.seed}
         if recipe.data.fit is not None:
             used["batch_size"] = recipe.data.fit.batch_size
+        if any(c.role == "base" for c in recipe.checkpoints):
+            return {**used, "start": self.start or DEFAULT_START}
         if self.multi == "pairwise" and _merged_count(recipe) == 2:
             used["init"] = 0.5
         return used
 
     def defaults_described(self, recipe: Recipe) -> dict[str, str]:
         described = super().defaults_described(recipe)
+        if any(c.role == "base" for c in recipe.checkpoints):
+            return {k: v for k, v in described.items() if k != "init"}
+        described.pop("start", None)
         if self.multi == "joint":
             return {**described, "init": "joint starts uniform"}
         count = _merged_count(recipe)
@@ -105,10 +147,14 @@ def np_merge(state: MergeState, params: FitParams) -> None:
     module = state.build_module()
     names = [n for n, p in module.named_parameters() if p.is_floating_point()]
     models = [state.reference] + [m for m in state.models if m is not state.reference]
-    if len(models) < 2:
+    if state.base is not None and not models:
+        raise MergeCliError("fit: np_merge needs at least one fine-tune besides the base")
+    if state.base is None and len(models) < 2:
         raise MergeCliError("fit: np_merge needs at least two checkpoints to merge")
     if params.from_:
         merged = _apply_saved(state, params, models, names)
+    elif state.base is not None:
+        merged = _fit_task_vectors(state, params, module, models, names)
     else:
         _warn_if_unaligned(state, params)
         merged = _fit(state, params, module, models, names)
@@ -125,36 +171,17 @@ def _fit(
 ) -> StateDict:
     """Fit each stage's coefficients, keep them for coefficients.safetensors, merge with them."""
     device = state.device
-    seed = params.seed if params.seed is not None else state.loaded.recipe.seed
-    data = _subset(state.data("fit"), params.fraction, seed)
-    indexed = data.with_labels(torch.arange(len(data)))
-    if device.type == "cuda":
-        indexed = indexed.pin_memory()
-    _set_fit_mode(module)
-    buffers = {
-        n: t.clone().to(device) for n, t in state.reference.tensors.items() if n not in names
-    }
+    seed, data, indexed, buffers = _prepare(state, params, module, names)
     if params.compile:
         module = torch.compile(module)
     loss_fn = _loss(params.loss, state, data, models, device)
-    config = FitConfig(
-        granularity=params.granularity,
-        optimizer=params.optimizer,
-        lr=params.lr,
-        epochs=params.epochs,
-        steps=params.steps,
-        batch_size=params.batch_size or state.batch_size("fit"),
-        l2=params.l2,
-        seed=seed,
-        checkpoint_every=params.checkpoint_every,
-        autocast=_autocast_dtype(state),
-    )
+    config = _config(state, params, seed)
     stages = _stages(params, models)
     saved: dict[str, Tensor] = {}
     report_stages = []
 
     def fit_stage(stage: int, sources: list[StateDict], init: float) -> StateDict:
-        flat = FlatParameters.stack(sources, names, device)
+        flat = FlatParameters.stack(sources, names, device, _compute_dtype(state))
         per_model = logits_per_model(params.granularity, flat)
         if params.multi == "joint":
             initial = torch.zeros(len(sources), per_model)
@@ -168,31 +195,14 @@ def _fit(
         problem = FitProblem(
             module, flat, buffers, merge, initial, indexed, loss_fn, device, validate
         )
-        # A stop signal ends the fit after the step it is in, with the state saved; it is
-        # never raised in the middle of a step or of a save.
-        with STOP.deferred():
-            outcome = fit_logits(
-                problem,
-                config,
-                state.log,
-                checkpoint,
-                should_stop=lambda _: STOP.pending(),
-                name=name,
-            )
-        if outcome.stopped_by is not None:
-            total = config.steps or math.ceil(len(indexed) / config.batch_size) * config.epochs
-            stage_name = f"stage {stage + 1}/{len(stages)} " if len(stages) > 1 else ""
-            raise STOP.stopping(
-                outcome.stopped_by,
-                f"after fit {stage_name}step {outcome.steps}/{total} (epoch {outcome.epoch + 1})",
-                checkpoint.path if checkpoint is not None else None,
-            )
+        stage_name = f"stage {stage + 1}/{len(stages)} " if len(stages) > 1 else ""
+        outcome = _run_fit(state, problem, config, checkpoint, name, stage_name)
         _stop_if_signalled(f"after fit stage {stage + 1}", checkpoint)
         values = coefficient_values(outcome.logits, params.multi)
-        merged_flat = _merge_with_values(flat, values, params)
-        merged = {k: v.detach().cpu() for k, v in flat.views(merged_flat).items()}
+        by_name = _coefficients_by_name(flat, values.cpu(), params, "")
+        merged = _apply_coefficients(sources, by_name, params.multi, names)
         prefix = _stage_prefix(stage, len(stages))
-        saved.update(_coefficients_by_name(flat, values.cpu(), params, prefix))
+        saved.update({f"{prefix}{n}": c for n, c in by_name.items()})
         report_stages.append(
             {
                 "steps": outcome.steps,
@@ -226,6 +236,180 @@ def _fit(
         "seconds": round(sum(s["seconds"] for s in report_stages), 3),
     }
     return running
+
+
+def _prepare(state: MergeState, params: FitParams, module: nn.Module, names: list[str]):
+    """What every fit needs: the seed, data.fit (indexed by example), the module in fit mode
+    and the tensors that are not merged (from the reference)."""
+    device = state.device
+    seed = params.seed if params.seed is not None else state.loaded.recipe.seed
+    data = _subset(state.data("fit"), params.fraction, seed)
+    indexed = data.with_labels(torch.arange(len(data)))
+    if device.type == "cuda":
+        indexed = indexed.pin_memory()
+    _set_fit_mode(module)
+    buffers = {
+        n: t.clone().to(device) for n, t in state.reference.tensors.items() if n not in names
+    }
+    return seed, data, indexed, buffers
+
+
+def _config(state: MergeState, params: FitParams, seed: int) -> FitConfig:
+    return FitConfig(
+        granularity=params.granularity,
+        optimizer=params.optimizer,
+        lr=params.lr,
+        epochs=params.epochs,
+        steps=params.steps,
+        batch_size=params.batch_size or state.batch_size("fit"),
+        l2=params.l2,
+        seed=seed,
+        checkpoint_every=params.checkpoint_every,
+        autocast=_autocast_dtype(state),
+        checkpointing=params.checkpointing,
+    )
+
+
+def _run_fit(
+    state: MergeState,
+    problem: FitProblem,
+    config: FitConfig,
+    checkpoint: FitCheckpoint | None,
+    name: str,
+    stage_name: str = "",
+):
+    """``fit_logits``, stopped by a signal after the step it is in, with the state saved; a
+    stop is never raised in the middle of a step or of a save."""
+    with STOP.deferred():
+        outcome = fit_logits(
+            problem, config, state.log, checkpoint, should_stop=lambda _: STOP.pending(), name=name
+        )
+    if outcome.stopped_by is not None:
+        per_epoch = math.ceil(len(problem.data) / config.batch_size)
+        total = config.steps or per_epoch * config.epochs
+        raise STOP.stopping(
+            outcome.stopped_by,
+            f"after fit {stage_name}step {outcome.steps}/{total} (epoch {outcome.epoch + 1})",
+            checkpoint.path if checkpoint is not None else None,
+        )
+    return outcome
+
+
+def _fit_task_vectors(
+    state: MergeState, params: FitParams, module: nn.Module, models: list, names: list[str]
+) -> StateDict:
+    """Coefficients over task vectors (AdaMerging, Yang et al., 2024, at any granularity):
+    c_i = c0_i + delta_i from the data-free merge named by `start` (delta = 0), kept only if
+    they lower the fit loss below the start's on the same batches."""
+    device = state.device
+    seed, data, indexed, buffers = _prepare(state, params, module, names)
+    _release_own_weights(module, names)
+    base = state.base.tensors
+    sources = [m.aligned_or_original for m in models]
+    weights = torch.tensor([float(m.spec.weight) for m in models])
+    method = params.start or DEFAULT_START
+    start = start_merge(method, params.start_params, base, sources, weights, names)
+    flat = FlatParameters.stack(
+        [start.merged, *(TaskVectors(s, base) for s in sources)], names, device,
+        _compute_dtype(state),
+    )  # fmt: skip
+    config = _config(state, params, seed)
+    initial = torch.zeros(len(models), logits_per_model(params.granularity, flat))
+    loss_fn = _loss(params.loss, state, data, models, device)
+    if params.compile:
+        module = torch.compile(module)
+    validate = _validator(state, module, flat, buffers, task_vector_merge, params)
+    problem = FitProblem(
+        module, flat, buffers, task_vector_merge, initial, indexed, loss_fn, device, validate
+    )
+    checkpoint = _checkpoint(state, 0)
+    outcome = _run_fit(state, problem, config, checkpoint, "fit")
+    _stop_if_signalled("after the fit", checkpoint)
+    deltas = _coefficients_by_name(flat, outcome.logits.cpu(), params, "")
+    del flat, problem  # the stack: the output is computed from the checkpoints, in float32
+    initial_c = {n: compact(start.coefficients[n]) for n in names}
+    learned = {n: _plus(initial_c[n], deltas[n]) for n in names}
+    ends = apply_task_vectors(base, sources, learned, names)
+    starts = apply_task_vectors(base, sources, initial_c, names)
+    compare = _fit_loss_of(state, module, buffers, indexed, loss_fn, config)
+    start_loss, end_loss = compare(starts), compare(ends)
+    kept = "fit" if end_loss < start_loss else "start"
+    state.log.info(
+        f"fit: loss on data.fit {start_loss:.4f} at the start ({method}), {end_loss:.4f} after "
+        f"{outcome.steps} steps in {outcome.seconds:.1f} s"
+        + ("" if kept == "fit" else f"; keeping the start ({method}): the fit did not lower it"),
+    )
+    if kept == "start":
+        state.log.warn(f"fit: the fit did not lower the fit loss; the output is the {method} start")
+        learned, ends = initial_c, starts
+    metadata = {
+        "mergecli.fit": "np_merge",
+        "mergecli.multi": "task_vectors",
+        "mergecli.granularity": params.granularity,
+        "mergecli.start": method,
+        "mergecli.base": state.base.name,
+        "mergecli.models": json.dumps([m.name for m in models]),
+    }
+    state.artifacts[COEFFICIENTS_FILE] = (learned, metadata)
+    state.report["fit"] = {
+        "method": "np_merge",
+        "multi": "task_vectors",
+        "granularity": params.granularity,
+        "loss": params.loss,
+        "examples": len(data),
+        "start": {"method": method, "params": dict(params.start_params)},
+        "fit_loss": {"start": start_loss, "end": end_loss},
+        "kept": kept,
+        "stages": [
+            {
+                "steps": outcome.steps,
+                "seconds": round(outcome.seconds, 3),
+                "history": outcome.history,
+                "align": None,
+            }
+        ],  # fmt: skip
+        "seconds": round(outcome.seconds, 3),
+    }
+    return ends
+
+
+def _release_own_weights(module: nn.Module, names: list[str]) -> None:
+    """Free the module's own initial weights: every call of the fit gives it the merged ones
+    (functional_call, or bound for checkpointing), so they would only take one more copy of
+    the model on the device."""
+    parameters = dict(module.named_parameters())
+    for name in names:
+        parameter = parameters[name]
+        parameter.data = parameter.data.new_empty(0)
+
+
+def _plus(c0: Tensor, delta: Tensor) -> Tensor:
+    """c0 + delta, each (N, ...) as saved (per model, row or entry), in the finer shape."""
+    dims = max(c0.dim(), delta.dim())
+    return compact(broadcastable(c0, dims) + broadcastable(delta, dims))
+
+
+def _fit_loss_of(state, module, buffers, data, loss_fn, config) -> Callable[[StateDict], float]:
+    """The fit loss of merged weights: its mean over every example of data.fit, in order, in
+    the fit's mode and precision (with several ranks, each its share, summed)."""
+    world = current_world()
+    start, end = world.part(len(data))
+    shard = data.take(slice(start, end))
+    autocast = config.autocast
+
+    @torch.no_grad()
+    def loss_of(merged: StateDict) -> float:
+        weights = {**{n: t.to(state.device) for n, t in merged.items()}, **buffers}
+        total = torch.zeros(1, dtype=torch.float64, device=state.device)
+        for x, index in shard.batches(config.batch_size, device=state.device):
+            with torch.autocast(
+                state.device.type, autocast or torch.float32, enabled=bool(autocast)
+            ):
+                outputs = functional_logits(module, weights, x)
+            total += loss_fn(outputs.float(), index).double() * len(index)
+        return float(world.all_reduce_(total)) / len(data)
+
+    return loss_of
 
 
 # What one stage does with its sources (the running merge first, in a pairwise chain) and the
@@ -338,15 +522,6 @@ def _final_reset(state: MergeState, module: nn.Module) -> tuple[bool, int | None
     return repair.method == "reset_bn", getattr(repair.params, "batches", None)
 
 
-def _merge_with_values(flat: FlatParameters, values: Tensor, params: FitParams) -> Tensor:
-    """Merged flat parameters from coefficient values (not logits), so 0 and 1 are exact."""
-    index = flat.tensor_index() if params.granularity == "tensor" else None
-    weights = expand(values.to(flat.thetas.device), params.granularity, index)
-    if params.multi == "joint":
-        return (weights * flat.thetas).sum(dim=0)
-    return torch.lerp(flat.thetas[1], flat.thetas[0], weights)
-
-
 def _coefficients_by_name(
     flat: FlatParameters, values: Tensor, params: FitParams, prefix: str
 ) -> dict[str, Tensor]:
@@ -358,10 +533,32 @@ def _coefficients_by_name(
             f"{prefix}{n}": p.reshape(*lead, *s).contiguous()
             for n, p, s in zip(flat.names, parts, flat.shapes, strict=True)
         }
+    if params.granularity == "row":  # (rows,) or (N, rows): broadcast over the trailing axes
+        parts = values.split(flat.rows, dim=-1)
+        return {f"{prefix}{n}": p.contiguous() for n, p in zip(flat.names, parts, strict=True)}
     column = (
         (lambda i: values[..., i]) if params.granularity == "tensor" else (lambda i: values[..., 0])
     )
     return {f"{prefix}{n}": column(i).contiguous() for i, n in enumerate(flat.names)}
+
+
+def _apply_coefficients(
+    sources: list[StateDict], coefficients: dict[str, Tensor], multi: str, names: list[str]
+) -> StateDict:
+    """Merged tensors from coefficient values by name, in float32 from the sources themselves
+    (not the fit's stack, which may be bf16): the fit's output and what `fit.from` re-applies,
+    one function so that a re-applied file gives the same bits. Joint: sum_i c_i theta_i;
+    pairwise: c theta_ref + (1 - c) theta_other (lerp: 0 and 1 are exact)."""
+    merged = {}
+    for name in names:
+        stack = torch.stack([s[name].float() for s in sources])
+        if multi == "joint":
+            c = broadcastable(coefficients[name].float(), stack.dim())
+            merged[name] = (c * stack).sum(0)
+        else:
+            c = broadcastable(coefficients[name].float()[None], stack.dim())[0]
+            merged[name] = torch.lerp(stack[1], stack[0], c)
+    return merged
 
 
 def _apply_saved(state: MergeState, params: FitParams, models: list, names: list[str]) -> StateDict:
@@ -371,26 +568,31 @@ def _apply_saved(state: MergeState, params: FitParams, models: list, names: list
     saved = load_state_dict(params.from_)
     metadata = read_metadata(params.from_)
     multi = metadata.get("mergecli.multi", params.multi)
+
+    def coefficients(prefix: str) -> dict[str, Tensor]:
+        lacking = [f"{prefix}{n}" for n in names if f"{prefix}{n}" not in saved]
+        if lacking:
+            raise MergeCliError(
+                f"fit.from: {params.from_} has no coefficients for '{lacking[0]}'; was it saved "
+                "for another model or number of checkpoints?"
+            )
+        return {n: saved[f"{prefix}{n}"] for n in names}
+
+    if multi == "task_vectors":
+        if state.base is None:
+            raise MergeCliError(
+                f"fit.from: {params.from_} holds coefficients over task vectors; the recipe "
+                "needs the same base model (`role: base`)"
+            )
+        sources = [m.aligned_or_original for m in models]
+        merged = apply_task_vectors(state.base.tensors, sources, coefficients(""), names)
+        state.log.info(f"fit: applied coefficients from {params.from_}")
+        return merged
     stages = _stages(params.model_copy(update={"multi": multi}), models)
 
     def apply_stage(stage: int, sources: list[StateDict], _: float) -> StateDict:
-        prefix = _stage_prefix(stage, len(stages))
-        merged = {}
-        for name in names:
-            key = f"{prefix}{name}"
-            if key not in saved:
-                raise MergeCliError(
-                    f"fit.from: {params.from_} has no coefficients for '{key}'; was it saved "
-                    "for another model or number of checkpoints?"
-                )
-            c = saved[key].float()
-            stack = torch.stack([s[name].float() for s in sources])
-            if multi == "joint":
-                c = c.reshape(c.shape[0], *([1] * (stack.dim() - 1))) if c.dim() == 1 else c
-                merged[name] = (c * stack).sum(0)
-            else:
-                merged[name] = torch.lerp(stack[1], stack[0], c)
-        return merged
+        values = coefficients(_stage_prefix(stage, len(stages)))
+        return _apply_coefficients(sources, values, multi, names)
 
     running, _ = _run_stages(state, models, stages, multi, apply_stage)
     state.log.info(f"fit: applied coefficients from {params.from_}")
@@ -498,7 +700,7 @@ def _validator(state, module, flat, buffers, merge, params):
         start, end = world.part(len(data))
         shards[name] = (data.take(slice(start, end)), len(data), state.eval_batch_size(name))
     prefix = (lambda _: "val_") if len(sets) == 1 else (lambda name: f"val_{name}_")
-    index = flat.tensor_index() if params.granularity == "tensor" else None
+    index = flat.group_index(params.granularity)
     # The fit runs BatchNorm in train mode, so a model with BatchNorm is validated on a module
     # of its own in eval mode; any other on the fit's module, in eval mode already.
     resets, batches = _final_reset(state, module)
@@ -506,8 +708,8 @@ def _validator(state, module, flat, buffers, merge, params):
 
     @torch.no_grad()
     def validate(logits: Tensor) -> dict[str, float]:
-        merged = merge(flat.thetas, expand(logits, params.granularity, index))
-        weights = {**flat.views(merged), **buffers}
+        merged = merged_weights(flat, merge, logits, params.granularity, index)
+        weights = {**merged, **buffers}
         if evaluated is not None:
             if resets:
                 batchnorm_statistics(state, evaluated, weights, batches, "fit: validated model")
@@ -588,10 +790,16 @@ def _subset(data: TensorData, fraction: float | None, seed: int) -> TensorData:
     return data.take(chosen)
 
 
-def _autocast_dtype(state: MergeState) -> torch.dtype | None:
+def _compute_dtype(state: MergeState) -> torch.dtype:
+    """The dtype the stacked models are held in: bf16 where the forward runs in bf16 (CUDA
+    with precision auto or bf16), float32 otherwise. Coefficients and Adam stay float32."""
+    return _autocast_dtype(state, warn=False) or torch.float32
+
+
+def _autocast_dtype(state: MergeState, warn: bool = True) -> torch.dtype | None:
     precision = state.loaded.recipe.precision
     if precision == "fp32" or state.device.type != "cuda":
-        if precision == "bf16" and state.device.type != "cuda":
+        if precision == "bf16" and state.device.type != "cuda" and warn:
             state.log.warn("precision: bf16 autocast is only used on CUDA; fitting in float32")
         return None
     if precision == "bf16" or torch.cuda.is_bf16_supported():

@@ -90,6 +90,31 @@ def ties(
     return base + combine_task_vectors(deltas, weights, True, normalize, lam)
 
 
+def ties_coefficients(
+    models: Tensor,
+    weights: Tensor,
+    base: Tensor,
+    density: Densities = 1.0,
+    lam: float = 1.0,
+    normalize: bool = True,
+) -> Tensor:
+    """TIES (Yadav et al., 2023) as one weight per model and entry: c_i = lambda w_i m_i / D,
+    m_i = 1 where model i's entry survives the trim and agrees with the elected sign, D the sum
+    of the agreeing w_i (1 without ``normalize``), so that base + sum_i c_i (theta_i - base)
+    is ``ties``'s output. ``models`` (N, ...) is overwritten, as ``ties`` overwrites it."""
+    deltas = task_vectors(models, base, keep_top_magnitude, density)
+    column = weights.reshape(-1, *([1] * (deltas.dim() - 1)))
+    weighted = deltas.mul_(column)
+    # The same election as combine_task_vectors: the weighted sum's sign (0 elects +).
+    sign = torch.ones_like(weighted[0]).copysign_(weighted.sum(dim=0))
+    agreeing = (weighted * sign) > 0
+    coefficients = agreeing * column
+    if normalize:
+        divisor = coefficients.sum(dim=0)
+        coefficients = coefficients / divisor.masked_fill_(divisor == 0, 1)
+    return coefficients * lam
+
+
 @merge_method("dare_linear", needs_base=True, per_model=("density",))
 def dare_linear(
     models: Tensor,
