@@ -95,8 +95,20 @@ def train_tokenizer(texts: list[str], sizes: Sizes):
     )
 
 
-def token_ids(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+def token_ids(tokenizer, path: Path, sizes: Sizes) -> torch.Tensor:
+    """The file's ids as mergecli's `text` source reads it (each blank-line-separated document,
+    then EOS), so that the models are trained on the token stream the merges are scored on."""
+    from mergecli.data.text import documents
+
+    ids: list[int] = []
+    chars = 0
+    for document in documents(path, "text", str(path)):
+        ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+        chars += len(document)
+        if sizes.max_chars and chars >= sizes.max_chars:
+            break
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def new_model(tokenizer, sizes: Sizes):
@@ -211,10 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     train_text = {d: read(args.data / d / "train.txt", sizes) for d in DOMAINS}
-    eval_text = {d: read(args.data / d / "eval.txt", sizes) for d in DOMAINS}
     tokenizer = train_tokenizer(list(train_text.values()), sizes)
-    train_ids = {d: token_ids(tokenizer, t) for d, t in train_text.items()}
-    eval_ids = {d: token_ids(tokenizer, t) for d, t in eval_text.items()}
+    train_ids = {d: token_ids(tokenizer, args.data / d / "train.txt", sizes) for d in DOMAINS}
+    eval_ids = {d: token_ids(tokenizer, args.data / d / "eval.txt", sizes) for d in DOMAINS}
     for d in DOMAINS:
         print(f"{d}: {len(train_ids[d]):,} train tokens, {len(eval_ids[d]):,} eval tokens")
     print(f"tokenizer: {len(tokenizer)} tokens ({time.perf_counter() - start:.1f} s)")
