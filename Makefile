@@ -85,7 +85,7 @@ demo-lm: $(VENV)/.installed runs/lm/perplexity.json
 
 # Every figure the README quotes: trains the demo checkpoints that are missing, runs the example
 # recipes into out/figures/, writes figures/figures.json (machine, threads) and the README's values.
-figures: $(VENV)/.installed runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors \
+figures: $(VENV)/.installed runs/lm/perplexity.json runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors \
 		runs/linear-seed0.safetensors runs/linear-seed1.safetensors \
 		runs/resnet20-seed0.safetensors runs/resnet20-seed1.safetensors \
 		runs/mlp3-ft-digits0-4.safetensors runs/mlp3-ft-digits5-9.safetensors

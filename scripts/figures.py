@@ -74,6 +74,13 @@ RUNS: dict[str, tuple[str, list[str]]] = {
         f"{EXAMPLES}/mnist-mlp3-ties.yaml",
         ["steps.0.merge={method: average}"],
     ),
+    # Its evaluate step scores the endpoints and every data-free baseline as well.
+    "lm": (f"{EXAMPLES}/lm-np-merge.yaml", []),
+    "lm_row": (
+        f"{EXAMPLES}/lm-np-merge.yaml",
+        ["steps.0.fit.granularity=row", "steps.0.fit.lr=0.01", "steps.1.evaluate.baselines=[]"],
+    ),
+    "lm_ties": (f"{EXAMPLES}/lm-np-merge-ties.yaml", ["steps.1.evaluate.baselines=[]"]),
 }
 
 
@@ -136,6 +143,12 @@ def fit_seconds(key: str) -> float:
     return row(key, "merged", "kind")["fit_seconds"]
 
 
+def perplexity(key: str, name: str, domain: str | None = None, field: str = "name") -> float:
+    """A language-model evaluation row's perplexity on one set, or its mean over the sets."""
+    found = row(key, name, field)
+    return found["mean_perplexity"] if domain is None else found["sets"][domain]["perplexity"]
+
+
 def wm_resnet_range() -> str:
     values = sorted(merged(f"resnet_wm_seed{s}") for s in range(5))
     return f"{100 * values[0]:.0f}–{100 * values[-1]:.0f}%"
@@ -186,10 +199,20 @@ FIGURES: dict[str, Callable[[], str]] = {
     "linear_cosine_seed0": lambda: num(template_cosine("linear", "linear-seed0")),
     "linear_cosine_seed1": lambda: num(template_cosine("linear", "linear-seed1")),
     "linear_cosine_average": lambda: num(template_cosine("linear", "average")),
+    "lm_np_merge_english": lambda: num(perplexity("lm", "merged", "english", "kind"), 1),
+    "lm_np_merge_code": lambda: num(perplexity("lm", "merged", "code", "kind"), 1),
+    "lm_np_merge_mean": lambda: num(perplexity("lm", "merged", None, "kind"), 1),
+    "lm_average_mean": lambda: num(perplexity("lm", "average"), 1),
+    "lm_ft_english": lambda: num(perplexity("lm", "english", "english"), 1),
+    "lm_ft_code": lambda: num(perplexity("lm", "code", "code"), 1),
+    "lm_np_merge_fit_seconds": lambda: num(fit_seconds("lm"), 0),
+    "lm_row_english": lambda: num(perplexity("lm_row", "merged", "english", "kind"), 1),
+    "lm_row_code": lambda: num(perplexity("lm_row", "merged", "code", "kind"), 1),
+    "lm_ties_start_mean": lambda: num(perplexity("lm_ties", "merged", None, "kind"), 1),
 }
 
 # Code blocks the README shows verbatim: key -> the run whose stdout table it is.
-BLOCKS = {"np_merge_table": "np_merge"}
+BLOCKS = {"np_merge_table": "np_merge", "lm_table": "lm"}
 
 TIMES: dict[str, float] = {}
 TRAIN_SECONDS: dict[str, float] = {}

@@ -35,7 +35,7 @@ FORTUNE_FILES = (
 )
 
 # Bytes per split and domain: eval is ~12% of each domain, the fit sample is held out too.
-BUDGET = {"eval": 40_000, "fit": 20_000, "train": 260_000}
+BUDGET = {"eval": 40_000, "fit": 60_000, "train": 260_000}
 # Hash buckets (of 100) per split: fortunes split one by one, code module by module (so that no
 # eval function's neighbours were trained on).
 BUCKETS = {"eval": range(0, 12), "fit": range(12, 20), "train": range(20, 100)}

@@ -40,10 +40,10 @@ class Sizes:
     seq_len: int = 128
     # Small batches, many steps: in a few CPU minutes that learns more than larger batches.
     batch: int = 8
-    pretrain_steps: int = 600
+    pretrain_steps: int = 1000
     pretrain_lr: float = 5e-3
-    finetune_steps: int = 150
-    finetune_lr: float = 2e-3
+    finetune_steps: int = 200
+    finetune_lr: float = 1e-3
     max_chars: int = 0  # 0: all of each file
 
 
