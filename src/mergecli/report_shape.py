@@ -136,6 +136,9 @@ class LanguageModelEvaluate(Shape):
         return self
 
 
+TAGS = ("classification", "language_model")
+
+
 def _evaluate_form(value: Any) -> str:
     return "language_model" if isinstance(value, dict) and "method" in value else "classification"
 
@@ -323,7 +326,10 @@ def _validate(shape: type[Shape], data: Any, source: str, prefix: str) -> None:
         shape.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = prefix + ".".join(str(part) for part in error["loc"])
+        loc = error["loc"]
+        # A tagged union puts its tag (the evaluate method's form) into the location: not a key.
+        parts = [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "evaluate" and p in TAGS)]
+        where = prefix + ".".join(str(part) for part in parts)
         message = error["msg"].removeprefix("Value error, ")
         raise MergeCliError(
             f"{source}: {where.rstrip('.') or '(top level)'}: {message[0].lower()}{message[1:]}"
