@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     train_text = {d: read(args.data / d / "train.txt", sizes) for d in DOMAINS}
     tokenizer = train_tokenizer(list(train_text.values()), sizes)
     train_ids = {d: token_ids(tokenizer, args.data / d / "train.txt", sizes) for d in DOMAINS}
-    eval_ids = {d: token_ids(tokenizer, args.data / d / "eval.txt", sizes) for d in DOMAINS}
+    # The whole eval text, at every size: the merges' evaluation reads all of it.
+    whole = replace(sizes, max_chars=0)
+    eval_ids = {d: token_ids(tokenizer, args.data / d / "eval.txt", whole) for d in DOMAINS}
     for d in DOMAINS:
         print(f"{d}: {len(train_ids[d]):,} train tokens, {len(eval_ids[d]):,} eval tokens")
     print(f"tokenizer: {len(tokenizer)} tokens ({time.perf_counter() - start:.1f} s)")

@@ -16,6 +16,8 @@ pytest.importorskip("tokenizers")
 
 import torch  # noqa: E402
 
+from mergecli.data import load_data  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("base", "ft-english", "ft-code")
 
@@ -67,13 +69,18 @@ def test_fine_tunes_start_from_the_base_and_move(tiny_runs: Path) -> None:
 
 @pytest.mark.slow
 def test_printed_perplexity_is_the_models_own_loss(tiny_runs: Path) -> None:
-    """The script's perplexity against exp(transformers' mean next-token loss) over the same
-    blocks (--tiny: the first 20,000 characters of eval.txt, blocks of 32 tokens)."""
+    """The script's perplexity against exp(transformers' mean next-token loss) over the blocks
+    mergecli's text source makes of eval.txt (--tiny: blocks of 32 tokens): the script scores
+    the token stream the merges are scored on."""
     table = json.loads((tiny_runs / "perplexity.json").read_text())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_runs / "ft-code")
-    text = (ROOT / "data" / "text" / "code" / "eval.txt").read_text(encoding="utf-8")[:20_000]
-    ids = torch.tensor(tokenizer(text)["input_ids"])
-    blocks = ids[: len(ids) // 32 * 32].view(-1, 32)
+    spec = {
+        "source": "text",
+        "path": str(ROOT / "data" / "text" / "code" / "eval.txt"),
+        "tokenizer": str(tiny_runs / "ft-code"),
+        "seq_len": 32,
+        "cache": False,
+    }
+    blocks = load_data(spec).x
     for name in NAMES:
         model = transformers.AutoModelForCausalLM.from_pretrained(tiny_runs / name)
         with torch.no_grad():
