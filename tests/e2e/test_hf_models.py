@@ -16,7 +16,7 @@ from fixtures.hf_models import (
     VOCAB,
     bert_config,
     llama_config,
-    lm_data,
+    lm_tokens_file,
     rule_data,
     save,
     train_classifier,
@@ -112,10 +112,7 @@ def test_llamas_fit_with_causal_lm_loss_and_generate(tmp_path: Path) -> None:
         lambda model, seed: train_lm(model, 15, seed),
         dtype=torch.bfloat16,
     )
-    generator = torch.Generator().manual_seed(5)
-    ids = torch.cat([lm_data(64, 1, generator), lm_data(64, 2, generator)])
-    data = tmp_path / "tokens.safetensors"
-    save_file({"x": ids, "y": torch.zeros(len(ids), dtype=torch.int64)}, str(data))
+    data = lm_tokens_file(tmp_path / "tokens.safetensors")
     recipe = tmp_path / "llama.yaml"
     recipe.write_text(
         f"""\

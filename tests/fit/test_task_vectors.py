@@ -430,7 +430,7 @@ def test_the_readme_quotes_the_memory_scripts_table() -> None:
 def test_a_llama_base_and_fine_tunes_fit_from_ties_with_checkpointing(tmp_path) -> None:
     """`arch: hf` with a base: coefficients per row over two fine-tunes' task vectors, on
     next-token prediction, with activation checkpointing (tied embeddings, bf16 files)."""
-    from fixtures.hf_models import llama_config, lm_data, save, train_lm
+    from fixtures.hf_models import llama_config, lm_tokens_file, save, train_lm
 
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -442,12 +442,7 @@ def test_a_llama_base_and_fine_tunes_fit_from_ties_with_checkpointing(tmp_path) 
         model.load_state_dict(base.state_dict())
         train_lm(model, 15, seed)
         folders.append(save(model, tmp_path / f"ft{seed}", transformers, dtype=torch.bfloat16))
-    generator = torch.Generator().manual_seed(5)
-    ids = torch.cat([lm_data(64, 1, generator), lm_data(64, 2, generator)])
-    data = tmp_path / "tokens.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({"x": ids, "y": torch.zeros(len(ids), dtype=torch.int64)}, str(data))
+    data = lm_tokens_file(tmp_path / "tokens.safetensors")
     recipe = tmp_path / "llama.yaml"
     recipe.write_text(
         f"""\
@@ -469,4 +464,4 @@ output: {{dir: {tmp_path / "out"}}}
     assert fitted["kept"] == "fit" and fitted["fit_loss"]["end"] < fitted["fit_loss"]["start"]
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
-    assert torch.isfinite(merged(ids[:2]).logits).all()
+    assert torch.isfinite(merged(load_file(data)["x"][:2]).logits).all()
