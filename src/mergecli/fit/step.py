@@ -153,7 +153,9 @@ def _merged_count(recipe: Recipe) -> int:
 @step_method("fit", "np_merge", FitParams, needs=("model", "data.fit"), default=True)
 def np_merge(state: MergeState, params: FitParams) -> None:
     """NP Merge (Orozco Camacho et al., 2024): per-parameter coefficients learned by gradient."""
-    module = state.build_module()
+    # Sharded, the module's own weights are replaced by the stacks' parametrizations: built in
+    # host memory, they never take a whole model's room on the device.
+    module = _fit_module(state) if params.shard else state.build_module()
     names = [n for n, p in module.named_parameters() if p.is_floating_point()]
     models = [state.reference] + [m for m in state.models if m is not state.reference]
     if state.base is not None and not models:
@@ -438,7 +440,8 @@ def _stacked(
 
 
 def _fit_module(state: MergeState) -> nn.Module:
-    module = state.build_module()
+    """A module for a sharded fit, in host memory (its stacks and buffers go to the device)."""
+    module = state.build_module(torch.device("cpu"))
     _set_fit_mode(module)
     return module
 
