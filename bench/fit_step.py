@@ -9,12 +9,14 @@ Run: .venv/bin/python bench/fit_step.py [--repeats 200]
 
 With --llama: the fit over task vectors (a base and two fine-tunes, from task arithmetic) on a
 small Llama-style causal LM (transformers' LlamaForCausalLM from a config: hidden 256, 4 layers,
-vocab 8192; batch 8 x 128 random token ids; next-token cross-entropy) at granularity
-parameter, row and tensor, against a plain fine-tuning step (Adam) of the same model on the same
-batch. Times: fit and plain steps alternated in this process, medians. Memory: each kind of step
-in a fresh process, its peak resident set during the building of the step's own state and three
-steps (VmHWM, reset through /proc/self/clear_refs once the inputs exist: the checkpoints, module
-and batch) minus its resident set at that moment (VmRSS); on CUDA the allocator's peak.
+vocab 8192; batch 8 x 128 random token ids; next-token cross-entropy) at granularity parameter,
+row and tensor, and at row through `shard: fsdp`'s parametrized module (one process: nothing is
+sharded, so it shows the parametrizations' cost), against a plain fine-tuning step (Adam) of the
+same model on the same batch. Times: fit and plain steps alternated in this process, medians.
+Memory: each kind of step in a fresh process, its peak resident set during the building of the
+step's own state and three steps (VmHWM, reset through /proc/self/clear_refs once the inputs
+exist: the checkpoints, module and batch) minus its resident set at that moment (VmRSS); on CUDA
+the allocator's peak.
 Run: .venv/bin/python bench/fit_step.py --llama [--repeats 10]
 """
 
@@ -153,6 +155,11 @@ LLAMA = {
 }  # fmt: skip
 BATCH, SEQ = 8, 128
 GRANULARITIES = ("parameter", "row", "tensor")
+# The fit at granularity row with `shard: fsdp`'s module (its merged parameters computed from
+# per-tensor stacks by parametrizations); in one process there is nothing to shard, so this
+# measures what the parametrized module costs against the flat buffer.
+SHARDED = "row, sharded"
+KINDS = ("plain", *GRANULARITIES, SHARDED)
 
 
 def llama_inputs(device: torch.device):
@@ -191,19 +198,40 @@ def llama_step(kind: str, device: torch.device, inputs):
         return plain_step
     names = [n for n, _ in module.named_parameters()]
     start = start_merge("task_arithmetic", {}, base, tuned, torch.ones(2), names)
-    flat = FlatParameters.stack(
-        [start.merged, *(TaskVectors(t, base) for t in tuned)], names, device
+    stacked = [start.merged, *(TaskVectors(t, base) for t in tuned)]
+    granularity = "row" if kind == SHARDED else kind
+    config = FitConfig(granularity, "adam", 0.01, 1, None, BATCH, 0.0, 0, 10**9)
+    sharded = None
+    if kind == SHARDED:
+        from mergecli.fit.sharded import ShardedStack
+        from mergecli.runtime.distributed import World
+
+        module = transformers_copy(module)
+        sharded = ShardedStack(
+            module, stacked, names, granularity, task_vector_merge, torch.float32, device,
+            World(), {},
+        )  # fmt: skip
+        flat = FlatParameters.layout(start.merged, names)
+    else:
+        flat = FlatParameters.stack(stacked, names, device)
+    del start, stacked
+    initial = torch.zeros(2, logits_per_model(granularity, flat))
+    fit = CoefficientStep(
+        module, flat, {}, task_vector_merge, initial, next_token, config, device, sharded
     )
-    del start
-    config = FitConfig(kind, "adam", 0.01, 1, None, BATCH, 0.0, 0, 10**9)
-    initial = torch.zeros(2, logits_per_model(kind, flat))
-    fit = CoefficientStep(module, flat, {}, task_vector_merge, initial, next_token, config, device)
 
     def fit_step() -> None:
         with fit.session():
             fit.update(fit.loss(ids, index))
 
     return fit_step
+
+
+def transformers_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A fresh module of the same config (a sharded fit parametrizes its module in place)."""
+    import transformers
+
+    return transformers.LlamaForCausalLM(module.config).to(module.device).eval()
 
 
 def memory_status(key: str) -> int:
@@ -239,7 +267,7 @@ def bench_llama(device: torch.device, repeats: int) -> None:
     params = sum(t.numel() for t in inputs[0].parameters())
     print(f"LlamaForCausalLM {LLAMA}, {params:,} parameters, batch {BATCH} x {SEQ}")
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    steps = {kind: llama_step(kind, device, inputs) for kind in ("plain", *GRANULARITIES)}
+    steps = {kind: llama_step(kind, device, inputs) for kind in KINDS}
     for step in steps.values():  # warm up
         step()
     times: dict[str, list[float]] = {kind: [] for kind in steps}
@@ -248,7 +276,7 @@ def bench_llama(device: torch.device, repeats: int) -> None:
             times[kind].append(median_step_seconds(step, device, 1, warmup=0))
     del steps, inputs
     memory = {}
-    for kind in ("plain", *GRANULARITIES):
+    for kind in KINDS:
         child = subprocess.run(
             [sys.executable, __file__, "--llama-memory", kind, "--device", str(device),
              "--threads", str(torch.get_num_threads())],
@@ -258,7 +286,7 @@ def bench_llama(device: torch.device, repeats: int) -> None:
     plain_s = statistics.median(times["plain"])
     what = "peak CUDA memory" if device.type == "cuda" else "peak RSS increase"
     print(f"{'step':18} {'ms':>9} {'x plain':>8} {what + ' MB':>24} {'x plain':>8}")
-    for kind in ("plain", *GRANULARITIES):
+    for kind in KINDS:
         seconds = statistics.median(times[kind])
         label = kind if kind == "plain" else f"fit, {kind}"
         print(
@@ -272,7 +300,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llama", action="store_true", help="the task-vector fit on a Llama")
-    parser.add_argument("--llama-memory", choices=("plain", *GRANULARITIES), help=argparse.SUPPRESS)
+    parser.add_argument("--llama-memory", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
