@@ -6,10 +6,12 @@ import json
 import shutil
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from mergecli import __version__
 from mergecli.errors import MergeCliError
@@ -302,6 +304,8 @@ def _write_finished(state: MergeState, output_dir: OutputDir, paths: list[Path])
     if state.merged is not None:
         if isinstance(state.merged, dict):
             dtype = OUTPUT_DTYPES.get(output.dtype)
+            if dtype is None:
+                state.merged = _in_layout_dtypes(state.merged, state.layout)
             metadata = output_metadata(state)
             paths = save_state_dict(state.merged, staging, metadata, output.shard_size, dtype)
         copied = copy_model_files(state, staging)
@@ -372,6 +376,17 @@ def copy_model_files(state: MergeState, out_dir: Path) -> list[Path]:
                 shutil.copyfile(folder / name, out_dir / name)
             copied.append(out_dir / name)
     return copied
+
+
+def _in_layout_dtypes(merged: dict[str, Tensor], layout: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`output.dtype: auto`: each floating tensor in the reference's dtype, as a streamed merge
+    writes it (a fit computes in float32, and bf16 checkpoints should not come out float32)."""
+    cast = {}
+    for name, tensor in merged.items():
+        dtype = tensor_dtype(layout, name) if name in layout else tensor.dtype
+        keep = not (tensor.is_floating_point() and dtype.is_floating_point)
+        cast[name] = tensor if keep else tensor.to(dtype)
+    return cast
 
 
 def _written_dtype(state: MergeState) -> torch.dtype | None:

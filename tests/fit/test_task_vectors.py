@@ -454,6 +454,10 @@ output: {{dir: {tmp_path / "out"}}}
     fitted = report(tmp_path / "out")["fit"]
     assert fitted["start"]["method"] == "ties" and fitted["granularity"] == "row"
     assert fitted["kept"] == "fit" and fitted["fit_loss"]["end"] < fitted["fit_loss"]["start"]
+    # output.dtype auto: the checkpoints' bf16, though the fit computed in float32
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert merged.dtype == torch.bfloat16
     assert torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
     assert torch.isfinite(merged(load_file(data)["x"][:2]).logits).all()
