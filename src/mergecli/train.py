@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from mergecli import __version__
 from mergecli.errors import MergeCliError, RecipeError
@@ -26,6 +25,7 @@ from mergecli.train_regime import (
     cpu_notice,
     lr_at,
     make_optimizer,
+    training_loss,
     warmup_steps,
 )
 from mergecli.train_state import RESUME_HINT, TrainCheckpoint
@@ -222,8 +222,7 @@ def train_model(
                     group["lr"] = lr
                 with torch.autocast(device.type, amp or torch.float32, enabled=amp is not None):
                     logits = model_logits(module, x)
-                # The loss in float32 whatever the forward's dtype.
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=regime.label_smoothing)
+                loss = training_loss(logits, y, regime.label_smoothing)
                 if not torch.isfinite(loss):
                     raise MergeCliError(
                         f"train: the loss became {loss.item()} in epoch {at.epoch + 1}; lower --lr"

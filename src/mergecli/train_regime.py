@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mergecli.errors import RecipeError
@@ -91,6 +92,12 @@ def lr_at(regime: Regime, step: int, total: int, warmup: int) -> float:
     if regime.schedule == "onecycle":
         return lr * (total - step) / (total - warmup)
     return lr
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy against targets smoothed to (1 - eps) one-hot + eps / classes, computed in
+    float32 whatever dtype the (autocast) forward gave the logits."""
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
 
 
 def decays(module: nn.Module) -> dict[str, bool]:

@@ -141,6 +141,8 @@ def parse_split_option(text: str, where: str = "--split") -> dict[str, Any]:
         if "alpha" not in fields or "part" not in fields:
             raise MergeCliError(f"{where} {text}: needs alpha= and part=I/N; use {SPLIT_HELP}")
         part, slash, parts = fields["part"].partition("/")
+        if not slash:
+            raise MergeCliError(f"{where} {text}: part is I/N (part I of N); use {SPLIT_HELP}")
         try:
             partition = {
                 "dirichlet": float(fields["alpha"]),
@@ -153,11 +155,13 @@ def parse_split_option(text: str, where: str = "--split") -> dict[str, Any]:
             raise MergeCliError(
                 f"{where} {text}: cannot read its numbers; use {SPLIT_HELP}"
             ) from None
-        if not slash:
-            raise MergeCliError(f"{where} {text}: part is I/N (part I of N); use {SPLIT_HELP}")
     else:
         raise MergeCliError(f"{where} {text}: unknown split {kind!r}; use {SPLIT_HELP}")
-    parse_partition(partition, where)  # the values checked here, in the option's words
+    try:
+        parse_partition(partition, "partition")
+    except MergeCliError as exc:  # in the option's words: "--split TEXT: part: ..."
+        reason = str(exc).removeprefix("partition").lstrip(".: ")
+        raise MergeCliError(f"{where} {text}: {reason}") from None
     return partition
 
 
