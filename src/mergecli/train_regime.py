@@ -85,12 +85,13 @@ def lr_at(regime: Regime, step: int, total: int, warmup: int) -> float:
     linear fall from the peak lr at t = W - 1, W to lr / (T - W) at the last step, 0 after it.
     """
     lr = regime.lr
+    # The factor first, then times lr: the peak is lr exactly.
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return lr * ((step + 1) / warmup)
     if regime.schedule == "cosine":
-        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        return lr * (0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
     if regime.schedule == "onecycle":
-        return lr * (total - step) / (total - warmup)
+        return lr * ((total - step) / (total - warmup))
     return lr
 
 
