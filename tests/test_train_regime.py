@@ -188,8 +188,13 @@ def flips(stop_at: int | None = None):
     return augment
 
 
-def test_a_training_stopped_mid_schedule_resumes_to_the_same_bits(tmp_path: Path) -> None:
-    # Bit-identity is what is tested: one process, the same threads.
+@pytest.mark.parametrize("amp", [None, torch.float16], ids=["fp32", "fp16-scaled"])
+def test_a_training_stopped_mid_schedule_resumes_to_the_same_bits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amp: torch.dtype | None
+) -> None:
+    # Bit-identity is what is tested: one process, the same threads. fp16: CUDA's path (an
+    # autocast forward, the loss scaler and its saved state) run on the CPU's autocast.
+    monkeypatch.setattr("mergecli.train.autocast_dtype", lambda precision, device: amp)
     regime = Regime(optimizer="sgd", lr=0.05, weight_decay=5e-4, schedule="onecycle",
                     label_smoothing=0.1)  # fmt: skip
     common = dict(
@@ -211,6 +216,8 @@ def test_a_training_stopped_mid_schedule_resumes_to_the_same_bits(tmp_path: Path
         trained(state, 13)
     saved = state.load()
     assert (saved["epoch"], saved["position"]) == (1, 5)
+    if amp is not None:  # 13 scaled steps, none with an overflow: the scale as it started
+        assert saved["scaler"] == torch.amp.GradScaler("cpu").state_dict() | {"_growth_tracker": 13}
     assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr_at(regime, 12, 24, 7))
     resumed = trained(state, None)
     assert resumed.keys() == expected.keys()
