@@ -141,8 +141,11 @@ def test_a_step_with_zero_gradients_shrinks_exactly_the_decayed_weights(optimize
     assert any(decay.values()) and not all(decay.values())
     # Without weight decay: one group with every parameter, as before these options.
     assert len(make_optimizer(model, Regime()).param_groups) == 1
-    with pytest.raises(RecipeError, match="--nesterov needs --momentum > 0"):
-        make_optimizer(model, Regime(optimizer="sgd", momentum=0.0))
+    # Nesterov (the default) is a kind of momentum: with none, plain SGD.
+    plain = make_optimizer(model, Regime(optimizer="sgd", momentum=0.0))
+    assert plain.param_groups[0]["nesterov"] is False
+    assert Regime(optimizer="sgd", momentum=0.0).described(1, CPU)["nesterov"] is False
+    assert make_optimizer(model, Regime(optimizer="sgd")).param_groups[0]["nesterov"] is True
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])

@@ -554,7 +554,10 @@ def train(
     ] = Optimizer.adam,
     momentum: Annotated[float, typer.Option(min=0.0, max=1.0, help="SGD's momentum.")] = 0.9,
     nesterov: Annotated[
-        bool, typer.Option("--nesterov/--no-nesterov", help="SGD with Nesterov momentum.")
+        bool,
+        typer.Option(
+            "--nesterov/--no-nesterov", help="SGD with Nesterov momentum (when --momentum > 0)."
+        ),
     ] = True,
     weight_decay: Annotated[
         float,

@@ -41,7 +41,7 @@ class Regime:
     optimizer: OptimizerName = "adam"
     lr: float = 1e-3
     momentum: float = 0.9  # sgd only
-    nesterov: bool = True  # sgd only
+    nesterov: bool = True  # sgd with momentum only
     weight_decay: float = 0.0
     schedule: Schedule = "constant"
     warmup: float | None = None  # epochs; None: 0, or 30% of the training for onecycle
@@ -53,6 +53,7 @@ class Regime:
         shown = asdict(self)
         shown["warmup"] = self.warmup_epochs(epochs)
         shown["precision"] = precision_name(autocast_dtype(self.precision, device))
+        shown["nesterov"] = uses_nesterov(self)
         if self.optimizer != "sgd":
             del shown["momentum"], shown["nesterov"]
         return shown
@@ -134,9 +135,14 @@ def make_optimizer(module: nn.Module, regime: Regime) -> torch.optim.Optimizer:
         groups = [{"params": list(module.parameters())}]
     if regime.optimizer == "adam":
         return torch.optim.Adam(groups, lr=regime.lr, decoupled_weight_decay=True)
-    if regime.nesterov and regime.momentum <= 0:
-        raise RecipeError(["--nesterov needs --momentum > 0; add --no-nesterov, or a momentum"])
-    return torch.optim.SGD(groups, lr=regime.lr, momentum=regime.momentum, nesterov=regime.nesterov)
+    return torch.optim.SGD(
+        groups, lr=regime.lr, momentum=regime.momentum, nesterov=uses_nesterov(regime)
+    )
+
+
+def uses_nesterov(regime: Regime) -> bool:
+    """Nesterov's look-ahead is a kind of momentum: without momentum (0), plain SGD."""
+    return regime.nesterov and regime.momentum > 0
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
