@@ -163,6 +163,10 @@ def train_model(
     module = module.to(device)
     train = _load_for(module, arch, train_spec, seed, "--data")
     held_out = _load_for(module, arch, eval_spec, seed, "--eval-data") if eval_spec else None
+    if train_spec.get("partition") is not None:
+        log.info(_share_line(train_spec["partition"], train.y))
+    # Page-locked, so each batch's copy to the GPU overlaps the step before (no-op on the CPU).
+    train = train.pin_memory() if device.type == "cuda" else train
     opt = make_optimizer(module, regime)
     amp = autocast_dtype(regime.precision, device)
     notice = cpu_notice(regime.precision, device)
@@ -257,6 +261,18 @@ def train_model(
         if held_out is not None:
             metrics["eval_accuracy"] = _accuracy(module, held_out, batch_size, device, accuracy)
     return module, metrics
+
+
+def _share_line(partition: dict[str, Any], labels: torch.Tensor) -> str:
+    """What a partition kept: its examples per label (a Dirichlet part's skew at a glance)."""
+    from mergecli.data.partition import describe_partition
+
+    present, counts = torch.unique(labels, return_counts=True)
+    per_label = " ".join(f"{int(c)}:{int(n)}" for c, n in zip(present, counts, strict=True))
+    return (
+        f"train: --data partition {describe_partition(partition)} keeps {len(labels)} examples "
+        f"(label:count {per_label})"
+    )
 
 
 def _restore(

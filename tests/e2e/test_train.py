@@ -193,6 +193,7 @@ def test_a_class_split_pair_trained_with_sgd_and_cosine(tmp_path: Path) -> None:
               "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--schedule", "cosine",
               "--warmup", "0.5", "--weight-decay", "5e-4"]  # fmt: skip
     held_out = load_data({"source": "mnist", "split": "9000:10000"})
+    train = load_data({"source": "mnist", "split": "0:2000"})
     for seed, (name, split, own) in enumerate(
         (("low", "classes:0-4", range(5)), ("high", "classes:5-9", range(5, 10)))
     ):
@@ -202,6 +203,13 @@ def test_a_class_split_pair_trained_with_sgd_and_cosine(tmp_path: Path) -> None:
         # The cosine schedule in the epoch lines: the last step's lr, falling to ~0.
         lrs = [float(v) for v in re.findall(r" lr=(\S+)", result.stderr)]
         assert len(lrs) == 3 and lrs[0] > lrs[1] > lrs[2] and lrs[2] < 1e-3, result.stderr
+        # The share, counted from the data itself: its five labels with their counts.
+        counts = [f"{y}:{int((train.y == y).sum())}" for y in own]
+        total = sum(int((train.y == y).sum()) for y in own)
+        assert (
+            f"train: --data partition {split} keeps {total} examples (label:count "
+            f"{' '.join(counts)})" in result.stderr
+        ), result.stderr
         meta = metadata(out)
         assert meta["mergecli.split"] == split
         partition = {"classes": split.removeprefix("classes:")}
