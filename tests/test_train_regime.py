@@ -15,6 +15,7 @@ from torch import nn
 
 from mergecli.errors import RecipeError
 from mergecli.models import build_model
+from mergecli.models.forward import model_logits
 from mergecli.runtime.log import Log
 from mergecli.runtime.signals import STOP, Stopped
 from mergecli.train import train_model
@@ -176,19 +177,18 @@ def test_precision_on_the_cpu_is_float32_with_a_notice() -> None:
     assert described["precision"] == "fp32" and "momentum" not in described
 
 
-def flips(stop_at: int | None = None):
-    """A random horizontal flip per example (the augmentation hook), which sets the stop
-    signal after its ``stop_at``-th batch, as SIGINT would."""
+def stopping_after(batches: int | None):
+    """The training's forward, which sets the stop signal after its ``batches``-th call, as
+    SIGINT would (the loop polls it after the step)."""
     calls = []
 
-    def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         calls.append(1)
-        if len(calls) == stop_at:
+        if len(calls) == batches:
             STOP.received = signal.SIGINT
-        chosen = torch.rand(len(x), generator=generator) < 0.5
-        return torch.where(chosen[:, None, None, None], x.flip(-1), x)
+        return model_logits(module, x)
 
-    return augment
+    return logits
 
 
 @pytest.mark.parametrize("amp", [None, torch.float16], ids=["fp32", "fp16-scaled"])
@@ -207,14 +207,15 @@ def test_a_training_stopped_mid_schedule_resumes_to_the_same_bits(
     )  # fmt: skip
 
     def trained(checkpoint: TrainCheckpoint | None, stop_at: int | None) -> dict:
+        monkeypatch.setattr("mergecli.train.model_logits", stopping_after(stop_at))
         with STOP.installed():
-            module, _ = train_model(**common, checkpoint=checkpoint, augment=flips(stop_at))
+            module, _ = train_model(**common, checkpoint=checkpoint)
         return module.state_dict()
 
     expected = trained(None, None)
     state = TrainCheckpoint(tmp_path / "x.state.safetensors", "fingerprint")
     # 8 batches an epoch: the stop after batch 5 of epoch 2 (step 13 of 24, past the peak
-    # at step 7, with a momentum buffer and the augmentation's generator mid-stream).
+    # at step 7, with a momentum buffer and the shuffle mid-epoch).
     with pytest.raises(Stopped):
         trained(state, 13)
     saved = state.load()
@@ -226,10 +227,6 @@ def test_a_training_stopped_mid_schedule_resumes_to_the_same_bits(
     assert resumed.keys() == expected.keys()
     for key in expected:
         assert torch.equal(resumed[key], expected[key]), key
-    # The augmentation is applied: without it the training ends elsewhere.
-    with STOP.installed():
-        plain, _ = train_model(**common)
-    assert not torch.equal(plain.state_dict()["head.weight"], expected["head.weight"])
 
 
 def test_fp16_loss_scaler_state_round_trips_without_pickle(tmp_path: Path) -> None:
@@ -240,8 +237,8 @@ def test_fp16_loss_scaler_state_round_trips_without_pickle(tmp_path: Path) -> No
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     payload = {
         "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "shuffle_rng": torch.Generator().get_state(), "augment_rng": torch.Generator().get_state(),
-        "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict(),
+        "shuffle_rng": torch.Generator().get_state(), "torch_rng": torch.get_rng_state(),
+        "scaler": scaler.state_dict(),
         "epoch": 1, "position": 2, "total": 3, "correct": 1, "loss_sum": 0.5,
     }  # fmt: skip
     state = TrainCheckpoint(tmp_path / "s.state.safetensors", "f")

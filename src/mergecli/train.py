@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,10 +34,6 @@ if TYPE_CHECKING:
 
 
 DEFAULT_ARCH = "mlp"
-# A training batch's inputs -> augmented inputs, drawing from the generator given.
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-# The augmentation generator's seed is the training's plus this: a stream apart from the shuffle.
-AUGMENT_SEED_OFFSET = 1_000_003
 INIT_FIX = "its metadata names no architecture: give the --arch and --arg it was trained with"
 
 
@@ -135,7 +130,6 @@ def train_model(
     init: Path | None = None,
     init_fix: str = INIT_FIX,
     checkpoint: TrainCheckpoint | None = None,
-    augment: Augment | None = None,
 ) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train ``arch(**args)`` with cross-entropy (label-smoothed by ``regime``); return the
     module and its final accuracies.
@@ -144,10 +138,9 @@ def train_model(
     model that task arithmetic, TIES and DARE merge (``init_fix``: what to change if it does
     not fit). With ``checkpoint``, a state saved there is resumed, the state is saved after
     every epoch, and a stop signal (polled after every batch) saves it and raises ``Stopped``;
-    the result is the same, bit for bit on one machine, as without the stop. ``augment``, when
-    given, maps each training batch's inputs to augmented ones, drawing from the generator it
-    is passed (a CPU generator of its own, saved with the state): the hook for data
-    augmentation; held-out batches are never augmented.
+    the result is the same, bit for bit on one machine, as without the stop. Augmentation, where
+    the data asks for it, is drawn in ``batches`` from the shuffle's generator, which the state
+    saves as the epoch started: a resumed epoch redraws it.
     """
     from mergecli.evaluate.metrics import accuracy
     from mergecli.io import load_state_dict
@@ -177,15 +170,12 @@ def train_model(
     per_epoch = math.ceil(len(train) / batch_size)
     total_steps, warmup = epochs * per_epoch, warmup_steps(regime, epochs, per_epoch)
     shuffle = torch.Generator().manual_seed(seed)
-    # A stream of its own, so that augmenting or not leaves the shuffle (and init) as they are.
-    augment_rng = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
     at = Progress()
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
-        at = _restore(checkpoint, saved, module, opt, scaler, shuffle, augment_rng, device)
+        at = _restore(checkpoint, saved, module, opt, scaler, shuffle, device)
         log.info(f"train: resuming from {checkpoint.path}", epoch=at.epoch + 1, batch=at.position)
     epoch_start = shuffle.get_state()
-    augment_start = augment_rng.get_state()
 
     def save() -> Path | None:
         """The state now; mid-epoch, the shuffle as the epoch drew it, so a resume redraws it."""
@@ -196,7 +186,6 @@ def train_model(
                 "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
                 "optimizer": opt.state_dict(),
                 "shuffle_rng": epoch_start if at.position else shuffle.get_state(),
-                "augment_rng": augment_start if at.position else augment_rng.get_state(),
                 "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -213,12 +202,10 @@ def train_model(
     # A signal stops training between batches, after the state is saved, never inside a step.
     with STOP.deferred():
         while at.epoch < epochs:
-            epoch_start, augment_start = shuffle.get_state(), augment_rng.get_state()
+            epoch_start = shuffle.get_state()
             module.train()
             batches = train.batches(batch_size, shuffle=True, generator=shuffle, device=device)
             for i, (x, y) in enumerate(batches):
-                if augment is not None:
-                    x = augment(x, augment_rng)  # skipped batches too: the same draws follow
                 if i < at.position:
                     continue  # done before the resume: the same shuffle, skipped
                 lr = lr_at(regime, at.epoch * per_epoch + i, total_steps, warmup)
@@ -282,7 +269,6 @@ def _restore(
     opt: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     shuffle: torch.Generator,
-    augment_rng: torch.Generator,
     device: torch.device,
 ) -> Progress:
     """Model, optimizer, loss scaler, generators and position as saved; a state that does not
@@ -293,7 +279,6 @@ def _restore(
         if scaler.is_enabled():
             scaler.load_state_dict(saved["scaler"])
         shuffle.set_state(saved["shuffle_rng"])
-        augment_rng.set_state(saved["augment_rng"])
         torch.set_rng_state(saved["torch_rng"])
         if device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(saved["cuda_rng"], device)

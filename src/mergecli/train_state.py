@@ -30,7 +30,7 @@ TRAIN_STATE = StateFormat(
     RESUME_HINT,
 )
 # The payload's tensors besides the model's and the optimizer's (``cuda_rng`` only on CUDA).
-RNG_TENSORS = ("shuffle_rng", "augment_rng", "torch_rng", "cuda_rng")
+RNG_TENSORS = ("shuffle_rng", "torch_rng", "cuda_rng")
 # What a resumed training reads besides the tensors.
 PLAIN_REQUIRED = ("epoch", "position", "total", "correct", "loss_sum")
 
