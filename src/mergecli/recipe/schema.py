@@ -119,10 +119,11 @@ class DataSpec(Strict):
     batch_size: int = Field(default=256, gt=0)
     fraction: float | None = Field(default=None, gt=0, le=1)
     classes: list[int] | None = None
+    balanced: bool = False
+
     # One model's share: {classes: "0-49"} or {dirichlet: 0.5, parts: 2, part: 0, seed: 0}
     # (data/partition.py), applied after `classes`.
     partition: dict[str, Any] | None = None
-    balanced: bool = False
 
     @field_validator("partition")
     @classmethod
