@@ -271,3 +271,14 @@ def train_tokenizer(folder: Path, text: str, vocab_size: int = 120) -> Path:
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     return folder
+
+
+def error_line(result: subprocess.CompletedProcess, code: int | None = None) -> str:
+    """The one line a failed command printed besides its progress lines (which start with a
+    timestamp): no traceback, no internal error; exit ``code`` when given."""
+    if code is not None:
+        assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if not line[:4].isdigit()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]

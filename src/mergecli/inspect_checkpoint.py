@@ -7,6 +7,7 @@ import json
 import torch
 
 from mergecli.io import load_state_dict, read_metadata
+from mergecli.io.sizes import format_size
 from mergecli.runtime.log import Column, Log
 
 
@@ -24,7 +25,7 @@ def inspect_checkpoints(path: str, other: str | None, log: Log) -> None:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         params = sum(t.numel() for t in tensors.values())
         rows.append(["total", None, None, params, total])
-        count, size = Column("values", show="{:,}".format), Column("size", "bytes", _size)
+        count, size = Column("values", show="{:,}".format), Column("size", "bytes", format_size)
         columns = ["tensor", Column("shape", show=json.dumps), "dtype", count, size]
         log.table(f"{path}: {len(tensors)} tensors", columns, rows)
         return
@@ -56,11 +57,3 @@ def _shape(tensor: torch.Tensor) -> str:
 
 def _dtype(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
-
-
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes} B"

@@ -97,8 +97,8 @@ class MergeState:
         """The checkpoints being merged: every one but the base model."""
         return [c for c in self.checkpoints if c.spec.role != "base"]
 
-    def build_module(self) -> nn.Module:
-        """A fresh module of the recipe's architecture, on the run's device."""
+    def build_module(self, device: torch.device | None = None) -> nn.Module:
+        """A fresh module of the recipe's architecture, on the run's device (or ``device``)."""
         from mergecli.models import build_model
         from mergecli.models.hf import model_directory
 
@@ -108,7 +108,7 @@ class MergeState:
                 "checkpoints do not say which architecture they are (not written by mergecli)"
             )
         spec, folder = self.model_spec, model_directory(self.reference.spec.path)
-        return build_model(spec.arch, spec.args, model_dir=folder).to(self.device)
+        return build_model(spec.arch, spec.args, model_dir=folder).to(device or self.device)
 
     def data(self, split: Literal["fit", "eval"]) -> Any:
         """The recipe's ``data.fit`` or ``data.eval``, loaded once and checked against the model

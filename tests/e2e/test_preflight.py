@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import mlp_checkpoint, run_cli
+from helpers import error_line, mlp_checkpoint, run_cli
 
 MLP = {"depth": 3, "hidden": 16}
 
@@ -58,15 +58,6 @@ def write(tmp_path: Path, **changes: object) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(RECIPE.format(**fields))
     return path
-
-
-def error_line(result, code: int) -> str:
-    """The command failed with ``code`` on exactly one line besides progress lines."""
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if not line[:4].isdigit()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def narrow_eval(tmp_path: Path) -> dict[str, object]:

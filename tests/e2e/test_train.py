@@ -15,19 +15,11 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import cli_env, run_cli
+from helpers import cli_env, error_line, run_cli
 
 # 512 examples in batches of 16: 32 batches an epoch, a few seconds for three epochs.
 SMALL = ["--arg", "depth=3", "--arg", "hidden=16", "--data", "mnist:0:512",
          "--eval-data", "mnist:9000:9200", "--epochs", "3", "--batch-size", "16"]  # fmt: skip
-
-
-def error_line(result: subprocess.CompletedProcess, code: int) -> str:
-    """The one line a failed command printed (no traceback, no progress line)."""
-    assert result.returncode == code, result.stderr
-    lines = [line for line in result.stderr.splitlines() if not re.match(r"\d{4}-\d\d-", line)]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def metadata(path: Path) -> dict[str, str]:

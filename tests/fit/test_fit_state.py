@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import ROOT, run_cli, small_fit
+from helpers import ROOT, error_line, run_cli, small_fit
 from mergecli.errors import MergeCliError
 from mergecli.fit.loop import FINGERPRINT_KEY, PLAIN_KEY, FitCheckpoint
 from mergecli.io.safetensors_format import write_safetensors
@@ -50,14 +50,6 @@ steps:
 output: {{dir: out}}
 """
     )
-
-
-def error_line(result) -> str:
-    """The one line of a failed run (progress lines start with a timestamp)."""
-    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if not line[:4].isdigit()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.mark.slow

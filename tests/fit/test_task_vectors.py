@@ -430,18 +430,10 @@ def test_the_readme_quotes_the_memory_scripts_table() -> None:
 def test_a_llama_base_and_fine_tunes_fit_from_ties_with_checkpointing(tmp_path) -> None:
     """`arch: hf` with a base: coefficients per row over two fine-tunes' task vectors, on
     next-token prediction, with activation checkpointing (tied embeddings, bf16 files)."""
-    from fixtures.hf_models import llama_config, lm_tokens_file, save, train_lm
+    from fixtures.hf_models import llama_family, lm_tokens_file
 
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(llama_config(transformers))
-    train_lm(base, 10, 0)
-    folders = [save(base, tmp_path / "base", transformers, dtype=torch.bfloat16)]
-    for seed in (1, 2):
-        model = transformers.LlamaForCausalLM(llama_config(transformers))
-        model.load_state_dict(base.state_dict())
-        train_lm(model, 15, seed)
-        folders.append(save(model, tmp_path / f"ft{seed}", transformers, dtype=torch.bfloat16))
+    folders = llama_family(tmp_path, dtype=torch.bfloat16)
     data = lm_tokens_file(tmp_path / "tokens.safetensors")
     recipe = tmp_path / "llama.yaml"
     recipe.write_text(

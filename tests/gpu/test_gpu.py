@@ -112,6 +112,34 @@ def test_np_merge_recipe_runs_on_the_gpu(tmp_path: Path, trained_pair, precision
     assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in merged.values())
 
 
+def test_a_sharded_stack_on_the_gpu_merges_as_the_flat_buffer_in_bf16() -> None:
+    """`shard: fsdp`'s parametrized module on CUDA with a bf16 stack (one process: no FSDP
+    collectives; two ranks need two GPUs) against the flat bf16 buffer: the same forward."""
+    from mergecli.fit.coefficients import merged_weights
+    from mergecli.fit.sharded import ShardedStack
+    from mergecli.models.forward import functional_logits, model_logits
+    from mergecli.runtime.distributed import World
+
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    models = [build_model("mlp", {"depth": 3, "hidden": 64}).state_dict() for _ in range(2)]
+    module = build_model("mlp", {"depth": 3, "hidden": 64}).to(cuda).eval()
+    names = [n for n, _ in module.named_parameters()]
+    flat = FlatParameters.stack(models, names, cuda, torch.bfloat16)
+    logits = 0.3 * torch.randn(logits_per_model("row", flat), device=cuda)
+    x = torch.randn(16, 1, 28, 28, device=cuda)
+    with torch.autocast("cuda", torch.bfloat16):
+        weights = merged_weights(flat, pairwise_merge, logits, "row", flat.group_index("row"))
+        expected = functional_logits(module, weights, x).float()
+        sharded = ShardedStack(
+            build_model("mlp", {"depth": 3, "hidden": 64}).to(cuda).eval(), models, names,
+            "row", pairwise_merge, torch.bfloat16, cuda, World(), {},
+        )  # fmt: skip
+        with sharded.using(logits):
+            got = model_logits(sharded.module, x).float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_train_in_mixed_precision_on_the_gpu(tmp_path: Path, precision: str) -> None:
     out = tmp_path / f"{precision}.safetensors"

@@ -25,11 +25,12 @@ MergeFn = Callable[[Tensor, Tensor], Tensor]  # (stacked flat parameters, logits
 
 @dataclass
 class FlatParameters:
-    """N models' parameters as rows of one (N, P) buffer, and how to cut a row into tensors."""
+    """N models' parameters as rows of one (N, P) buffer, and how to cut a row into tensors
+    (``thetas`` None: the layout alone, the models being held sharded, fit/sharded.py)."""
 
     names: list[str]
     shapes: list[torch.Size]
-    thetas: Tensor
+    thetas: Tensor | None
 
     @classmethod
     def stack(
@@ -48,6 +49,11 @@ class FlatParameters:
             for name, part in zip(names, row.split([s.numel() for s in shapes]), strict=True):
                 part.copy_(sd[name].reshape(-1))
         return cls(names, shapes, thetas)
+
+    @classmethod
+    def layout(cls, state_dict: Mapping[str, Tensor], names: list[str]) -> FlatParameters:
+        """The names and shapes without the buffer."""
+        return cls(names, [state_dict[n].shape for n in names], None)
 
     @property
     def sizes(self) -> list[int]:
@@ -130,7 +136,7 @@ def rows_of(shape: torch.Size) -> int:
 def logits_per_model(granularity: Granularity, flat: FlatParameters) -> int:
     """How many coefficients each model gets."""
     counts = {
-        "parameter": lambda: flat.thetas.shape[1],
+        "parameter": lambda: sum(flat.sizes),
         "row": lambda: sum(flat.rows),
         "tensor": lambda: len(flat.names),
         "model": lambda: 1,

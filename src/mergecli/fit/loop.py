@@ -17,6 +17,7 @@ from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
 from mergecli.fit.checkpointing import bind, enable_checkpointing
 from mergecli.fit.coefficients import FlatParameters, Granularity, merged_weights
+from mergecli.fit.sharded import ShardedStack
 from mergecli.io.saved_state import StateFormat, join_optimizer, split_optimizer
 from mergecli.models.forward import functional_logits, model_logits
 from mergecli.runtime.distributed import World
@@ -58,6 +59,9 @@ class FitProblem:
     loss_fn: LossFn
     device: torch.device
     validate: Callable[[Tensor], dict[str, float]] | None = None  # after each epoch
+    # The models held sharded over the ranks inside ``module`` (fit/sharded.py; ``flat`` is
+    # then their layout alone).
+    sharded: ShardedStack | None = None
 
 
 @dataclass
@@ -141,8 +145,10 @@ class CoefficientStep:
         loss_fn: LossFn,
         config: FitConfig,
         device: torch.device,
+        sharded: ShardedStack | None = None,
     ) -> None:
         self.module, self.flat, self.buffers, self.merge = module, flat, buffers, merge
+        self.sharded = sharded
         self.loss_fn, self.config, self.device = loss_fn, config, device
         self.logits = initial.clone().to(device).requires_grad_(True)
         # The l2 pull's centre, kept only when there is a pull (it is one more coefficient-sized
@@ -150,6 +156,8 @@ class CoefficientStep:
         self.anchor = initial.to(device) if config.l2 else None
         self.optimizer = _optimizer(config, self.logits)
         self.group_index = flat.group_index(config.granularity)
+        if sharded is not None:  # its parameters are computed from these logits at every call
+            sharded.logits = self.logits
         if config.checkpointing:
             enable_checkpointing(module)
         self._bound: ExitStack | None = None
@@ -171,6 +179,8 @@ class CoefficientStep:
     ) -> Tensor:
         """The loss of the batch ``x``; ``weight`` scales the task loss (a rank's share of the
         global batch), ``regularise`` adds the l2 pull (once per step, not once per rank)."""
+        if self.sharded is not None:
+            return self._with_l2(self._sharded_loss(x, index), weight, regularise)
         merged = merged_weights(
             self.flat, self.merge, self.logits, self.config.granularity, self.group_index
         )
@@ -184,7 +194,19 @@ class CoefficientStep:
                 outputs = model_logits(self.module, x)
             else:
                 outputs = functional_logits(self.module, weights, x)
-        loss = self.loss_fn(outputs.float(), index)
+        return self._with_l2(self.loss_fn(outputs.float(), index), weight, regularise)
+
+    def _sharded_loss(self, x: Tensor, index: Tensor) -> Tensor:
+        """The task loss through the sharded module, which merges its parameters block by
+        block as FSDP gathers each block's stacks."""
+        autocast = self.config.autocast
+        with torch.autocast(self.device.type, autocast or torch.float32, enabled=bool(autocast)):
+            if not len(index):  # this rank's share is empty, but FSDP needs it in every call
+                return self.sharded.idle_loss()
+            outputs = model_logits(self.module, x)
+        return self.loss_fn(outputs.float(), index)
+
+    def _with_l2(self, loss: Tensor, weight: float, regularise: bool) -> Tensor:
         if weight != 1.0:
             loss = loss * weight
         if self.config.l2 and regularise:
@@ -232,7 +254,7 @@ class CoefficientStep:
             self.update(loss)
             return total, ask_stop() or None
         self.optimizer.zero_grad(set_to_none=True)
-        if len(index):
+        if len(index) or self.sharded is not None:
             loss = self.loss(x, index, weight=len(index) / examples, regularise=world.is_main)
         else:  # fewer examples than ranks: this rank adds nothing but must still take part
             loss = torch.zeros((), device=self.device)
@@ -322,7 +344,7 @@ def fit_logits(
     data, device, validate = problem.data, problem.device, problem.validate
     step_fn = CoefficientStep(
         problem.module, problem.flat, problem.buffers, problem.merge, problem.initial,
-        problem.loss_fn, config, device,
+        problem.loss_fn, config, device, problem.sharded,
     )  # fmt: skip
     logits, optimizer = step_fn.logits, step_fn.optimizer
 

@@ -27,6 +27,7 @@ from mergecli.fit.coefficients import (
     task_vector_merge,
 )
 from mergecli.fit.loop import FitCheckpoint, FitConfig, FitProblem, fit_logits
+from mergecli.fit.sharded import ShardedStack, lockstep_shares
 from mergecli.fit.start import (
     DEFAULT_START,
     TaskVectors,
@@ -36,6 +37,7 @@ from mergecli.fit.start import (
     start_merge,
     start_problems,
 )
+from mergecli.io.sizes import format_size
 from mergecli.models.batchnorm import batch_norms
 from mergecli.models.forward import TokenBatch, functional_logits, model_logits
 from mergecli.recipe.schema import Recipe, StepParams, StepSpec, shown_default
@@ -87,6 +89,11 @@ class FitParams(StepParams):
     # Recompute activations in the backward pass instead of keeping them (less memory, ~1/3
     # more compute): per layer, by the model's own mechanism for Hugging Face models.
     checkpointing: bool = False
+    # Hold the stacked models sharded over the job's processes (torchrun/srun) with PyTorch
+    # FSDP instead of whole on every device: for models whose copies do not fit one device.
+    shard: Literal["fsdp"] | None = Field(
+        default=None, json_schema_extra=shown_default("none (each rank holds every copy)")
+    )
 
     @model_validator(mode="after")
     def _epochs_or_steps(self) -> FitParams:
@@ -96,6 +103,8 @@ class FitParams(StepParams):
             self.epochs = 5
         if self.init is not None and self.multi == "joint":
             raise ValueError("init applies to multi: pairwise (joint starts uniform)")
+        if self.shard is not None and self.compile:
+            raise ValueError("compile and shard: fsdp do not go together; drop one")
         return self
 
     def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
@@ -144,7 +153,9 @@ def _merged_count(recipe: Recipe) -> int:
 @step_method("fit", "np_merge", FitParams, needs=("model", "data.fit"), default=True)
 def np_merge(state: MergeState, params: FitParams) -> None:
     """NP Merge (Orozco Camacho et al., 2024): per-parameter coefficients learned by gradient."""
-    module = state.build_module()
+    # Sharded, the module's own weights are replaced by the stacks' parametrizations: built in
+    # host memory, they never take a whole model's room on the device.
+    module = _fit_module(state) if params.shard else state.build_module()
     names = [n for n, p in module.named_parameters() if p.is_floating_point()]
     models = [state.reference] + [m for m in state.models if m is not state.reference]
     if state.base is not None and not models:
@@ -181,19 +192,20 @@ def _fit(
     report_stages = []
 
     def fit_stage(stage: int, sources: list[StateDict], init: float) -> StateDict:
-        flat = FlatParameters.stack(sources, names, device, _compute_dtype(state))
+        merge = joint_merge if params.multi == "joint" else pairwise_merge
+        # A sharded module is parametrized by its stage's models: each stage needs its own.
+        staged = module if stage == 0 or params.shard is None else _fit_module(state)
+        flat, sharded = _stacked(state, params, staged, sources, names, merge, buffers, data)
         per_model = logits_per_model(params.granularity, flat)
         if params.multi == "joint":
             initial = torch.zeros(len(sources), per_model)
-            merge = joint_merge
         else:
             initial = torch.full((per_model,), logit(init))
-            merge = pairwise_merge
-        validate = _validator(state, module, flat, buffers, merge, params)
+        validate = _validator(state, staged, flat, buffers, merge, params, sharded)
         checkpoint = _checkpoint(state, stage)
         name = f"fit stage {stage + 1}/{len(stages)}" if len(stages) > 1 else "fit"
         problem = FitProblem(
-            module, flat, buffers, merge, initial, indexed, loss_fn, device, validate
+            staged, flat, buffers, merge, initial, indexed, loss_fn, device, validate, sharded
         )
         stage_name = f"stage {stage + 1}/{len(stages)} " if len(stages) > 1 else ""
         outcome = _run_fit(state, problem, config, checkpoint, name, stage_name)
@@ -234,6 +246,7 @@ def _fit(
         "examples": len(data),
         "stages": report_stages,
         "seconds": round(sum(s["seconds"] for s in report_stages), 3),
+        **_shard_report(params),
     }
     return running
 
@@ -309,19 +322,20 @@ def _fit_task_vectors(
     weights = torch.tensor([float(m.spec.weight) for m in models])
     method = params.start or DEFAULT_START
     start = start_merge(method, params.start_params, base, sources, weights, names)
-    flat = FlatParameters.stack(
-        [start.merged, *(TaskVectors(s, base) for s in sources)], names, device,
-        _compute_dtype(state),
-    )  # fmt: skip
+    stacked = [start.merged, *(TaskVectors(s, base) for s in sources)]
+    flat, sharded = _stacked(
+        state, params, module, stacked, names, task_vector_merge, buffers, data
+    )
     config = _config(state, params, seed)
     initial = torch.zeros(len(models), logits_per_model(params.granularity, flat))
     loss_fn = _loss(params.loss, state, data, models, device)
     if params.compile:
         module = torch.compile(module)
-    validate = _validator(state, module, flat, buffers, task_vector_merge, params)
+    validate = _validator(state, module, flat, buffers, task_vector_merge, params, sharded)
     problem = FitProblem(
-        module, flat, buffers, task_vector_merge, initial, indexed, loss_fn, device, validate
-    )
+        module, flat, buffers, task_vector_merge, initial, indexed, loss_fn, device, validate,
+        sharded,
+    )  # fmt: skip
     checkpoint = _checkpoint(state, 0)
     outcome = _run_fit(state, problem, config, checkpoint, "fit")
     _stop_if_signalled("after the fit", checkpoint)
@@ -331,8 +345,13 @@ def _fit_task_vectors(
     learned = {n: _plus(initial_c[n], deltas[n]) for n in names}
     ends = apply_task_vectors(base, sources, learned, names)
     starts = apply_task_vectors(base, sources, initial_c, names)
-    compare = _fit_loss_of(state, module, buffers, indexed, loss_fn, config)
-    start_loss, end_loss = compare(starts), compare(ends)
+    if sharded is None:
+        compare = _fit_loss_of(state, module, buffers, indexed, loss_fn, config)
+        start_loss, end_loss = compare(starts), compare(ends)
+    else:  # the sharded module computes its weights from coefficients: the start's are zero
+        compare = _sharded_fit_loss(state, sharded, indexed, loss_fn, config)
+        start_loss, end_loss = compare(torch.zeros_like(outcome.logits)), compare(outcome.logits)
+    del sharded
     kept = "fit" if end_loss < start_loss else "start"
     state.log.info(
         f"fit: loss on data.fit {start_loss:.4f} at the start ({method}), {end_loss:.4f} after "
@@ -369,8 +388,87 @@ def _fit_task_vectors(
             }
         ],  # fmt: skip
         "seconds": round(outcome.seconds, 3),
+        **_shard_report(params),
     }
     return ends
+
+
+def _shard_report(params: FitParams) -> dict[str, Any]:
+    """How the stacked models were held, when sharded: the report's ``shard`` entry."""
+    if params.shard is None:
+        return {}
+    return {"shard": {"method": params.shard, "ranks": current_world().size}}
+
+
+def _stacked(
+    state: MergeState,
+    params: FitParams,
+    module: nn.Module,
+    sources: list,
+    names: list[str],
+    merge: Callable[[Tensor, Tensor], Tensor],
+    buffers: dict[str, Tensor],
+    data: TensorData,
+) -> tuple[FlatParameters, ShardedStack | None]:
+    """The models the fit merges, in the compute dtype: one (N, P) buffer on the device, or
+    with `shard: fsdp` a stack per tensor inside the module, sharded over the ranks."""
+    dtype = _compute_dtype(state)
+    if params.shard is None:
+        return FlatParameters.stack(sources, names, state.device, dtype), None
+    if batch_norms(module):
+        raise MergeCliError(
+            "fit: shard: fsdp is for models without BatchNorm (their statistics are recomputed "
+            "from whole merged weights); drop shard for this model"
+        )
+    world = current_world()
+    if not world.distributed:
+        state.log.info(
+            "fit: shard: fsdp with one process holds every stack whole on its device; start "
+            "several processes (torchrun or srun) to shard them"
+        )
+    sharded = ShardedStack(
+        module, sources, names, params.granularity, merge, dtype, state.device, world, buffers
+    )
+    sharded.idle_on(data, state.device)
+    held, total = sharded.stack_bytes()
+    state.log.info(
+        f"fit: the {len(sources)} stacked copies ({format_size(total)}) sharded over "
+        f"{world.size} rank(s) with FSDP: {format_size(held)} on this one",
+        every_rank=True,
+    )
+    return FlatParameters.layout(sources[0], names), sharded
+
+
+def _fit_module(state: MergeState) -> nn.Module:
+    """A module for a sharded fit, in host memory (its stacks and buffers go to the device)."""
+    module = state.build_module(torch.device("cpu"))
+    _set_fit_mode(module)
+    return module
+
+
+def _sharded_fit_loss(
+    state: MergeState, sharded: ShardedStack, data: TensorData, loss_fn, config: FitConfig
+) -> Callable[[Tensor], float]:
+    """``_fit_loss_of`` through the sharded module, for coefficients (logits) rather than
+    merged weights: every rank its share of each batch, the same batches on all of them."""
+    world, device = current_world(), state.device
+    autocast = config.autocast
+
+    @torch.no_grad()
+    def loss_of(logits: Tensor) -> float:
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+        with sharded.using(logits.to(device)):
+            for share in lockstep_shares(data, config.batch_size, world, device):
+                with torch.autocast(device.type, autocast or torch.float32, enabled=bool(autocast)):
+                    if share is None:
+                        sharded.idle_loss()
+                        continue
+                    x, index = share
+                    outputs = model_logits(sharded.module, x)
+                total += loss_fn(outputs.float(), index).double() * len(index)
+        return float(world.all_reduce_(total)) / len(data)
+
+    return loss_of
 
 
 def _release_own_weights(module: nn.Module, names: list[str]) -> None:
@@ -680,14 +778,15 @@ def _mean_softmax(state: MergeState, data: TensorData, models: list) -> Tensor:
     return total / len(models)
 
 
-def _validator(state, module, flat, buffers, merge, params):
+def _validator(state, module, flat, buffers, merge, params, sharded=None):
     """Validation on data.eval after each epoch, when the recipe has it, of the merged model as
     it will be used: in eval mode, with the BatchNorm statistics it will have (recomputed on
     data.fit as the reset after the fit will, when one follows). Loss and accuracy for a
     classifier; for a language model (per-token logits) the mean next-token cross-entropy and
     perplexity. With several named eval sets, each set's (keys ``val_<set>_loss``, ...).
 
-    With several ranks each evaluates its share of every set and the sums are all-reduced."""
+    With several ranks each evaluates its share of every set and the sums are all-reduced; a
+    sharded module (``sharded``) is run by every rank on its share of each batch instead."""
     from mergecli.models import load_into_model
     from mergecli.repair.step import batchnorm_statistics
 
@@ -697,7 +796,7 @@ def _validator(state, module, flat, buffers, merge, params):
     sets = state.eval_sets()
     shards = {}
     for name, data in sets.items():
-        start, end = world.part(len(data))
+        start, end = world.part(len(data)) if sharded is None else (0, len(data))
         shards[name] = (data.take(slice(start, end)), len(data), state.eval_batch_size(name))
     prefix = (lambda _: "val_") if len(sets) == 1 else (lambda name: f"val_{name}_")
     index = flat.group_index(params.granularity)
@@ -706,10 +805,20 @@ def _validator(state, module, flat, buffers, merge, params):
     resets, batches = _final_reset(state, module)
     evaluated = state.build_module() if batch_norms(module) else None
 
+    def batches_of(shard: TensorData, batch_size: int):
+        if sharded is None:
+            return shard.batches(batch_size, device=state.device)
+        return lockstep_shares(shard, batch_size, world, state.device)
+
     @torch.no_grad()
     def validate(logits: Tensor) -> dict[str, float]:
+        if sharded is not None:
+            with sharded.using(logits):
+                return run(None)
         merged = merged_weights(flat, merge, logits, params.granularity, index)
-        weights = {**merged, **buffers}
+        return run({**merged, **buffers})
+
+    def run(weights: StateDict | None) -> dict[str, float]:
         if evaluated is not None:
             if resets:
                 batchnorm_statistics(state, evaluated, weights, batches, "fit: validated model")
@@ -720,8 +829,14 @@ def _validator(state, module, flat, buffers, merge, params):
         for name, (shard, examples, batch_size) in shards.items():
             # loss; correct examples (or predicted tokens); batches of per-token logits
             sums = torch.zeros(3, dtype=torch.float64, device=state.device)
-            for x, y in shard.batches(batch_size, device=state.device):
-                if evaluated is None:
+            for batch in batches_of(shard, batch_size):
+                if batch is None:  # an empty share of a batch, which a sharded module needs
+                    sharded.idle_loss()
+                    continue
+                x, y = batch
+                if weights is None:
+                    outputs = model_logits(module, x).float()
+                elif evaluated is None:
                     outputs = functional_logits(module, weights, x).float()
                 else:
                     outputs = model_logits(evaluated, x).float()

@@ -44,3 +44,12 @@ def parse_size(value: int | str) -> int:
     scale = 10 ** len(frac)
     numerator = int(whole or "0") * scale + int(frac or "0")
     return (numerator * multiplier + scale // 2) // scale
+
+
+def format_size(nbytes: float) -> str:
+    """Bytes for people: ``512 B``, ``1.5 KiB``, ``3.2 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes} B"
