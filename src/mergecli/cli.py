@@ -508,6 +508,19 @@ class Optimizer(str, Enum):
     sgd = "sgd"
 
 
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    onecycle = "onecycle"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 @command()
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .safetensors file.")],
@@ -532,9 +545,63 @@ def train(
     ] = "mnist:test",
     seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")] = 0,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    lr: Annotated[
+        float, typer.Option(min=0.0, help="Learning rate (the peak, with a schedule).")
+    ] = 1e-3,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
-    optimizer: Annotated[Optimizer, typer.Option()] = Optimizer.adam,
+    optimizer: Annotated[
+        Optimizer, typer.Option(help="adam, or sgd with --momentum and --nesterov.")
+    ] = Optimizer.adam,
+    momentum: Annotated[float, typer.Option(min=0.0, max=1.0, help="SGD's momentum.")] = 0.9,
+    nesterov: Annotated[
+        bool,
+        typer.Option(
+            "--nesterov/--no-nesterov", help="SGD with Nesterov momentum (when --momentum > 0)."
+        ),
+    ] = True,
+    weight_decay: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Weight decay on weights (matrices, conv kernels), not on norm layers' "
+            "parameters or biases; L2 with sgd, decoupled (AdamW) with adam.",
+        ),
+    ] = 0.0,
+    schedule: Annotated[
+        Schedule,
+        typer.Option(
+            help="Learning rate per step after the warmup: constant; cosine (to 0 at the "
+            "end); onecycle (linear up to --lr over the warmup, linear down to 0)."
+        ),
+    ] = Schedule.constant,
+    warmup: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            min=0.0,
+            help="Linear warmup from 0 to --lr, in epochs (fractions allowed) [default: 0; "
+            "onecycle: 0.3 x --epochs].",
+            show_default=False,
+        ),
+    ] = None,
+    label_smoothing: Annotated[
+        float, typer.Option(min=0.0, max=0.99, help="Cross-entropy label smoothing.")
+    ] = 0.0,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            help="Mixed precision on CUDA: auto (bf16 where the GPU has it), fp32, bf16, fp16 "
+            "(with a loss scaler); float32 on the CPU."
+        ),
+    ] = Precision.auto,
+    split: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Train on a share of --data: classes:0-49 (those labels, kept as they are; "
+            "--eval-data too) or dirichlet:alpha=0.5:part=0/2[:seed=N] (label-skewed parts, "
+            "disjoint for one seed, default 0).",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     init: Annotated[
         Optional[Path],  # noqa: UP045
@@ -559,9 +626,11 @@ def train(
     with user_errors():
         import os
         import time
+        from dataclasses import asdict
 
         import torch
 
+        from mergecli.data.partition import describe_partition
         from mergecli.errors import RecipeError
         from mergecli.io import checkpoint_sha256
         from mergecli.runtime.device import resolve_device
@@ -573,6 +642,7 @@ def train(
             save_trained,
             train_model,
         )
+        from mergecli.train_regime import Regime
         from mergecli.train_state import TrainCheckpoint, fingerprint, state_path
 
         if init is not None and os.path.realpath(out) == os.path.realpath(init):
@@ -588,16 +658,23 @@ def train(
         eval_spec = (
             None if eval_data.lower() == "none" else _parse_data_option(eval_data, "--eval-data")
         )
+        if split is not None:
+            train_spec, eval_spec = _with_split(split, train_spec, eval_spec)
         init_fix = INIT_FIX
         if init is not None:
             arch, args, init_fix = model_for_init(init, arch, args)
         arch = arch or DEFAULT_ARCH
+        regime = Regime(
+            optimizer=optimizer.value, lr=lr, momentum=momentum, nesterov=nesterov,
+            weight_decay=weight_decay, schedule=schedule.value, warmup=warmup,
+            label_smoothing=label_smoothing, precision=precision.value,
+        )  # fmt: skip
         options = {
             "arch": arch, "args": args, "data": train_spec, "eval_data": eval_spec,
-            "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-            "optimizer": optimizer.value,
+            "seed": seed, "epochs": epochs, "batch_size": batch_size, **asdict(regime),
             "init": checkpoint_sha256(init) if init is not None else None,
         }  # fmt: skip
+        on = resolve_device(device)
         checkpoint = TrainCheckpoint(state_path(out), fingerprint(options))
         with STOP.installed():
             try:
@@ -611,16 +688,21 @@ def train(
                     eval_spec,
                     seed=seed,
                     epochs=epochs,
-                    lr=lr,
                     batch_size=batch_size,
-                    optimizer=optimizer.value,
-                    device=resolve_device(device),
+                    regime=regime,
+                    device=on,
                     log=log,
                     init=init,
                     init_fix=init_fix,
                     checkpoint=checkpoint,
                 )
                 metadata = {"seed": str(seed), "data": train_spec, **metrics}
+                # How it was trained, each option as it took effect: `mergecli inspect` shows it.
+                metadata["training"] = {
+                    "epochs": epochs, "batch_size": batch_size, **regime.described(epochs, on)
+                }  # fmt: skip
+                if split is not None:
+                    metadata["split"] = describe_partition(train_spec["partition"])
                 # How long it took (this run, if it resumed), on how many threads: `make
                 # figures` quotes training times.
                 metadata["train_seconds"] = f"{time.perf_counter() - started:.1f}"
@@ -644,6 +726,28 @@ def train(
                 f"received {signal_name(STOP.pending())} after {out} was written; "
                 "the training finished"
             )
+
+
+def _with_split(
+    text: str, train_spec: dict[str, Any], eval_spec: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """--split as the data specs' ``partition``: --data's; a class split also --eval-data's
+    (a model of those classes is scored on them), unless that names its own."""
+    from mergecli.data.partition import parse_split_option
+    from mergecli.errors import MergeCliError, RecipeError
+
+    try:
+        partition = parse_split_option(text)
+    except MergeCliError as exc:
+        raise RecipeError([str(exc)]) from None
+    if "partition" in train_spec:
+        raise RecipeError(
+            [f"--split {text}: --data has a partition already; give the split in one of them"]
+        )
+    train_spec = {**train_spec, "partition": partition}
+    if eval_spec is not None and "classes" in partition and "partition" not in eval_spec:
+        eval_spec = {**eval_spec, "partition": partition}
+    return train_spec, eval_spec
 
 
 def _parse_assignments(items: list[str], option: str) -> dict[str, Any]:

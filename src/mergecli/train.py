@@ -7,10 +7,9 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from mergecli import __version__
 from mergecli.errors import MergeCliError, RecipeError
@@ -19,6 +18,15 @@ from mergecli.io.safetensors_format import write_safetensors
 from mergecli.models.forward import model_logits
 from mergecli.runtime.log import Log
 from mergecli.runtime.signals import STOP
+from mergecli.train_regime import (
+    Regime,
+    autocast_dtype,
+    cpu_notice,
+    lr_at,
+    make_optimizer,
+    training_loss,
+    warmup_steps,
+)
 from mergecli.train_state import RESUME_HINT, TrainCheckpoint
 
 if TYPE_CHECKING:
@@ -115,22 +123,24 @@ def train_model(
     *,
     seed: int,
     epochs: int,
-    lr: float,
     batch_size: int,
-    optimizer: Literal["adam", "sgd"],
+    regime: Regime,
     device: torch.device,
     log: Log,
     init: Path | None = None,
     init_fix: str = INIT_FIX,
     checkpoint: TrainCheckpoint | None = None,
 ) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train ``arch(**args)`` with cross-entropy; return the module and its final accuracies.
+    """Train ``arch(**args)`` with cross-entropy (label-smoothed by ``regime``); return the
+    module and its final accuracies.
 
     With ``init``, training starts from that checkpoint's weights: a fine-tune, the kind of
     model that task arithmetic, TIES and DARE merge (``init_fix``: what to change if it does
     not fit). With ``checkpoint``, a state saved there is resumed, the state is saved after
     every epoch, and a stop signal (polled after every batch) saves it and raises ``Stopped``;
-    the result is the same, bit for bit on one machine, as without the stop.
+    the result is the same, bit for bit on one machine, as without the stop. Augmentation, where
+    the data asks for it, is drawn in ``batches`` from the shuffle's generator, which the state
+    saves as the epoch started: a resumed epoch redraws it.
     """
     from mergecli.evaluate.metrics import accuracy
     from mergecli.io import load_state_dict
@@ -146,17 +156,25 @@ def train_model(
     module = module.to(device)
     train = _load_for(module, arch, train_spec, seed, "--data")
     held_out = _load_for(module, arch, eval_spec, seed, "--eval-data") if eval_spec else None
-    if optimizer == "adam":
-        opt = torch.optim.Adam(module.parameters(), lr=lr)
-    else:
-        opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    if train_spec.get("partition") is not None:
+        log.info(_share_line(train_spec["partition"], train.y))
+    # Page-locked, so each batch's copy to the GPU overlaps the step before (no-op on the CPU).
+    train = train.pin_memory() if device.type == "cuda" else train
+    opt = make_optimizer(module, regime)
+    amp = autocast_dtype(regime.precision, device)
+    notice = cpu_notice(regime.precision, device)
+    if notice:
+        log.info(notice)
+    # fp16 needs its loss scaled so small gradients do not flush to zero; bf16 does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    per_epoch = math.ceil(len(train) / batch_size)
+    total_steps, warmup = epochs * per_epoch, warmup_steps(regime, epochs, per_epoch)
     shuffle = torch.Generator().manual_seed(seed)
     at = Progress()
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
-        at = _restore(checkpoint, saved, module, opt, shuffle, device)
+        at = _restore(checkpoint, saved, module, opt, scaler, shuffle, device)
         log.info(f"train: resuming from {checkpoint.path}", epoch=at.epoch + 1, batch=at.position)
-    per_epoch = math.ceil(len(train) / batch_size)
     epoch_start = shuffle.get_state()
 
     def save() -> Path | None:
@@ -168,6 +186,7 @@ def train_model(
                 "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
                 "optimizer": opt.state_dict(),
                 "shuffle_rng": epoch_start if at.position else shuffle.get_state(),
+                "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 **asdict(at),
@@ -189,15 +208,20 @@ def train_model(
             for i, (x, y) in enumerate(batches):
                 if i < at.position:
                     continue  # done before the resume: the same shuffle, skipped
-                logits = model_logits(module, x)
-                loss = F.cross_entropy(logits, y)
+                lr = lr_at(regime, at.epoch * per_epoch + i, total_steps, warmup)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, amp or torch.float32, enabled=amp is not None):
+                    logits = model_logits(module, x)
+                loss = training_loss(logits, y, regime.label_smoothing)
                 if not torch.isfinite(loss):
                     raise MergeCliError(
                         f"train: the loss became {loss.item()} in epoch {at.epoch + 1}; lower --lr"
                     )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 at.position = i + 1
                 at.total += len(y)
                 at.correct += (logits.argmax(1) == y).sum().item()
@@ -213,6 +237,8 @@ def train_model(
                 fields["eval_acc"] = round(
                     _accuracy(module, held_out, batch_size, device, accuracy), 4
                 )
+            if regime.schedule != "constant" or warmup:
+                fields["lr"] = float(f"{opt.param_groups[0]['lr']:.4g}")  # its last step's
             log.info(f"epoch {at.epoch + 1}/{epochs}", **fields)
             at = Progress(epoch=at.epoch + 1)
             stop_if_signalled(f"after epoch {at.epoch}/{epochs}")
@@ -224,19 +250,34 @@ def train_model(
     return module, metrics
 
 
+def _share_line(partition: dict[str, Any], labels: torch.Tensor) -> str:
+    """What a partition kept: its examples per label (a Dirichlet part's skew at a glance)."""
+    from mergecli.data.partition import describe_partition
+
+    present, counts = torch.unique(labels, return_counts=True)
+    per_label = " ".join(f"{int(c)}:{int(n)}" for c, n in zip(present, counts, strict=True))
+    return (
+        f"train: --data partition {describe_partition(partition)} keeps {len(labels)} examples "
+        f"(label:count {per_label})"
+    )
+
+
 def _restore(
     checkpoint: TrainCheckpoint,
     saved: dict[str, Any],
     module: torch.nn.Module,
     opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     shuffle: torch.Generator,
     device: torch.device,
 ) -> Progress:
-    """Model, optimizer, generators and position as saved; a state that does not fit this
-    training (edited, or written by another version) is a user error, not exit 70."""
+    """Model, optimizer, loss scaler, generators and position as saved; a state that does not
+    fit this training (edited, or written by another version) is a user error, not exit 70."""
     try:
         module.load_state_dict(saved["model"], strict=True)
         opt.load_state_dict(saved["optimizer"])
+        if scaler.is_enabled():
+            scaler.load_state_dict(saved["scaler"])
         shuffle.set_state(saved["shuffle_rng"])
         torch.set_rng_state(saved["torch_rng"])
         if device.type == "cuda" and saved.get("cuda_rng") is not None:

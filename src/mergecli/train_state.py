@@ -1,5 +1,6 @@
-"""`mergecli train`'s resumable state: model, optimizer, random generators and the position in
-the data, beside ``--out`` until the checkpoint is written.
+"""`mergecli train`'s resumable state: model, optimizer, fp16 loss scaler, random generators and
+the position in the data (which is also the learning-rate schedule's), beside ``--out`` until
+the checkpoint is written.
 
 One safetensors file with the plain values as JSON in its metadata, never a pickle: loading a
 pickle runs its code. The fingerprint (what was asked for: the options and the --init file's

@@ -172,3 +172,70 @@ def test_sigint_saves_the_training_and_the_same_command_resumes_it_bit_identical
     assert never.returncode == 0 and "resuming" not in never.stderr, never.stderr
     assert saved_training(tmp_path / "part.safetensors") == expected
     assert not state.exists()
+
+
+def test_a_class_split_pair_trained_with_sgd_and_cosine(tmp_path: Path) -> None:
+    import torch
+
+    from mergecli.data import load_data
+    from mergecli.models import build_model
+
+    common = ["--log", "plain", "train", "--arg", "depth=2", "--arg", "hidden=32",
+              "--data", "mnist:0:2000", "--eval-data", "mnist:9000:10000", "--epochs", "3",
+              "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--schedule", "cosine",
+              "--warmup", "0.5", "--weight-decay", "5e-4"]  # fmt: skip
+    held_out = load_data({"source": "mnist", "split": "9000:10000"})
+    train = load_data({"source": "mnist", "split": "0:2000"})
+    for seed, (name, split, own) in enumerate(
+        (("low", "classes:0-4", range(5)), ("high", "classes:5-9", range(5, 10)))
+    ):
+        out = tmp_path / f"{name}.safetensors"
+        result = run_cli(*common, "--split", split, "--seed", str(seed), "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        # The cosine schedule in the epoch lines: the last step's lr, falling to ~0.
+        lrs = [float(v) for v in re.findall(r" lr=(\S+)", result.stderr)]
+        assert len(lrs) == 3 and lrs[0] > lrs[1] > lrs[2] and lrs[2] < 1e-3, result.stderr
+        # The share, counted from the data itself: its five labels with their counts.
+        counts = [f"{y}:{int((train.y == y).sum())}" for y in own]
+        total = sum(int((train.y == y).sum()) for y in own)
+        assert (
+            f"train: --data partition {split} keeps {total} examples (label:count "
+            f"{' '.join(counts)})" in result.stderr
+        ), result.stderr
+        meta = metadata(out)
+        assert meta["mergecli.split"] == split
+        partition = {"classes": split.removeprefix("classes:")}
+        assert json.loads(meta["mergecli.data"])["partition"] == partition
+        assert json.loads(meta["mergecli.eval_data"])["partition"] == partition  # scored on them
+        assert json.loads(meta["mergecli.training"]) == {
+            "epochs": 3, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+            "nesterov": True, "weight_decay": 0.0005, "schedule": "cosine", "warmup": 0.5,
+            "label_smoothing": 0.0, "precision": "fp32",
+        }  # fmt: skip
+        # Independently of the run's own figures: the model knows its five classes (labels as
+        # they are, 10 outputs) and predicts none of the others.
+        model = build_model("mlp", json.loads(meta["mergecli.args"])).eval()
+        model.load_state_dict(load_file(out))
+        with torch.no_grad():
+            predicted = model(held_out.x).argmax(1)
+        mine = torch.isin(held_out.y, torch.tensor(list(own)))
+        assert (predicted[mine] == held_out.y[mine]).double().mean() > 0.85
+        assert torch.isin(predicted, torch.tensor(list(own))).double().mean() > 0.99
+        assert float(meta["mergecli.eval_accuracy"]) > 0.85
+
+
+def test_split_mistakes_are_one_line_usage_errors(tmp_path: Path) -> None:
+    out = str(tmp_path / "x.safetensors")
+    line = error_line(run_cli("train", "--split", "dirichlet:alpha=0.5:part=2/2", "--out", out),
+                      code=2)  # fmt: skip
+    assert line == (
+        "--split dirichlet:alpha=0.5:part=2/2: part: 2 is not one of the 2 parts; parts are "
+        "numbered 0..1"
+    )
+    data = "{source: mnist, split: train, partition: {classes: 0-4}}"
+    line = error_line(run_cli("train", "--data", data, "--split", "classes:5-9", "--out", out),
+                      code=2)  # fmt: skip
+    assert line == (
+        "--split classes:5-9: --data has a partition already; give the split in one of them"
+    )
+    assert not Path(out).exists()

@@ -15,6 +15,7 @@ from helpers import run_cli
 from mergecli.models import build_model
 from mergecli.runtime.log import Log
 from mergecli.train import save_trained, train_model
+from mergecli.train_regime import Regime
 
 # Tiny BatchNorm models of every built-in architecture that has BatchNorm, for 28x28 MNIST.
 BATCHNORM_ARCHS = {
@@ -31,7 +32,7 @@ def train_three(folder: Path, arch: str, args: dict, examples: int = 128) -> lis
     for seed in (0, 1, 2):
         module, _ = train_model(
             arch, args, {"source": "mnist", "split": f"0:{examples}"}, None, seed=seed,
-            epochs=1, lr=1e-3, batch_size=64, optimizer="adam", device=torch.device("cpu"),
+            epochs=1, batch_size=64, regime=Regime(), device=torch.device("cpu"),
             log=Log("plain"),
         )  # fmt: skip
         path = folder / f"{arch}-seed{seed}.safetensors"

@@ -138,3 +138,21 @@ def test_a_sharded_stack_on_the_gpu_merges_as_the_flat_buffer_in_bf16() -> None:
         with sharded.using(logits):
             got = model_logits(sharded.module, x).float()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_train_in_mixed_precision_on_the_gpu(tmp_path: Path, precision: str) -> None:
+    out = tmp_path / f"{precision}.safetensors"
+    run_cli("--log", "plain", "train", "--arch", "resnet20", "--arg", "width=0.5",
+            "--arg", "in_channels=1", "--data", "mnist:0:2000", "--eval-data", "mnist:9000:10000",
+            "--epochs", "3", "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.1",
+            "--schedule", "onecycle",
+            "--weight-decay", "5e-4", "--label-smoothing", "0.1", "--precision", precision,
+            "--device", "cuda", "--out", str(out), check=True)  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["mergecli.training"])["precision"] == precision
+    assert float(meta["mergecli.eval_accuracy"]) > 0.8
+    assert all(t.dtype == torch.float32 for t in load_file(out).values() if t.is_floating_point())

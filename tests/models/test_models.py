@@ -94,6 +94,81 @@ def test_resnet20_parameter_count() -> None:
     assert 3.5 < wide / count < 4.5  # conv weights scale with width squared
 
 
+def resnet20_count(width: float, shortcut_kernel: int, classes: int) -> int:
+    """ResNet-20's parameters counted from its description (He et al. 2016, 4.2): a 3x3 stem,
+    3 stages x 3 blocks of two 3x3 convs (no bias, each with a BatchNorm: 2 per channel), a
+    k x k projection + BN where the width changes, a Linear head."""
+    c1, c2, c3 = (round(c * width) for c in (16, 32, 64))
+    count = 3 * c1 * 9 + 2 * c1
+    previous = c1
+    for channels in (c1, c2, c3):
+        for _ in range(3):
+            count += previous * channels * 9 + channels * channels * 9 + 4 * channels
+            if previous != channels:
+                count += previous * channels * shortcut_kernel**2 + 2 * channels
+            previous = channels
+    return count + previous * classes + classes
+
+
+def vgg_count(variant: int, classes: int) -> int:
+    """CIFAR VGG-BN: 3x3 convs (no bias under BN) of the published channel lists, a BN each, a
+    512 -> classes head (Simonyan & Zisserman's configurations A and D without the FC stack)."""
+    channels = {
+        11: [64, 128, 256, 256, 512, 512, 512, 512],
+        16: [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512],
+    }[variant]
+    count, previous = 0, 3
+    for c in channels:
+        count += previous * c * 9 + 2 * c
+        previous = c
+    return count + 512 * classes + classes
+
+
+def n_params(arch: str, args: dict) -> int:
+    return sum(p.numel() for p in build_model(arch, args).parameters())
+
+
+@pytest.mark.parametrize("width", [1, 4, 8])
+@pytest.mark.parametrize("classes", [10, 100])
+def test_papers_resnet20_and_vgg_parameter_counts(width: int, classes: int) -> None:
+    # ResNet-20x{1,4,8} with 1x1 projections (option B), as the merging papers train them.
+    args = {"width": width, "shortcut": "conv1x1", "num_classes": classes}
+    assert n_params("resnet20", args) == resnet20_count(width, 1, classes)
+    assert n_params("resnet20", {**args, "shortcut": "conv3x3"}) == resnet20_count(
+        width, 3, classes
+    )
+    if width == 1:
+        vgg16 = n_params("vgg", {"variant": 16, "batchnorm": True, "num_classes": classes})
+        assert vgg16 == vgg_count(16, classes)
+        assert n_params("vgg", {"batchnorm": True, "num_classes": classes}) == vgg_count(
+            11, classes
+        )
+
+
+def test_resnet20_and_vgg16_match_the_published_sizes() -> None:
+    # He et al. 2016, Table 6: ResNet-20 on CIFAR-10 has 0.27M parameters.
+    resnet = n_params("resnet20", {"shortcut": "conv1x1"})
+    assert resnet == 272_474 and round(resnet / 1e6, 2) == 0.27
+    # The CIFAR VGG-16-BN (global pool, one Linear head): about 15M (14.7M).
+    vgg16 = n_params("vgg", {"variant": 16, "batchnorm": True})
+    assert vgg16 == 14_724_042 and round(vgg16 / 1e6) == 15
+    # VGG-11-BN: 9.2M.
+    assert round(n_params("vgg", {"variant": 11, "batchnorm": True}) / 1e6, 1) == 9.2
+
+
+def test_resnet20_shortcut_is_checked() -> None:
+    model = build_model("resnet20", {"shortcut": "conv1x1"})
+    conv = model.layer3[0].shortcut[0]
+    assert conv.kernel_size == (1, 1) and conv.stride == (2, 2) and conv.padding == (0, 0)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(MergeCliError) as info:
+        build_model("resnet20", {"shortcut": "1x1"})
+    assert str(info.value) == (
+        "model.args.shortcut: resnet20 has shortcuts conv3x3, conv1x1, got '1x1'; "
+        "set model.args.shortcut to one of them"
+    )
+
+
 def test_resnet20_shortcuts() -> None:
     model = build_model("resnet20")
     assert len(model.layer1[0].shortcut) == 0  # identity where the shape is unchanged

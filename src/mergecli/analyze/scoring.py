@@ -104,6 +104,10 @@ def describe_data(spec: DataSpec) -> str:
         words = str(spec.factory)
     if spec.classes is not None:
         words += f", classes {','.join(map(str, spec.classes))}"
+    if spec.partition is not None:
+        from mergecli.data.partition import describe_partition
+
+        words += f", {describe_partition(spec.partition)}"
     if spec.fraction is not None:
         words += f", {spec.fraction:g} of it"
     return words

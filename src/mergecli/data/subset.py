@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mergecli.data.batches import TensorData
+from mergecli.data.partition import apply_partition, describe_partition
 from mergecli.errors import MergeCliError
 
 SPLIT_HELP = "a slice 'a:b' such as '0:1000', ':500' or '9000:'"
@@ -69,7 +70,8 @@ def _take(data: TensorData, index: Tensor) -> TensorData:
 
 
 def apply_subset(data: TensorData, spec: Mapping[str, Any], seed: int, where: str) -> TensorData:
-    """Apply the ``classes``, ``balanced`` and ``fraction`` options of ``spec``, in that order."""
+    """Apply the ``classes``, ``partition``, ``balanced`` and ``fraction`` options of ``spec``,
+    in that order."""
     labels_before = format_labels(data.y)
     gen = torch.Generator().manual_seed(int(seed))
     applied: list[str] = []
@@ -85,6 +87,10 @@ def apply_subset(data: TensorData, spec: Mapping[str, Any], seed: int, where: st
         keep = torch.isin(data.y, torch.tensor(list(classes), dtype=torch.int64))
         data = data.take(keep)
         applied.append(f"classes={list(classes)}")
+
+    if spec.get("partition") is not None:
+        data = apply_partition(data, spec["partition"], f"{where}.partition")
+        applied.append(f"partition {describe_partition(spec['partition'])}")
 
     balanced = spec.get("balanced", False)
     if balanced is None:

@@ -121,6 +121,24 @@ class DataSpec(Strict):
     classes: list[int] | None = None
     balanced: bool = False
 
+    # One model's share: {classes: "0-49"} or {dirichlet: 0.5, parts: 2, part: 0, seed: 0}
+    # (data/partition.py), applied after `classes`.
+    partition: dict[str, Any] | None = None
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from mergecli.data.partition import parse_partition
+        from mergecli.errors import MergeCliError
+
+        try:
+            if value is not None:
+                parse_partition(value, "partition")
+        except MergeCliError as exc:  # pydantic reports ValueErrors at the key
+            # "partition.part: ..." -> "part: ...": the error is reported at data.*.partition.
+            raise ValueError(str(exc).removeprefix("partition").lstrip(".: ")) from None
+        return value
+
     @model_validator(mode="after")
     def _keys_fit_source(self) -> DataSpec:
         own = {"mnist": {"split"}, "tensors": {"path", "x", "y", "mask", "split"}}
@@ -139,9 +157,12 @@ class DataSpec(Strict):
             raise ValueError("source 'python' needs `factory: package.module:function`")
         if self.source == "text" and self.path is None:
             raise ValueError("source 'text' needs `path` (a .txt or .jsonl file or a directory)")
-        if self.source == "text" and (self.classes is not None or self.balanced):
+        if self.source == "text" and (
+            self.classes is not None or self.balanced or self.partition is not None
+        ):
             raise ValueError(
-                "source 'text' has no classes, so no `classes` or `balanced` (`fraction` keeps "
+                "source 'text' has no classes, so no `classes`, `partition` or `balanced` "
+                "(`fraction` keeps "
                 "a share of the blocks)"
             )
         return self
