@@ -87,8 +87,9 @@ def cifar_files(source: str, spec: Mapping[str, Any], where: str) -> tuple[Layou
             if missing:
                 raise MergeCliError(
                     f"{where}.root: {directory} is not a complete {source} "
-                    f"{layout.version}-version layout: {', '.join(missing)} missing (the {split} split is "
-                    f"{', '.join(layout.files[split])}); extract the archive from {SITE} again"
+                    f"{layout.version}-version layout: {', '.join(missing)} missing (the "
+                    f"{split} split is {', '.join(layout.files[split])}); extract the archive "
+                    f"from {SITE} again"
                 )
             return layout, files
     binary, python = LAYOUTS[source]
