@@ -95,10 +95,14 @@ def cifar_files(source: str, spec: Mapping[str, Any], where: str) -> tuple[Layou
     binary, python = LAYOUTS[source]
     raise MergeCliError(
         f"{where}.root: no {source} under {root}: expected {root}/{binary.directory}/ "
-        f"({', '.join(binary.files[split])}: the binary version) or {root}/{python.directory}/ "
-        f"({', '.join(python.files[split])}: the python version), as extracted from {SITE}; "
+        f"({_listed(binary.files[split])}: the binary version) or {root}/{python.directory}/ "
+        f"({_listed(python.files[split])}: the python version), as extracted from {SITE}; "
         "nothing is downloaded"
     )
+
+
+def _listed(files: tuple[str, ...]) -> str:
+    return f"{files[0]} .. {files[-1]}" if len(files) > 2 else ", ".join(files)
 
 
 def load_cifar(
