@@ -143,7 +143,14 @@ def decode(
             chunk = max(1, min(64, len(jobs) // (4 * workers)))
             results = pool.imap(_decode_one, jobs, chunksize=chunk)
             return _stack(results, files, where)
-    return _stack(map(_decode_one, jobs), files, where)
+    # One image is too small a job for torch's intra-op threads (on a busy machine they make
+    # it several times slower): one thread, as in each worker.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _stack(map(_decode_one, jobs), files, where)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _stack(results: Any, files: Sequence[Path], where: str) -> Tensor:
@@ -186,7 +193,7 @@ def _decode_one(job: tuple[str, str, tuple[Step, ...], str]) -> tuple[str | None
     except Exception as exc:  # Pillow raises many types on a damaged file
         return str(_corrupt(Path(path), exc, where)), None
     x = torch.from_numpy(pixels.copy())
-    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
     try:
         x = apply_at_load(x[None], steps, f"image {path}", f"{where}.transform")[0]
     except MergeCliError as exc:

@@ -184,7 +184,10 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     uint8 in, uint8 out (rounded), float in, float out."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    out = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    # Contiguous: on a permuted (channels-last) tensor interpolate is many times slower.
+    out = F.interpolate(
+        x.float().contiguous(), size=size, mode="bilinear", antialias=True, align_corners=False
+    )
     if x.dtype == torch.uint8:
         return out.round_().clamp_(0, 255).to(torch.uint8)
     return out
