@@ -166,7 +166,7 @@ def test_resize_keeps_constant_images_and_follows_the_shorter_side_rule() -> Non
     y = torch.rand(1, 1, 23, 17, generator=torch.Generator().manual_seed(0))
     for size in ((9, 7), (40, 30)):
         image = Image.fromarray(y[0, 0].numpy(), mode="F")
-        reference = np.asarray(image.resize(size[::-1], Image.Resampling.BILINEAR))
+        reference = np.array(image.resize(size[::-1], Image.Resampling.BILINEAR))
         assert torch.allclose(resize(y, size)[0, 0], torch.from_numpy(reference), atol=1e-5)
 
 
@@ -321,3 +321,30 @@ def test_missing_pillow_names_the_extra(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "PIL", None)
     with pytest.raises(MergeCliError, match=r"pip install 'mergecli\[images\]'"):
         load_data({"source": "imagefolder", "root": str(tmp_path)})
+
+
+def test_decoded_images_are_cached_by_the_files(tmp_path: Path, monkeypatch) -> None:
+    from mergecli.data import imagefolder
+
+    folder = tmp_path / "folder"
+    write_imagefolder(folder, {"a": 2, "b": 3}, size=(6, 4))
+    cache = tmp_path / "cache"
+    spec = {"source": "imagefolder", "root": str(folder), "cache": str(cache)}
+    first = load_data({**spec, "transform": [{"resize": [3, 5]}]})
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    real_decode = imagefolder.decode
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(imagefolder, "decode", refuse)
+    again = load_data({**spec, "transform": [{"resize": [3, 5]}]})
+    assert torch.equal(again.x, first.x) and torch.equal(again.y, first.y)
+    # Another subset, other steps or a changed file: decoded again, each its own entry.
+    monkeypatch.setattr(imagefolder, "decode", real_decode)
+    load_data({**spec, "classes": ["b"], "transform": [{"resize": [3, 5]}]})
+    load_data(spec)
+    Image.new("RGB", (6, 4), (9, 9, 9)).save(folder / "a" / "img_0.png")
+    changed = load_data({**spec, "transform": [{"resize": [3, 5]}]})
+    assert len(list(cache.glob("*.safetensors"))) == 4
+    assert not torch.equal(changed.x[0], first.x[0]) and torch.equal(changed.x[1:], first.x[1:])

@@ -3,6 +3,8 @@ classes sorted by name and numbered from 0, images decoded with Pillow (an optio
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
 import sys
@@ -15,12 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mergecli.data.transforms import Step, apply_at_load
+from mergecli.data.transforms import AT_LOAD, Step, apply_at_load
 from mergecli.errors import MergeCliError, describe
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MODES = ("RGB", "L")
 INSTALL_HINT = "pip install 'mergecli[images]'"
+# Bumped when what is cached for the same inputs changes (the key includes it).
+CACHE_VERSION = "1"
 LAYOUT = "root/<class name>/<image>.png|jpg|jpeg|bmp|webp, one folder per class"
 
 
@@ -205,3 +209,66 @@ def _corrupt(path: Path, exc: Exception, where: str) -> MergeCliError:
     return MergeCliError(
         f"{where}.root: cannot decode image {path} ({describe(exc)}); replace or remove it"
     )
+
+
+def cache_dir(value: Any, where: str) -> Path | None:
+    """Where decoded images are kept: none by default (they can take gigabytes); ``cache:
+    true``: $MERGECLI_CACHE/images, else ~/.cache/mergecli/images; or the directory given."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        root = os.environ.get("MERGECLI_CACHE")
+        return (
+            Path(root).expanduser() / "images" if root else Path.home() / ".cache/mergecli/images"
+        )
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise MergeCliError(f"{where}.cache: expected a directory, true or false, got {value!r}")
+    return Path(value).expanduser()
+
+
+def cache_key(root: Path, files: Sequence[Path], mode: str, steps: Sequence[Step]) -> str:
+    """sha256 over what the decoded images depend on: each chosen file's path under the root,
+    size and modification time (a stat, not a read: an image folder can hold gigabytes), the
+    mode and the load-time steps."""
+    digest = hashlib.sha256(f"mergecli-images:{CACHE_VERSION}:{mode}".encode())
+    for path in files:
+        stat = path.stat()
+        record = f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+        digest.update(record.encode())
+    digest.update(json.dumps([[s.name, s.size] for s in steps if s.name in AT_LOAD]).encode())
+    return digest.hexdigest()
+
+
+def read_cached(cache: Path, key: str, count: int) -> Tensor | None:
+    """The images cached under ``key`` (None: a miss, or an unreadable or foreign entry)."""
+    path = cache / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        images = load_file(str(path))["images"]
+    except Exception:  # noqa: BLE001 - a damaged entry is a miss; it is written again
+        return None
+    if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != count:
+        return None
+    return images
+
+
+def write_cached(cache: Path, key: str, images: Tensor, where: str) -> None:
+    """Save the decoded images as safetensors (never a pickle: a cache may be shared),
+    atomically."""
+    from safetensors.torch import save_file
+
+    from mergecli.io.atomic import atomic_target
+
+    path = cache / f"{key}.safetensors"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with atomic_target(path) as tmp:
+            save_file({"images": images}, str(tmp), metadata={"mergecli.image_cache": key})
+    except OSError as exc:
+        raise MergeCliError(
+            f"{where}.cache: cannot write decoded images in {cache} ({describe(exc)}); set "
+            "`cache:` to a writable directory, or false"
+        ) from exc

@@ -44,7 +44,13 @@ def load_images(spec: Mapping[str, Any], seed: int, where: str) -> TensorData:
         y = torch.tensor(folder.labels, dtype=torch.int64)
         chosen = _choose(y, {**spec, "classes": labels}, seed, where)
         files = [folder.files[int(i)] for i in chosen.rows]
-        x = imagefolder.decode(files, mode, steps, workers, where)
+        cache = imagefolder.cache_dir(spec.get("cache"), where)
+        key = imagefolder.cache_key(folder.root, files, mode, steps) if cache else ""
+        x = imagefolder.read_cached(cache, key, len(files)) if cache else None
+        if x is None:
+            x = imagefolder.decode(files, mode, steps, workers, where)
+            if cache is not None:
+                imagefolder.write_cached(cache, key, x, where)
     else:
         if spec.get("classes") is not None and any(
             not isinstance(c, int) or isinstance(c, bool) for c in spec["classes"]
@@ -109,6 +115,7 @@ def image_example_shape(spec: Mapping[str, Any], where: str) -> list[int]:
     _augment(spec, steps, where)
     _workers(spec, where)
     if source == "imagefolder":
+        imagefolder.cache_dir(spec.get("cache"), where)
         folder = imagefolder.scan(spec, where)
         channels = 3 if imagefolder.image_mode(spec, where) == "RGB" else 1
         imagefolder.class_labels(spec.get("classes"), folder, where)

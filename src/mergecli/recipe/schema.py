@@ -117,8 +117,9 @@ class DataSpec(Strict):
     max_tokens: int | None = Field(default=None, gt=0)
     cache: str | bool | None = None
     # Images (cifar10, cifar100, imagefolder): the dataset's directory, CIFAR-100's labels
-    # (fine or coarse), an image folder's mode (RGB or L) and decoding processes, the
-    # `transform:` steps and whether training passes run their random ones (`augment`).
+    # (fine or coarse), an image folder's mode (RGB or L), decoding processes and `cache` (of
+    # the decoded images; none by default), the `transform:` steps and whether training passes
+    # run their random ones (`augment`).
     root: str | None = None
     labels: Literal["fine", "coarse"] | None = None
     mode: Literal["RGB", "L"] | None = None
@@ -138,7 +139,7 @@ class DataSpec(Strict):
         own["text"] = {"path", *TEXT_KEYS}
         own["cifar10"] = {"root", "split", "transform", "augment"}
         own["cifar100"] = {*own["cifar10"], "labels"}
-        own["imagefolder"] = {"root", "mode", "workers", "transform", "augment"}
+        own["imagefolder"] = {"root", "mode", "workers", "transform", "augment", "cache"}
         keys = ("split", "path", "x", "y", "mask", "factory", "args", *TEXT_KEYS, *IMAGE_KEYS)
         foreign = [
             key for key in keys if getattr(self, key) is not None and key not in own[self.source]
