@@ -348,3 +348,26 @@ def test_decoded_images_are_cached_by_the_files(tmp_path: Path, monkeypatch) -> 
     changed = load_data({**spec, "transform": [{"resize": [3, 5]}]})
     assert len(list(cache.glob("*.safetensors"))) == 4
     assert not torch.equal(changed.x[0], first.x[0]) and torch.equal(changed.x[1:], first.x[1:])
+
+
+def test_the_recipe_refuses_augmenting_evaluation_and_misplaced_keys() -> None:
+    from pydantic import ValidationError
+
+    from mergecli.recipe.schema import DataSection
+
+    spec = {"source": "cifar10", "root": "r", "transform": AUGMENTED, "augment": True}
+    DataSection.model_validate({"fit": spec})
+    for section in ({"eval": spec}, {"eval": {"a": {**spec, "augment": False}, "b": spec}}):
+        with pytest.raises(ValidationError, match="evaluation never augments"):
+            DataSection.model_validate(section)
+    bad = [
+        ({**spec, "workers": 2}, "source 'cifar10' takes no workers"),
+        ({"source": "mnist", "transform": AUGMENTED}, "source 'mnist' takes no transform"),
+        ({"source": "imagefolder", "root": "r", "labels": "fine"}, "takes no labels"),
+        ({"source": "cifar100", "root": "r", "split": "val"}, "splits train and test"),
+        ({"source": "mnist", "classes": ["cat"]}, "names only for source imagefolder"),
+        ({"source": "cifar10"}, "needs `root`"),
+    ]
+    for fit, needle in bad:
+        with pytest.raises(ValidationError, match=needle):
+            DataSection.model_validate({"fit": fit})
