@@ -9,7 +9,6 @@ uint8 arrays) and refuses every other global, so nothing read from a file decide
 
 from __future__ import annotations
 
-import functools
 import io
 import pickle
 from collections.abc import Mapping
@@ -118,9 +117,8 @@ def load_cifar(
     layout, files = cifar_files(source, spec, where)
     images, fine, coarse = [], [], []
     for path in files:
-        stat = path.stat()
         read = _read_binary if layout.version == "binary" else _read_python
-        x, y_fine, y_coarse = read(str(path), source, stat.st_mtime_ns, stat.st_size, where)
+        x, y_fine, y_coarse = read(str(path), source, where)
         images.append(x)
         fine.append(y_fine)
         coarse.append(y_coarse)
@@ -129,13 +127,11 @@ def load_cifar(
     return x, torch.from_numpy(y.astype(np.int64))
 
 
-# A file's arrays are read once per process (a run reads data.fit and data.eval, a bench many
-# times): keyed by the path, its modification time and size, so an edited file is read again.
-@functools.lru_cache(maxsize=8)
 def _read_binary(
-    path: str, source: str, mtime: int, size: int, where: str
+    path: str, source: str, where: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Records of [coarse label,] label, 3072 pixels."""
+    size = Path(path).stat().st_size
     label_bytes = 2 if source == "cifar100" else 1
     record = label_bytes + PIXELS
     if size == 0 or size % record:
@@ -150,12 +146,11 @@ def _read_binary(
     _check_labels(fine, CLASSES[source], path, where)
     if coarse is not None:
         _check_labels(coarse, COARSE_CLASSES, path, where)
-    return _frozen(raw[:, label_bytes:].copy()), _frozen(fine), _frozen(coarse)
+    return raw[:, label_bytes:], fine, coarse
 
 
-@functools.lru_cache(maxsize=8)
 def _read_python(
-    path: str, source: str, mtime: int, size: int, where: str
+    path: str, source: str, where: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A python-version batch: a dict with b"data" (N, 3072) uint8 and b"labels" (CIFAR-10) or
     b"fine_labels" and b"coarse_labels" (CIFAR-100), lists of ints."""
@@ -195,9 +190,9 @@ def _read_python(
         if array.dtype.kind not in "iu":
             raise MergeCliError(f"{where}.root: {path}: {key!r} holds non-integers; {fix}")
         _check_labels(array, classes, path, where)
-        labels.append(_frozen(array.astype(np.int64)))
+        labels.append(array.astype(np.int64))
     coarse = labels[1] if len(labels) > 1 else None
-    return _frozen(np.ascontiguousarray(data)), labels[0], coarse
+    return data, labels[0], coarse
 
 
 def _check_labels(labels: np.ndarray, classes: int, path: str, where: str) -> None:
@@ -206,13 +201,6 @@ def _check_labels(labels: np.ndarray, classes: int, path: str, where: str) -> No
             f"{where}.root: {path} has label {int(labels.max())}, outside 0..{classes - 1}; it "
             f"is not this dataset, or is damaged: extract it again from {SITE}"
         )
-
-
-def _frozen(array: np.ndarray | None) -> np.ndarray | None:
-    """Cached arrays are shared between callers: nobody may change them in place."""
-    if array is not None:
-        array.flags.writeable = False
-    return array
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
