@@ -172,9 +172,9 @@ class MergeState:
             generator = torch.Generator().manual_seed(self.loaded.recipe.seed)
             return torch.randn(2, *spec.input_shape, generator=generator)
         if self.loaded.recipe.data.fit is not None:
-            return self.data("fit").x[:2].clone()
+            return self.data("fit").features(slice(0, 2)).clone()
         if self.loaded.recipe.data.eval is not None:
-            return next(iter(self.eval_sets().values())).x[:2].clone()
+            return next(iter(self.eval_sets().values())).features(slice(0, 2)).clone()
         raise MergeCliError(
             f"{self.loaded.source}: tracing the model needs an example input; add "
             "`model: {input_shape: [C, H, W]}` or a `data:` section"

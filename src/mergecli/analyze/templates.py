@@ -51,7 +51,7 @@ def analyze_templates(state: MergeState, params: TemplatesParams) -> None:
             f"analyze templates: the rows of '{layer}' (shape {list(weight.shape)}) cannot be "
             f"shown as {shape} images ({pixels} values each); set `image_shape` or `layer`"
         )
-    x = data.x.reshape(len(data), -1).float()
+    x = data.features().reshape(len(data), -1).float()
     if x.shape[1] != pixels:
         raise MergeCliError(
             f"analyze templates: inputs have {x.shape[1]} values, image_shape {shape} has "

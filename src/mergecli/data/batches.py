@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mergecli.errors import MergeCliError
+
+if TYPE_CHECKING:
+    from mergecli.data.transforms import BatchTransform
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,9 @@ class TokenBatch:
 
 @dataclass
 class TensorData:
-    """A whole dataset held in memory: inputs ``x`` (N, ...) — float32, or int64 token ids —
-    and labels ``y`` (N,) int64; token ids may come with an attention ``mask`` (N, L)."""
+    """A whole dataset held in memory: inputs ``x`` (N, ...) — float32, int64 token ids, or
+    uint8 pixels with the ``transform`` that makes them model inputs — and labels ``y`` (N,)
+    int64; token ids may come with an attention ``mask`` (N, L)."""
 
     x: Tensor
     y: Tensor
@@ -48,6 +52,9 @@ class TensorData:
     rows: Tensor | None = None
     # 1 for a real token, 0 for padding; batches then carry it with the ids (TokenBatch).
     mask: Tensor | None = None
+    # Images are kept as stored (uint8: a quarter of float32) and become inputs per batch:
+    # to float, normalised, and augmented in training passes (see `batches`).
+    transform: BatchTransform | None = None
 
     def __post_init__(self) -> None:
         if self.x.dim() == 0 or self.y.dim() != 1 or self.x.shape[0] != self.y.shape[0]:
@@ -74,24 +81,30 @@ class TensorData:
         """The examples at ``index`` (a boolean mask or positions), with their source rows."""
         rows = self.rows if self.rows is not None else torch.arange(len(self))
         mask = self.mask[index] if self.mask is not None else None
-        return TensorData(self.x[index], self.y[index], rows[index], mask)
+        return TensorData(self.x[index], self.y[index], rows[index], mask, self.transform)
 
     def with_labels(self, y: Tensor) -> TensorData:
         """The same inputs (and mask) with other labels, e.g. example indices for a fit."""
-        return TensorData(self.x, y, self.rows, self.mask)
+        return TensorData(self.x, y, self.rows, self.mask, self.transform)
 
     def inputs(self, index: Any = slice(None)) -> Tensor | TokenBatch:
-        """The inputs at ``index`` as a model takes them: the tensor, or ids with their mask."""
+        """The inputs at ``index`` as a model takes them: the tensor (stored pixels transformed,
+        never augmented), or ids with their mask."""
         if self.mask is None:
-            return self.x[index]
+            return self.features(index)
         return TokenBatch(self.x[index], self.mask[index])
+
+    def features(self, index: Any = slice(None)) -> Tensor:
+        """The input tensor at ``index``: ``x``, or stored pixels through ``transform``."""
+        x = self.x[index]
+        return self.transform(x) if self.transform is not None else x
 
     def pin_memory(self) -> TensorData:
         """A copy in page-locked memory, so copies to the GPU can overlap compute (no-op on CPU)."""
         if not torch.cuda.is_available() or self.x.device.type != "cpu":
             return self
         mask = self.mask.pin_memory() if self.mask is not None else None
-        return TensorData(self.x.pin_memory(), self.y.pin_memory(), self.rows, mask)
+        return TensorData(self.x.pin_memory(), self.y.pin_memory(), self.rows, mask, self.transform)
 
     def batches(
         self,
@@ -101,9 +114,16 @@ class TensorData:
         device: torch.device | str = "cpu",
         drop_last: bool = False,
         part: tuple[int, int] | None = None,
+        augment: bool | None = None,
     ) -> Iterator[tuple[Tensor | TokenBatch, Tensor]]:
         """Yield ``(x, y)`` batches on ``device``; one full pass (epoch) per call. With a mask,
         ``x`` is a ``TokenBatch`` of the ids and their mask.
+
+        Stored pixels go through ``transform`` per batch, on ``device`` (a quarter of the bytes
+        copied). ``augment`` (default: ``shuffle``, since a shuffled pass is a training pass:
+        `train` and `fit` shuffle, evaluation, statistics and alignment do not) runs its random
+        steps, vectorised over the batch and drawn from ``generator`` after the shuffle, so a
+        seeded pass is reproducible; they run only for data loaded with ``augment: true``.
 
         ``part=(rank, world)`` yields only that rank's contiguous share of every batch (shares
         differ by at most one example and may be empty), cut before the copy to ``device``:
@@ -133,12 +153,18 @@ class TensorData:
                 x, y = x[perm], y[perm]
                 mask = mask[perm] if mask is not None else None
         non_blocking = pinned and device.type == "cuda"
+        train = shuffle if augment is None else augment
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
             end = min(start + batch_size, n)
+            # A rank draws the whole batch's augmentations and keeps its share's: every rank's
+            # generator then stays in step with one process's.
+            batch = (start, end - start)
             if part is not None:
                 start, end = share(start, end, *part)
             inputs = x[start:end].to(device, non_blocking=non_blocking)
+            if self.transform is not None:
+                inputs = self.transform(inputs, train, generator, (start - batch[0], batch[1]))
             if mask is not None:
                 inputs = TokenBatch(inputs, mask[start:end].to(device, non_blocking=non_blocking))
             yield inputs, y[start:end].to(device, non_blocking=non_blocking)

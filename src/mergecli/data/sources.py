@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mergecli.data.batches import TensorData
+from mergecli.data.images import IMAGE_SOURCES, image_example_shape, load_images
 from mergecli.data.mnist import load_mnist
 from mergecli.data.subset import SPLIT_HELP, apply_subset, parse_slice
 from mergecli.data.text import load_text, text_options, tokenizers_module
@@ -314,6 +315,9 @@ def describe_source(spec: Mapping[str, Any]) -> str:
         return f"python factory {spec.get('factory')}"
     if source == "text":
         return f"text {spec.get('path')}"
+    if source in IMAGE_SOURCES:
+        split = f" split {spec.get('split') or 'train'}" if source != "imagefolder" else ""
+        return f"{source} {spec.get('root')}{split}"
     return f"{source} split {spec.get('split', 'train')!s}" if source == "mnist" else str(source)
 
 
@@ -332,6 +336,8 @@ def example_shape(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -
         options = text_options(spec, where)
         tokenizers_module(where)
         return [options.seq_len]
+    if source in IMAGE_SOURCES:  # the files listed, not decoded
+        return image_example_shape(spec, where)
     return list(load_data(spec, seed, where).x.shape[1:])
 
 
@@ -418,10 +424,13 @@ def load_data(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -> Te
         raise MergeCliError(f"{where}: expected a mapping with a 'source' key, got {spec!r}")
     source = spec.get("source")
     loader = _SOURCES.get(source) if isinstance(source, str) else None
-    if loader is None:
+    if loader is None and source not in IMAGE_SOURCES:
         raise MergeCliError(
-            f"{where}.source: unknown data source {source!r}; use one of: " + ", ".join(_SOURCES)
+            f"{where}.source: unknown data source {source!r}; use one of: "
+            + ", ".join([*_SOURCES, *IMAGE_SOURCES])
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MergeCliError(f"{where}: seed must be an integer, got {seed!r}")
+    if loader is None:  # an image source chooses its subset before decoding any image
+        return load_images(spec, seed, where)
     return apply_subset(loader(spec, where), spec, seed, where)

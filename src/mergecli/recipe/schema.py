@@ -100,7 +100,7 @@ class CheckpointSpec(Strict):
 class DataSpec(Strict):
     """A data source with its subset options."""
 
-    source: Literal["mnist", "tensors", "python", "text"]
+    source: Literal["mnist", "tensors", "python", "text", "cifar10", "cifar100", "imagefolder"]
     split: str | None = None
     path: str | None = None
     x: str | None = None
@@ -116,9 +116,20 @@ class DataSpec(Strict):
     seq_len: int | None = Field(default=None, gt=0)
     max_tokens: int | None = Field(default=None, gt=0)
     cache: str | bool | None = None
+    # Images (cifar10, cifar100, imagefolder): the dataset's directory, CIFAR-100's labels
+    # (fine or coarse), an image folder's mode (RGB or L), decoding processes and `cache` (of
+    # the decoded images; none by default), the `transform:` steps and whether training passes
+    # run their random ones (`augment`).
+    root: str | None = None
+    labels: Literal["fine", "coarse"] | None = None
+    mode: Literal["RGB", "L"] | None = None
+    workers: int | None = Field(default=None, ge=0)
+    transform: list[dict[str, Any]] | None = None
+    augment: bool | None = None
     batch_size: int = Field(default=256, gt=0)
     fraction: float | None = Field(default=None, gt=0, le=1)
-    classes: list[int] | None = None
+    # Labels to keep; an image folder's classes may be named (a number: the place in name order).
+    classes: list[int | str] | None = None
     balanced: bool = False
 
     # One model's share: {classes: "0-49"} or {dirichlet: 0.5, parts: 2, part: 0, seed: 0}
@@ -144,13 +155,19 @@ class DataSpec(Strict):
         own = {"mnist": {"split"}, "tensors": {"path", "x", "y", "mask", "split"}}
         own["python"] = {"factory", "args"}
         own["text"] = {"path", *TEXT_KEYS}
+        own["cifar10"] = {"root", "split", "transform", "augment"}
+        own["cifar100"] = {*own["cifar10"], "labels"}
+        own["imagefolder"] = {"root", "mode", "workers", "transform", "augment", "cache"}
+        keys = ("split", "path", "x", "y", "mask", "factory", "args", *TEXT_KEYS, *IMAGE_KEYS)
         foreign = [
-            key
-            for key in ("split", "path", "x", "y", "mask", "factory", "args", *TEXT_KEYS)
-            if getattr(self, key) is not None and key not in own[self.source]
+            key for key in keys if getattr(self, key) is not None and key not in own[self.source]
         ]
         if foreign:
             raise ValueError(f"source '{self.source}' takes no {', '.join(foreign)}")
+        if self.source in ("cifar10", "cifar100", "imagefolder"):
+            _image_options(self)
+        elif self.classes is not None and not all(isinstance(c, int) for c in self.classes):
+            raise ValueError("classes are integer labels (names only for source imagefolder)")
         if self.source == "tensors" and self.path is None:
             raise ValueError("source 'tensors' needs `path` (a .safetensors or .npz file)")
         if self.source == "python" and self.factory is None:
@@ -168,8 +185,29 @@ class DataSpec(Strict):
         return self
 
 
+def _image_options(spec: DataSpec) -> None:
+    """An image source's root, split, transform and augment, checked when the recipe loads."""
+    from mergecli.data.transforms import has_random_step, parse_transform
+    from mergecli.errors import MergeCliError
+
+    if spec.root is None:
+        raise ValueError(f"source '{spec.source}' needs `root` (the dataset's directory)")
+    if spec.source != "imagefolder" and spec.split not in (None, "train", "test"):
+        raise ValueError(f"source '{spec.source}' has splits train and test, not {spec.split!r}")
+    try:
+        steps = parse_transform(spec.transform)
+    except MergeCliError as exc:
+        raise ValueError(str(exc)) from None
+    if spec.augment and not has_random_step(steps):
+        raise ValueError(
+            "augment: true needs a random step in `transform:` (random_crop with padding, hflip)"
+        )
+
+
 # The keys only source 'text' takes.
 TEXT_KEYS = ("tokenizer", "field", "seq_len", "max_tokens", "cache")
+# The keys only image sources take.
+IMAGE_KEYS = ("root", "labels", "mode", "workers", "transform", "augment")
 # A name of a set in `data.eval: {name: spec, ...}`.
 SET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -207,6 +245,9 @@ class DataSection(Strict):
                     f"set name {bad[0]!r} is not a plain identifier (letters, digits and _, "
                     "not starting with a digit)"
                 )
+        specs = value.values() if isinstance(value, dict) else [value] if value else []
+        if any(spec.augment for spec in specs):
+            raise ValueError("evaluation never augments: remove `augment` from data.eval")
         return value
 
     def eval_specs(self) -> dict[str, DataSpec]:
