@@ -256,17 +256,12 @@ def read_cached(cache: Path, key: str, count: int) -> Tensor | None:
 
 
 def write_cached(cache: Path, key: str, images: Tensor, where: str) -> None:
-    """Save the decoded images as safetensors (never a pickle: a cache may be shared),
-    atomically."""
-    from safetensors.torch import save_file
+    """Save the decoded images in the cache."""
+    from mergecli.io.atomic import write_cache_entry
 
-    from mergecli.io.atomic import atomic_target
-
-    path = cache / f"{key}.safetensors"
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with atomic_target(path) as tmp:
-            save_file({"images": images}, str(tmp), metadata={"mergecli.image_cache": key})
+        write_cache_entry(cache / f"{key}.safetensors", {"images": images},
+                          {"mergecli.image_cache": key})  # fmt: skip
     except OSError as exc:
         raise MergeCliError(
             f"{where}.cache: cannot write decoded images in {cache} ({describe(exc)}); set "

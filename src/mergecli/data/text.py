@@ -349,16 +349,11 @@ def _read_cache(cache: Path | None, key: str) -> Tensor | None:
 
 
 def _write_cache(cache: Path, key: str, blocks: Tensor, where: str) -> None:
-    """Save ``blocks`` as safetensors (never a pickle: the cache may be shared), atomically."""
-    from safetensors.torch import save_file
+    """Save the packed blocks in the cache."""
+    from mergecli.io.atomic import write_cache_entry
 
-    from mergecli.io.atomic import atomic_target
-
-    path = _cache_file(cache, key)
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with atomic_target(path) as tmp:
-            save_file({"blocks": blocks}, str(tmp), metadata={"mergecli.text_cache": key})
+        write_cache_entry(_cache_file(cache, key), {"blocks": blocks}, {"mergecli.text_cache": key})
     except OSError as exc:
         raise MergeCliError(
             f"{where}.cache: cannot write the token cache in {cache} ({describe(exc)}); set "

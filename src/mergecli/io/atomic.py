@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from torch import Tensor
+
 
 @contextmanager
 def atomic_target(path: Path) -> Iterator[Path]:
@@ -31,3 +33,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_target(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_cache_entry(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """One entry of a cache (tokenized text, decoded images) as safetensors, never a pickle (a
+    cache may be shared), written atomically; the directory is made if needed. Raises OSError."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
