@@ -298,3 +298,39 @@ def test_without_pyarrow_the_message_names_the_extra(
         "data: source 'hf_dataset' needs the datasets library (for pyarrow): "
         "pip install 'mergecli[hf-datasets]'"
     )
+
+
+def test_a_pyarrow_that_unpickles_extension_types_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow
+
+    monkeypatch.setattr(pyarrow, "__version__", "14.0.0")
+    line = message({"path": str(tmp_path)})
+    assert "needs pyarrow 14.0.1 or newer (this is 14.0.0" in line, line
+    monkeypatch.setattr(pyarrow, "__version__", "14.0.1.dev3")
+    assert "no dataset at" in message({"path": str(tmp_path / "none")})
+
+
+def test_the_recipe_refuses_keys_that_do_not_go_together() -> None:
+    from pydantic import ValidationError
+
+    from mergecli.recipe.schema import DataSpec
+
+    base = {"source": "hf_dataset", "path": "d"}
+    DataSpec.model_validate({**base, "image": "img", "transform": [{"hflip": 0.5}]})
+    DataSpec.model_validate({**base, "text": "review", "seq_len": 64, "classes": [0, "pos"]})
+    bad = [
+        ({"source": "hf_dataset"}, "needs `path`"),
+        ({**base, "image": "a", "text": "b"}, "give `image` or `text`, not both"),
+        ({**base, "text": "t", "transform": [{"hflip": 0.5}]}, "text column takes no transform"),
+        ({**base, "image": "i", "seq_len": 8}, "image column takes no seq_len"),
+        ({**base, "task": "lm", "classes": [1]}, "task lm has no labels"),
+        ({**base, "max_tokens": 100}, "max_tokens caps the packed blocks of task lm"),
+        ({**base, "augment": True}, "augment: true needs a random step"),
+        ({**base, "root": "r"}, "source 'hf_dataset' takes no root"),
+        ({"source": "cifar10", "root": "r", "label": "y"}, "source 'cifar10' takes no label"),
+    ]
+    for spec, needle in bad:
+        with pytest.raises(ValidationError, match=needle):
+            DataSpec.model_validate(spec)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ LAYOUT = (
     "a directory written by save_to_disk (state.json, or dataset_dict.json for a DatasetDict), "
     "or parquet files (a .parquet file, a directory of them or a glob such as data/train-*.parquet)"
 )
+# The first pyarrow that does not unpickle a file's Python extension types.
+SAFE_PYARROW = (14, 0, 1)
 # Texts per call of the tokenizer (its batch speed-up, bounded memory).
 CHUNK = 256
 
@@ -79,7 +82,25 @@ def pyarrow_module(where: str) -> Any:
         raise MergeCliError(
             f"{where}: source '{SOURCE}' needs the datasets library (for pyarrow): {INSTALL_HINT}"
         ) from None
+    if _version(pyarrow.__version__) < SAFE_PYARROW:
+        # Older pyarrow unpickles a file's Python extension types (CVE-2023-47248): a file
+        # would decide what code runs.
+        raise MergeCliError(
+            f"{where}: source '{SOURCE}' needs pyarrow 14.0.1 or newer (this is "
+            f"{pyarrow.__version__}, which can run code a data file holds): pip install -U pyarrow"
+        )
     return pyarrow
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """A version's leading numbers: "14.0.1" -> (14, 0, 1), "15.0.0.dev12" -> (15, 0, 0)."""
+    numbers = []
+    for part in text.split(".")[:3]:
+        lead = re.match(r"\d*", part).group()
+        if not lead:
+            break
+        numbers.append(int(lead))
+    return tuple(numbers)
 
 
 def locate(spec: Mapping[str, Any], where: str) -> Found:
