@@ -148,3 +148,63 @@ def test_dataset_mistakes_are_one_line(tmp_path: Path, trained_pair, case: str) 
         assert "holds double, not integer class ids" in line, line
     if code == 2:
         assert line.startswith(f"{path}:"), line
+
+
+@pytest.mark.slow
+def test_a_text_column_reaches_a_classifier_as_ids_with_their_mask(tmp_path: Path) -> None:
+    """Rows of words of different lengths, one token each: fit and evaluate on the text column
+    report what a tensors file of the same ids and mask (built here) reports."""
+    pytest.importorskip("tokenizers")
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fixtures.token_models import token_task, trained
+
+    ids, labels = token_task(600, seed=0)
+    for seed in (0, 1):
+        save_file(trained(seed, ids[:400], labels[:400]), tmp_path / f"m{seed}.safetensors")
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(32)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "w0"}))
+    lengths = torch.randint(6, 13, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    rows = [ids[400 + i, :n].tolist() for i, n in enumerate(lengths)]
+    texts = [" ".join(f"w{t}" for t in row) for row in rows]
+    datasets.Dataset.from_dict({"sentence": texts, "label": labels[400:].tolist()}).save_to_disk(
+        str(tmp_path / "texts")
+    )
+    padded = torch.zeros(200, 12, dtype=torch.int64)  # w0, id 0, pads; the mask hides it
+    mask = torch.zeros(200, 12, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    save_file({"x": padded, "y": labels[400:], "mask": mask}, tmp_path / "ids.safetensors")
+    hf = f"{{source: hf_dataset, path: {tmp_path / 'texts'}, text: sentence, seq_len: 12"
+    tensors = f"{{source: tensors, path: {tmp_path / 'ids.safetensors'}, mask: mask}}"
+    recipe = tmp_path / "text.yaml"
+    recipe.write_text(
+        "version: 1\n"
+        "model: {arch: 'fixtures.token_models:build'}\n"
+        f"checkpoints: [{{path: {tmp_path / 'm0.safetensors'}}}, "
+        f"{{path: {tmp_path / 'm1.safetensors'}}}]\n"
+        "data:\n"
+        f"  fit: {hf}, tokenizer: {folder}, batch_size: 50}}\n"
+        f"  eval:\n    text: {hf}, tokenizer: {folder}}}\n    ids: {tensors}\n"
+        "steps:\n"
+        "  - fit: {method: np_merge, epochs: 1, lr: 0.05}\n"
+        "  - evaluate: {method: classification, baselines: [endpoints]}\n"
+        f"output: {{dir: {tmp_path / 'out'}}}\n"
+    )
+    result = run_cli("--log", "plain", "run", str(recipe))
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "out" / "report.json").read_text())["evaluate"]["results"]
+    by_set = {s: [r for r in results if r["set"] == s] for s in ("text", "ids")}
+    assert len(by_set["text"]) == 3
+    for text_row, ids_row in zip(by_set["text"], by_set["ids"], strict=True):
+        assert text_row["name"] == ids_row["name"]
+        assert text_row["accuracy"] == ids_row["accuracy"]
+        assert text_row["loss"] == pytest.approx(ids_row["loss"], rel=1e-6)
+    assert min(r["accuracy"] for r in by_set["text"]) > 0.6
