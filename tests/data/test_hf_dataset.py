@@ -334,3 +334,13 @@ def test_the_recipe_refuses_keys_that_do_not_go_together() -> None:
     for spec, needle in bad:
         with pytest.raises(ValidationError, match=needle):
             DataSpec.model_validate(spec)
+
+
+def test_plots_name_the_saved_dataset_and_its_split() -> None:
+    from mergecli.analyze.scoring import describe_data
+    from mergecli.recipe.schema import DataSpec
+
+    spec = {"source": "hf_dataset", "path": "data/cifar10", "split": "test", "classes": [0, 1]}
+    assert describe_data(DataSpec.model_validate(spec)) == "cifar10 test, classes 0,1"
+    image_folder = DataSpec.model_validate({"source": "imagefolder", "root": "data/val/"})
+    assert describe_data(image_folder) == "val"
