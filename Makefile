@@ -15,7 +15,7 @@ $(BIN)/python:
 # the tests use) does not pull a different build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,hf,images]"
+	$(BIN)/python -m pip install --quiet -e ".[test,hf,images,hf-datasets]"
 	touch $@
 
 runs/mlp8-seed%.safetensors: | $(VENV)/.installed

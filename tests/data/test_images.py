@@ -365,7 +365,10 @@ def test_the_recipe_refuses_augmenting_evaluation_and_misplaced_keys() -> None:
         ({"source": "mnist", "transform": AUGMENTED}, "source 'mnist' takes no transform"),
         ({"source": "imagefolder", "root": "r", "labels": "fine"}, "takes no labels"),
         ({"source": "cifar100", "root": "r", "split": "val"}, "splits train and test"),
-        ({"source": "mnist", "classes": ["cat"]}, "names only for source imagefolder"),
+        (
+            {"source": "mnist", "classes": ["cat"]},
+            "names only for sources imagefolder and hf_dataset",
+        ),
         ({"source": "cifar10"}, "needs `root`"),
     ]
     for fit, needle in bad:

@@ -100,8 +100,10 @@ def describe_data(spec: DataSpec) -> str:
         words = f"MNIST {spec.split or 'train'}"
     elif spec.source == "tensors":
         words = f"{Path(spec.path or '').name} {spec.split or ''}".strip()
-    else:
+    elif spec.source == "python":
         words = str(spec.factory)
+    else:  # a directory or file of text, images or a saved dataset, by its name
+        words = f"{Path(spec.root or spec.path or '').name} {spec.split or ''}".strip()
     if spec.classes is not None:
         words += f", classes {','.join(map(str, spec.classes))}"
     if spec.partition is not None:

@@ -4,6 +4,7 @@ classes sorted by name and numbered from 0, images decoded with Pillow (an optio
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -38,12 +39,12 @@ class Folder:
     labels: list[int]
 
 
-def pillow(where: str) -> Any:
+def pillow(where: str, source: str = "imagefolder") -> Any:
     """Pillow's Image module, imported only when images are read (an optional extra)."""
     try:
         from PIL import Image
     except ImportError:
-        raise MergeCliError(f"{where}: source 'imagefolder' needs Pillow: {INSTALL_HINT}") from None
+        raise MergeCliError(f"{where}: source '{source}' needs Pillow: {INSTALL_HINT}") from None
     return Image
 
 
@@ -138,7 +139,24 @@ def decode(
     """The images (N, C, H, W) uint8, each through the load-time steps; with ``workers`` > 0 a
     pool of that many processes decodes them. Images left of different sizes are refused."""
     pillow(where)
-    jobs = [(str(path), mode, tuple(steps), where) for path in files]
+    encoded = [(str(path), f"image {path}") for path in files]
+    return decode_images(
+        encoded, [str(path) for path in files], "root", mode, steps, workers, where
+    )
+
+
+def decode_images(
+    encoded: Sequence[tuple[str | bytes, str]],
+    names: Sequence[str],
+    key: str,
+    mode: str,
+    steps: Sequence[Step],
+    workers: int,
+    where: str,
+) -> Tensor:
+    """Images given as (a file path or the file's bytes, what to call it in a message), as in
+    `decode`; a damaged one is refused at ``where.key``, one of different size by its name."""
+    jobs = [(source, what, key, mode, tuple(steps), where) for source, what in encoded]
     if workers > 0 and len(jobs) > 1:
         # fork: the workers start at once, without importing mergecli again.
         method = "fork" if sys.platform.startswith("linux") else None
@@ -146,28 +164,28 @@ def decode(
         with context.Pool(workers, initializer=_one_thread) as pool:
             chunk = max(1, min(64, len(jobs) // (4 * workers)))
             results = pool.imap(_decode_one, jobs, chunksize=chunk)
-            return _stack(results, files, where)
+            return _stack(results, names, where)
     # One image is too small a job for torch's intra-op threads (on a busy machine they make
     # it several times slower): one thread, as in each worker.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _stack(map(_decode_one, jobs), files, where)
+        return _stack(map(_decode_one, jobs), names, where)
     finally:
         torch.set_num_threads(threads)
 
 
-def _stack(results: Any, files: Sequence[Path], where: str) -> Tensor:
+def _stack(results: Any, names: Sequence[str], where: str) -> Tensor:
     out = None
     for i, (error, array) in enumerate(results):
         if error is not None:
             raise MergeCliError(error)
         if out is None:
-            out = torch.empty((len(files), *array.shape), dtype=torch.uint8)
+            out = torch.empty((len(names), *array.shape), dtype=torch.uint8)
         elif tuple(array.shape) != tuple(out.shape[1:]):
             raise MergeCliError(
-                f"{where}: images of different sizes: {files[0]} is {_size(out.shape[1:])}, "
-                f"{files[i]} is {_size(array.shape)}; add a resize (and center_crop) step to "
+                f"{where}: images of different sizes: {names[0]} is {_size(out.shape[1:])}, "
+                f"{names[i]} is {_size(array.shape)}; add a resize (and center_crop) step to "
                 "`transform:`"
             )
         out[i] = torch.from_numpy(array)
@@ -184,22 +202,25 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _decode_one(job: tuple[str, str, tuple[Step, ...], str]) -> tuple[str | None, Any]:
-    """One file as (C, H, W) uint8 after the load-time steps; an error comes back as its
-    message (a worker returns it rather than raising across the process boundary)."""
-    path, mode, steps, where = job
+def _decode_one(
+    job: tuple[str | bytes, str, str, str, tuple[Step, ...], str],
+) -> tuple[str | None, Any]:
+    """One image (a file's path or its bytes) as (C, H, W) uint8 after the load-time steps; an
+    error comes back as its message (a worker returns it rather than raising across the
+    process boundary)."""
+    source, what, key, mode, steps, where = job
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
             image.load()  # decode it all now: a truncated file fails here, named
             pixels = np.asarray(image.convert(mode))
     except Exception as exc:  # Pillow raises many types on a damaged file
-        return str(_corrupt(Path(path), exc, where)), None
+        return f"{where}.{key}: cannot decode {what} ({describe(exc)}); replace or remove it", None
     x = torch.from_numpy(pixels.copy())
     x = x[None] if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
     try:
-        x = apply_at_load(x[None], steps, f"image {path}", f"{where}.transform")[0]
+        x = apply_at_load(x[None], steps, what, f"{where}.transform")[0]
     except MergeCliError as exc:
         return str(exc), None
     return None, x.numpy()

@@ -35,14 +35,14 @@ def load_images(spec: Mapping[str, Any], seed: int, where: str) -> TensorData:
     makes them inputs, after ``classes``, ``balanced`` and ``fraction``."""
     source = spec["source"]
     steps = parse_transform(spec.get("transform"), f"{where}.transform")
-    augment = _augment(spec, steps, where)
-    workers = _workers(spec, where)
+    augment = augment_option(spec, steps, where)
+    workers = workers_option(spec, where)
     if source == "imagefolder":
         folder = imagefolder.scan(spec, where)
         mode = imagefolder.image_mode(spec, where)
         labels = imagefolder.class_labels(spec.get("classes"), folder, where)
         y = torch.tensor(folder.labels, dtype=torch.int64)
-        chosen = _choose(y, {**spec, "classes": labels}, seed, where)
+        chosen = choose_rows(y, {**spec, "classes": labels}, seed, where)
         files = [folder.files[int(i)] for i in chosen.rows]
         cache = imagefolder.cache_dir(spec.get("cache"), where)
         key = imagefolder.cache_key(folder.root, files, mode, steps) if cache else ""
@@ -60,14 +60,14 @@ def load_images(spec: Mapping[str, Any], seed: int, where: str) -> TensorData:
                 f"got {spec['classes']!r}"
             )
         images, y = cifar.load_cifar(source, spec, where)
-        chosen = _choose(y, spec, seed, where)
+        chosen = choose_rows(y, spec, seed, where)
         x = _at_load(images, chosen.rows, steps, source, where)
     check_batch_steps(batch_steps(steps), *x.shape[1:], f"{where}.transform")
     transform = BatchTransform(batch_steps(steps), augment)
     return TensorData(x, chosen.y, chosen.rows, transform=transform)
 
 
-def _choose(y: Tensor, spec: Mapping[str, Any], seed: int, where: str) -> TensorData:
+def choose_rows(y: Tensor, spec: Mapping[str, Any], seed: int, where: str) -> TensorData:
     """The subset options on the labels alone: the kept rows (``rows``) and their labels."""
     rows = torch.arange(len(y))
     return apply_subset(TensorData(torch.zeros(len(y), 0), y, rows), spec, seed, where)
@@ -84,7 +84,8 @@ def _at_load(images: Tensor, rows: Tensor, steps: Any, source: str, where: str) 
     return torch.cat(pieces)
 
 
-def _augment(spec: Mapping[str, Any], steps: Any, where: str) -> bool:
+def augment_option(spec: Mapping[str, Any], steps: Any, where: str) -> bool:
+    """``augment:``, checked: true needs a random step in the transform."""
     augment = spec.get("augment", False)
     if augment is None:
         return False
@@ -98,7 +99,8 @@ def _augment(spec: Mapping[str, Any], steps: Any, where: str) -> bool:
     return augment
 
 
-def _workers(spec: Mapping[str, Any], where: str) -> int:
+def workers_option(spec: Mapping[str, Any], where: str) -> int:
+    """``workers:``, the decoding processes (0: none), checked."""
     workers = spec.get("workers", 0)
     if workers is None:
         return 0
@@ -112,8 +114,8 @@ def image_example_shape(spec: Mapping[str, Any], where: str) -> list[int]:
     an image folder sized by no transform step, its first image's header)."""
     source = spec["source"]
     steps = parse_transform(spec.get("transform"), f"{where}.transform")
-    _augment(spec, steps, where)
-    _workers(spec, where)
+    augment_option(spec, steps, where)
+    workers_option(spec, where)
     if source == "imagefolder":
         imagefolder.cache_dir(spec.get("cache"), where)
         folder = imagefolder.scan(spec, where)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mergecli.data.batches import TensorData
+from mergecli.data.hf_dataset import hf_example_shape, load_hf_dataset, uses_text
 from mergecli.data.images import IMAGE_SOURCES, image_example_shape, load_images
 from mergecli.data.mnist import load_mnist
 from mergecli.data.subset import SPLIT_HELP, apply_subset, parse_slice
@@ -315,6 +316,9 @@ def describe_source(spec: Mapping[str, Any]) -> str:
         return f"python factory {spec.get('factory')}"
     if source == "text":
         return f"text {spec.get('path')}"
+    if source == "hf_dataset":
+        split = f" split {spec['split']}" if spec.get("split") else ""
+        return f"hf_dataset {spec.get('path')}{split}"
     if source in IMAGE_SOURCES:
         split = f" split {spec.get('split') or 'train'}" if source != "imagefolder" else ""
         return f"{source} {spec.get('root')}{split}"
@@ -338,6 +342,8 @@ def example_shape(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -
         return [options.seq_len]
     if source in IMAGE_SOURCES:  # the files listed, not decoded
         return image_example_shape(spec, where)
+    if source == "hf_dataset":  # the files' headers (and the first image's)
+        return hf_example_shape(spec, where)
     return list(load_data(spec, seed, where).x.shape[1:])
 
 
@@ -370,9 +376,12 @@ def _tensors_example_shape(spec: Mapping[str, Any], where: str) -> list[int]:
 
 def example_dtype(spec: Mapping[str, Any], where: str = "data") -> torch.dtype:
     """The dtype the inputs of ``spec`` have once loaded (int64 token ids or float32), read
-    from a tensors file's header; int64 for text; float32 for the other sources."""
+    from a tensors file's header; int64 for text (and an hf_dataset's text column); float32
+    for the other sources."""
     if spec.get("source") == "text":
         return torch.int64
+    if spec.get("source") == "hf_dataset":
+        return torch.int64 if uses_text(spec, where) else torch.float32
     if spec.get("source") != "tensors":
         return torch.float32
     path = Path(str(spec.get("path"))).expanduser()
@@ -424,13 +433,15 @@ def load_data(spec: Mapping[str, Any], seed: int = 0, where: str = "data") -> Te
         raise MergeCliError(f"{where}: expected a mapping with a 'source' key, got {spec!r}")
     source = spec.get("source")
     loader = _SOURCES.get(source) if isinstance(source, str) else None
-    if loader is None and source not in IMAGE_SOURCES:
+    if loader is None and source not in (*IMAGE_SOURCES, "hf_dataset"):
         raise MergeCliError(
             f"{where}.source: unknown data source {source!r}; use one of: "
-            + ", ".join([*_SOURCES, *IMAGE_SOURCES])
+            + ", ".join([*_SOURCES, *IMAGE_SOURCES, "hf_dataset"])
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MergeCliError(f"{where}: seed must be an integer, got {seed!r}")
+    if source == "hf_dataset":  # chooses its subset on the labels, then decodes
+        return load_hf_dataset(spec, seed, where)
     if loader is None:  # an image source chooses its subset before decoding any image
         return load_images(spec, seed, where)
     return apply_subset(loader(spec, where), spec, seed, where)

@@ -55,8 +55,11 @@ def load_text(spec: Mapping[str, Any], where: str) -> TensorData:
 
 def with_default_tokenizer(spec: dict[str, Any], reference: str | os.PathLike) -> dict[str, Any]:
     """A text spec without `tokenizer:` takes the reference checkpoint's directory when that is
-    a model directory (where save_pretrained puts tokenizer.json); other specs are unchanged."""
-    if spec.get("source") != "text" or spec.get("tokenizer") is not None:
+    a model directory (where save_pretrained puts tokenizer.json); so does an hf_dataset spec
+    (read only if its input column turns out to be text); other specs are unchanged."""
+    if spec.get("source") not in ("text", "hf_dataset") or spec.get("tokenizer") is not None:
+        return spec
+    if spec.get("source") == "hf_dataset" and spec.get("image") is not None:
         return spec
     if not Path(reference).expanduser().is_dir():
         return spec
@@ -83,15 +86,16 @@ def text_options(spec: Mapping[str, Any], where: str) -> TextOptions:
         field = DEFAULT_FIELD
     if not isinstance(field, str) or not field:
         raise MergeCliError(f"{where}.field: expected a non-empty string, got {field!r}")
-    seq_len = _positive(spec, "seq_len", DEFAULT_SEQ_LEN, where)
-    max_tokens = _positive(spec, "max_tokens", None, where)
+    seq_len = positive(spec, "seq_len", DEFAULT_SEQ_LEN, where)
+    max_tokens = positive(spec, "max_tokens", None, where)
     return TextOptions(
         files, tokenizer_file(spec.get("tokenizer"), where), field, seq_len, max_tokens,
         cache_dir(spec.get("cache"), where),
     )  # fmt: skip
 
 
-def _positive(spec: Mapping[str, Any], name: str, default: int | None, where: str) -> int | None:
+def positive(spec: Mapping[str, Any], name: str, default: int | None, where: str) -> int | None:
+    """A positive integer option of ``spec``, or ``default``."""
     value = spec.get(name)
     if value is None:
         return default
@@ -124,11 +128,11 @@ def text_files(path: Path, where: str) -> list[Path]:
     return [path]
 
 
-def tokenizer_file(value: Any, where: str) -> Path:
+def tokenizer_file(value: Any, where: str, source: str = "text") -> Path:
     """The tokenizer.json that ``tokenizer:`` names (the file, or a directory holding it)."""
     if value is None:
         raise MergeCliError(
-            f"{where}.tokenizer: source 'text' needs a tokenizer: set `tokenizer:` to a "
+            f"{where}.tokenizer: source '{source}' needs a tokenizer: set `tokenizer:` to a "
             "tokenizer.json or a model directory holding one (the default, the reference "
             "checkpoint's directory, applies only when it is a model directory)"
         )
@@ -234,21 +238,21 @@ def _jsonl_document(line: str, field: str, at: str, where: str) -> str:
     return value
 
 
-def tokenizers_module(where: str) -> Any:
+def tokenizers_module(where: str, source: str = "text") -> Any:
     """The ``tokenizers`` library, imported only when text is read (an optional extra)."""
     try:
         import tokenizers
     except ImportError:
         raise MergeCliError(
-            f"{where}: source 'text' needs the tokenizers library: {INSTALL_HINT}"
+            f"{where}: source '{source}' needs the tokenizers library: {INSTALL_HINT}"
         ) from None
     return tokenizers
 
 
-def load_tokenizer(file: Path, where: str) -> tuple[Any, int | None]:
+def load_tokenizer(file: Path, where: str, source: str = "text") -> tuple[Any, int | None]:
     """The tokenizer in ``file`` and the id of its EOS token (tokenizer_config.json's
     ``eos_token`` beside it; None without one)."""
-    tokenizers = tokenizers_module(where)
+    tokenizers = tokenizers_module(where, source)
     try:
         tokenizer = tokenizers.Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises its own Exception type on a bad file
@@ -256,27 +260,30 @@ def load_tokenizer(file: Path, where: str) -> tuple[Any, int | None]:
             f"{where}.tokenizer: cannot read {file} ({describe(exc)}); give a tokenizer.json "
             "written by tokenizers or transformers"
         ) from exc
-    return tokenizer, _eos_id(tokenizer, file.parent / "tokenizer_config.json", where)
+    return tokenizer, config_token_id(tokenizer, file, "eos_token", where)
 
 
-def _eos_id(tokenizer: Any, config: Path, where: str) -> int | None:
+def config_token_id(tokenizer: Any, file: Path, name: str, where: str) -> int | None:
+    """The id of the special token ``name`` (eos_token, pad_token) that tokenizer_config.json
+    beside the tokenizer file names; None without one."""
+    config = file.parent / "tokenizer_config.json"
     if not config.is_file():
         return None
     try:
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        token = json.loads(config.read_text(encoding="utf-8")).get(name)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
         raise MergeCliError(f"{where}.tokenizer: cannot read {config} ({describe(exc)})") from exc
-    if isinstance(eos, dict):  # older transformers wrote an AddedToken as a mapping
-        eos = eos.get("content")
-    if not isinstance(eos, str) or not eos:
+    if isinstance(token, dict):  # older transformers wrote an AddedToken as a mapping
+        token = token.get("content")
+    if not isinstance(token, str) or not token:
         return None
-    eos_id = tokenizer.token_to_id(eos)
-    if eos_id is None:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
         raise MergeCliError(
-            f"{where}.tokenizer: eos_token {eos!r} of {config} is not in the tokenizer's "
+            f"{where}.tokenizer: {name} {token!r} of {config} is not in the tokenizer's "
             "vocabulary; fix tokenizer_config.json"
         )
-    return int(eos_id)
+    return int(token_id)
 
 
 def read_tokens(options: TextOptions, where: str) -> Tensor:
@@ -290,20 +297,22 @@ def read_tokens(options: TextOptions, where: str) -> Tensor:
         for document in documents(path, options.field, where):
             chunk.append(document)
             if len(chunk) == CHUNK:
-                total += _encode(tokenizer, chunk, eos, pieces)
+                total += encode_documents(tokenizer, chunk, eos, pieces)
                 chunk = []
                 if options.max_tokens is not None and total >= options.max_tokens:
                     break
         else:
             if chunk:
-                total += _encode(tokenizer, chunk, eos, pieces)
+                total += encode_documents(tokenizer, chunk, eos, pieces)
         if options.max_tokens is not None and total >= options.max_tokens:
             break
     tokens = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
     return tokens[: options.max_tokens] if options.max_tokens is not None else tokens
 
 
-def _encode(tokenizer: Any, chunk: list[str], eos: int | None, pieces: list[Tensor]) -> int:
+def encode_documents(
+    tokenizer: Any, chunk: list[str], eos: int | None, pieces: list[Tensor]
+) -> int:
     """Tokenize ``chunk``, append each document's ids (and EOS) to ``pieces``; their count."""
     count = 0
     for encoding in tokenizer.encode_batch(chunk):
@@ -317,12 +326,18 @@ def _encode(tokenizer: Any, chunk: list[str], eos: int | None, pieces: list[Tens
 
 def pack(tokens: Tensor, seq_len: int, options: TextOptions, where: str) -> Tensor:
     """Consecutive ``seq_len`` blocks of ``tokens`` (N, seq_len); the remainder is dropped."""
+    names = ", ".join(str(p) for p in options.files[:3])
+    names += f" and {len(options.files) - 3} more" if len(options.files) > 3 else ""
+    return pack_blocks(tokens, seq_len, f"{names} hold", where)
+
+
+def pack_blocks(tokens: Tensor, seq_len: int, what: str, where: str) -> Tensor:
+    """Consecutive ``seq_len`` blocks of ``tokens``; ``what`` ("FILE holds") names them in the
+    message when there are too few for one."""
     blocks = len(tokens) // seq_len
     if blocks == 0:
-        names = ", ".join(str(p) for p in options.files[:3])
-        names += f" and {len(options.files) - 3} more" if len(options.files) > 3 else ""
         raise MergeCliError(
-            f"{where}: {names} hold {len(tokens)} tokens, fewer than one block of seq_len "
+            f"{where}: {what} {len(tokens)} tokens, fewer than one block of seq_len "
             f"{seq_len}; lower seq_len or add text"
         )
     return tokens[: blocks * seq_len].reshape(blocks, seq_len).contiguous()

@@ -100,7 +100,9 @@ class CheckpointSpec(Strict):
 class DataSpec(Strict):
     """A data source with its subset options."""
 
-    source: Literal["mnist", "tensors", "python", "text", "cifar10", "cifar100", "imagefolder"]
+    source: Literal[
+        "mnist", "tensors", "python", "text", "cifar10", "cifar100", "imagefolder", "hf_dataset"
+    ]
     split: str | None = None
     path: str | None = None
     x: str | None = None
@@ -126,6 +128,13 @@ class DataSpec(Strict):
     workers: int | None = Field(default=None, ge=0)
     transform: list[dict[str, Any]] | None = None
     augment: bool | None = None
+    # hf_dataset: the input column (`image` or `text`; by default a column so named), the label
+    # column (default label) and, for text, one padded example per row (`classify`, default) or
+    # packed blocks for a language model (`lm`).
+    image: str | None = None
+    text: str | None = None
+    label: str | None = None
+    task: Literal["classify", "lm"] | None = None
     batch_size: int = Field(default=256, gt=0)
     fraction: float | None = Field(default=None, gt=0, le=1)
     # Labels to keep; an image folder's classes may be named (a number: the place in name order).
@@ -158,7 +167,12 @@ class DataSpec(Strict):
         own["cifar10"] = {"root", "split", "transform", "augment"}
         own["cifar100"] = {*own["cifar10"], "labels"}
         own["imagefolder"] = {"root", "mode", "workers", "transform", "augment", "cache"}
-        keys = ("split", "path", "x", "y", "mask", "factory", "args", *TEXT_KEYS, *IMAGE_KEYS)
+        own["hf_dataset"] = {"path", "split", *HF_KEYS, "tokenizer", "seq_len", "max_tokens"}
+        own["hf_dataset"] |= {"mode", "workers", "transform", "augment"}
+        keys = (
+            "split", "path", "x", "y", "mask", "factory", "args", *TEXT_KEYS, *IMAGE_KEYS,
+            *HF_KEYS,
+        )  # fmt: skip
         foreign = [
             key for key in keys if getattr(self, key) is not None and key not in own[self.source]
         ]
@@ -166,8 +180,12 @@ class DataSpec(Strict):
             raise ValueError(f"source '{self.source}' takes no {', '.join(foreign)}")
         if self.source in ("cifar10", "cifar100", "imagefolder"):
             _image_options(self)
+        elif self.source == "hf_dataset":
+            _hf_options(self)
         elif self.classes is not None and not all(isinstance(c, int) for c in self.classes):
-            raise ValueError("classes are integer labels (names only for source imagefolder)")
+            raise ValueError(
+                "classes are integer labels (names only for sources imagefolder and hf_dataset)"
+            )
         if self.source == "tensors" and self.path is None:
             raise ValueError("source 'tensors' needs `path` (a .safetensors or .npz file)")
         if self.source == "python" and self.factory is None:
@@ -204,10 +222,50 @@ def _image_options(spec: DataSpec) -> None:
         )
 
 
+def _hf_options(spec: DataSpec) -> None:
+    """An hf_dataset's keys that go together: those of its image or its text input, and task
+    lm's (no labels) apart from classification's."""
+    from mergecli.data.transforms import has_random_step, parse_transform
+    from mergecli.errors import MergeCliError
+
+    if spec.path is None:
+        raise ValueError(
+            "source 'hf_dataset' needs `path` (a directory written by save_to_disk, or parquet "
+            "files)"
+        )
+    image_keys = [k for k in ("mode", "workers", "transform", "augment") if getattr(spec, k)]
+    text_keys = [k for k in ("tokenizer", "seq_len", "max_tokens") if getattr(spec, k)]
+    if spec.image is not None and spec.text is not None:
+        raise ValueError("give `image` or `text`, not both: one input column")
+    if (spec.text is not None or spec.task == "lm") and image_keys:
+        raise ValueError(f"a text column takes no {', '.join(image_keys)} (image options)")
+    if spec.image is not None and (text_keys or spec.task is not None):
+        extra = [*text_keys, *(["task"] if spec.task is not None else [])]
+        raise ValueError(f"an image column takes no {', '.join(extra)} (text options)")
+    if spec.task == "lm":
+        if spec.label is not None or spec.classes is not None or spec.balanced or spec.partition:
+            raise ValueError(
+                "task lm has no labels, so no `label`, `classes`, `partition` or `balanced` "
+                "(`fraction` keeps a share of the blocks)"
+            )
+    elif spec.max_tokens is not None:
+        raise ValueError("max_tokens caps the packed blocks of task lm; remove it, or set task: lm")
+    try:
+        steps = parse_transform(spec.transform)
+    except MergeCliError as exc:
+        raise ValueError(str(exc)) from None
+    if spec.augment and not has_random_step(steps):
+        raise ValueError(
+            "augment: true needs a random step in `transform:` (random_crop with padding, hflip)"
+        )
+
+
 # The keys only source 'text' takes.
 TEXT_KEYS = ("tokenizer", "field", "seq_len", "max_tokens", "cache")
 # The keys only image sources take.
 IMAGE_KEYS = ("root", "labels", "mode", "workers", "transform", "augment")
+# The keys only source 'hf_dataset' takes (besides text's and images' own).
+HF_KEYS = ("image", "text", "label", "task")
 # A name of a set in `data.eval: {name: spec, ...}`.
 SET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
