@@ -140,7 +140,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                 ),
             ),
         )
-        for suffix, extra in (("", []), ("_avg", ["steps.1={merge: average}"]))
+        for suffix, extra in (("", []), ("_avg", ["steps.1={merge: {method: average}}"]))
     },
 }
 
@@ -425,7 +425,11 @@ def main() -> None:
                 blocks[key] = table(stdouts[source])
         saved = {
             "machine": info,
-            "run_seconds": {k: round(v, 1) for k, v in TIMES.items()},
+            # A partial run (--only) keeps the other runs' times.
+            "run_seconds": {
+                **(saved.get("run_seconds", {}) if options.only else {}),
+                **{k: round(v, 1) for k, v in TIMES.items()},
+            },
             "figures": values,
             "blocks": blocks,
         }

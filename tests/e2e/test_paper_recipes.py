@@ -21,23 +21,36 @@ RECIPES = sorted((ROOT / "configs" / "papers").glob("*.yaml"))
 TINY = {"resnet20": "0.25", "vgg": "0.125"}
 
 
-def header_commands(recipe: Path) -> list[list[str]]:
-    """The header's `mergecli train` command, then the same with the options of its
-    "(and --opt value ...)" line replaced: the two endpoints' commands, as a user copies them."""
+def header_command(recipe: Path, start: str) -> list[str]:
+    """The first command of the header that starts with ``start``, joined over its
+    continuation lines (a trailing backslash) and split as a shell splits it."""
     lines = [line.removeprefix("#").strip() for line in recipe.read_text().splitlines()]
-    start = next(i for i, line in enumerate(lines) if line.startswith("mergecli train"))
+    first = next(i for i, line in enumerate(lines) if line.startswith(start))
     parts = []
-    for line in lines[start:]:
+    for line in lines[first:]:
         parts.append(line.removesuffix("\\"))
         if not line.endswith("\\"):
             break
-    first = shlex.split(" ".join(parts))[1:]  # without "mergecli"
+    return shlex.split(" ".join(parts))
+
+
+def header_commands(recipe: Path) -> list[list[str]]:
+    """The header's `mergecli train` command, then the same with the options of its
+    "(and --opt value ...)" line replaced: the two endpoints' commands, as a user copies them."""
+    first = header_command(recipe, "mergecli train")[1:]  # without "mergecli"
     [other] = re.findall(r"\(and (--[^)]*)\)", recipe.read_text())
     second = list(first)
     changes = shlex.split(other)
     for option, value in zip(changes[::2], changes[1::2], strict=True):
         second[second.index(option) + 1] = value
     return [first, second]
+
+
+def header_run_sets(recipe: Path) -> list[str]:
+    """The `--set` options of the header's `mergecli run` command that has them (the aligned
+    average followed by reset_bn)."""
+    tokens = header_command(recipe, f"mergecli run configs/papers/{recipe.name} ")
+    return [tokens[i + 1] for i, token in enumerate(tokens) if token == "--set"]
 
 
 def shrunk(command: list[str]) -> list[str]:
@@ -92,12 +105,18 @@ def _eval_specs(spec: dict) -> list[dict]:
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_validates_on_a_cifar_layout(trained: Path, recipe: Path) -> None:
     arch = yaml.safe_load(recipe.read_text())["model"]["arch"]
-    result = run_cli(
-        "validate", str(recipe), "--set", f"model.args.width={TINY[arch]}", cwd=trained
-    )
+    width = f"model.args.width={TINY[arch]}"
+    result = run_cli("validate", str(recipe), "--set", width, cwd=trained)
     assert result.returncode == 0, result.stderr
     assert f"# {recipe}: valid" in result.stdout, result.stdout
     assert "names and shapes agree" in result.stdout, result.stdout
+    # The header's aligned average + reset_bn: the fit replaced by a merge, the rest kept.
+    sets = [x for item in header_run_sets(recipe) for x in ("--set", item)]
+    assert "steps.1={merge: {method: average}}" in sets, sets
+    result = run_cli("validate", str(recipe), "--set", width, *sets, cwd=trained)
+    assert result.returncode == 0, result.stderr
+    steps = yaml.safe_load(result.stdout)["steps"]
+    assert [next(iter(step)) for step in steps] == ["align", "merge", "repair", "evaluate"]
 
 
 @pytest.mark.slow
