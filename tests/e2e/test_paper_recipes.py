@@ -110,13 +110,25 @@ def test_recipe_validates_on_a_cifar_layout(trained: Path, recipe: Path) -> None
     assert result.returncode == 0, result.stderr
     assert f"# {recipe}: valid" in result.stdout, result.stdout
     assert "names and shapes agree" in result.stdout, result.stdout
-    # The header's aligned average + reset_bn: the fit replaced by a merge, the rest kept.
-    sets = [x for item in header_run_sets(recipe) for x in ("--set", item)]
-    assert "steps.1={merge: {method: average}}" in sets, sets
-    result = run_cli("validate", str(recipe), "--set", width, *sets, cwd=trained)
+
+
+@pytest.mark.slow
+def test_aligned_average_commands_replace_the_fit_by_an_average(trained: Path) -> None:
+    """Each header's aligned average + reset_bn command: the same overrides in every recipe
+    (its own output dir aside); validated once, on the recipe with named eval sets."""
+    for recipe in RECIPES:
+        sets = header_run_sets(recipe)
+        assert sets[0] == "steps.1={merge: {method: average}}", (recipe.name, sets)
+        assert [s.split("=")[0] for s in sets] == ["steps.1", "output.dir"], (recipe.name, sets)
+    recipe = ROOT / "configs" / "papers" / "cifar100-resnet20x8-split-np-merge.yaml"
+    overrides = [x for item in header_run_sets(recipe) for x in ("--set", item)]
+    result = run_cli(
+        "validate", str(recipe), "--set", "model.args.width=0.25", *overrides, cwd=trained
+    )
     assert result.returncode == 0, result.stderr
     steps = yaml.safe_load(result.stdout)["steps"]
     assert [next(iter(step)) for step in steps] == ["align", "merge", "repair", "evaluate"]
+    assert steps[1]["merge"]["method"] == "average"
 
 
 @pytest.mark.slow
