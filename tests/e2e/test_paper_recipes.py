@@ -86,7 +86,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_recipes_name_the_paper_and_read_cifar_from_data() -> None:
-    assert len(RECIPES) == 3, RECIPES
+    assert {
+        "cifar10-resnet20x4-np-merge",
+        "cifar10-vgg16-cca-np-merge",
+        "cifar100-resnet20x8-split-np-merge",
+    } <= {r.stem for r in RECIPES}
     for recipe in RECIPES:
         text = recipe.read_text()
         assert "Orozco Camacho et al., 2024" in text and "mergecli run configs/papers/" in text
@@ -95,6 +99,9 @@ def test_recipes_name_the_paper_and_read_cifar_from_data() -> None:
         assert {s["source"] for s in specs} <= {"cifar10", "cifar100"}, recipe.name
         assert {s["root"] for s in specs} == {"data"}, recipe.name
         assert loaded["model"]["arch"] in TINY
+        # The header trains exactly the checkpoints the recipe merges.
+        outs = [c[c.index("--out") + 1] for c in header_commands(recipe)]
+        assert outs == [c["path"] for c in loaded["checkpoints"]], recipe.name
 
 
 def _eval_specs(spec: dict) -> list[dict]:
