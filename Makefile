@@ -47,6 +47,22 @@ runs/resnet20-seed%.safetensors: | $(VENV)/.installed
 demo-resnet: $(VENV)/.installed runs/resnet20-seed0.safetensors runs/resnet20-seed1.safetensors
 	$(BIN)/mergecli run configs/examples/mnist-resnet20-reset-bn.yaml
 
+# Small MNIST companions of the configs/papers/ recipes (README, "The papers' settings"): the
+# papers' optimiser (SGD, momentum 0.9, weight decay 5e-4, one-cycle, label smoothing) at a
+# width and length a 2-core CPU trains in minutes. CIFAR-sized runs want a GPU.
+PAPER_SGD = --optimizer sgd --weight-decay 5e-4 --schedule onecycle --label-smoothing 0.1 --epochs 3
+
+runs/papers-mnist-vgg16-seed%.safetensors: | $(VENV)/.installed
+	$(BIN)/mergecli --log plain train --arch vgg --arg variant=16 --arg batchnorm=true \
+		--arg width=0.25 --arg in_channels=1 --data mnist:train --eval-data mnist:test \
+		$(PAPER_SGD) --lr 0.05 --seed $* --out $@
+
+# A class-split pair (digits 0-4 and 5-9), as CIFAR-100's 50/50 split.
+runs/papers-mnist-r20-classes%.safetensors: | $(VENV)/.installed
+	$(BIN)/mergecli --log plain train --arch resnet20 --arg shortcut=conv1x1 --arg in_channels=1 \
+		--data mnist:train --split classes:$* $(PAPER_SGD) --lr 0.1 \
+		--seed $(if $(filter 0-4,$*),0,1) --out $@
+
 runs/mlp3-base.safetensors: | $(VENV)/.installed
 	$(BIN)/mergecli --log plain train --arch mlp --arg depth=3 --arg hidden=128 \
 		--data mnist:0:500 --eval-data mnist:test --epochs 3 --seed 0 --out $@
@@ -88,7 +104,9 @@ demo-lm: $(VENV)/.installed runs/lm/perplexity.json
 figures: $(VENV)/.installed runs/lm/perplexity.json runs/mlp8-seed0.safetensors runs/mlp8-seed1.safetensors \
 		runs/linear-seed0.safetensors runs/linear-seed1.safetensors \
 		runs/resnet20-seed0.safetensors runs/resnet20-seed1.safetensors \
-		runs/mlp3-ft-digits0-4.safetensors runs/mlp3-ft-digits5-9.safetensors
+		runs/mlp3-ft-digits0-4.safetensors runs/mlp3-ft-digits5-9.safetensors \
+		runs/papers-mnist-vgg16-seed0.safetensors runs/papers-mnist-vgg16-seed1.safetensors \
+		runs/papers-mnist-r20-classes0-4.safetensors runs/papers-mnist-r20-classes5-9.safetensors
 	$(BIN)/python scripts/figures.py
 
 test: $(VENV)/.installed

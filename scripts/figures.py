@@ -35,6 +35,30 @@ def num(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+PAPERS = "configs/papers"
+SPLIT_EVAL = (
+    "{all: {source: mnist, split: test},"
+    ' digits_0_4: {source: mnist, split: test, partition: {classes: "0-4"}},'
+    ' digits_5_9: {source: mnist, split: test, partition: {classes: "5-9"}}}'
+)
+
+
+def mnist_overrides(
+    args: str,
+    prefix: str,
+    suffixes: tuple[str, str] = ("0", "1"),
+    evals: str = "{source: mnist, split: test}",
+) -> list[str]:
+    """--set overrides that run a configs/papers/ recipe on the MNIST pair runs/PREFIX{0,1}:
+    the model's arguments, the checkpoints and MNIST as data.fit (2,000 images) and data.eval."""
+    return [
+        f"model.args={args}",
+        *(f"checkpoints.{i}.path=runs/{prefix}{s}.safetensors" for i, s in enumerate(suffixes)),
+        "data.fit={source: mnist, split: train, fraction: 0.25}",
+        f"data.eval={evals}",
+    ]
+
+
 # One run per key: (recipe, --set overrides). Every recipe writes into out/figures/KEY.
 RUNS: dict[str, tuple[str, list[str]]] = {
     "average": (f"{EXAMPLES}/mnist-mlp8-average.yaml", []),
@@ -81,6 +105,43 @@ RUNS: dict[str, tuple[str, list[str]]] = {
         ["steps.0.fit.granularity=row", "steps.0.fit.lr=0.01", "steps.1.evaluate.baselines=[]"],
     ),
     "lm_ties": (f"{EXAMPLES}/lm-np-merge-ties.yaml", ["steps.1.evaluate.baselines=[]"]),
+    # The configs/papers/ recipes on MNIST (no CIFAR, no GPU here): small pairs, the MNIST
+    # data; "_avg" replaces the fit by the average, so that reset_bn follows the aligned average.
+    **{
+        f"{key}{suffix}": (recipe, overrides + extra)
+        for key, (recipe, overrides) in (
+            (
+                "papers_resnet",
+                (
+                    f"{PAPERS}/cifar10-resnet20x4-np-merge.yaml",
+                    mnist_overrides("{width: 1, in_channels: 1}", "resnet20-seed"),
+                ),
+            ),
+            (
+                "papers_vgg",
+                (
+                    f"{PAPERS}/cifar10-vgg16-cca-np-merge.yaml",
+                    mnist_overrides(
+                        "{variant: 16, batchnorm: true, width: 0.25, in_channels: 1}",
+                        "papers-mnist-vgg16-seed",
+                    ),
+                ),
+            ),
+            (
+                "papers_split",
+                (
+                    f"{PAPERS}/cifar100-resnet20x8-split-np-merge.yaml",
+                    mnist_overrides(
+                        "{width: 1, shortcut: conv1x1, in_channels: 1}",
+                        "papers-mnist-r20-classes",
+                        ("0-4", "5-9"),
+                        SPLIT_EVAL,
+                    ),
+                ),
+            ),
+        )
+        for suffix, extra in (("", []), ("_avg", ["steps.1={merge: {method: average}}"]))
+    },
 }
 
 
@@ -149,6 +210,33 @@ def perplexity(key: str, name: str, domain: str | None = None, field: str = "nam
     return found["mean_perplexity"] if domain is None else found["sets"][domain]["perplexity"]
 
 
+def set_accuracy(key: str, name: str, field: str = "name", set_name: str = "all") -> float:
+    """Accuracy of the row of ``key``'s run on one named eval set."""
+    rows = report(key)["evaluate"]["results"]
+    return next(r for r in rows if r[field] == name and r["set"] == set_name)["accuracy"]
+
+
+def paper_figures(key: str, endpoints: tuple[str, str]) -> dict[str, Callable[[], str]]:
+    """One MNIST companion's row: endpoints, ensemble, averages and NP Merge (on the eval set
+    `all` when the run has named sets)."""
+    named = key == "papers_split"
+
+    def acc(run: str, name: str, field: str = "name") -> Callable[[], str]:
+        if named:
+            return lambda: pct(set_accuracy(run, name, field))
+        return lambda: pct(accuracy(run, name, field))
+
+    return {
+        f"{key}_a": acc(key, endpoints[0]),
+        f"{key}_b": acc(key, endpoints[1]),
+        f"{key}_ensemble": acc(key, "ensemble", "kind"),
+        f"{key}_average": acc(key, "average", "kind"),
+        f"{key}_aligned_average": acc(key, "aligned_average", "kind"),
+        f"{key}_aligned_average_reset": acc(f"{key}_avg", "merged", "kind"),
+        f"{key}_np_merge": acc(key, "merged", "kind"),
+    }
+
+
 def wm_resnet_range() -> str:
     values = sorted(merged(f"resnet_wm_seed{s}") for s in range(5))
     return f"{100 * values[0]:.0f}–{100 * values[-1]:.0f}%"
@@ -209,6 +297,15 @@ FIGURES: dict[str, Callable[[], str]] = {
     "lm_row_english": lambda: num(perplexity("lm_row", "merged", "english", "kind"), 1),
     "lm_row_code": lambda: num(perplexity("lm_row", "merged", "code", "kind"), 1),
     "lm_ties_start_mean": lambda: num(perplexity("lm_ties", "merged", None, "kind"), 1),
+    **paper_figures("papers_resnet", ("resnet20-seed0", "resnet20-seed1")),
+    **paper_figures("papers_vgg", ("papers-mnist-vgg16-seed0", "papers-mnist-vgg16-seed1")),
+    **paper_figures("papers_split", ("papers-mnist-r20-classes0-4", "papers-mnist-r20-classes5-9")),
+    "papers_split_a_own": lambda: pct(
+        set_accuracy("papers_split", "papers-mnist-r20-classes0-4", set_name="digits_0_4")
+    ),
+    "papers_split_b_own": lambda: pct(
+        set_accuracy("papers_split", "papers-mnist-r20-classes5-9", set_name="digits_5_9")
+    ),
 }
 
 # Code blocks the README shows verbatim: key -> the run whose stdout table it is.
@@ -328,7 +425,11 @@ def main() -> None:
                 blocks[key] = table(stdouts[source])
         saved = {
             "machine": info,
-            "run_seconds": {k: round(v, 1) for k, v in TIMES.items()},
+            # A partial run (--only) keeps the other runs' times.
+            "run_seconds": {
+                **(saved.get("run_seconds", {}) if options.only else {}),
+                **{k: round(v, 1) for k, v in TIMES.items()},
+            },
             "figures": values,
             "blocks": blocks,
         }
