@@ -66,6 +66,55 @@ def run_cli(
     return result
 
 
+def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`mergecli ARGS` called in this process through Typer's CliRunner, with the exit code,
+    stdout and stderr apart as run_cli gives them: for the many variants of one mistake, where
+    each new process would spend seconds importing torch. Each behaviour keeps one run_cli
+    test (the real process, its exit status and streams); --log json goes through main(),
+    which this does not call, so use run_cli for it. An exception that escapes the CLI (which
+    the real process would turn into exit 70 or a traceback) is raised here."""
+    from typer.testing import CliRunner
+
+    from mergecli.cli import app
+
+    assert "json" not in args, "--log json is main()'s: use run_cli"
+    result = CliRunner().invoke(app, list(args), prog_name="mergecli", env={"COLUMNS": "200"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(
+        ["mergecli", *args], result.exit_code, result.stdout, result.stderr
+    )
+
+
+def run_cli_side_by_side(*commands: list[str], cwd: Path | None = None) -> None:
+    """Run independent `python -m mergecli` commands (trainings of a pair) at the same time, one
+    thread each, and fail with the stderr of any that fails: on the 2 cores CI has, two
+    one-thread trainings of small models take about half the time of one after the other."""
+    env = cli_env(OMP_NUM_THREADS="1")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mergecli", *args],
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for args in commands
+    ]
+    failed = []
+    for args, process in zip(commands, processes, strict=True):
+        try:
+            _, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+        if process.returncode != 0:
+            failed.append(f"mergecli {' '.join(args)} failed:\n{stderr}")
+    if failed:
+        raise AssertionError("\n".join(failed))
+
+
 def mlp_checkpoint(path: Path, seed: int, **args: int) -> Path:
     """A seeded untrained MLP written as `mergecli train` writes it: enough where only the
     names and shapes matter (what `validate` checks), in milliseconds."""

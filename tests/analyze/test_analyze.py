@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import run_cli
+from helpers import run_cli, run_cli_in_process, run_cli_side_by_side
 from mergecli.analyze.ensembles import (
     FEATURE_AVERAGED,
     FEATURE_FIRST,
@@ -300,25 +300,25 @@ def test_analysis_errors(tmp_path: Path, trained_pair) -> None:
         "steps:\n  - analyze: {method: interpolation}\n"
         f"output: {{dir: {tmp_path / 'one'}}}\n"
     )
-    result = run_cli("run", str(one))
+    result = run_cli("run", str(one))  # the real process, once
     assert result.returncode == 1
     assert "interpolation needs at least 2 checkpoints to merge, the recipe has 1" in result.stderr
     steps = "  - analyze: {method: templates, layer: layers.1.weight}\n"
-    result = run_cli("run", str(analysis_recipe(tmp_path, a, b, steps)))
+    result = run_cli_in_process("run", str(analysis_recipe(tmp_path, a, b, steps)))
     assert result.returncode == 1 and "cannot be shown as [28, 28] images" in result.stderr
     assert "Traceback" not in result.stderr
     no_data = analysis_recipe(tmp_path, a, b, "  - analyze: {method: scaling}\n", data="\n")
-    result = run_cli("run", str(no_data))
+    result = run_cli_in_process("run", str(no_data))
     assert result.returncode == 2
     assert "analysis.yaml:9: steps.0.analyze: scaling needs data" in result.stderr
     unknown = analysis_recipe(tmp_path, a, b, "  - analyze: {method: interpolations}\n")
-    result = run_cli("validate", str(unknown))
+    result = run_cli_in_process("validate", str(unknown))
     assert result.returncode == 2 and "did you mean 'interpolation'" in result.stderr
     coefficients = analysis_recipe(tmp_path, a, b, "  - analyze: {method: coefficients}\n")
-    result = run_cli("run", str(coefficients))
+    result = run_cli_in_process("run", str(coefficients))
     assert result.returncode == 1 and "needs a `fit` step before it" in result.stderr
     assert not (tmp_path / "out" / "report.json").exists()
-    result = run_cli("report", str(tmp_path / "nowhere"))
+    result = run_cli_in_process("report", str(tmp_path / "nowhere"))
     assert result.returncode == 1 and "give the output dir of a finished" in result.stderr
 
 
@@ -326,13 +326,12 @@ def test_analysis_errors(tmp_path: Path, trained_pair) -> None:
 def linear_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two linear classifiers (MLP depth 1: one Linear, rows = classes) from different seeds."""
     root = tmp_path_factory.mktemp("linear")
-    paths = []
-    for seed in (0, 1):
-        out = root / f"linear-seed{seed}.safetensors"
-        run_cli("--log", "plain", "train", "--arch", "mlp", "--arg", "depth=1", "--data",
-                "mnist:0:3000", "--eval-data", "mnist:test", "--epochs", "2", "--seed",
-                str(seed), "--out", str(out), check=True)  # fmt: skip
-        paths.append(out)
+    paths = [root / f"linear-seed{seed}.safetensors" for seed in (0, 1)]
+    run_cli_side_by_side(
+        *(["--log", "plain", "train", "--arch", "mlp", "--arg", "depth=1", "--data",
+           "mnist:0:3000", "--eval-data", "mnist:test", "--epochs", "2", "--seed", str(seed),
+           "--out", str(out)] for seed, out in enumerate(paths)),
+    )  # fmt: skip
     return paths[0], paths[1]
 
 

@@ -10,7 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import ROOT, SMALL_MLP, run_cli, write_recipe
+from helpers import (
+    ROOT,
+    SMALL_MLP,
+    run_cli,
+    run_cli_in_process,
+    run_cli_side_by_side,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +138,7 @@ def test_align_errors(tmp_path: Path, trained_pair) -> None:
     assert result.returncode == 2
     assert ":12: steps.0.align: activation_matching needs data.fit" in result.stderr
     recipe = align_recipe(tmp_path, trained_pair, "{method: weight_matching, mx_iter: 3}")
-    result = run_cli("run", str(recipe))
+    result = run_cli_in_process("run", str(recipe))
     assert "unknown key 'mx_iter'; did you mean 'max_iter'?" in result.stderr
     # Transforms saved for another model are refused with the groups they lack.
     bogus = tmp_path / "bogus.safetensors"
@@ -139,7 +146,7 @@ def test_align_errors(tmp_path: Path, trained_pair) -> None:
 
     save_file({"mlp-seed1/fc9": torch.arange(4)}, bogus)
     recipe = align_recipe(tmp_path, trained_pair, f"{{from: {bogus}}}")
-    result = run_cli("run", str(recipe))
+    result = run_cli_in_process("run", str(recipe))
     assert result.returncode == 1
     assert "transform 'mlp-seed1/fc9' does not fit this model's groups" in result.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
@@ -156,11 +163,11 @@ def test_demo_pair_aligned_average_beats_naive_by_25_points(tmp_path: Path) -> N
     """Aligning first lifts the average of the real demo pair (two 8-layer MLPs trained as
     `make demo` does) 25 points above the naive one."""
     runs = tmp_path / "runs"
-    for seed in (0, 1):
-        run_cli(
-            "train", "--arg", "depth=8", "--arg", "hidden=128", "--seed", str(seed),
-            "--out", str(runs / f"mlp8-seed{seed}.safetensors"), cwd=tmp_path, check=True,
-        )  # fmt: skip
+    run_cli_side_by_side(
+        *(["train", "--arg", "depth=8", "--arg", "hidden=128", "--seed", str(seed),
+           "--out", str(runs / f"mlp8-seed{seed}.safetensors")] for seed in (0, 1)),
+        cwd=tmp_path,
+    )  # fmt: skip
     recipe = ROOT / "configs/examples/mnist-mlp8-weight-matching.yaml"
     run_cli("run", str(recipe), cwd=tmp_path, check=True)
     found = rows(tmp_path / "out/mnist-mlp8-weight-matching")
@@ -198,14 +205,13 @@ def test_three_models_all_aligned_to_the_reference(tmp_path: Path, trained_pair)
 def test_user_cnn_whose_classifier_reads_flattened_conv_maps(tmp_path: Path) -> None:
     """PyTorch's tutorial CNN (x.view(-1, 16*4*4) before fc1), brought as user code: the last
     conv's channels are permuted too, each as a run of 16 columns of fc1."""
-    paths = []
-    for seed in (0, 1):
-        paths.append(tmp_path / f"cnn-seed{seed}.safetensors")
-        run_cli(
-            "--log", "plain", "train", "--arch", "fixtures.tutorial_cnn:build",
-            "--arg", "channels=1", "--arg", "image_size=28", "--data", "mnist:0:3000",
-            "--epochs", "3", "--seed", str(seed), "--out", str(paths[-1]), check=True,
-        )  # fmt: skip
+    paths = [tmp_path / f"cnn-seed{seed}.safetensors" for seed in (0, 1)]
+    run_cli_side_by_side(
+        *(["--log", "plain", "train", "--arch", "fixtures.tutorial_cnn:build",
+           "--arg", "channels=1", "--arg", "image_size=28", "--data", "mnist:0:3000",
+           "--epochs", "3", "--seed", str(seed), "--out", str(path)]
+          for seed, path in enumerate(paths)),
+    )  # fmt: skip
     recipe = align_recipe(tmp_path, (paths[0], paths[1]), "{method: weight_matching}")
     recipe.write_text(
         recipe.read_text().replace(
@@ -273,15 +279,12 @@ def test_cca_through_batchnorm(tmp_path: Path) -> None:
     # Two BatchNorm MLPs: every group passes a BatchNorm, so cca maps them all (no fallback to
     # permutations), warns when no reset_bn follows, and folding the norms' scales into the
     # layers (batchnorm: fold) merges better than mapping the norms as the paper's code does.
-    pair = []
-    for seed in (0, 1):
-        out = tmp_path / f"bn{seed}.safetensors"
-        run_cli(
-            "--log", "plain", "train", *SMALL_MLP, "--arg", "batchnorm=true",
-            "--data", "mnist:0:3000", "--epochs", "3", "--seed", str(seed), "--out", str(out),
-            check=True,
-        )  # fmt: skip
-        pair.append(out)
+    pair = [tmp_path / f"bn{seed}.safetensors" for seed in (0, 1)]
+    run_cli_side_by_side(
+        *(["--log", "plain", "train", *SMALL_MLP, "--arg", "batchnorm=true",
+           "--data", "mnist:0:3000", "--epochs", "3", "--seed", str(seed), "--out", str(out)]
+          for seed, out in enumerate(pair)),
+    )  # fmt: skip
     accuracy = {}
     for batchnorm in ("paper", "fold"):
         recipe = tmp_path / f"{batchnorm}.yaml"

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import ROOT, SMALL_MLP, run_cli, write_recipe
+from helpers import ROOT, SMALL_MLP, run_cli, run_cli_side_by_side, write_recipe
 from mergecli.io import checkpoint_sha256
 
 pytestmark = pytest.mark.slow
@@ -345,13 +345,12 @@ def test_user_model_and_data_without_model_key(tmp_path: Path) -> None:
         "    return torch.utils.data.TensorDataset(x, y)\n"
     )
     data = "{source: python, factory: 'mydata:blobs', args: {n: 300}}"
-    for seed in (0, 1):
-        run_cli(
-            "train", "--arch", "mymodels:tiny", "--arg", "width=8", "--data", data,
-            "--eval-data", "none", "--epochs", "10", "--lr", "0.02", "--batch-size", "32",
-            "--seed", str(seed),
-            "--out", f"m{seed}.safetensors", cwd=tmp_path, check=True,
-        )  # fmt: skip
+    run_cli_side_by_side(
+        *(["train", "--arch", "mymodels:tiny", "--arg", "width=8", "--data", data,
+           "--eval-data", "none", "--epochs", "10", "--lr", "0.02", "--batch-size", "32",
+           "--seed", str(seed), "--out", f"m{seed}.safetensors"] for seed in (0, 1)),
+        cwd=tmp_path,
+    )  # fmt: skip
     (tmp_path / "r.yaml").write_text(
         "version: 1\n"
         "checkpoints: [{path: m0.safetensors}, {path: m1.safetensors, weight: 3}]\n"
