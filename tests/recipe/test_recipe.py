@@ -189,6 +189,13 @@ def test_overrides_apply_and_are_blamed(tmp_path: Path) -> None:
         load_recipe(path, ["seed"])
 
 
+@pytest.mark.parametrize("override", ["steps.0.merge=slerp", "steps.0={merge: slerp}"])
+def test_an_override_may_use_the_short_form(tmp_path: Path, override: str) -> None:
+    """`- merge: slerp` is short for `- merge: {method: slerp}` in an override as in the file."""
+    loaded = load_recipe(write(tmp_path, GOOD), [override])
+    assert loaded.resolved()["steps"][0]["merge"]["method"] == "slerp"
+
+
 def test_missing_recipe_file(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.yaml")

@@ -38,6 +38,7 @@ def load_recipe(
         )
     _expand_method_names(data)
     overridden = apply_overrides(data, overrides or [])
+    _expand_method_names(data)  # an override may itself be short: `--set steps.1.merge=ties`
     where = Locator(filename, lines, overridden)
     return validate_recipe(data, where, default_name=path.stem, needs_checkpoints=needs_checkpoints)
 
