@@ -205,13 +205,18 @@ class DataSpec(Strict):
 
 def _image_options(spec: DataSpec) -> None:
     """An image source's root, split, transform and augment, checked when the recipe loads."""
-    from mergecli.data.transforms import has_random_step, parse_transform
-    from mergecli.errors import MergeCliError
-
     if spec.root is None:
         raise ValueError(f"source '{spec.source}' needs `root` (the dataset's directory)")
     if spec.source != "imagefolder" and spec.split not in (None, "train", "test"):
         raise ValueError(f"source '{spec.source}' has splits train and test, not {spec.split!r}")
+    _transform_options(spec)
+
+
+def _transform_options(spec: DataSpec) -> None:
+    """The `transform:` steps parse, and `augment:` has a random one to draw."""
+    from mergecli.data.transforms import has_random_step, parse_transform
+    from mergecli.errors import MergeCliError
+
     try:
         steps = parse_transform(spec.transform)
     except MergeCliError as exc:
@@ -225,9 +230,6 @@ def _image_options(spec: DataSpec) -> None:
 def _hf_options(spec: DataSpec) -> None:
     """An hf_dataset's keys that go together: those of its image or its text input, and task
     lm's (no labels) apart from classification's."""
-    from mergecli.data.transforms import has_random_step, parse_transform
-    from mergecli.errors import MergeCliError
-
     if spec.path is None:
         raise ValueError(
             "source 'hf_dataset' needs `path` (a directory written by save_to_disk, or parquet "
@@ -250,14 +252,7 @@ def _hf_options(spec: DataSpec) -> None:
             )
     elif spec.max_tokens is not None:
         raise ValueError("max_tokens caps the packed blocks of task lm; remove it, or set task: lm")
-    try:
-        steps = parse_transform(spec.transform)
-    except MergeCliError as exc:
-        raise ValueError(str(exc)) from None
-    if spec.augment and not has_random_step(steps):
-        raise ValueError(
-            "augment: true needs a random step in `transform:` (random_crop with padding, hflip)"
-        )
+    _transform_options(spec)
 
 
 # The keys only source 'text' takes.
