@@ -14,6 +14,7 @@ from mergecli.align.activation_matching import match_activations
 from mergecli.align.activations import PairStatistics, check_finite, pair_statistics
 from mergecli.align.cca import cca_transform, constant_units
 from mergecli.align.groups import PermutationSpec
+from mergecli.align.heads import is_head_permutation
 from mergecli.align.permute import check_spec
 from mergecli.align.spec import derive_spec
 from mergecli.align.transform import BatchNormMapping, Transforms, apply_transforms, fold_norms
@@ -410,6 +411,14 @@ def load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:
             raise MergeCliError(
                 f"align.from: {path}: no transform for group(s) {', '.join(missing)} of '{model}'"
             )
+        for attention in spec.attention:
+            if not is_head_permutation(attention, transforms):
+                raise MergeCliError(
+                    f"align.from: {path}: the transforms of '{model}' for "
+                    f"{', '.join(attention.groups)} are not one permutation of the heads of "
+                    f"{attention.name} (heads move q/k/v rows and output columns together); "
+                    f"give the {ALIGNMENT_FILE} of an earlier run"
+                )
     return by_model
 
 
