@@ -376,8 +376,8 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
     with user_errors():
         from mergecli.align.step import permutation_spec
         from mergecli.pipeline import model_only_state, prepare_state
-        from mergecli.runtime.log import Column
         from mergecli.recipe import load_recipe
+        from mergecli.runtime.log import Column
 
         log = _log()
         loaded = load_recipe(recipe, set_ or [], needs_checkpoints=False)
