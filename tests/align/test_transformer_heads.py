@@ -102,6 +102,27 @@ def test_heads_are_units_and_weight_matching_recovers_a_random_permutation(name:
     assert all(torch.equal(aligned[k], state[k]) for k in state)
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_eager_attention_is_followed_like_the_fused_one(name: str) -> None:
+    """q @ k^T, scale, mask, softmax, @ v in plain ops (attn_implementation 'eager')."""
+    factory, example, layers, heads, kv_heads, fixed = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = factory()
+    model.config._attn_implementation = "eager"
+    model.eval()
+    x = example()
+    spec = derive_spec(model, x)
+    assert spec.warnings == ()
+    assert [(a.heads, a.kv_heads, a.qk_dims_fixed) for a in spec.attention] == [
+        (heads, kv_heads, fixed)
+    ] * layers
+    check_spec(model, spec, x)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or name != "gpt2"}
+    shuffled = apply_permutations(state, spec, random_permutations(spec, torch.Generator()))
+    aligned = apply_permutations(shuffled, spec, weight_matching(spec, state, shuffled))
+    assert all(torch.equal(aligned[k], state[k]) for k in state)
+
+
 def test_tied_output_layer_is_permuted_under_either_name() -> None:
     model, x = _built("gpt2")
     spec = derive_spec(model, x)

@@ -38,6 +38,7 @@ from mergecli.align.spec_values import (
     Feature,
     Heads,
     ParamValue,
+    Scores,
     Unhandled,
     Units,
 )
@@ -139,6 +140,9 @@ class _SpecBuilder(AtenRules, HeadRules):
         if isinstance(value, Heads):
             self.fixed_notes.append(({value.element}, why))
             self.units.join(Units.FIXED, value.element)
+        if isinstance(value, Scores):
+            self._fix(value.query, why)
+            self._fix(value.key, why)
 
     def _member(
         self,
@@ -637,6 +641,9 @@ class _SpecBuilder(AtenRules, HeadRules):
         A parameter multiplying units (a norm's weight: ``scaling``) may only be permuted with
         them; one added to them (a position table, a bias) is mapped like them."""
         out_ndim = len(self._shape(node))
+        scores = [v for v in map(self._value_of, operands) if isinstance(v, Scores)]
+        if scores:
+            return self._scores_elementwise(node, scores[0], operands)
         heads = [v for v in map(self._value_of, operands) if isinstance(v, Heads)]
         if heads:
             return self._heads_elementwise(node, heads[0], operands)

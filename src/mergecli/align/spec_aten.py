@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from mergecli.align.groups import AxisSlice
-from mergecli.align.spec_values import FIXED_TENSOR, Feature, Heads, ParamValue, Unhandled
+from mergecli.align.spec_values import FIXED_TENSOR, Feature, Heads, ParamValue, Scores, Unhandled
 
 # Operations that keep every entry where it is (elementwise maps, dtype and device moves).
 PASS = {
@@ -85,6 +85,8 @@ class AtenRules:
         weight = a.get("other", a.get("mat2"))
         if name in ("mm", "matmul") and isinstance(value(weight), ParamValue):
             return self._dense(node, x, weight, None, weight_in=0)
+        if name == "matmul" and isinstance(x, (Heads, Scores)):
+            return self._heads_matmul(node, x, value(weight))
         if name in CONVS or (name == "convolution" and not a["transposed"]):
             return self._conv(node, x, a["weight"], a.get("bias"), int(a["groups"]))
         if name in CONV_TRANSPOSES or name == "convolution":
@@ -145,7 +147,7 @@ class AtenRules:
             q, k, v = (value(a[n]) for n in ("query", "key", "value"))
             return self._attention_heads(node, q, k, v, bool(a.get("enable_gqa", False)))
         inputs = [v for v in _tensor_values(node, self.values)]
-        if not any(isinstance(v, (Feature, Heads, tuple)) for v in inputs):
+        if not any(isinstance(v, (Feature, Heads, Scores, tuple)) for v in inputs):
             return FIXED_TENSOR  # masks, positions, tables: no units reach it
         raise Unhandled(f"is an operation the tracer does not know (aten.{name})")
 

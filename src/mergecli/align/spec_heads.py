@@ -25,6 +25,7 @@ from mergecli.align.spec_values import (
     Feature,
     Heads,
     ParamValue,
+    Scores,
     Unhandled,
 )
 
@@ -159,6 +160,41 @@ class HeadRules:
         if dim in (x.head_axis, x.dim_axis):
             raise Unhandled("selects one attention head or dimension")
         return x.moved(x.head_axis - (dim < x.head_axis), x.dim_axis - (dim < x.dim_axis))
+
+    def _heads_matmul(self, node: fx.Node, a: Any, b: Any) -> Any:
+        """Eager attention: q @ k^T gives scores, scores @ v the attended values."""
+        ndim = len(self._shape(node))
+        heads, dims, keys = ndim - 3, ndim - 1, ndim - 2
+        layout = (heads, dims)
+        if (
+            isinstance(a, Heads)
+            and isinstance(b, Heads)
+            and (a.head_axis, a.dim_axis, b.head_axis, b.dim_axis) == (heads, dims, heads, keys)
+        ):
+            return Scores(a, b.moved(heads, dims), heads)
+        if (
+            isinstance(a, Scores)
+            and isinstance(b, Heads)
+            and a.head_axis == heads
+            and (b.head_axis, b.dim_axis) == layout
+        ):
+            return self._attention_heads(node, a.query, a.key, b, gqa=False)
+        raise Unhandled("multiplies attention heads in a way the tracer does not know")
+
+    def _scores_elementwise(self, node: fx.Node, x: Scores, operands: Sequence[Any]) -> Scores:
+        """Scaled, masked scores: anything added must not differ between heads (ALiBi does)."""
+        out_ndim = len(self._shape(node))
+        for operand in operands:
+            value = self.values.get(operand) if isinstance(operand, fx.Node) else None
+            if value is None or value == x:
+                continue
+            if isinstance(value, (ParamValue, Heads, Scores, Feature)):
+                raise Unhandled("combines attention scores with a model's tensor")
+            shape = self._shape(operand)
+            shift = out_ndim - len(shape)
+            if x.head_axis - shift >= 0 and shape[x.head_axis - shift] != 1:
+                raise Unhandled("adds a different bias to each head's scores")
+        return x
 
     def _attention_heads(self, node: fx.Node, query: Any, key: Any, value: Any, gqa: bool) -> Heads:
         """scaled_dot_product_attention: record the layer; its output is heads of new units."""

@@ -100,6 +100,16 @@ class Heads:
         return replace(self, head_axis=head_axis, dim_axis=dim_axis)
 
 
+@dataclass(frozen=True)
+class Scores:
+    """Attention scores q k^T of query and key heads (eager attention, before the values);
+    ``key`` laid out as the query's, dimensions last, as scaled dot-product attention takes it."""
+
+    query: Heads
+    key: Heads
+    head_axis: int
+
+
 @dataclass
 class AttentionRecord:
     """One scaled dot-product attention over heads: its elements and sizes."""
