@@ -216,3 +216,41 @@ def test_compose_keeps_the_attention_function() -> None:
         torch.arange(3).repeat(2, 1),
     )  # fmt: skip
     assert all(torch.equal(identity[n], torch.arange(len(identity[n]))) for n in "qkvo")
+
+
+@torch.library.custom_op("mergecli_test::roll_units", mutates_args=())
+def roll_units(x: torch.Tensor) -> torch.Tensor:
+    """A custom operation that mixes units in order: nothing may permute through it."""
+    return torch.roll(x, 1, dims=-1)
+
+
+@roll_units.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def test_a_custom_op_warns_for_its_groups_and_the_rest_is_aligned() -> None:
+    class Rolled(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(roll_units(x))  # the MLP's input units meet the op
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    model.model.layers[1].mlp = Rolled(model.model.layers[1].mlp)
+    x = torch.randint(0, 64, (2, 8))
+    spec = derive_spec(model, x)
+    assert spec.traced_with == "torch.export"
+    assert len(spec.warnings) == 1
+    assert "left unpermuted" in spec.warnings[0] and "roll_units" in spec.warnings[0]
+    # The residual stream reaches the op, so it stays; heads and MLP units are still groups.
+    assert len(spec.attention) == 2
+    assert not any(g.name == "model.embed_tokens" for g in spec.groups)
+    check_spec(model, spec, x)
+    state = model.state_dict()
+    shuffled = apply_permutations(state, spec, random_permutations(spec, torch.Generator()))
+    aligned = apply_permutations(shuffled, spec, weight_matching(spec, state, shuffled))
+    assert all(torch.equal(aligned[k], state[k]) for k in state)
