@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,11 @@ def test_weight_matching_recovers_a_permuted_llama_and_align_spec_shows_heads(
     assert "model.layers.1.self_attn │ 4 │ 2 │ 8 (fixed: rotary) │ 8" in out
 
     run_cli("run", str(path), check=True)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["align"]
+    assert report["graph"] == "torch.export"
+    assert [(a["heads"], a["kv_heads"], a["qk_dims_fixed"]) for a in report["attention"]] == [
+        (4, 2, True)
+    ] * 2
     original = load_state_dict(a / "model.safetensors")
     aligned = load_state_dict(tmp_path / "out" / "aligned" / "b.safetensors")
     merged = load_state_dict(tmp_path / "out" / "model.safetensors")

@@ -305,6 +305,12 @@ def _statistics(
         for s in stats.values():
             s.all_reduce_(world)
     check_finite(stats, (target.name, other.name))
+    unread = [g.name for g in spec.groups if g.name not in stats]
+    if unread:
+        state.log.warn(
+            f"{len(unread)} group(s) have no submodule whose input or output shows their units, "
+            f"so no activations to match; they keep their order: {', '.join(unread)}"
+        )
     return stats
 
 
@@ -362,7 +368,20 @@ def _align(
     state.report["align"] = {
         "method": method,
         "reference": reference.name,
+        "graph": spec.traced_with,
         "groups": [{"name": g.name, "size": g.size} for g in spec.groups],
+        "attention": [
+            {
+                "name": a.name,
+                "groups": list(a.groups),
+                "heads": a.heads,
+                "kv_heads": a.kv_heads,
+                "qk_dims": a.qk_dims,
+                "v_dims": a.v_dims,
+                "qk_dims_fixed": a.qk_dims_fixed,
+            }
+            for a in spec.attention
+        ],
         "warnings": list(spec.warnings),
         "weight_distance": distances,
         **({"from": params.from_} if saved is not None else {}),
