@@ -123,6 +123,35 @@ def test_eager_attention_is_followed_like_the_fused_one(name: str) -> None:
     assert all(torch.equal(aligned[k], state[k]) for k in state)
 
 
+@pytest.mark.parametrize("graph", ["torch.export", "torch.fx"])
+def test_fused_qkv_heads_of_the_built_in_vit(graph: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qkv(x).unflatten(-1, (3, heads, dims)).permute(...)[i]: each piece is heads of its own,
+    from the exported graph and from fx alike."""
+    from mergecli.models.registry import build_model
+
+    if graph == "torch.fx":
+        import mergecli.align.spec as spec_module
+
+        def no_export(*args: object) -> None:
+            raise RuntimeError("not this time")
+
+        monkeypatch.setattr(spec_module, "export_graph", no_export)
+    torch.manual_seed(0)
+    args = {"image_size": 8, "patch": 4, "dim": 16, "depth": 2, "heads": 4}
+    model = build_model("vit", args).eval()
+    x = torch.randn(2, 3, 8, 8)
+    spec = derive_spec(model, x)
+    assert spec.traced_with == graph
+    assert [(a.query, a.key, a.value, a.output, a.heads) for a in spec.attention][0] == (
+        "blocks.0.attn.qkv", "blocks.0.attn.qkv#2", "blocks.0.attn.qkv#3", "blocks.0.attn.proj", 4
+    )  # fmt: skip
+    check_spec(model, spec, x)
+    state = model.state_dict()
+    shuffled = apply_permutations(state, spec, random_permutations(spec, torch.Generator()))
+    aligned = apply_permutations(shuffled, spec, weight_matching(spec, state, shuffled))
+    assert all(torch.equal(aligned[k], state[k]) for k in state)
+
+
 def test_tied_output_layer_is_permuted_under_either_name() -> None:
     model, x = _built("gpt2")
     spec = derive_spec(model, x)

@@ -37,6 +37,7 @@ from mergecli.align.spec_values import (
     AttentionRecord,
     Feature,
     Heads,
+    Packed,
     ParamValue,
     Scores,
     Unhandled,
@@ -143,6 +144,9 @@ class _SpecBuilder(AtenRules, HeadRules):
         if isinstance(value, Scores):
             self._fix(value.query, why)
             self._fix(value.key, why)
+        if isinstance(value, Packed):
+            self.fixed_notes.append(({value.element}, why))
+            self.units.join(Units.FIXED, value.element)
 
     def _member(
         self,
@@ -380,6 +384,18 @@ class _SpecBuilder(AtenRules, HeadRules):
             return self._getitem(node)
         if target is getattr:  # x.shape and friends
             return None
+        if target is torch.nn.functional.scaled_dot_product_attention:
+            names = ("query", "key", "value")
+            q, k, v = (
+                self._value_of(node.args[i] if i < len(node.args) else node.kwargs[n])
+                for i, n in enumerate(names)
+            )
+            gqa = bool(node.args[7] if len(node.args) > 7 else node.kwargs.get("enable_gqa"))
+            return self._attention_heads(node, q, k, v, gqa)
+        if target in (torch.matmul, operator.matmul) and isinstance(
+            self._arg(node), (Heads, Scores)
+        ):
+            return self._heads_matmul(node, self._arg(node), self._arg(node, 1))
         if target in (torch.mean, torch.sum, torch.amax, torch.amin):
             return self._reduce(node)
         raise Unhandled("is a function the tracer does not know")
@@ -414,6 +430,9 @@ class _SpecBuilder(AtenRules, HeadRules):
         return self._shape(arg) if isinstance(arg, fx.Node) else ()
 
     def _flatten(self, node: fx.Node, x: Any, start: int, end: int) -> Any:
+        if isinstance(x, Heads):
+            ndim = len(self._in_shape(node))
+            return self._heads_flatten(x, start % ndim, end % ndim)
         if not isinstance(x, Feature):
             return x if x is None else FIXED_TENSOR
         shape = self._in_shape(node)
@@ -540,6 +559,10 @@ class _SpecBuilder(AtenRules, HeadRules):
     def _reshape(self, node: fx.Node, x: Any) -> Any:
         if isinstance(x, Heads):
             return self._heads_reshape(node, x)
+        if isinstance(x, Packed):
+            if self._in_shape(node) != self._shape(node):
+                raise Unhandled("reshapes fused query/key/value heads")
+            return x
         if not isinstance(x, Feature):
             return FIXED_TENSOR if x is not None else None
         before, after = self._in_shape(node), self._shape(node)
@@ -564,6 +587,8 @@ class _SpecBuilder(AtenRules, HeadRules):
         args = [a for a in node.args[1:]]
         if isinstance(x, Heads):
             return self._heads_move(node, name, x, args)
+        if isinstance(x, Packed):
+            return self._packed_move(node, name, x, args)
         if not isinstance(x, Feature):
             return x if x is None or x is FIXED_TENSOR else FIXED_TENSOR
         if name == "transpose":
@@ -607,6 +632,8 @@ class _SpecBuilder(AtenRules, HeadRules):
         if isinstance(x, tuple):
             index = node.args[1]
             return x[index] if isinstance(index, int) else FIXED_TENSOR
+        if isinstance(x, Packed) and isinstance(node.args[1], int):
+            return self._packed_select(x, 0, node.args[1])  # qkv[0]
         if not isinstance(x, Feature):
             return None if x is None else FIXED_TENSOR
         index = node.args[1]

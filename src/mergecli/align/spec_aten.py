@@ -15,7 +15,15 @@ import torch
 from torch import fx
 
 from mergecli.align.groups import AxisSlice
-from mergecli.align.spec_values import FIXED_TENSOR, Feature, Heads, ParamValue, Scores, Unhandled
+from mergecli.align.spec_values import (
+    FIXED_TENSOR,
+    Feature,
+    Heads,
+    Packed,
+    ParamValue,
+    Scores,
+    Unhandled,
+)
 
 # Operations that keep every entry where it is (elementwise maps, dtype and device moves).
 PASS = {
@@ -136,18 +144,21 @@ class AtenRules:
         if name == "slice":
             return self._slice(node, x, a)
         if name == "select":
-            return self._select(node, x, int(a["dim"]))
+            return self._select(node, x, int(a["dim"]), int(a["index"]))
         if name == "cat":
             return self._cat(node, a["tensors"], int(a["dim"]))
         if name in ("split", "split_with_sizes", "chunk", "unsafe_split"):
             return self._chunks(node, x, name)
+        if name == "unbind" and isinstance(x, Packed):
+            dim = int(a["dim"]) % len(self._in_shape(node))
+            return tuple(self._packed_select(x, dim, i) for i in range(x.pieces))
         if name in REDUCTIONS:
             return self._reduce(node)
         if name == "scaled_dot_product_attention":
             q, k, v = (value(a[n]) for n in ("query", "key", "value"))
             return self._attention_heads(node, q, k, v, bool(a.get("enable_gqa", False)))
         inputs = [v for v in _tensor_values(node, self.values)]
-        if not any(isinstance(v, (Feature, Heads, Scores, tuple)) for v in inputs):
+        if not any(isinstance(v, (Feature, Heads, Packed, Scores, tuple)) for v in inputs):
             return FIXED_TENSOR  # masks, positions, tables: no units reach it
         raise Unhandled(f"is an operation the tracer does not know (aten.{name})")
 
@@ -248,8 +259,10 @@ class AtenRules:
             raise Unhandled("selects some units only")
         return x
 
-    def _select(self, node: fx.Node, x: Any, dim: int) -> Any:
+    def _select(self, node: fx.Node, x: Any, dim: int, index: int = 0) -> Any:
         dim %= len(self._in_shape(node))
+        if isinstance(x, Packed):
+            return self._packed_select(x, dim, index)
         if isinstance(x, Heads):
             return self._heads_select(x, dim)
         if not isinstance(x, Feature):

@@ -24,17 +24,26 @@ from mergecli.align.spec_values import (
     AttentionRecord,
     Feature,
     Heads,
+    Packed,
     ParamValue,
     Scores,
     Unhandled,
 )
 
 
-def split_into_heads(x: Feature, before: Sequence[int], after: Sequence[int]) -> Heads | None:
-    """``x``'s unit axis split into two axes (heads, dimensions) by a reshape, if it is."""
+def split_into_heads(
+    x: Feature, before: Sequence[int], after: Sequence[int]
+) -> Heads | Packed | None:
+    """``x``'s unit axis split by a reshape into two axes (heads, dimensions), or three
+    (pieces, heads, dimensions) as a fused qkv projection's output is, if it is."""
     if x.inner != 1 or len(x.blocks) != 1:
         return None
     lead = math.prod(before[: x.axis])
+    for axis in range(len(after) - 2):
+        if math.prod(after[:axis]) != lead or math.prod(after[axis : axis + 3]) != before[x.axis]:
+            continue
+        if min(after[axis : axis + 3]) > 1:
+            return Packed(x.blocks[0][0], axis, axis + 1, axis + 2, *after[axis : axis + 3])
     for axis in range(len(after) - 1):
         if math.prod(after[:axis]) != lead or after[axis] * after[axis + 1] != before[x.axis]:
             continue
@@ -50,6 +59,17 @@ def _find_axis(before: Sequence[int], after: Sequence[int], axis: int) -> int | 
         if math.prod(after[:j]) == lead and after[j] == before[axis]:
             return j
     return None
+
+
+def _moved_axes(name: str, args: list[Any], ndim: int, axes: Sequence[int]) -> list[int]:
+    """Where ``transpose`` or ``permute`` puts each of ``axes``."""
+    if name == "transpose":
+        a, b = (i % ndim for i in args[:2])
+        swap = {a: b, b: a}
+        return [swap.get(axis, axis) for axis in axes]
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    dims = [i % ndim for i in dims]
+    return [dims.index(axis) for axis in axes]
 
 
 class HeadRules:
@@ -101,6 +121,46 @@ class HeadRules:
             grown = h + 1 < len(after) and before[h + 1 - shift] == 1 and after[h + 1] > 1
             return replace(x, head_axis=h, dim_axis=d, broadcast=after[h + 1] if grown else 1)
         raise Unhandled(f"{name} of attention heads")
+
+    def _packed_move(self, node: fx.Node, name: str, x: Packed, args: list[Any]) -> Packed:
+        if name not in ("transpose", "permute"):
+            raise Unhandled(f"{name} of fused query/key/value heads")
+        ndim = len(self._in_shape(node))
+        piece, head, dim = _moved_axes(name, args, ndim, (x.piece_axis, x.head_axis, x.dim_axis))
+        return replace(x, piece_axis=piece, head_axis=head, dim_axis=dim)
+
+    def _packed_piece(self, x: Packed, index: int) -> Heads:
+        """Piece ``index`` (query, key or value) of fused heads: heads of units of its own."""
+        size = x.heads * x.dims
+        whole = self._cut(
+            Feature(0, [(x.element, x.pieces * size)]), range(size, x.pieces * size, size)
+        )
+        piece = self._units_between(whole, index * size, (index + 1) * size)
+        if len(piece.blocks) != 1:
+            raise Unhandled("selects a piece of fused heads cut elsewhere")
+
+        def after_removal(axis: int) -> int:
+            return axis - (x.piece_axis < axis)
+
+        return Heads(
+            piece.blocks[0][0], after_removal(x.head_axis), after_removal(x.dim_axis), x.heads,
+            x.dims,
+        )  # fmt: skip
+
+    def _packed_select(self, x: Packed, dim: int, index: int) -> Heads:
+        if dim != x.piece_axis:
+            raise Unhandled("selects within fused query/key/value heads")
+        return self._packed_piece(x, index % x.pieces)
+
+    def _heads_flatten(self, x: Heads, start: int, end: int) -> Any:
+        """(..., heads, dims) flattened back into units."""
+        if (start, end) == (x.head_axis, x.dim_axis) and x.repeat == 1 and x.broadcast == 1:
+            return Feature(start, [(x.element, x.heads * x.dims)])
+        if end < x.head_axis:
+            return x.moved(x.head_axis - (end - start), x.dim_axis - (end - start))
+        if start > x.dim_axis:
+            return x
+        raise Unhandled("flattens attention heads with other axes")
 
     def _heads_elementwise(self, node: fx.Node, x: Heads, operands: Sequence[Any]) -> Any:
         """Heads with tensors that broadcast over the heads (rotary tables: dims fixed)."""

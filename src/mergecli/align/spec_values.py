@@ -101,6 +101,20 @@ class Heads:
 
 
 @dataclass(frozen=True)
+class Packed:
+    """Units split into (pieces, heads, dims): a fused query/key/value projection, whose
+    pieces become heads of their own when one is selected."""
+
+    element: int
+    piece_axis: int
+    head_axis: int
+    dim_axis: int
+    pieces: int
+    heads: int
+    dims: int
+
+
+@dataclass(frozen=True)
 class Scores:
     """Attention scores q k^T of query and key heads (eager attention, before the values);
     ``key`` laid out as the query's, dimensions last, as scaled dot-product attention takes it."""
