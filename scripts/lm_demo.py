@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -146,8 +147,12 @@ def random_blocks(streams: list[torch.Tensor], batch: int, seq_len: int, gen: to
     return torch.stack(rows)
 
 
-def train(model, streams, steps: int, lr: float, sizes: Sizes, seed: int) -> float:
-    """AdamW with linear warm-up (10%) and cosine decay; returns the last step's loss."""
+def optimise(
+    model, loss_of: Callable[[torch.Generator], torch.Tensor], steps: int, lr: float, seed: int
+) -> float:
+    """AdamW with linear warm-up (10%) and cosine decay, gradients clipped to norm 1;
+    ``loss_of(gen)`` draws a batch with the seeded ``gen`` and returns the model's loss on it.
+    Returns the last step's loss."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 10)
@@ -161,8 +166,7 @@ def train(model, streams, steps: int, lr: float, sizes: Sizes, seed: int) -> flo
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        x = random_blocks(streams, sizes.batch, sizes.seq_len, gen)
-        loss = model(input_ids=x, labels=x).loss
+        loss = loss_of(gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -170,6 +174,16 @@ def train(model, streams, steps: int, lr: float, sizes: Sizes, seed: int) -> flo
         sched.step()
     model.eval()
     return loss.item()
+
+
+def train(model, streams, steps: int, lr: float, sizes: Sizes, seed: int) -> float:
+    """Next-token training on random windows of the token streams (see `optimise`)."""
+
+    def loss_of(gen: torch.Generator) -> torch.Tensor:
+        x = random_blocks(streams, sizes.batch, sizes.seq_len, gen)
+        return model(input_ids=x, labels=x).loss
+
+    return optimise(model, loss_of, steps, lr, seed)
 
 
 @torch.no_grad()
