@@ -377,6 +377,7 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
         from mergecli.align.step import permutation_spec
         from mergecli.pipeline import model_only_state, prepare_state
         from mergecli.recipe import load_recipe
+        from mergecli.runtime.log import Column
 
         log = _log()
         loaded = load_recipe(recipe, set_ or [], needs_checkpoints=False)
@@ -387,21 +388,58 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
         else:
             state = model_only_state(loaded, log)
         spec = permutation_spec(state)
+        heads = spec.attention_of()
+        tensors = state.reference.tensors
         rows = []
         for group in spec.groups:
             axes = []
             for m in group.members:
-                entries = state.reference.tensors[m.tensor].shape[m.axis]
+                if m.tensor not in tensors:
+                    continue  # a tied parameter's other name, not in the checkpoint
+                entries = tensors[m.tensor].shape[m.axis]
                 start, stop = m.offset * m.inner, (m.offset + m.length) * m.inner
                 part = "" if stop - start == entries else f"[{start}:{stop}]"
                 runs = f" (runs of {m.inner})" if m.inner > 1 else ""
                 axes.append(f"{m.tensor}[{m.axis}]{part}{runs}")
-            rows.append([group.name, group.size, group.activation, ", ".join(axes)])
+            activation = group.activation
+            if group.activation_module is not None:
+                side = "input" if group.activation_input else "output"
+                activation = f"{group.activation_module} ({side})"
+            units = str(group.size)
+            attention = heads.get(group.name)
+            if attention is not None:
+                count, dims = _heads_of(attention, group.name)
+                units = f"{group.size} ({count}x{dims})"
+            rows.append([group.name, units, activation, ", ".join(axes)])
         log.table(
-            f"permutation groups of {state.model_spec.arch} (self-check passed)",
-            ["group", "units", "activation", "tensor[axis]"],
+            f"permutation groups of {state.model_spec.arch} ({spec.traced_with} graph, "
+            "self-check passed)",
+            ["group", Column("units", name=True), Column("activation", name=True), "tensor[axis]"],
             rows,
         )
+        if spec.attention:
+            log.table(
+                "attention heads (each layer's four groups move as one permutation of heads)",
+                ["attention", "heads", "key/value heads", "query/key dims", "value dims"],
+                [
+                    [
+                        a.name,
+                        a.heads,
+                        a.kv_heads,
+                        f"{a.qk_dims} (fixed: rotary)" if a.qk_dims_fixed else a.qk_dims,
+                        a.v_dims,
+                    ]
+                    for a in spec.attention
+                ],
+            )
+
+
+def _heads_of(attention, group: str) -> tuple[int, int]:
+    """How many heads an attention layer's group holds, and how many units each."""
+    a = attention
+    if group in (a.key, a.value):
+        return a.kv_heads, a.qk_dims if group == a.key else a.v_dims
+    return a.heads, a.qk_dims if group == a.query else a.v_dims
 
 
 @command()

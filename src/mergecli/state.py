@@ -175,6 +175,12 @@ class MergeState:
             return self.data("fit").features(slice(0, 2)).clone()
         if self.loaded.recipe.data.eval is not None:
             return next(iter(self.eval_sets().values())).features(slice(0, 2)).clone()
+        if spec is not None and spec.arch == "hf":  # models.hf.HF_ARCH, imported when needed
+            from mergecli.models.hf import example_input
+
+            made_up = example_input(self.build_module(), self.loaded.recipe.seed)
+            if made_up is not None:
+                return made_up
         raise MergeCliError(
             f"{self.loaded.source}: tracing the model needs an example input; add "
             "`model: {input_shape: [C, H, W]}` or a `data:` section"

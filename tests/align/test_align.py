@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mergecli.align.spec as spec_module
 from fixtures.align_models import MODELS, GatedChunks, GroupNormResNet, Inception, TorchTransformer
 from fixtures.tutorial_cnn import TutorialNet
 from fixtures.user_models import USER_MODELS, ChannelsLastClassifier
@@ -226,8 +227,10 @@ def test_attention_permutes_its_inputs_together_or_not_at_all() -> None:
     model = QueryOnly().eval()
     x = torch.randn(2, 5, 6)
     spec = derive_spec(model, x)
-    assert spec.groups == ()
-    assert "only some can be permuted" in " ".join(spec.warnings)
+    # Exported, the attention is its ops: q's units meet the input's (fixed) in the
+    # projections, so they stay; out_proj's units, read only by the head, are a group.
+    assert [g.name for g in spec.groups] == ["attn.out_proj"]
+    assert "units of 'q' left unpermuted" in " ".join(spec.warnings)
     check_spec(model, spec, x)
 
 
@@ -267,7 +270,9 @@ def test_self_check_names_a_wrong_group() -> None:
         check_spec(model, PermutationSpec((wrong,)), x)
 
 
-def test_untraceable_submodule_is_kept_whole_with_a_warning() -> None:
+def test_untraceable_submodule_is_kept_whole_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     class ShapeDependent(nn.Module):  # Python control flow on a shape: fx cannot trace it
         def __init__(self) -> None:
             super().__init__()
@@ -289,10 +294,27 @@ def test_untraceable_submodule_is_kept_whole_with_a_warning() -> None:
 
     model = Model().eval()
     x = torch.randn(3, 4)
+    # torch.export specialises the shape test on the example input: every layer is a group.
     spec = derive_spec(model, x)
+    assert spec.traced_with == "torch.export"
+    assert [g.name for g in spec.groups] == ["a", "b", "odd.fc", "c"]
+    assert spec.warnings == ()
+    check_spec(model, spec, x)
+
+    # Where export fails, fx traces it, keeping the submodule it cannot trace whole.
+    def no_export(*args: object) -> None:
+        raise RuntimeError("export failed\non purpose")
+
+    monkeypatch.setattr(spec_module, "export_graph", no_export)
+    spec = derive_spec(model, x)
+    assert spec.traced_with == "torch.fx"
     # b's units enter the opaque module, so they stay; a and c around it are still groups.
     assert [g.name for g in spec.groups] == ["a", "c"]
-    [warning] = spec.warnings
+    fell_back, warning = spec.warnings
+    assert (
+        fell_back
+        == "torch.export failed (RuntimeError: export failed on purpose); traced with torch.fx"
+    )
     assert "units of 'b' left unpermuted: odd (ShapeDependent) cannot be traced" in warning
     check_spec(model, spec, x)
 

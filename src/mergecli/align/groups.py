@@ -54,6 +54,45 @@ class PermGroup:
     activation: str  # the graph node whose output carries these units (for activation matching)
     activation_axis: int
     activation_offset: int = 0  # where the units start on that axis (a chunk of a larger layer)
+    # Specs from an exported graph name a submodule instead, whose input (or output) carries
+    # the units: its hooks read them in the model's own forward, at any batch shape and with
+    # the attention mask, which the graph (specialised on the example input) could not take.
+    activation_module: str | None = None
+    activation_input: bool = False
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention layer whose heads are units: the four groups its permutation moves together.
+
+    ``query`` and ``output`` have ``heads`` heads, ``key`` and ``value`` ``kv_heads`` (fewer with
+    grouped-query attention: query heads ``g * heads // kv_heads ...`` read key/value head g).
+    A permutation of key/value heads moves their query heads with them; the query heads of one
+    key/value head may also trade places; within a head, query and key dimensions move together
+    (unless ``qk_dims_fixed``: rotary embeddings rotate each dimension pair at its own
+    frequency, so no dimension may move), value dimensions with the output projection's columns.
+    The four groups' permutations are therefore never independent: ``align.heads`` builds them.
+    """
+
+    name: str
+    query: str
+    key: str
+    value: str
+    output: str
+    heads: int
+    kv_heads: int
+    qk_dims: int
+    v_dims: int
+    qk_dims_fixed: bool = False
+
+    @property
+    def groups(self) -> tuple[str, str, str, str]:
+        return (self.query, self.key, self.value, self.output)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
 
 
 @dataclass(frozen=True)
@@ -63,12 +102,18 @@ class PermutationSpec:
     # Members that are buffers, not weights (BatchNorm running statistics): permuted with their
     # group, but left out of weight matching's cost, as in Git Re-Basin (parameters only).
     buffers: frozenset[str] = frozenset()
+    attention: tuple[AttentionSpec, ...] = ()
+    traced_with: str = "torch.fx"
 
     def group(self, name: str) -> PermGroup:
         return next(g for g in self.groups if g.name == name)
 
     def tensors(self) -> set[str]:
         return {m.tensor for g in self.groups for m in g.members}
+
+    def attention_of(self) -> dict[str, AttentionSpec]:
+        """Each attention layer's groups, by group name."""
+        return {name: a for a in self.attention for name in a.groups}
 
 
 def weights_only(spec: PermutationSpec) -> PermutationSpec:
@@ -80,6 +125,17 @@ def weights_only(spec: PermutationSpec) -> PermutationSpec:
         for g in spec.groups
     )
     return replace(spec, groups=groups, buffers=frozenset())
+
+
+def restrict_to(spec: PermutationSpec, names: set[str] | Mapping[str, object]) -> PermutationSpec:
+    """The spec without members whose tensors a state dict leaves out (a tied parameter's
+    other name: transformers saves the token embeddings, not the output layer tied to them)."""
+    if all(m.tensor in names for g in spec.groups for m in g.members):
+        return spec
+    groups = tuple(
+        replace(g, members=tuple(m for m in g.members if m.tensor in names)) for g in spec.groups
+    )
+    return replace(spec, groups=groups, buffers=frozenset(b for b in spec.buffers if b in names))
 
 
 def split_flattened(

@@ -8,8 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from mergecli.align.groups import PermutationSpec
+from mergecli.align.heads import random_heads
 from mergecli.errors import MergeCliError
 from mergecli.models.forward import logits_from
+from mergecli.models.loading import tied_names
 
 StateDict = dict[str, Tensor]
 Permutations = dict[str, Tensor]  # group name -> LongTensor p: new unit i is old unit p[i]
@@ -23,6 +25,8 @@ def axis_indices(spec: PermutationSpec, perms: Permutations, shapes: dict[str, t
         if perm is None:
             continue
         for m in group.members:
+            if m.tensor not in shapes:
+                continue  # a tied parameter's other name, which this state dict leaves out
             axes = indices.setdefault(m.tensor, {})
             if m.axis not in axes:
                 axes[m.axis] = torch.arange(shapes[m.tensor][m.axis], device=perm.device)
@@ -48,7 +52,17 @@ def apply_permutations(
 
 
 def random_permutations(spec: PermutationSpec, generator: torch.Generator) -> Permutations:
-    return {g.name: torch.randperm(g.size, generator=generator) for g in spec.groups}
+    """A random permutation of every group; an attention layer's four groups are one
+    permutation of its heads and their dimensions (``align.heads``)."""
+    heads = spec.attention_of()
+    perms: Permutations = {}
+    for group in spec.groups:
+        attention = heads.get(group.name)
+        if attention is None:
+            perms[group.name] = torch.randperm(group.size, generator=generator)
+        elif group.name == attention.query:
+            perms.update(random_heads(attention, generator))
+    return perms
 
 
 def check_spec(module: nn.Module, spec: PermutationSpec, example_input: Tensor) -> None:
@@ -56,6 +70,9 @@ def check_spec(module: nn.Module, spec: PermutationSpec, example_input: Tensor) 
     probe = copy.deepcopy(module).double().eval()
     generator = torch.Generator().manual_seed(0)
     state = _distinct_values(probe.state_dict(), generator)
+    for group in {tuple(names) for names in tied_names(probe).values()}:
+        for alias in group[1:]:  # one name per tied parameter: functional_call ties the rest
+            state.pop(alias, None)
     x = example_input.double() if example_input.is_floating_point() else example_input  # ids
 
     def output(sd: StateDict) -> Tensor:
@@ -69,8 +86,15 @@ def check_spec(module: nn.Module, spec: PermutationSpec, example_input: Tensor) 
 
     if error(random_permutations(spec, generator)) < 1e-5:
         return
+    heads = spec.attention_of()
     for group in spec.groups:
-        single = {group.name: torch.randperm(group.size, generator=generator)}
+        attention = heads.get(group.name)
+        if attention is None:
+            single = {group.name: torch.randperm(group.size, generator=generator)}
+        elif group.name == attention.query:
+            single = random_heads(attention, generator)
+        else:
+            continue
         if error(single) >= 1e-5:
             raise MergeCliError(
                 f"permutation spec of {type(module).__name__}: permuting group '{group.name}' "

@@ -14,9 +14,9 @@ from mergecli.align.activation_matching import match_activations
 from mergecli.align.activations import PairStatistics, check_finite, pair_statistics
 from mergecli.align.cca import cca_transform, constant_units
 from mergecli.align.groups import PermutationSpec
+from mergecli.align.heads import is_head_permutation
 from mergecli.align.permute import check_spec
 from mergecli.align.spec import derive_spec
-from mergecli.align.tracing import trace
 from mergecli.align.transform import BatchNormMapping, Transforms, apply_transforms, fold_norms
 from mergecli.align.weight_matching import MatchingStats, weight_matching
 from mergecli.errors import MergeCliError
@@ -151,7 +151,7 @@ def activation_matching_transforms(
 ) -> Transforms:
     """Activation matching (Ainsworth et al., 2023) of ``other`` to ``target``."""
     stats = _statistics(state, spec, target, other, params.batches)
-    return match_activations(stats, params.statistic)
+    return match_activations(stats, params.statistic, spec)
 
 
 @step_method("align", "cca", CCAParams, needs=("model", "data.fit"))
@@ -186,7 +186,8 @@ def cca_transforms(
     stats = _statistics(state, spec, target, other, params.batches)
     mapped = {n: s for n, s in stats.items() if n not in fallback}
     _warn_constant_units(state, mapped, target, other, set() if reported is None else reported)
-    transforms = match_activations({n: s for n, s in stats.items() if n in fallback})
+    # Identity for groups without statistics; the mapped ones are replaced below.
+    transforms = match_activations({n: s for n, s in stats.items() if n in fallback}, spec=spec)
     for name, s in mapped.items():
         transforms[name] = torch.stack(cca_transform(s, params.gamma)).cpu()
     return transforms
@@ -195,7 +196,10 @@ def cca_transforms(
 def _cca_fallback(spec: PermutationSpec) -> set[str]:
     """Groups through norms with statistics across units (LayerNorm, GroupNorm) or per-unit
     weights that no map can pass (PReLU, depthwise conv): they keep a permutation."""
-    return {g.name for g in spec.groups if any(m.role == "norm" for m in g.members)}
+    heads = spec.attention_of()  # heads move only as whole permutations
+    return {
+        g.name for g in spec.groups if g.name in heads or any(m.role == "norm" for m in g.members)
+    }
 
 
 # How each built-in method brings a checkpoint into another model's basis: the align step
@@ -293,10 +297,10 @@ def _statistics(
     part = (world.rank, world.size) if world.distributed else None
     batches = data.batches(state.batch_size("fit"), device=state.device, part=part)
     inputs = (x for i, (x, _) in enumerate(batches) if limit is None or i < limit)
-    graph_module = trace(state.build_module())
+    model = state.build_module()
     to_device = {k: v.to(state.device) for k, v in target.tensors.items()}
     other_tensors = {k: v.to(state.device) for k, v in other.tensors.items()}
-    stats = pair_statistics(graph_module, spec, to_device, other_tensors, inputs)
+    stats = pair_statistics(model, spec, to_device, other_tensors, inputs)
     if world.distributed:
         for s in stats.values():
             s.all_reduce_(world)
@@ -407,6 +411,14 @@ def load_alignment(path: str, spec: PermutationSpec) -> dict[str, Transforms]:
             raise MergeCliError(
                 f"align.from: {path}: no transform for group(s) {', '.join(missing)} of '{model}'"
             )
+        for attention in spec.attention:
+            if not is_head_permutation(attention, transforms):
+                raise MergeCliError(
+                    f"align.from: {path}: the transforms of '{model}' for "
+                    f"{', '.join(attention.groups)} are not one permutation of the heads of "
+                    f"{attention.name} (heads move q/k/v rows and output columns together); "
+                    f"give the {ALIGNMENT_FILE} of an earlier run"
+                )
     return by_model
 
 

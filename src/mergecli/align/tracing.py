@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -125,3 +127,29 @@ def trace(module: nn.Module) -> fx.GraphModule:
         graph_module = fx.GraphModule(tracer.root, graph, type(module).__name__)
         graph_module.meta["untraceable"] = untraceable
         return graph_module
+
+
+def export_graph(module: nn.Module, example_input: Any) -> fx.GraphModule:
+    """The module's ATen graph from ``torch.export`` (non-strict), shapes specialised on
+    ``example_input``, with its parameters as ``get_attr`` nodes under their state-dict names.
+
+    Hugging Face models are exported without their key/value cache (``use_cache=False``), whose
+    cache object export cannot return. Raises whatever export raises.
+    """
+    kwargs: dict[str, Any] = {}
+    try:
+        if "use_cache" in inspect.signature(module.forward).parameters:
+            kwargs["use_cache"] = False
+    except (TypeError, ValueError):
+        pass
+    was_training = module.training
+    module.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(module, (example_input,), kwargs=kwargs, strict=False)
+    finally:
+        module.train(was_training)
+    graph_module = program.module()
+    graph_module.meta["module"] = module
+    return graph_module

@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from mergecli.align.groups import AxisSlice, PermGroup, PermutationSpec
+from mergecli.align.groups import AxisSlice, PermGroup, PermutationSpec, restrict_to
 from mergecli.align.permute import StateDict, apply_permutations
 from mergecli.errors import MergeCliError
 
@@ -27,6 +27,7 @@ def apply_transforms(
     on the norm's affine and mean), or with the norm's scale folded into the conv first
     (``fold``: M acts on the norm's outputs, where CCA measured the units; see ``fold_norms``).
     """
+    spec = restrict_to(spec, state_dict)
     perms = {name: t for name, t in transforms.items() if t.dim() == 1}
     result = apply_permutations(state_dict, spec, perms)
     for group in spec.groups:

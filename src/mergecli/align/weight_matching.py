@@ -18,9 +18,11 @@ from mergecli.align.groups import (
     AxisSlice,
     PermGroup,
     PermutationSpec,
+    restrict_to,
     split_flattened,
     weights_only,
 )
+from mergecli.align.heads import heads_value, match_heads
 from mergecli.align.permute import Permutations, StateDict, apply_permutations
 
 # Which groups permute which slice of each tensor.
@@ -111,7 +113,7 @@ def weight_matching(
     # On the CPU the matmuls dominate, so a group's cost is cached block by block; on a GPU
     # launches and copies dominate, so it is one gather and one matmul.
     per_block = torch.device(device).type == "cpu"
-    weights = weights_only(spec)
+    weights = weights_only(restrict_to(spec, reference))
     costs, flat, perms, matched = prepare(weights, reference, other, device, per_block)
     stats.setup_seconds += time.perf_counter() - start
     identity = flat.copy()
@@ -157,7 +159,7 @@ def objective(
     spec: PermutationSpec, reference: StateDict, other: StateDict, perms: Permutations
 ) -> float:
     """sum over the weights ``spec`` permutes of <A, P(B)>, in float64: what matching maximises."""
-    weights = weights_only(spec)
+    weights = weights_only(restrict_to(spec, reference))
     names = sorted(weights.tensors())
     permuted = apply_permutations({n: other[n] for n in names}, weights, perms)
     # Every product is queued before the first float() waits for the device.
@@ -173,10 +175,30 @@ def _sweep(
     version: dict[str, int],
     generator: torch.Generator,
 ) -> tuple[float, float]:
-    """One pass over the groups in a random order: the total gain, and the seconds in the LAP."""
+    """One pass over the groups in a random order: the total gain, and the seconds in the LAP.
+
+    An attention layer's four groups are one visit: their permutation is one of its heads
+    (``align.heads.match_heads``), solved from the four groups' costs together."""
     improved, lap_seconds = 0.0, 0.0
+    heads = spec.attention_of()
     for index in torch.randperm(len(spec.groups), generator=generator).tolist():
         group = spec.groups[index]
+        attention = heads.get(group.name)
+        if attention is not None:
+            if group.name != attention.query:
+                continue
+            tic = time.perf_counter()
+            cost = {n: current_cost(costs[n], flat, version) for n in attention.groups}
+            found = {n: p.numpy() for n, p in match_heads(attention, cost).items()}
+            lap_seconds += time.perf_counter() - tic
+            best = heads_value(attention, cost, found)
+            gain = best - heads_value(attention, cost, perms)
+            if gain > 1e-9 * max(1.0, abs(best)):
+                for name in attention.groups:
+                    perms[name][:] = found[name]
+                    version[name] += 1
+                improved += gain
+            continue
         cost = current_cost(costs[group.name], flat, version)
         tic = time.perf_counter()
         rows, cols = linear_sum_assignment(cost, maximize=True)

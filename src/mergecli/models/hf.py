@@ -238,3 +238,20 @@ def _from_config(
         ) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def example_input(module: nn.Module, seed: int = 0) -> torch.Tensor | None:
+    """Two made-up examples of what a transformers model reads, from its config: token ids
+    below the vocabulary size, or images of the configured size; None for other inputs."""
+    config = getattr(module, "config", None)
+    generator = torch.Generator().manual_seed(seed)
+    name = getattr(module, "main_input_name", None)
+    if name == "input_ids" and getattr(config, "vocab_size", None):
+        positions = getattr(config, "max_position_embeddings", None) or 16
+        return torch.randint(0, config.vocab_size, (2, min(16, positions)), generator=generator)
+    if name == "pixel_values" and getattr(config, "image_size", None):
+        size = config.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        channels = getattr(config, "num_channels", 3)
+        return torch.randn(2, channels, *size, generator=generator)
+    return None
