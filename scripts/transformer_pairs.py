@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer, loss, metrics = TRAIN[arch](seed, sizes, ctx)
             seconds = time.perf_counter() - t0
             path = args.out / f"{arch}-seed{seed}"
-            model.save_pretrained(path, safe_serialization=True)
+            # The module's own tensor names: transformers 5 would otherwise write ViT under its
+            # 4.x names (the key conversion it applies on load), which mergecli reads as they are.
+            model.save_pretrained(path, safe_serialization=True, save_original_format=False)
             if tokenizer is not None:
                 save_tokenizer(tokenizer, path)
             meta = {"arch": arch, "seed": seed, "sizes": asdict(sizes), "loss": loss,
