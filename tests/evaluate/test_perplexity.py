@@ -35,7 +35,6 @@ def test_token_metrics_are_transformers_loss_over_real_tokens() -> None:
 
 def test_ensemble_is_the_log_of_the_mean_of_the_members_probabilities() -> None:
     from fixtures.tiny_llama import build
-
     from mergecli.evaluate.language_model import (
         ensemble_log_probs,
         target_log_probs,
