@@ -204,16 +204,32 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch: int = 32) -> float
     return math.exp(total / count)
 
 
-def save(model, tokenizer, path: Path, meta: dict) -> None:
-    # safetensors is save_pretrained's format (the only one in transformers 5).
-    model.save_pretrained(path)
+def save_tokenizer(tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
     # transformers 5 names its own class here; the generic name loads in 4.x and 5.x alike.
     config_path = path / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save(model, tokenizer, path: Path, meta: dict) -> None:
+    # safetensors is save_pretrained's format (the only one in transformers 5).
+    model.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
     (path / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def missing_hf_extra() -> str | None:
+    """The error to print when transformers or tokenizers is missing; else quiets transformers."""
+    try:
+        import tokenizers  # noqa: F401
+        import transformers
+    except ImportError as err:
+        return f"error: {err.name} is not installed (pip install 'mergecli[hf]')"
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,14 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and steps (tests)")
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else Sizes()
-    try:
-        import tokenizers  # noqa: F401
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError as err:
-        print(f"error: {err.name} is not installed (pip install 'mergecli[hf]')")
+    if error := missing_hf_extra():
+        print(error)
         return 1
 
     start = time.perf_counter()

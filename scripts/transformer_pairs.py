@@ -310,22 +310,13 @@ def text_context(archs: list[str], data: Path, out: Path, sizes: Sizes) -> dict:
         folder = write_windows(tokenizer, data, out / "data" / "bert-windows", sizes)
         # The hf_dataset source reads the tokenizer from a directory, as a recipe gives it.
         scratch = out / "data" / "bert-tokenizer"
-        save_tokenizer(ctx["bert_tokenizer"], scratch)
+        lm_demo.save_tokenizer(ctx["bert_tokenizer"], scratch)
         ctx["bert_train"] = read_windows(folder, "train", scratch, seq_len)
         ctx["bert_eval"] = read_windows(folder, "eval", scratch, seq_len)
         print(f"bert windows: {len(ctx['bert_train'][2]):,} train, "
               f"{len(ctx['bert_eval'][2]):,} eval, in {folder}")  # fmt: skip
     print(f"tokenizer and text: {time.perf_counter() - start:.1f} s")
     return ctx
-
-
-def save_tokenizer(tokenizer, path: Path) -> None:
-    tokenizer.save_pretrained(path)
-    # transformers 5 names its own class here; the generic name loads in 4.x and 5.x alike.
-    config_path = path / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,14 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and steps (tests)")
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else Sizes()
-    try:
-        import tokenizers  # noqa: F401
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError as err:
-        print(f"error: {err.name} is not installed (pip install 'mergecli[hf]')")
+    if error := lm_demo.missing_hf_extra():
+        print(error)
         return 1
 
     start = time.perf_counter()
@@ -363,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             # 4.x names (the key conversion it applies on load), which mergecli reads as they are.
             model.save_pretrained(path, safe_serialization=True, save_original_format=False)
             if tokenizer is not None:
-                save_tokenizer(tokenizer, path)
+                lm_demo.save_tokenizer(tokenizer, path)
             meta = {"arch": arch, "seed": seed, "sizes": asdict(sizes), "loss": loss,
                     **metrics, "seconds": seconds, "torch_threads": threads}  # fmt: skip
             (path / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
