@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-resnet demo-datafree demo-lm figures test bench parity clean
+.PHONY: demo demo-resnet demo-datafree demo-lm transformer-pairs figures test bench parity clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -98,6 +98,18 @@ demo-lm: $(VENV)/.installed runs/lm/perplexity.json
 	$(BIN)/mergecli run configs/examples/lm-ties.yaml
 	$(BIN)/mergecli run configs/examples/lm-np-merge.yaml
 	$(BIN)/mergecli run configs/examples/lm-np-merge-ties.yaml
+
+# Issue 19's trained transformer pairs: two copies of BERT (sequence classification of text
+# windows), GPT-2, Llama and ViT (MNIST) from seeds 0 and 1, as model directories
+# runs/transformers/<arch>-seed<k> (scripts/transformer_pairs.py; a few CPU minutes in all). The
+# script writes runs/transformers/<arch>.json last, so it stands for the pair; the recipes
+# configs/examples/transformers-<arch>.yaml merge them.
+TRANSFORMER_ARCHS = bert gpt2 llama vit
+
+runs/transformers/%.json: | $(VENV)/.installed
+	$(BIN)/python scripts/transformer_pairs.py --out runs/transformers --only $*
+
+transformer-pairs: $(foreach arch,$(TRANSFORMER_ARCHS),runs/transformers/$(arch).json)
 
 # Every figure the README quotes: trains the demo checkpoints that are missing, runs the example
 # recipes into out/figures/, writes figures/figures.json (machine, threads) and the README's values.

@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -146,8 +147,12 @@ def random_blocks(streams: list[torch.Tensor], batch: int, seq_len: int, gen: to
     return torch.stack(rows)
 
 
-def train(model, streams, steps: int, lr: float, sizes: Sizes, seed: int) -> float:
-    """AdamW with linear warm-up (10%) and cosine decay; returns the last step's loss."""
+def optimise(
+    model, loss_of: Callable[[torch.Generator], torch.Tensor], steps: int, lr: float, seed: int
+) -> float:
+    """AdamW with linear warm-up (10%) and cosine decay, gradients clipped to norm 1;
+    ``loss_of(gen)`` draws a batch with the seeded ``gen`` and returns the model's loss on it.
+    Returns the last step's loss."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 10)
@@ -161,8 +166,7 @@ def train(model, streams, steps: int, lr: float, sizes: Sizes, seed: int) -> flo
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        x = random_blocks(streams, sizes.batch, sizes.seq_len, gen)
-        loss = model(input_ids=x, labels=x).loss
+        loss = loss_of(gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -170,6 +174,16 @@ def train(model, streams, steps: int, lr: float, sizes: Sizes, seed: int) -> flo
         sched.step()
     model.eval()
     return loss.item()
+
+
+def train(model, streams, steps: int, lr: float, sizes: Sizes, seed: int) -> float:
+    """Next-token training on random windows of the token streams (see `optimise`)."""
+
+    def loss_of(gen: torch.Generator) -> torch.Tensor:
+        x = random_blocks(streams, sizes.batch, sizes.seq_len, gen)
+        return model(input_ids=x, labels=x).loss
+
+    return optimise(model, loss_of, steps, lr, seed)
 
 
 @torch.no_grad()
@@ -190,16 +204,32 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch: int = 32) -> float
     return math.exp(total / count)
 
 
-def save(model, tokenizer, path: Path, meta: dict) -> None:
-    # safetensors is save_pretrained's format (the only one in transformers 5).
-    model.save_pretrained(path)
+def save_tokenizer(tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
     # transformers 5 names its own class here; the generic name loads in 4.x and 5.x alike.
     config_path = path / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save(model, tokenizer, path: Path, meta: dict) -> None:
+    # safetensors is save_pretrained's format (the only one in transformers 5).
+    model.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
     (path / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def missing_hf_extra() -> str | None:
+    """The error to print when transformers or tokenizers is missing; else quiets transformers."""
+    try:
+        import tokenizers  # noqa: F401
+        import transformers
+    except ImportError as err:
+        return f"error: {err.name} is not installed (pip install 'mergecli[hf]')"
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,14 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and steps (tests)")
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else Sizes()
-    try:
-        import tokenizers  # noqa: F401
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError as err:
-        print(f"error: {err.name} is not installed (pip install 'mergecli[hf]')")
+    if error := missing_hf_extra():
+        print(error)
         return 1
 
     start = time.perf_counter()

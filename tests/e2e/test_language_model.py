@@ -251,3 +251,42 @@ def test_bad_text_inputs_are_one_line(lm_setup: dict, tmp_path: Path) -> None:
     )
     line = one_line(path, "run", 1)
     assert f"{jsonl}:2: no field 'text'" in line, line
+
+
+@pytest.mark.slow
+def test_ensemble_baseline_through_a_recipe(lm_setup: dict) -> None:
+    """`ensemble` scores, per token, the log of the mean of the endpoints' probabilities;
+    checked against the two fine-tunes loaded by transformers, probabilities averaged by hand."""
+    from mergecli.data import load_data
+
+    steps = "  - evaluate: {method: language_model, baselines: [ensemble, endpoints, average]}\n"
+    result = run(lm_setup, "run", str(recipe(lm_setup, steps, name="lm-ensemble")))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((lm_setup["root"] / "out-lm-ensemble" / "report.json").read_text())
+    results = report["evaluate"]["results"]
+    assert [r["kind"] for r in results] == ["ensemble", "endpoint", "endpoint", "average"]
+    models = [
+        transformers.LlamaForCausalLM.from_pretrained(lm_setup["models"][d]).eval()
+        for d in ("english", "code")
+    ]
+    for set_name, domain in lm_setup["domains"].items():
+        spec = {"source": "text", "path": str(domain / "eval.txt"), "seq_len": SEQ_LEN,
+                "tokenizer": str(lm_setup["models"]["english"]), "cache": False}  # fmt: skip
+        blocks = load_data(spec).x
+        with torch.no_grad():
+            probs = [m(blocks).logits.double().softmax(-1) for m in models]
+        mean = sum(probs) / len(probs)
+        expected = -mean[:, :-1].gather(-1, blocks[:, 1:, None]).log().mean()
+        ensemble = results[0]["sets"][set_name]
+        assert ensemble["loss"] == pytest.approx(float(expected), abs=1e-6)
+        assert ensemble["perplexity"] == pytest.approx(math.exp(ensemble["loss"]), rel=1e-9)
+        # Jensen: never worse than the endpoints' mean cross-entropy.
+        endpoints = [r["sets"][set_name]["loss"] for r in results[1:3]]
+        assert ensemble["loss"] <= sum(endpoints) / 2
+    assert "ensemble" in result.stdout, result.stdout
+
+    # aligned_average without an align step: one line, before anything is scored
+    steps = "  - evaluate: {method: language_model, baselines: [endpoints, aligned_average]}\n"
+    result = run(lm_setup, "run", str(recipe(lm_setup, steps, name="lm-unaligned")))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "aligned_average needs an `align` step" in result.stderr, result.stderr

@@ -291,7 +291,8 @@ def test_named_eval_sets_and_text_keys_are_checked(tmp_path: Path) -> None:
 def test_language_model_baselines_are_checked(tmp_path: Path) -> None:
     evaluate = "  - evaluate: {method: language_model, baselines: [endpoints, %s]}"
     for baseline, message in [
-        ("nope", "steps.1.evaluate.baselines.1: unknown baseline 'nope'; use endpoints or a merge"),
+        ("nope", "unknown baseline 'nope'; use endpoints, ensemble, aligned_average or a merge"),
+        ("{ensemble: {k: 2}}", "steps.1.evaluate.baselines.1: ensemble takes no parameters"),
         ("task_arithmetic", "baselines.1: task_arithmetic needs a base model; mark one"),
         ("{ties: {density: 2}}", "baselines.1: ties: density: Input should be less than or equal"),
         ("{ties: {}, average: {}}", "baselines.1: a baseline with parameters is one method"),
