@@ -118,7 +118,8 @@ figures: $(VENV)/.installed runs/lm/perplexity.json runs/mlp8-seed0.safetensors 
 		runs/resnet20-seed0.safetensors runs/resnet20-seed1.safetensors \
 		runs/mlp3-ft-digits0-4.safetensors runs/mlp3-ft-digits5-9.safetensors \
 		runs/papers-mnist-vgg16-seed0.safetensors runs/papers-mnist-vgg16-seed1.safetensors \
-		runs/papers-mnist-r20-classes0-4.safetensors runs/papers-mnist-r20-classes5-9.safetensors
+		runs/papers-mnist-r20-classes0-4.safetensors runs/papers-mnist-r20-classes5-9.safetensors \
+		$(foreach arch,$(TRANSFORMER_ARCHS),runs/transformers/$(arch).json)
 	$(BIN)/python scripts/figures.py
 
 test: $(VENV)/.installed

@@ -145,6 +145,13 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# Issue 19's trained transformer pairs (make transformer-pairs): one run per architecture.
+TRANSFORMERS = {"bert": "accuracy", "gpt2": "perplexity", "llama": "perplexity", "vit": "accuracy"}
+RUNS.update(
+    {f"transformers_{arch}": (f"{EXAMPLES}/transformers-{arch}.yaml", []) for arch in TRANSFORMERS}
+)
+
+
 def report(key: str) -> dict:
     return json.loads((OUT / key / "report.json").read_text())
 
@@ -243,6 +250,27 @@ def wm_resnet_range() -> str:
 
 
 # Every figure the README quotes: key -> how to compute its text from the runs.
+def transformer_figures(arch: str) -> dict[str, Callable[[], str]]:
+    """One trained pair's row: its endpoints, ensemble, naive and aligned averages and NP
+    Merge after weight matching: accuracy for classifiers, mean perplexity for LMs."""
+    key = f"transformers_{arch}"
+
+    def value(name: str, field: str = "kind") -> str:
+        if TRANSFORMERS[arch] == "accuracy":
+            return pct(accuracy(key, name, field))
+        return num(perplexity(key, name, field=field), 1)
+
+    return {
+        f"{key}_seed0": lambda: value(f"{arch}-seed0", "name"),
+        f"{key}_seed1": lambda: value(f"{arch}-seed1", "name"),
+        f"{key}_ensemble": lambda: value("ensemble"),
+        f"{key}_average": lambda: value("average"),
+        f"{key}_aligned_average": lambda: value("aligned_average"),
+        f"{key}_np_merge": lambda: value("merged"),
+        f"{key}_fit_seconds": lambda: num(fit_seconds(key), 0),
+    }
+
+
 FIGURES: dict[str, Callable[[], str]] = {
     "mlp8_seed0": lambda: pct(accuracy("np_merge", "mlp8-seed0")),
     "mlp8_seed1": lambda: pct(accuracy("np_merge", "mlp8-seed1")),
@@ -306,6 +334,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "papers_split_b_own": lambda: pct(
         set_accuracy("papers_split", "papers-mnist-r20-classes5-9", set_name="digits_5_9")
     ),
+    **{k: v for arch in TRANSFORMERS for k, v in transformer_figures(arch).items()},
 }
 
 # Code blocks the README shows verbatim: key -> the run whose stdout table it is.
