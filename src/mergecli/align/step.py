@@ -161,9 +161,9 @@ def align_cca(state: MergeState, params: CCAParams) -> None:
     fallback = _cca_fallback(spec)
     if fallback and params.from_ is None:
         state.log.warn(
-            f"cca: {len(fallback)} group(s) pass through LayerNorm, GroupNorm, PReLU or a "
-            "depthwise conv, which only a permutation passes, and are aligned by permutation "
-            f"(activation matching): {', '.join(sorted(fallback))}"
+            f"cca: {len(fallback)} group(s) are attention heads or pass through LayerNorm, "
+            "GroupNorm, PReLU or a depthwise conv, which only a permutation passes, and are "
+            f"aligned by permutation (activation matching): {', '.join(sorted(fallback))}"
         )
     _warn_without_reset_bn(state, spec, fallback)
     reported: set[str] = set()
