@@ -8,4 +8,7 @@ METHOD_MODULES = (
     "mergecli.merge.average",
     "mergecli.merge.slerp",
     "mergecli.merge.task_arithmetic",
+    "mergecli.merge.model_stock",
+    "mergecli.merge.breadcrumbs",
+    "mergecli.merge.della",
 )
