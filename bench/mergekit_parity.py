@@ -37,6 +37,7 @@ CONFIG = {
 _DENSITY = [{"filter": "mlp", "value": 0.3}, {"filter": "self_attn", "value": [0.2, 0.8]},
             {"value": 0.7}]  # fmt: skip
 _LAMBDA = [{"filter": "mlp", "value": 0.5}, {"value": [1.0, 0.8]}]
+_DENSITY_GAMMA = [{"filter": "mlp", "value": 0.2}, {"value": [0.0, 0.1]}]
 _T = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": 0.2},
       {"value": 0.6}]  # fmt: skip
 
@@ -76,12 +77,43 @@ METHODS = {
         {"method": "ties", "density": {"filter": "self_attn", "value": 0.4}},
         True,
     ),
+    "model_stock": ({}, {"method": "model_stock"}, True),
+    "model_stock_filter_wise": (
+        {"filter_wise": True},
+        {"method": "model_stock", "filter_wise": True},
+        True,
+    ),
+    "breadcrumbs": (
+        {"density": 0.5, "gamma": 0.1, "lambda": 0.8},
+        {"method": "breadcrumbs", "density": 0.5, "gamma": 0.1, "lambda": 0.8},
+        True,
+    ),
+    "breadcrumbs_ties": (
+        {"density": 0.6, "gamma": 0.05, "normalize": True, "rescale": True},
+        {
+            "method": "breadcrumbs_ties",
+            "density": 0.6,
+            "gamma": 0.05,
+            "normalize": True,
+            "rescale": True,
+        },
+        True,
+    ),  # fmt: skip
+    "breadcrumbs_per_model": (
+        {"density": 0.5, "gamma": _DENSITY_GAMMA},
+        {"method": "breadcrumbs", "density": 0.5, "gamma": _DENSITY_GAMMA},
+        True,
+    ),
+    # DELLA's masks are random: compared at density 1, where none is drawn.
+    "della": ({"density": 1.0, "lambda": 0.9}, {"method": "della", "lambda": 0.9}, True),
+    "della_linear": ({"density": 1.0}, {"method": "della_linear"}, True),
 }
 # Parameters one model sets for itself (mergekit: models[].parameters; mergecli:
 # checkpoints[].parameters), by case.
 PER_MODEL = {
     "ties_per_model_density": {"ft-a": {"density": 0.3}},
     "ties_per_model_filters": {"ft-a": {"density": [{"filter": "mlp", "value": 0.3}]}},
+    "breadcrumbs_per_model": {"ft-a": {"density": 0.3, "gamma": 0.05}},
 }
 
 
