@@ -32,7 +32,7 @@ def model_stock(models: Tensor, weights: Tensor, base: Tensor, filter_wise: bool
     else:
         w0 = base.reshape(-1)
         ws = models.reshape(n, -1)
-    offsets = ws - w0
+    offsets = ws.sub_(w0)  # in place: the engine hands each method a fresh stack
     norms = offsets.norm(dim=-1)
     cosines = []
     for i in range(n):
@@ -44,5 +44,5 @@ def model_stock(models: Tensor, weights: Tensor, base: Tensor, filter_wise: bool
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
-    average = ws.sum(dim=0) / n
-    return (t * average + (1 - t) * w0).reshape(shape)
+    # t w_avg + (1 - t) w_0, written as w_0 + t (w_avg - w_0): no second copy of the stack.
+    return (w0 + t * (offsets.sum(dim=0) / n)).reshape(shape)
