@@ -8,4 +8,8 @@ METHOD_MODULES = (
     "mergecli.merge.average",
     "mergecli.merge.slerp",
     "mergecli.merge.task_arithmetic",
+    "mergecli.merge.nuslerp",
+    "mergecli.merge.multislerp",
+    "mergecli.merge.karcher",
+    "mergecli.merge.nearswap",
 )
