@@ -107,6 +107,22 @@ METHODS = {
     # DELLA's masks are random: compared at density 1, where none is drawn.
     "della": ({"density": 1.0, "lambda": 0.9}, {"method": "della", "lambda": 0.9}, True),
     "della_linear": ({"density": 1.0}, {"method": "della_linear"}, True),
+    "nuslerp": ({}, {"method": "nuslerp"}, False),
+    "nuslerp_base": ({}, {"method": "nuslerp"}, True),
+    "nuslerp_rows": (
+        {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        {"method": "nuslerp", "nuslerp_flatten": False, "nuslerp_row_wise": True},
+        False,
+    ),
+    "multislerp": ({}, {"method": "multislerp"}, False),
+    "multislerp_base": (
+        {"normalize_weights": False},
+        {"method": "multislerp", "normalize_weights": False},
+        True,
+    ),
+    "karcher": ({"max_iter": 20}, {"method": "karcher", "max_iter": 20}, False),
+    "karcher_base": ({}, {"method": "karcher"}, True),
+    "nearswap": ({"t": 0.005}, {"method": "nearswap", "t": 0.005}, True),
 }
 # Parameters one model sets for itself (mergekit: models[].parameters; mergecli:
 # checkpoints[].parameters), by case.
@@ -115,6 +131,8 @@ PER_MODEL = {
     "ties_per_model_filters": {"ft-a": {"density": [{"filter": "mlp", "value": 0.3}]}},
     "breadcrumbs_per_model": {"ft-a": {"density": 0.3, "gamma": 0.05}},
 }
+# Cases that merge the base with the first fine-tune alone (methods of exactly two inputs).
+FIRST_ONLY = {"nearswap"}
 
 
 def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, tuple]:
@@ -181,6 +199,8 @@ def run_mergekit(
         models = [{"model": str(paths["ft-a"])}, {"model": str(paths["ft-b"])}]
         config = {"merge_method": merge_method, "base_model": str(paths["ft-a"]), "models": models}
     else:
+        if method in FIRST_ONLY:
+            weights = {"ft-a": weights["ft-a"]}
         models = [{"model": str(paths[n]), "parameters": {"weight": w, **own.get(n, {})}}
                   for n, w in weights.items()]  # fmt: skip
         config = {"merge_method": merge_method, "models": models}
@@ -203,6 +223,7 @@ def run_mergecli(paths: dict[str, Path], method: str, out: Path) -> dict[str, to
     checkpoints = [
         {"path": str(paths[n]), "weight": w, **({"parameters": own[n]} if n in own else {})}
         for n, w in (("ft-a", 0.6), ("ft-b", 0.4))
+        if n == "ft-a" or method not in FIRST_ONLY
     ]
     if uses_base:
         checkpoints.insert(0, {"path": str(paths["base"]), "role": "base"})

@@ -11,4 +11,8 @@ METHOD_MODULES = (
     "mergecli.merge.model_stock",
     "mergecli.merge.breadcrumbs",
     "mergecli.merge.della",
+    "mergecli.merge.nuslerp",
+    "mergecli.merge.multislerp",
+    "mergecli.merge.karcher",
+    "mergecli.merge.nearswap",
 )
