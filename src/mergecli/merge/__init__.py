@@ -11,4 +11,5 @@ METHOD_MODULES = (
     "mergecli.merge.model_stock",
     "mergecli.merge.breadcrumbs",
     "mergecli.merge.della",
+    "mergecli.merge.passthrough",
 )
