@@ -81,7 +81,9 @@ def recipe_checkpoint_names(recipe: Recipe) -> list[str]:
     `.safetensors`; a repeated name gets `#INDEX`."""
     names: list[str] = []
     for index, spec in enumerate(recipe.checkpoints):
-        name = spec.name or Path(spec.path).name.removesuffix(".safetensors") or f"checkpoint{index}"
+        name = (
+            spec.name or Path(spec.path).name.removesuffix(".safetensors") or f"checkpoint{index}"
+        )
         names.append(f"{name}#{index}" if name in names else name)
     return names
 
@@ -135,14 +137,14 @@ def slice_plan(
         prefix, layers, _ = split[model]
         if prefix is None:
             raise MergeCliError(
-                f"slices {where}: checkpoint '{model}' has no numbered layers (tensor names "
+                f"slice {where}: checkpoint '{model}' has no numbered layers (tensor names "
                 "like model.layers.N.*), so there are none to slice; use passthrough without "
                 "slices to copy it"
             )
         count = max(layers) + 1
         if end > count:
             raise MergeCliError(
-                f"slices {where}: layers [{start}, {end}] reach past checkpoint '{model}', "
+                f"slice {where}: layers [{start}, {end}] reach past checkpoint '{model}', "
                 f"which has {count} layers (0 to {count - 1}); end is excluded, at most {count}"
             )
     first_model, first_start, _ = slices[0]
@@ -186,15 +188,14 @@ def _check_outside(
         odd = sorted(n for n in ours.keys() | theirs.keys() if ours.get(n) != theirs.get(n))
         raise MergeCliError(
             f"checkpoints '{first}' and '{last}' differ outside the layers ("
-            + ", ".join(f"'{n}': {ours.get(n, 'absent')} vs {theirs.get(n, 'absent')}"
-                        for n in odd[:3])  # fmt: skip
+            + ", ".join(
+                f"'{n}': {ours.get(n, 'absent')} vs {theirs.get(n, 'absent')}" for n in odd[:3]
+            )  # fmt: skip
             + "); slices need models of one architecture and width"
         )
 
 
-def _layer_mismatch(
-    model: str, index: int, found: dict, first: str, wanted: dict
-) -> str:
+def _layer_mismatch(model: str, index: int, found: dict, first: str, wanted: dict) -> str:
     odd = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
     shown = ", ".join(f"'{k}': {found.get(k, 'absent')} vs {wanted.get(k, 'absent')}"
                       for k in odd[:3])  # fmt: skip
@@ -240,7 +241,11 @@ def check_slice_inputs(loaded: LoadedRecipe, checkpoints: Sequence[Checkpoint]) 
     layers of one shape). Returns whether the recipe has such a step (then the checkpoints
     need not hold the same tensors: models of different depths may be sliced)."""
     for step in loaded.steps:
-        if step.kind == "merge" and isinstance(step.params, PassthroughParams) and step.params.slices:
+        if (
+            step.kind == "merge"
+            and isinstance(step.params, PassthroughParams)
+            and step.params.slices
+        ):
             try:
                 plan_of(step.params, checkpoints, recipe_checkpoint_names(loaded.recipe))
             except MergeCliError as exc:
