@@ -123,7 +123,12 @@ METHODS = {
     "karcher": ({"max_iter": 20}, {"method": "karcher", "max_iter": 20}, False),
     "karcher_base": ({}, {"method": "karcher"}, True),
     "nearswap": ({"t": 0.005}, {"method": "nearswap", "t": 0.005}, True),
+    # A frankenmerge: layer ranges of the two fine-tunes stacked (see SLICES).
+    "passthrough_slices": ({}, {"method": "passthrough"}, False),
 }
+# Layer slices (model, start, end excluded) by case: mergekit's `slices: [{sources: [{model,
+# layer_range}]}]`, mergecli's `slices: [{model, layers}]`.
+SLICES = {"passthrough_slices": [("ft-a", 0, 2), ("ft-b", 1, 3), ("ft-a", 2, 3)]}
 # Parameters one model sets for itself (mergekit: models[].parameters; mergecli:
 # checkpoints[].parameters), by case.
 PER_MODEL = {
@@ -195,7 +200,11 @@ def run_mergekit(
     weights = {"ft-a": 0.6, "ft-b": 0.4}
     own = PER_MODEL.get(method, {})
     merge_method = step["method"]
-    if merge_method == "slerp":
+    if method in SLICES:
+        pieces = [{"sources": [{"model": str(paths[m]), "layer_range": [s, e]}]}
+                  for m, s, e in SLICES[method]]  # fmt: skip
+        config = {"merge_method": merge_method, "slices": pieces}
+    elif merge_method == "slerp":
         models = [{"model": str(paths["ft-a"])}, {"model": str(paths["ft-b"])}]
         config = {"merge_method": merge_method, "base_model": str(paths["ft-a"]), "models": models}
     else:
@@ -227,6 +236,10 @@ def run_mergecli(paths: dict[str, Path], method: str, out: Path) -> dict[str, to
     ]
     if uses_base:
         checkpoints.insert(0, {"path": str(paths["base"]), "role": "base"})
+    if method in SLICES:
+        checkpoints = [{"path": str(paths[n]), "name": n} for n in ("ft-a", "ft-b")]
+        pieces = [{"model": m, "layers": [s, e]} for m, s, e in SLICES[method]]
+        step = {**step, "slices": pieces}
     recipe = {"version": 1, "checkpoints": checkpoints, "steps": [{"merge": step}],
               "output": {"dir": str(out), "dtype": "float32"}}  # fmt: skip
     path = out.with_suffix(".yaml")

@@ -16,7 +16,7 @@ from torch import Tensor
 from mergecli import __version__
 from mergecli.errors import MergeCliError
 from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
-from mergecli.io.lazy import LazyTensors, tensor_dtype
+from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.io.output_dir import STATE, OutputDir
 from mergecli.io.safetensors_format import write_safetensors
 from mergecli.io.writer import ShardWriter
@@ -333,10 +333,9 @@ def _output_plan(state: MergeState, dtype: torch.dtype | None) -> list:
     reference = state.layout
     plan = []
     for name in reference:
-        own = reference.dtype(name)
-        plan.append(
-            (name, reference.shape(name), dtype if dtype and own.is_floating_point else own)
-        )
+        own = tensor_dtype(reference, name)
+        shape = tensor_shape(reference, name)
+        plan.append((name, shape, dtype if dtype and own.is_floating_point else own))
     return plan
 
 
@@ -371,7 +370,8 @@ def copy_model_files(state: MergeState, out_dir: Path) -> list[Path]:
     for name in MODEL_FILES:
         if (folder / name).is_file():
             if name == "config.json":
-                _write_config(folder / name, out_dir / name, _written_dtype(state))
+                dtype = _written_dtype(state)
+                _write_config(folder / name, out_dir / name, dtype, state.config_updates)
             else:
                 shutil.copyfile(folder / name, out_dir / name)
             copied.append(out_dir / name)
@@ -401,9 +401,12 @@ def _written_dtype(state: MergeState) -> torch.dtype | None:
     return floating[0] if floating else None
 
 
-def _write_config(source: Path, target: Path, dtype: torch.dtype | None) -> None:
+def _write_config(
+    source: Path, target: Path, dtype: torch.dtype | None, updates: Mapping[str, Any] | None = None
+) -> None:
     """config.json as it is, but for the dtype it names (transformers loads the weights in
-    that dtype by default): set to ``dtype``, the one the weights are written in."""
+    that dtype by default): set to ``dtype``, the one the weights are written in; and for
+    ``updates``, the keys a merge changed (the layer count of a passthrough with slices)."""
     try:
         config = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -411,11 +414,14 @@ def _write_config(source: Path, target: Path, dtype: torch.dtype | None) -> None
     # transformers 5 writes "dtype", 4.x "torch_dtype"; only a key the file has is changed.
     keys = [k for k in ("dtype", "torch_dtype") if isinstance(config, dict) and k in config]
     name = str(dtype).removeprefix("torch.") if dtype is not None else None
-    if name is None or all(config[k] == name for k in keys):
+    unchanged = name is None or all(config[k] == name for k in keys)
+    # Unreadable, it is copied as it is: there is nothing to update.
+    if (unchanged and not updates) or not isinstance(config, dict):
         shutil.copyfile(source, target)
         return
-    for key in keys:
+    for key in keys if name is not None else ():
         config[key] = name
+    config.update(updates or {})
     target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from mergecli.errors import MergeCliError, RecipeError
 from mergecli.io import checkpoint_sha256, read_metadata
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
+from mergecli.merge.passthrough import check_slice_inputs
 from mergecli.recipe import LoadedRecipe, ModelSpec
 from mergecli.recipe.schema import DataSpec, Recipe
 from mergecli.registry import methods_of
@@ -282,6 +283,8 @@ def check_tensors(loaded: LoadedRecipe, checkpoints: list[Checkpoint]) -> frozen
         s for s in loaded.steps if getattr(s.params, "missing", "error") == "copy_from_base"
     ]
     base = next((c for c in checkpoints if c.spec.role == "base"), None)
+    if check_slice_inputs(loaded, checkpoints):
+        return frozenset()  # slices may come from models of different depths
     if not copy_steps:
         _check_same_tensors(checkpoints)
         _check_something_floating(checkpoints[0])

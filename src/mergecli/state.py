@@ -66,6 +66,10 @@ class MergeState:
     # Extra files for the output dir (relative name -> tensors, metadata), written atomically
     # with the merged model at the end of a successful run.
     artifacts: dict[str, tuple[StateDict, dict[str, str]]] = field(default_factory=dict)
+    # A merge that changes the tensors' names or count (passthrough with slices): the output's
+    # names, shapes and dtypes (meta tensors), and the keys it changes in config.json.
+    output_layout: Mapping[str, Tensor] | None = None
+    config_updates: dict[str, Any] = field(default_factory=dict)
     _data: dict[str, Any] = field(default_factory=dict)
 
     def steps_before(self) -> list[StepSpec]:
@@ -83,7 +87,10 @@ class MergeState:
     @property
     def layout(self) -> Mapping[str, Tensor]:
         """The tensors whose names, shapes and dtypes the output has: the reference's, or the
-        base's when tensors missing from some models are copied from it."""
+        base's when tensors missing from some models are copied from it; a merge's own when it
+        sets one."""
+        if self.output_layout is not None:
+            return self.output_layout
         if self.copied_from_base and self.base is not None:
             return self.base.tensors
         return self.reference.tensors

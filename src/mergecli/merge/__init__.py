@@ -15,4 +15,5 @@ METHOD_MODULES = (
     "mergecli.merge.multislerp",
     "mergecli.merge.karcher",
     "mergecli.merge.nearswap",
+    "mergecli.merge.passthrough",
 )
