@@ -405,16 +405,22 @@ def align_spec(recipe: RecipeArg, set_: SetOption = None) -> None:
             if group.activation_module is not None:
                 side = "input" if group.activation_input else "output"
                 activation = f"{group.activation_module} ({side})"
-            units = str(group.size)
+            shape = None
             attention = heads.get(group.name)
             if attention is not None:
                 count, dims = _heads_of(attention, group.name)
-                units = f"{group.size} ({count}x{dims})"
-            rows.append([group.name, units, activation, ", ".join(axes)])
+                shape = f"{count}x{dims}"
+            rows.append([group.name, group.size, shape, activation, ", ".join(axes)])
         log.table(
             f"permutation groups of {state.model_spec.arch} ({spec.traced_with} graph, "
             "self-check passed)",
-            ["group", Column("units", name=True), Column("activation", name=True), "tensor[axis]"],
+            [
+                "group",
+                "units",
+                Column("heads x dims", key="heads", name=True),
+                Column("activation", name=True),
+                "tensor[axis]",
+            ],
             rows,
         )
         if spec.attention:

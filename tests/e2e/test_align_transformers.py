@@ -55,7 +55,7 @@ def test_weight_matching_recovers_a_permuted_llama_and_align_spec_shows_heads(
     assert shown.returncode == 0, shown.stderr
     out = " ".join(shown.stdout.split())
     assert "torch.export graph, self-check passed" in out
-    assert "(4x8)" in out and "(2x8)" in out  # query and key/value heads x dims
+    assert "│ 32 │ 4x8 │" in out and "│ 16 │ 2x8 │" in out  # query, key/value heads x dims
     assert "model.layers.1.self_attn │ 4 │ 2 │ 8 (fixed: rotary) │ 8" in out
 
     run_cli("run", str(path), check=True)
