@@ -15,4 +15,6 @@ METHOD_MODULES = (
     "mergecli.merge.multislerp",
     "mergecli.merge.karcher",
     "mergecli.merge.nearswap",
+    "mergecli.merge.fisher",
+    "mergecli.merge.regmean",
 )
