@@ -10,7 +10,14 @@ import pytest
 from helpers import error_line, run_cli, run_cli_in_process
 
 
-def recipe(directory: Path, a: Path, b: Path, merge: str, fit: bool = True) -> Path:
+def recipe(
+    directory: Path,
+    a: Path,
+    b: Path,
+    merge: str,
+    fit: bool = True,
+    baselines: str = "[endpoints, average, aligned_average]",
+) -> Path:
     path = directory / "recipe.yaml"
     data_fit = '  fit: {source: mnist, split: "0:300"}\n' if fit else ""
     path.write_text(
@@ -28,7 +35,7 @@ data:
 steps:
   - align: {{method: weight_matching}}
   - merge: {merge}
-  - evaluate: {{baselines: [endpoints, average, aligned_average]}}
+  - evaluate: {{baselines: {baselines}}}
 output:
   dir: {directory / "out"}
 """
@@ -66,3 +73,36 @@ def test_bad_alpha_is_a_recipe_error(tmp_path: Path, trained_pair) -> None:
     path = recipe(tmp_path, *trained_pair, "{method: regmean, alpha: 1.5}")
     result = run_cli_in_process("validate", str(path))
     assert result.returncode == 2 and "alpha" in result.stderr
+
+
+@pytest.mark.slow
+def test_aligned_regmean_baseline_is_the_regmean_merge(tmp_path: Path, trained_pair) -> None:
+    # A baseline named `aligned_METHOD` is what a merge step with METHOD makes after `align`.
+    merge = "{method: regmean, examples: 100}"
+    baselines = "[endpoints, {aligned_regmean: {examples: 100}}, {regmean: {examples: 100}}]"
+    path = recipe(tmp_path, *trained_pair, merge, baselines=baselines)
+    result = run_cli_in_process("run", str(path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    rows = {r["kind"]: r for r in report["evaluate"]["results"]}
+    assert rows["aligned_regmean"]["name"] == "aligned_regmean (examples=100)"
+    assert rows["aligned_regmean"]["loss"] == pytest.approx(rows["merged"]["loss"], abs=1e-9)
+    assert rows["regmean"]["loss"] != pytest.approx(rows["merged"]["loss"], abs=1e-6)
+    assert report["merge"]["method"] == "regmean"  # the run's own merge, not a baseline's
+
+
+@pytest.mark.parametrize(
+    ("baselines", "message"),
+    [
+        ("[aligned_fisher]", "baselines.0: fisher needs data.fit"),
+        ("[endpoints, fishr]", "baselines.1: unknown baseline 'fishr'"),
+        ("[{regmean: {alpha: 2}}]", "baselines.0: regmean: alpha:"),
+        ("[{ensemble: {x: 1}}]", "baselines.0: ensemble takes no parameters"),
+    ],
+)
+def test_bad_merge_baselines_are_recipe_errors(
+    tmp_path: Path, trained_pair, baselines: str, message: str
+) -> None:
+    path = recipe(tmp_path, *trained_pair, "{method: average}", fit=False, baselines=baselines)
+    result = run_cli_in_process("validate", str(path))
+    assert result.returncode == 2 and message in result.stderr, result.stderr

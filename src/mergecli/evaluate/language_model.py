@@ -218,6 +218,7 @@ def merged_by(
     method = _merge_method(name, "evaluate.baselines")
     scratch = copy.copy(state)  # the method sets `merged` on it, not on the run's state
     scratch.merged = None
+    scratch.report = {}  # what the method reports is the baseline's, not the run's
     if not aligned:
         scratch.checkpoints = [dataclasses.replace(c, aligned=None) for c in state.checkpoints]
     method.run(scratch, method.params.model_validate(options))
