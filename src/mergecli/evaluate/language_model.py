@@ -63,6 +63,11 @@ class LanguageModelParams(StepParams):
                         (("baselines", i), f"{name} needs a base model; mark one checkpoint "
                          "`role: base` or leave this baseline out")
                     )  # fmt: skip
+                if "data.fit" in method.needs and recipe.data.fit is None:
+                    problems.append(
+                        (("baselines", i), f"{name} needs data.fit; add `data: {{fit: "
+                         "{source: ...}}` or leave this baseline out")
+                    )  # fmt: skip
         return problems
 
     def defaults_used(self, recipe: Recipe) -> dict[str, Any]:
