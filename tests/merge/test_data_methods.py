@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mergecli.merge.fisher import diagonal_fisher, fisher_merge
+from mergecli.merge.fisher import diagonal_fisher, fisher_merge, normalized
 from mergecli.merge.regmean import input_grams, regmean_merge
 
 TOL = 1e-5
@@ -121,3 +121,30 @@ def test_regmean_of_identical_models_returns_them():
     merged = regmean_merge([a, a], [grams, grams], [1.0, 1.0], alpha=0.9)
     for n, t in a.items():
         torch.testing.assert_close(merged[n], t, atol=TOL, rtol=0)
+
+
+def test_sampled_fisher_averages_to_the_exact_one():
+    # One input seen 3000 times: the mean over labels drawn from p(y|x) tends to the exact
+    # expectation sum_y p(y|x) g_y^2 (about 2% standard error here).
+    weights = tiny(12)
+    x = torch.randn(1, 4).expand(3000, 4)
+    data = [(x[i : i + 500], torch.zeros(500, dtype=torch.long)) for i in range(0, 3000, 500)]
+    generator = torch.Generator().manual_seed(0)
+    sampled = diagonal_fisher(net(), weights, data, "sampled", generator)
+    exact = diagonal_fisher(net(), weights, data[:1], "exact")
+    for n in exact:
+        assert abs(sampled[n].sum() / exact[n].sum() - 1) < 0.1, n
+
+
+def test_normalized_fisher_has_unit_norm_and_merges_the_same_for_equal_scales():
+    a, b = tiny(13), tiny(14)
+    fa = {n: torch.rand_like(t) for n, t in a.items()}
+    unit = normalized(fa)
+    total = sum(f.double().square().sum() for f in unit.values())
+    assert abs(total - 1) < 1e-6
+    # Scaling one model's Fisher by c changes its merge weight; normalising undoes that.
+    scaled = {n: 7.0 * f for n, f in fa.items()}
+    one = fisher_merge([a, b], [normalized(fa), normalized(fa)], [1.0, 1.0], floor=1e-12)
+    two = fisher_merge([a, b], [normalized(fa), normalized(scaled)], [1.0, 1.0], floor=1e-12)
+    for n in a:
+        torch.testing.assert_close(one[n], two[n], atol=TOL, rtol=0)

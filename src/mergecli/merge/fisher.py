@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from mergecli.data.batches import TokenBatch
 from mergecli.errors import MergeCliError
 from mergecli.models.forward import functional_logits
-from mergecli.recipe.schema import StepParams, shown_default
+from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
 
@@ -36,7 +36,7 @@ FisherKind = Literal["exact", "sampled", "empirical"]
 
 class FisherParams(StepParams):
     # How many examples of data.fit (the first ones) estimate each model's Fisher.
-    examples: int | None = Field(default=256, ge=1, json_schema_extra=shown_default("256"))
+    examples: int | None = Field(default=256, ge=1)
     fisher: FisherKind = "exact"
     # Lower bound of every Fisher entry: the weights of an entry no model is sensitive to.
     fisher_floor: float = Field(default=1e-6, gt=0)

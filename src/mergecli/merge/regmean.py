@@ -26,7 +26,7 @@ from mergecli.data.batches import TokenBatch
 from mergecli.errors import MergeCliError
 from mergecli.merge.fisher import first_examples
 from mergecli.models.forward import functional_logits
-from mergecli.recipe.schema import StepParams, shown_default
+from mergecli.recipe.schema import StepParams
 from mergecli.registry import step_method
 from mergecli.state import MergeState, StateDict
 
@@ -35,7 +35,7 @@ class RegMeanParams(StepParams):
     # Scale of the Gram matrices' off-diagonal entries (the paper's alpha).
     alpha: float = Field(default=0.9, ge=0, le=1)
     # How many examples of data.fit (the first ones) give the Gram matrices.
-    examples: int | None = Field(default=256, ge=1, json_schema_extra=shown_default("256"))
+    examples: int | None = Field(default=256, ge=1)
     batch_size: int | None = Field(default=None, ge=1)
 
 
