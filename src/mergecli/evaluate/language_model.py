@@ -63,6 +63,11 @@ class LanguageModelParams(StepParams):
                         (("baselines", i), f"{name} needs a base model; mark one checkpoint "
                          "`role: base` or leave this baseline out")
                     )  # fmt: skip
+                if "data.fit" in method.needs and recipe.data.fit is None:
+                    problems.append(
+                        (("baselines", i), f"{name} needs data.fit; add `data: {{fit: "
+                         "{source: ...}}` or leave this baseline out")
+                    )  # fmt: skip
         return problems
 
     def defaults_used(self, recipe: Recipe) -> dict[str, Any]:
@@ -218,6 +223,7 @@ def merged_by(
     method = _merge_method(name, "evaluate.baselines")
     scratch = copy.copy(state)  # the method sets `merged` on it, not on the run's state
     scratch.merged = None
+    scratch.report = {}  # what the method reports is the baseline's, not the run's
     if not aligned:
         scratch.checkpoints = [dataclasses.replace(c, aligned=None) for c in state.checkpoints]
     method.run(scratch, method.params.model_validate(options))

@@ -16,4 +16,6 @@ METHOD_MODULES = (
     "mergecli.merge.karcher",
     "mergecli.merge.nearswap",
     "mergecli.merge.passthrough",
+    "mergecli.merge.fisher",
+    "mergecli.merge.regmean",
 )
