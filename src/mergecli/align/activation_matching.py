@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -10,7 +11,8 @@ from scipy.optimize import linear_sum_assignment
 from mergecli.align.activations import PairStatistics
 from mergecli.align.groups import PermutationSpec
 from mergecli.align.heads import match_heads
-from mergecli.align.permute import Permutations
+from mergecli.align.permute import Permutations, StateDict, apply_permutations
+from mergecli.align.weight_matching import weight_matching
 
 
 def match_activations(
@@ -38,3 +40,24 @@ def match_activations(
     for group in spec.groups if spec is not None else ():
         perms.setdefault(group.name, torch.arange(group.size))
     return perms
+
+
+def match_unread_heads(
+    spec: PermutationSpec,
+    perms: Permutations,
+    stats: dict[str, PairStatistics],
+    reference: StateDict,
+    other: StateDict,
+) -> Permutations:
+    """``perms`` with the heads of every attention layer whose activations could not all be
+    read (projections inside a module that is not a leaf, as nn.MultiheadAttention's packed
+    in_proj) matched by weight matching instead, the other groups' permutations applied first."""
+    unread = tuple(a for a in spec.attention if not all(n in stats for n in a.groups))
+    if not unread:
+        return perms
+    names = {name for a in unread for name in a.groups}
+    moved = apply_permutations(other, spec, {n: p for n, p in perms.items() if n not in names})
+    layers = replace(
+        spec, groups=tuple(g for g in spec.groups if g.name in names), attention=unread
+    )
+    return {**perms, **weight_matching(layers, reference, moved)}

@@ -264,7 +264,7 @@ class AtenRules:
         if isinstance(x, Packed):
             return self._packed_select(x, dim, index)
         if isinstance(x, Heads):
-            return self._heads_select(x, dim)
+            return self._heads_select(x, dim, index)
         if not isinstance(x, Feature):
             return x
         if dim == x.axis:

@@ -49,6 +49,13 @@ def split_into_heads(
             continue
         if after[axis] > 1 and after[axis + 1] > 1:
             return Heads(x.blocks[0][0], axis, axis + 1, after[axis], after[axis + 1])
+    # (..., batch, heads * dims) -> (..., batch * heads, dims), as nn.MultiheadAttention views.
+    if x.axis >= 1 and len(after) == len(before) and after[: x.axis - 1] == before[: x.axis - 1]:
+        batch, units, dims = before[x.axis - 1], before[x.axis], after[x.axis]
+        folded = after[x.axis - 1]
+        if units % dims == 0 and folded == batch * (units // dims) and units // dims > 1:
+            heads = units // dims
+            return Heads(x.blocks[0][0], x.axis - 1, x.axis, heads, dims, folded=batch)
     return None
 
 
@@ -79,6 +86,17 @@ class HeadRules:
     def _heads_reshape(self, node: fx.Node, x: Heads) -> Any:
         before, after = self._in_shape(node), self._shape(node)
         h, d = x.head_axis, x.dim_axis
+        if x.folded > 1:
+            # (batch * heads, ...) -> (batch, heads, ...): the batch unfolded again.
+            lead = math.prod(before[:h])
+            for j in range(len(after) - 1):
+                if (
+                    math.prod(after[:j]) == lead
+                    and (after[j], after[j + 1]) == (x.folded, x.heads)
+                    and (new_d := _find_axis(before, after, d)) is not None
+                ):
+                    return replace(x, head_axis=j + 1, dim_axis=new_d, folded=1)
+            raise Unhandled("reshapes heads folded with the batch")
         if d == h + 1:
             # (..., heads, dims) merged back into one axis of units.
             lead = math.prod(before[:h])
@@ -216,7 +234,13 @@ class HeadRules:
             x.dim_axis - sum(i < x.dim_axis for i in dims),
         )
 
-    def _heads_select(self, x: Heads, dim: int) -> Heads:
+    def _heads_select(self, x: Heads, dim: int, index: int = 0) -> Any:
+        if dim == x.head_axis and (x.repeat, x.broadcast, x.folded) == (1, 1, 1):
+            # One block of units picked from a split ((3, dim): q, k or v of a packed in_proj).
+            whole = Feature(0, [(x.element, x.heads * x.dims)])
+            cut = self._cut(whole, range(x.dims, x.heads * x.dims, x.dims))
+            piece = self._units_between(cut, index * x.dims, (index + 1) * x.dims)
+            return piece.at(x.dim_axis - (dim < x.dim_axis))
         if dim in (x.head_axis, x.dim_axis):
             raise Unhandled("selects one attention head or dimension")
         return x.moved(x.head_axis - (dim < x.head_axis), x.dim_axis - (dim < x.dim_axis))
@@ -264,6 +288,8 @@ class HeadRules:
         for t in (query, key, value):
             if (t.head_axis, t.dim_axis) != (ndim - 3, ndim - 1):
                 raise Unhandled("attends with heads laid out unlike (batch, heads, tokens, dims)")
+        if any(t.folded != 1 for t in (query, key, value)):
+            raise Unhandled("attends over heads folded with the batch")
         if query.repeat != 1 or key.repeat != value.repeat or key.heads != value.heads:
             raise Unhandled("repeats heads in a way the tracer does not know")
         heads, kv_heads = query.heads, key.heads

@@ -84,7 +84,8 @@ class Heads:
     attention's key/value heads repeated for their query heads); ``broadcast``: the size of an
     axis just after ``head_axis`` that an ``expand`` made, which a reshape then folds into the
     heads. ``dims_fixed``: something mixes or scales the dimensions within a head (rotary
-    embeddings), so they may not move.
+    embeddings), so they may not move. ``folded``: the batch is folded into the head axis
+    (``nn.MultiheadAttention``'s (T, B * heads, dims) layout) until a reshape unfolds it.
     """
 
     element: int
@@ -95,6 +96,7 @@ class Heads:
     repeat: int = 1
     broadcast: int = 1
     dims_fixed: bool = False
+    folded: int = 1  # the head axis holds (batch, heads) folded into one, batch major
 
     def moved(self, head_axis: int, dim_axis: int) -> Heads:
         return replace(self, head_axis=head_axis, dim_axis=dim_axis)

@@ -10,7 +10,7 @@ from typing import Literal, NamedTuple
 import torch
 from pydantic import ConfigDict, Field
 
-from mergecli.align.activation_matching import match_activations
+from mergecli.align.activation_matching import match_activations, match_unread_heads
 from mergecli.align.activations import PairStatistics, check_finite, pair_statistics
 from mergecli.align.cca import cca_transform, constant_units
 from mergecli.align.groups import PermutationSpec
@@ -151,7 +151,8 @@ def activation_matching_transforms(
 ) -> Transforms:
     """Activation matching (Ainsworth et al., 2023) of ``other`` to ``target``."""
     stats = _statistics(state, spec, target, other, params.batches)
-    return match_activations(stats, params.statistic, spec)
+    perms = match_activations(stats, params.statistic, spec)
+    return match_unread_heads(spec, perms, stats, target.tensors, other.tensors)
 
 
 @step_method("align", "cca", CCAParams, needs=("model", "data.fit"))
@@ -188,6 +189,7 @@ def cca_transforms(
     _warn_constant_units(state, mapped, target, other, set() if reported is None else reported)
     # Identity for groups without statistics; the mapped ones are replaced below.
     transforms = match_activations({n: s for n, s in stats.items() if n in fallback}, spec=spec)
+    transforms = match_unread_heads(spec, transforms, stats, target.tensors, other.tensors)
     for name, s in mapped.items():
         transforms[name] = torch.stack(cca_transform(s, params.gamma)).cpu()
     return transforms
@@ -305,11 +307,19 @@ def _statistics(
         for s in stats.values():
             s.all_reduce_(world)
     check_finite(stats, (target.name, other.name))
-    unread = [g.name for g in spec.groups if g.name not in stats]
+    heads = spec.attention_of()
+    unread = [g.name for g in spec.groups if g.name not in stats and g.name not in heads]
     if unread:
         state.log.warn(
             f"{len(unread)} group(s) have no submodule whose input or output shows their units, "
             f"so no activations to match; they keep their order: {', '.join(unread)}"
+        )
+    by_weights = [a.name for a in spec.attention if not all(n in stats for n in a.groups)]
+    if by_weights:
+        state.log.info(
+            f"the heads of {len(by_weights)} attention layer(s) show no activations to hooks "
+            f"(projections inside a module, as nn.MultiheadAttention's): matched by their "
+            f"weights once the rest is aligned: {', '.join(by_weights)}"
         )
     return stats
 
