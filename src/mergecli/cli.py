@@ -230,6 +230,34 @@ SetOption = Annotated[
 ]
 
 
+OutArg = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Argument(
+        help="The output dir, as mergekit-yaml takes it (the same as --out).", show_default=False
+    ),
+]
+OutOption = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--out",
+        help="The output dir (replaces the recipe's output.dir; a mergekit config names none: "
+        "without it, CONFIG_STEM-merged beside the config).",
+    ),
+]
+
+
+def _output_dir(positional: Path | None, option: Path | None) -> str | None:
+    """The output dir given on the command line, positionally (as mergekit-yaml) or --out."""
+    from mergecli.errors import Problem, RecipeError
+
+    if positional is not None and option is not None and positional != option:
+        raise RecipeError(
+            [Problem("give the output dir once: as the second argument or with --out")]
+        )
+    chosen = positional or option
+    return None if chosen is None else str(chosen)
+
+
 class Resume(str, Enum):
     auto = "auto"
     never = "never"
@@ -238,7 +266,9 @@ class Resume(str, Enum):
 @command()
 def run(
     recipe: RecipeArg,
+    out_dir: OutArg = None,
     set_: SetOption = None,
+    out: OutOption = None,
     resume: Annotated[
         Resume,
         typer.Option(
@@ -262,6 +292,8 @@ def run(
     ] = False,
 ) -> None:
     """Run a recipe: load, align, merge or fit, repair, evaluate, and write the output dir.
+    A mergekit config (a top-level `merge_method:`) runs as it is: `mergecli run config.yml
+    OUT_DIR`, as with mergekit-yaml.
 
     SIGTERM, SIGUSR1 and SIGINT stop the run: a fit saves its state after the step it is in
     and the next run resumes it. Under torchrun or srun, each process takes one device.
@@ -275,7 +307,7 @@ def run(
         log, main, wants_requeue = _log(), True, bool(requeue)
         with STOP.installed():
             try:
-                loaded = load_recipe(recipe, set_ or [])
+                loaded = load_recipe(recipe, set_ or [], out=_output_dir(out_dir, out))
                 slurm = loaded.recipe.slurm
                 wants_requeue = requeue if requeue is not None else bool(slurm and slurm.requeue)
                 world = distributed.start(loaded.recipe.device)
@@ -329,6 +361,27 @@ def _stop_line(stop, requeue: bool, kept: str = "fit state") -> str:
             parts.append(f"SLURM job {job} requeued" if problem is None else problem)
     parts.append(f"exit {stop.exit_code}")
     return "; ".join(parts)
+
+
+@command()
+def convert(recipe: RecipeArg, out: OutOption = None) -> None:
+    """Print the mergecli recipe equivalent to a mergekit config (checked as `run` checks it
+    before reading any model)."""
+    with user_errors():
+        from mergecli.errors import Problem, RecipeError
+        from mergecli.recipe import validate_recipe
+        from mergecli.recipe.load import read_recipe
+        from mergecli.recipe.mergekit import MergekitLocator, to_yaml
+
+        data, where = read_recipe(recipe, out=None if out is None else str(out))
+        if not isinstance(where, MergekitLocator):
+            raise RecipeError(
+                [Problem("not a mergekit config (it has no top-level merge_method)", str(recipe))]
+            )
+        printed = to_yaml(data)
+        validate_recipe(data, where, default_name=recipe.stem)
+        typer.echo(f"# mergecli recipe converted from the mergekit config {recipe}")
+        typer.echo(printed, nl=False)
 
 
 @command()

@@ -17,11 +17,26 @@ from mergecli.user_code import is_reference
 
 
 def load_recipe(
-    path: str | Path, overrides: list[str] | None = None, needs_checkpoints: bool = True
+    path: str | Path,
+    overrides: list[str] | None = None,
+    needs_checkpoints: bool = True,
+    out: str | None = None,
 ) -> LoadedRecipe:
     """Read, override, validate and resolve a recipe; raise RecipeError listing every problem.
-    ``needs_checkpoints=False`` accepts a recipe without checkpoints (a model to preview)."""
+    ``needs_checkpoints=False`` accepts a recipe without checkpoints (a model to preview); a
+    mergekit config (top-level `merge_method:`) is translated first; ``out`` is output.dir."""
     path = Path(path)
+    data, where = read_recipe(path, overrides, out)
+    return validate_recipe(data, where, default_name=path.stem, needs_checkpoints=needs_checkpoints)
+
+
+def read_recipe(
+    path: Path, overrides: list[str] | None = None, out: str | None = None
+) -> tuple[dict[str, Any], Locator]:
+    """The recipe's mapping (a mergekit config translated) with overrides applied, and where
+    each of its keys stands in the file."""
+    from mergecli.recipe.mergekit import MergekitLocator, is_mergekit_config, translate
+
     filename = str(path)
     try:
         text = path.read_text()
@@ -36,11 +51,18 @@ def load_recipe(
         raise RecipeError(
             [Problem("the recipe must be a mapping of keys (version, ...)", filename, 1)]
         )
+    origin = None
+    if is_mergekit_config(data):
+        data, origin = translate(data, path, lines, out)
+    elif out is not None:
+        output = data.get("output")
+        data["output"] = {**output, "dir": out} if isinstance(output, dict) else {"dir": out}
     _expand_method_names(data)
     overridden = apply_overrides(data, overrides or [])
     _expand_method_names(data)  # an override may itself be short: `--set steps.1.merge=ties`
-    where = Locator(filename, lines, overridden)
-    return validate_recipe(data, where, default_name=path.stem, needs_checkpoints=needs_checkpoints)
+    if origin is not None:
+        return data, MergekitLocator(filename, lines, overridden, origin)
+    return data, Locator(filename, lines, overridden)
 
 
 def _expand_method_names(data: dict[str, Any]) -> None:
