@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mergecli.align.groups import PermutationSpec
@@ -331,3 +331,35 @@ def error_line(result: subprocess.CompletedProcess, code: int | None = None) -> 
     lines = [line for line in result.stderr.strip().splitlines() if not line[:4].isdigit()]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def write_tiny_llamas(root: Path, layers: int = 3) -> dict[str, Path]:
+    """A base and two fine-tunes (`ft-a`, `ft-b`) of a tiny Llama-style causal LM as model
+    directories (model.safetensors and config.json, no tokenizer), written without transformers:
+    the inputs mergekit configs name, for translation and merge tests."""
+    hidden, inner, vocab = 8, 16, 32
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}  # fmt: skip
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        shapes |= {f"{p}self_attn.{n}_proj.weight": (hidden, hidden) for n in "qkvo"}
+        shapes |= {f"{p}mlp.{n}_proj.weight": (inner, hidden) for n in ("gate", "up")}
+        shapes |= {f"{p}mlp.down_proj.weight": (hidden, inner),
+                   f"{p}input_layernorm.weight": (hidden,),
+                   f"{p}post_attention_layernorm.weight": (hidden,)}  # fmt: skip
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": hidden, "intermediate_size": inner, "num_hidden_layers": layers,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": vocab}  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    base = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    folders = {}
+    for name in ("base", "ft-a", "ft-b"):
+        tensors = base if name == "base" else {
+            k: t + 0.1 * torch.randn(t.shape, generator=generator) for k, t in base.items()
+        }  # fmt: skip
+        folder = root / name
+        folder.mkdir(parents=True)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config))
+        folders[name] = folder
+    return folders

@@ -349,7 +349,7 @@ def _parameters(
                               "mergecli weighs a whole model with one number")  # fmt: skip
                 continue
             for index, checkpoint in enumerate(checkpoints):
-                if "weight" not in checkpoint:
+                if "weight" not in checkpoint and checkpoint.get("role") != "base":
                     checkpoint["weight"] = value
                     t.came_from(("checkpoints", index, "weight"), where)
             continue
