@@ -196,6 +196,8 @@ MODELS = "models:\n  - model: ft-a\n  - model: ft-b\n"
         (f"{MODELS}merge_method: linear\nmodules: {{}}\n", "mk.yml:5: modules: per-module"),
         (f"{MODELS}merge_method: linear\ntokenizer: {{source: base}}\n", "mk.yml:5: tokenizer: "),
         (f"{MODELS}merge_method: linear\nlora: x\n", "mk.yml:5: lora: not a mergekit 0.1.5 key"),
+        ("models:\n  - model: ft-a+my-lora\n  - model: ft-b\nmerge_method: linear\n",
+         "mk.yml:2: models.0.model: a LoRA reference (model+lora) is not supported"),
         (f"{MODELS}merge_method: sce\n", "mk.yml:4: merge_method: 'sce' is not supported"),
         (f"{MODELS}merge_method: ties\n", "mk.yml:4: merge_method: ties needs a base_model"),
         (f"{MODELS}merge_method: linear\ndtype: int8\n", "mk.yml:5: dtype: must be one of"),

@@ -178,6 +178,9 @@ def _model_path(t: _Translation, value: Any, at: Path_) -> str | None:
         t.fail(at, "must be a model's path (mergecli reads local model directories and "
                    "safetensors files; LoRA references are not supported)")  # fmt: skip
         return None
+    if "+" in value and not Path(value).exists():
+        t.fail(at, "a LoRA reference (model+lora) is not supported: merge the LoRA first")
+        return None
     return value
 
 
