@@ -241,7 +241,8 @@ def run_mergecli_on_config(paths: dict[str, Path], method: str, out: Path) -> di
     return load_file(out / "model.safetensors")
 
 
-def run_mergecli(paths: dict[str, Path], method: str, out: Path) -> dict[str, torch.Tensor]:
+def mergecli_recipe(paths: dict[str, Path], method: str, out: Path) -> dict:
+    """mergecli's own recipe of a case, written by hand from the mergekit config's keys."""
     _, step, uses_base = METHODS[method]
     own = PER_MODEL.get(method, {})
     checkpoints = [
@@ -255,10 +256,13 @@ def run_mergecli(paths: dict[str, Path], method: str, out: Path) -> dict[str, to
         checkpoints = [{"path": str(paths[n]), "name": n} for n in ("ft-a", "ft-b")]
         pieces = [{"model": m, "layers": [s, e]} for m, s, e in SLICES[method]]
         step = {**step, "slices": pieces}
-    recipe = {"version": 1, "checkpoints": checkpoints, "steps": [{"merge": step}],
-              "output": {"dir": str(out), "dtype": "float32"}}  # fmt: skip
+    return {"version": 1, "checkpoints": checkpoints, "steps": [{"merge": step}],
+            "output": {"dir": str(out), "dtype": "float32"}}  # fmt: skip
+
+
+def run_mergecli(paths: dict[str, Path], method: str, out: Path) -> dict[str, torch.Tensor]:
     path = out.with_suffix(".yaml")
-    path.write_text(json.dumps(recipe))
+    path.write_text(json.dumps(mergecli_recipe(paths, method, out)))
     subprocess.run([sys.executable, "-m", "mergecli", "run", str(path)], check=True,
                    capture_output=True, text=True)  # fmt: skip
     return load_file(out / "model.safetensors")

@@ -4,13 +4,15 @@ accepts, and what mergecli cannot express is one line, exit 2."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TESTS, error_line, run_cli, run_cli_in_process, write_tiny_llamas
+from helpers import ROOT, TESTS, error_line, run_cli, run_cli_in_process, write_tiny_llamas
 
 CONFIGS = TESTS / "fixtures" / "mergekit"
 
@@ -131,3 +133,24 @@ def test_output_dir_given_twice_and_convert_of_a_recipe(tmp_path: Path) -> None:
     assert converted.stderr.strip() == (
         f"{recipe}: not a mergekit config (it has no top-level merge_method)"
     )
+
+
+def test_every_parity_bench_config_equals_its_recipe(tmp_path: Path) -> None:
+    # Each case of bench/mergekit_parity.py (the methods and parameter forms compared with
+    # mergekit 0.1.5 itself): the mergekit config run as it is gives mergecli's recipe's output.
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import mergekit_parity as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    paths = bench.write_models(tmp_path / "models")
+    for case in bench.METHODS:
+        recipe = tmp_path / f"{case}-recipe.yaml"
+        recipe.write_text(json.dumps(bench.mergecli_recipe(paths, case, tmp_path / case)))
+        config = tmp_path / f"{case}-mergekit.yaml"
+        config.write_text(json.dumps(bench.mergekit_config(paths, case)))
+        for args in (["run", str(recipe)], ["run", str(config), str(tmp_path / f"{case}-mk")]):
+            result = run_cli_in_process(*args)
+            assert result.returncode == 0, (case, result.stderr)
+        ours = load_file(tmp_path / case / "model.safetensors")
+        assert_same(load_file(tmp_path / f"{case}-mk" / "model.safetensors"), ours)
