@@ -135,6 +135,7 @@ def test_output_dir_given_twice_and_convert_of_a_recipe(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_every_parity_bench_config_equals_its_recipe(tmp_path: Path) -> None:
     # Each case of bench/mergekit_parity.py (the methods and parameter forms compared with
     # mergekit 0.1.5 itself): the mergekit config run as it is gives mergecli's recipe's output.
@@ -154,3 +155,18 @@ def test_every_parity_bench_config_equals_its_recipe(tmp_path: Path) -> None:
             assert result.returncode == 0, (case, result.stderr)
         ours = load_file(tmp_path / case / "model.safetensors")
         assert_same(load_file(tmp_path / f"{case}-mk" / "model.safetensors"), ours)
+
+
+def test_validate_reads_a_config_and_out_replaces_a_recipes_output_dir(models_here: Path) -> None:
+    checked = run_cli_in_process("validate", str(CONFIGS / "model_stock.yml"))
+    assert checked.returncode == 0, checked.stderr
+    assert "method: model_stock" in checked.stdout
+    recipe = models_here / "r.yaml"
+    recipe.write_text(
+        "version: 1\ncheckpoints: [{path: ft-a}]\nsteps: [{merge: passthrough}]\n"
+        "output: {dir: elsewhere}\n"
+    )
+    result = run_cli_in_process("run", str(recipe), "--out", "here")
+    assert result.returncode == 0, result.stderr
+    assert (models_here / "here" / "model.safetensors").is_file()
+    assert not (models_here / "elsewhere").exists()
