@@ -326,6 +326,7 @@ def run(
                         f"{loaded.output_dir}"
                     )
                     run_recipe(loaded, log, resume=resume is Resume.auto, overwrite=overwrite)
+                    distributed.stop(wait=True)
                 finally:
                     distributed.stop()
             except Stopped as stop:

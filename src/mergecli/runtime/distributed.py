@@ -216,12 +216,19 @@ def start(requested_device: str, env: Mapping[str, str] = os.environ) -> World:
     return _CURRENT
 
 
-def stop() -> None:
-    """Leave the process group (if any); this process is a world of one again."""
+def stop(wait: bool = False) -> None:
+    """Leave the process group (if any); this process is a world of one again.
+
+    ``wait``: every rank finished normally, so wait for the others first. A rank tearing
+    gloo down while another still writes its outputs could abort at exit ("terminate called
+    without an active exception"); after a failure no rank waits, since another may never come.
+    """
     global _CURRENT
     if _CURRENT._group:
         import torch.distributed as dist
 
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
     _CURRENT = World()
 
