@@ -282,6 +282,8 @@ FIGURES: dict[str, Callable[[], str]] = {
     "mlp8_activation_matching": lambda: pct(merged("activation_matching")),
     "mlp8_cca": lambda: pct(merged("cca")),
     "mlp8_np_merge": lambda: pct(merged("np_merge")),
+    "mlp8_fisher": lambda: pct(accuracy("np_merge", "aligned_fisher", "kind")),
+    "mlp8_regmean": lambda: pct(accuracy("np_merge", "aligned_regmean", "kind")),
     "mlp8_np_merge_fit_seconds": lambda: num(fit_seconds("np_merge"), 1),
     "resnet_seed0": lambda: pct(accuracy("resnet", "resnet20-seed0")),
     "resnet_seed1": lambda: pct(accuracy("resnet", "resnet20-seed1")),
