@@ -1,10 +1,13 @@
-"""A TIES merge of three ~1 GB LLaMA-style models: mergecli against mergekit, same run.
+"""TIES, DELLA and Model Stock merges of three ~1 GB LLaMA-style models: mergecli against
+mergekit, same run.
 
 Builds three bf16 checkpoints (hidden 2048, 8 layers, vocab 32000: 1.08 GB each) with a
-config.json, runs the same TIES merge with `mergekit-yaml` (mergekit 0.1.5 in its own venv,
-created on first use) and with `mergecli run`, each under /usr/bin/time, and prints wall time
-and peak RSS with the ratios mergecli / mergekit (goal: both <= 0.5).
+config.json, runs the same merge of each method with `mergekit-yaml` (mergekit 0.1.5 in its own
+venv, created on first use) and with `mergecli run`, each under /usr/bin/time, and prints wall
+time and peak RSS with the ratios mergecli / mergekit (goal: both <= 0.5).
+DELLA's random masks differ between the tools (as DARE's do), so its outputs are not compared.
 Run: .venv/bin/python bench/datafree.py [--workdir /tmp/datafree] [--mergekit-venv .venv-mergekit]
+     [--methods ties della model_stock]
 """
 
 from __future__ import annotations
@@ -80,10 +83,50 @@ def agreement(ours: Path, theirs: Path) -> str:
     return f"outputs: max |mergecli - mergekit| {worst:.3g}, {share:.2e} of entries differ"
 
 
+# Per method: mergekit's global parameters, mergecli's merge step, per-model density or not.
+METHODS = {
+    "ties": ({}, {"method": "ties", "density": 0.5}, True),
+    "della": (
+        {"epsilon": 0.1, "lambda": 1.0},
+        {"method": "della", "density": 0.5, "epsilon": 0.1},
+        True,
+    ),
+    "model_stock": ({}, {"method": "model_stock"}, False),
+}
+
+
+def recipes(work: Path, method: str) -> tuple[Path, Path]:
+    """The same merge as a mergekit config and as a mergecli recipe."""
+    params, step, density = METHODS[method]
+    base = work / "base"
+    models = [
+        {
+            "model": str(work / n),
+            "parameters": {"weight": w, **({"density": 0.5} if density else {})},
+        }
+        for n, w in (("ft-a", 0.6), ("ft-b", 0.4))
+    ]
+    mk_recipe = work / f"mergekit-{method}.yaml"
+    mk_recipe.write_text(json.dumps({"merge_method": method, "base_model": str(base),
+                                     "models": models, "dtype": "bfloat16",
+                                     **({"parameters": params} if params else {})}))  # fmt: skip
+    mc_recipe = work / f"mergecli-{method}.yaml"
+    mc_recipe.write_text(json.dumps({
+        "version": 1,
+        "checkpoints": [{"path": str(base), "role": "base"},
+                        {"path": str(work / "ft-a"), "weight": 0.6},
+                        {"path": str(work / "ft-b"), "weight": 0.4}],
+        "steps": [{"merge": step}],
+        "output": {"dir": str(work / f"out-mergecli-{method}"), "dtype": "bfloat16"},
+    }))  # fmt: skip
+    return mk_recipe, mc_recipe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergecli-datafree"))
     parser.add_argument("--mergekit-venv", type=Path, default=Path(".venv-mergekit"))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
     exe = ensure_mergekit(args.mergekit_venv.resolve())
     work = args.workdir
@@ -91,32 +134,26 @@ def main() -> None:
     build(base, 0, None)
     build(work / "ft-a", 1, base)
     build(work / "ft-b", 2, base)
-    models = [{"model": str(work / n), "parameters": {"weight": w, "density": 0.5}}
-              for n, w in (("ft-a", 0.6), ("ft-b", 0.4))]  # fmt: skip
-    mk_recipe = work / "mergekit.yaml"
-    mk_recipe.write_text(json.dumps({"merge_method": "ties", "base_model": str(base),
-                                     "models": models, "dtype": "bfloat16"}))  # fmt: skip
-    mc_recipe = work / "mergecli.yaml"
-    mc_recipe.write_text(json.dumps({
-        "version": 1,
-        "checkpoints": [{"path": str(base), "role": "base"},
-                        {"path": str(work / "ft-a"), "weight": 0.6},
-                        {"path": str(work / "ft-b"), "weight": 0.4}],
-        "steps": [{"merge": {"method": "ties", "density": 0.5}}],
-        "output": {"dir": str(work / "out-mergecli"), "dtype": "bfloat16"},
-    }))  # fmt: skip
-    for out in ("out-mergekit", "out-mergecli"):
-        shutil.rmtree(work / out, ignore_errors=True)
-    theirs = timed([str(exe), str(mk_recipe), str(work / "out-mergekit")])
-    ours = timed([sys.executable, "-m", "mergecli", "--log", "plain", "run", str(mc_recipe)])
     size = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
-    print(f"TIES of three {size:.2f} GB bf16 models, torch threads {torch.get_num_threads()}")
-    print(f"{'tool':10} {'wall s':>8} {'peak RSS GB':>12}")
-    print(f"{'mergekit':10} {theirs[0]:8.1f} {theirs[1]:12.2f}")
-    print(f"{'mergecli':10} {ours[0]:8.1f} {ours[1]:12.2f}")
-    time_ratio, rss_ratio = ours[0] / theirs[0], ours[1] / theirs[1]
-    print(agreement(work / "out-mergecli", work / "out-mergekit"))
-    print(f"ratio mergecli/mergekit: time {time_ratio:.2f}, peak RSS {rss_ratio:.2f} (goal <= 0.5)")
+    print(f"three {size:.2f} GB bf16 models, torch threads {torch.get_num_threads()}")
+    for method in args.methods:
+        mk_recipe, mc_recipe = recipes(work, method)
+        for out in (f"out-mergekit-{method}", f"out-mergecli-{method}"):
+            shutil.rmtree(work / out, ignore_errors=True)
+        theirs = timed([str(exe), str(mk_recipe), str(work / f"out-mergekit-{method}")])
+        ours = timed([sys.executable, "-m", "mergecli", "--log", "plain", "run", str(mc_recipe)])
+        print(f"{method}: {'tool':10} {'wall s':>8} {'peak RSS GB':>12}")
+        print(f"{method}: {'mergekit':10} {theirs[0]:8.1f} {theirs[1]:12.2f}")
+        print(f"{method}: {'mergecli':10} {ours[0]:8.1f} {ours[1]:12.2f}")
+        time_ratio, rss_ratio = ours[0] / theirs[0], ours[1] / theirs[1]
+        print(
+            f"{method}: "
+            + agreement(work / f"out-mergecli-{method}", work / f"out-mergekit-{method}")
+        )
+        print(
+            f"{method}: ratio mergecli/mergekit: time {time_ratio:.2f}, peak RSS {rss_ratio:.2f} "
+            "(goal <= 0.5)"
+        )
 
 
 if __name__ == "__main__":
