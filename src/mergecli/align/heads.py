@@ -51,17 +51,6 @@ def compose(
     }
 
 
-def identity_parts(attention: AttentionSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    a = attention
-    kv = torch.arange(a.kv_heads)
-    return (
-        kv,
-        torch.arange(a.group_size).repeat(a.kv_heads, 1),
-        torch.arange(a.qk_dims).repeat(a.kv_heads, 1),
-        torch.arange(a.v_dims).repeat(a.kv_heads, 1),
-    )
-
-
 def random_heads(attention: AttentionSpec, generator: torch.Generator) -> dict[str, Tensor]:
     """A random permutation of the layer's heads and dimensions that keeps its function."""
     a = attention
