@@ -1,12 +1,20 @@
 """The analyses as a user runs them: a greedy soup is never reported on the data that chose it,
-and scaling settings that would draw the same panel twice are refused before anything runs."""
+scaling settings that would draw the same panel twice are refused before anything runs, and merge
+methods listed as baselines beside the soups are the merges a `merge` step makes."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from helpers import run_cli
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from helpers import run_cli, run_cli_in_process
+from mergecli.data import load_data
+from mergecli.models import build_model
 
 HEAD = "version: 1\nname: split\nmodel: {arch: mlp, args: {depth: 3, hidden: 32}}\n"
 
@@ -74,3 +82,91 @@ def test_scaling_settings_that_scale_the_same_models_are_refused(
     assert (f"{tmp_path / 'analysis.yaml'}:13: steps.0.analyze.apply_to.2: first and "
             "all_but_last scale the same models with 2 to merge; list one of them"
             ) in result.stderr  # fmt: skip
+
+
+# Small splits for the merge-baseline tests: the fine-tunes' own 0:3000 is not held out, which
+# does not matter here (only equality with a merge made by hand is tested).
+SMALL = (
+    "data:\n  fit: {source: mnist, split: '0:300'}\n  eval: {source: mnist, split: '9000:9500'}\n"
+)
+# Each method and its parameters, as a baseline `{method: {params}}` and as a merge step.
+MERGES = {"ties": "density: 0.5", "fisher": "examples: 100", "regmean": "examples: 100, alpha: 0.9"}
+
+
+def triple_recipe(directory: Path, base: Path, a: Path, b: Path, steps: str) -> Path:
+    path = directory / "recipe.yaml"
+    path.write_text(
+        f"{HEAD}checkpoints:\n  - {{path: {base}, role: base}}\n  - path: {a}\n  - path: {b}\n"
+        f"{SMALL}steps:\n{steps}output: {{dir: {directory / 'out'}}}\n"
+    )
+    return path
+
+
+def by_hand(weights: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the eval split, computed here in one batch."""
+    model = build_model("mlp", {"depth": 3, "hidden": 32})
+    model.load_state_dict(weights)
+    data = load_data({"source": "mnist", "split": "9000:9500"})
+    with torch.no_grad():
+        logits = model(data.x).float()
+    loss = F.cross_entropy(logits, data.y).item()
+    return loss, (logits.argmax(1) == data.y).float().mean().item()
+
+
+@pytest.mark.slow
+def test_merge_baselines_are_the_merges_a_merge_step_makes(
+    tmp_path: Path, finetuned_triple
+) -> None:
+    base, a, b = finetuned_triple
+    listed = ", ".join(f"{{{method}: {{{options}}}}}" for method, options in MERGES.items())
+    step = f"  - analyze: {{method: averaging_vs_ensembling, baselines: [{listed}]}}\n"
+    result = run_cli_in_process("run", str(triple_recipe(tmp_path, base, a, b, step)))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    rows = report["analysis"]["averaging_vs_ensembling"]["results"]
+    merges = [r for r in rows if r["kind"] == "merge"]
+    # After the soups, before the ensembles, in the order listed; named with their parameters.
+    kinds = [r["kind"] for r in rows]
+    assert kinds[: kinds.index("merge")] == ["model", "model", "uniform_soup", "greedy_soup"]
+    assert [r["method"] for r in merges] == list(MERGES)
+    assert merges[0]["name"] == "ties (density=0.5)"
+    # The rows read the eval split as computed here: the first model's row equals ours.
+    loss, accuracy = by_hand(load_file(a))
+    assert rows[0]["loss"] == pytest.approx(loss, abs=1e-5)
+    # Each merge row is the merge a `merge` step with the same method writes, measured here.
+    # Tolerances: the same float32 weights in other batches differ by rounding (~1e-6) in the
+    # logits, so 1e-5 in the loss; an example whose top two logits are that close could flip,
+    # so the accuracy (of 500 examples) to one example.
+    for (method, options), row in zip(MERGES.items(), merges, strict=True):
+        out = tmp_path / method
+        out.mkdir()
+        step = f"  - merge: {{method: {method}, {options}}}\n"
+        recipe = triple_recipe(out, base, a, b, step)
+        result = run_cli_in_process("run", str(recipe))
+        assert result.returncode == 0, result.stderr
+        loss, accuracy = by_hand(load_file(out / "out/model.safetensors"))
+        assert row["loss"] == pytest.approx(loss, abs=1e-5), method
+        assert row["accuracy"] == pytest.approx(accuracy, abs=1.01 / 500), method
+    # The table and the plot show them beside the soups.
+    assert "ties (density=0.5)" in (tmp_path / "out/report.md").read_text()
+    assert (tmp_path / "out/analysis/averaging_vs_ensembling.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("baselines", "message"),
+    [
+        ("[tiez]", "steps.0.analyze.baselines.0: unknown baseline 'tiez'; use a merge method"),
+        ("[average, ties]", "steps.0.analyze.baselines.1: ties needs a base model"),
+        ("[{regmean: {alpha: 2}}]", "steps.0.analyze.baselines.0: regmean: alpha:"),
+        ("[{aligned_ties: {density: 0.5}, average: {}}]", "a baseline with parameters is one"),
+    ],
+)
+def test_bad_merge_baselines_are_one_line_at_validate(
+    tmp_path: Path, trained_pair, baselines: str, message: str
+) -> None:
+    a, b = trained_pair
+    step = f"averaging_vs_ensembling\n      baselines: {baselines}"
+    result = run_cli_in_process("validate", str(recipe(tmp_path, a, b, BOTH, step)))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert message in line, line

@@ -4,15 +4,18 @@ Uniform soup: the plain average. Greedy soup (Wortsman et al., 2022): ingredient
 their accuracy on held-out data (`select_on`, data.fit by default), each kept only if the
 running average gets more accurate there; reported, like everything else, on `report_on`
 (data.eval), never on the data it was selected on. The ensembles are those of
-`mergecli.analyze.ensembles`.
+`mergecli.analyze.ensembles`. Any merge method can join them as a baseline row, named as in
+`evaluate` (`mergecli.evaluate.baselines`).
 """
 
 from __future__ import annotations
 
+from pydantic import Field
 from torch import Tensor
 
 from mergecli.analyze.ensembles import KINDS, ensembles, head_of
 from mergecli.analyze.scoring import Scorer, Split, data_labels, model_head, need_models
+from mergecli.evaluate.baselines import Baseline, baseline_problems, merge_baseline_model
 from mergecli.evaluate.metrics import cross_entropy, expected_accuracy
 from mergecli.merge.average import average_state_dicts
 from mergecli.recipe.schema import Recipe, StepParams
@@ -25,8 +28,14 @@ class AveragingParams(StepParams):
     select_on: Split = "fit"  # where the greedy soup picks its ingredients (held out)
     report_on: Split = "eval"  # where every result is measured
     aligned: bool = True  # use the aligned tensors when an `align` step ran
+    # Merge methods beside the soups, as `evaluate` names them (`ties`, `{regmean: {alpha: 0.5}}`,
+    # `aligned_fisher`); none by default.
+    baselines: list[Baseline] = Field(default_factory=list)
 
     def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
+        return self._split_problems(recipe) + baseline_problems(self.baselines, recipe)
+
+    def _split_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
         if self.select_on == self.report_on:
             return [(("select_on",), f"the greedy soup would pick its ingredients on "
                      f"data.{self.report_on}, the data it is reported on; select on held-out "
@@ -67,6 +76,11 @@ def analyze_averaging(state: MergeState, params: AveragingParams) -> None:
     ingredients, soup, selection = greedy_soup(scorer, models, select_on)
     add("greedy soup", "greedy_soup", scorer.logits(soup, report_on), ingredients=ingredients,
         selected_on=select_on, selection_accuracy=selection)  # fmt: skip
+    for baseline in params.baselines:
+        # Made, scored and dropped before the next is made: one merge in memory at a time.
+        label, method, merged = merge_baseline_model(state, baseline, "analyze")
+        add(label, "merge", scorer.logits(merged, report_on), method=method)
+        del merged
     head_name, _ = model_head(scorer.module)
     heads = [head_of(sd, head_name) for _, sd in models]
     combined = ensembles([o[0] for o in outputs], [o[1] for o in outputs], heads)

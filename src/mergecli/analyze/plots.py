@@ -85,10 +85,13 @@ def figure_averaging(data: dict[str, Any]):
     values = [100 * r["accuracy"] for r in rows]
     kinds = {"model": ("single model", "#7f7f7f", "o"),
              "soup": ("weights averaged", "#1f77b4", "s"),
+             "merge": ("weights merged (baseline)", "#2ca02c", "^"),
              "ensemble": ("outputs ensembled", "#ff7f0e", "D")}  # fmt: skip
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 2.0), layout="constrained")
     for kind, (label, color, marker) in kinds.items():
         chosen = [i for i, r in enumerate(rows) if _group(r["kind"]) == kind]
+        if not chosen:
+            continue  # no legend entry for what is not drawn (merge baselines are optional)
         ax.scatter([values[i] for i in chosen], chosen, color=color, marker=marker, s=45,
                    label=label, zorder=3)  # fmt: skip
         for i in chosen:
@@ -115,7 +118,9 @@ def figure_averaging(data: dict[str, Any]):
 
 
 def _group(kind: str) -> str:
-    return "model" if kind == "model" else "soup" if "soup" in kind else "ensemble"
+    if kind in ("model", "merge"):
+        return kind
+    return "soup" if "soup" in kind else "ensemble"
 
 
 def figure_scaling(data: dict[str, Any]):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import Tensor, nn
 
 from mergecli.data import TensorData
 from mergecli.errors import MergeCliError
+from mergecli.evaluate.baselines import Baseline, baseline_problems, merge_baseline_model
 from mergecli.evaluate.metrics import (
     accuracy,
     classification_metrics,
@@ -17,15 +18,12 @@ from mergecli.evaluate.metrics import (
     logit_ensemble,
 )
 from mergecli.recipe.schema import Recipe, StepParams
-from mergecli.registry import methods_of, step_method
+from mergecli.registry import step_method
 from mergecli.runtime.log import Column, fixed, percent, points
 from mergecli.state import MergeState, StateDict
 
-# A baseline: one of OWN_BASELINES, a merge method's name (`aligned_` before it: of the aligned
-# checkpoints), or {name: {its parameters}}.
-Baseline = str | dict[str, dict[str, Any]]
+# Baselines that are not merge methods (any merge method is one too: mergecli.evaluate.baselines).
 OWN_BASELINES = ("endpoints", "ensemble", "logit_ensemble", "average", "aligned_average")
-ALIGNED = "aligned_"
 
 
 class EvaluateParams(StepParams):
@@ -33,51 +31,7 @@ class EvaluateParams(StepParams):
     split: Literal["eval", "fit"] = "eval"
 
     def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
-        from mergecli.evaluate.language_model import _merge_method
-
-        problems = []
-        for i, baseline in enumerate(self.baselines):
-            if isinstance(baseline, str) and baseline in OWN_BASELINES:
-                continue
-            name, options = str(baseline), {}
-            try:
-                name, options = merge_baseline(baseline)
-                if ":" not in name and name not in methods_of("merge"):
-                    raise MergeCliError(
-                        f"unknown baseline '{name}'; use {', '.join(OWN_BASELINES)}, or a merge "
-                        f"method ({ALIGNED}METHOD: of the aligned checkpoints): "
-                        f"{', '.join(methods_of('merge'))}"
-                    )
-                method = _merge_method(name, f"baselines.{i}")
-                method.params.model_validate(options)
-            except MergeCliError as exc:
-                problems.append((("baselines", i), str(exc)))
-                continue
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"] if p in options)
-                problems.append(
-                    (("baselines", i), f"{name}: {where + ': ' if where else ''}{first['msg']}")
-                )
-                continue
-            if "base" in method.needs and not any(c.role == "base" for c in recipe.checkpoints):
-                problems.append((("baselines", i), f"{name} needs a base model; mark one "
-                                 "checkpoint `role: base` or leave this baseline out"))  # fmt: skip
-            if "data.fit" in method.needs and recipe.data.fit is None:
-                problems.append((("baselines", i), f"{name} needs data.fit; add `data: {{fit: "
-                                 "{source: ...}}` or leave this baseline out"))  # fmt: skip
-        return problems
-
-
-def merge_baseline(baseline: Baseline) -> tuple[str, dict[str, Any]]:
-    """A merge-method baseline's method name and parameters, the method's name without the
-    `aligned_` that asks for the aligned checkpoints."""
-    from mergecli.evaluate.language_model import _named
-
-    name, options = _named(baseline)
-    if name in OWN_BASELINES:
-        raise MergeCliError(f"{name} takes no parameters; name it alone: `{name}`")
-    return name.removeprefix(ALIGNED), options
+        return baseline_problems(self.baselines, recipe, OWN_BASELINES)
 
 
 @step_method(
@@ -129,7 +83,6 @@ Candidate = tuple[str, str, StateDict | None]
 def _candidates(state: MergeState, params: EvaluateParams) -> list[Candidate]:
     """The baselines in the recipe's order, then the merged model; merges are made once here
     for every eval set."""
-    from mergecli.evaluate.language_model import _label, _named, merged_by
     from mergecli.merge.average import average
     from mergecli.merge.step import merge_state_dicts
 
@@ -141,15 +94,7 @@ def _candidates(state: MergeState, params: EvaluateParams) -> list[Candidate]:
                 continue
             seen.add(baseline)
         if not isinstance(baseline, str) or baseline not in OWN_BASELINES:
-            name, options = _named(baseline)
-            method, _ = merge_baseline(baseline)
-            aligned = name.startswith(ALIGNED)
-            if aligned and not any(c.aligned is not None for c in state.models):
-                raise MergeCliError(
-                    f"evaluate: baseline {name} needs an `align` step before `evaluate`"
-                )
-            weights = merged_by(state, method, options, aligned=aligned)
-            candidates.append((_label(name, options), name, weights))
+            candidates.append(merge_baseline_model(state, baseline, "evaluate"))
         elif baseline == "endpoints":
             for checkpoint in state.checkpoints:
                 role = "base" if checkpoint.spec.role == "base" else "endpoint"
