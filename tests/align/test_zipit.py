@@ -124,3 +124,28 @@ def test_every_budget_and_alpha_leaves_one_width_of_features() -> None:
     for alpha, beta in itertools.product((0.1, 0.3, 1.0), (0.0, 0.125, 1.0)):
         zipped = zip_features(corr, 2, alpha, beta)
         assert zipped.merge.shape == (6, 12) and zipped.unmerge.shape == (12, 6)
+
+
+def test_partial_zip_stops_where_no_zipped_layer_reads_a_later_group() -> None:
+    # ResNet-20's residual streams (the groups 'conv', 'layer2.0.conv2', 'layer3.0.conv2') run
+    # through whole stages: zipping a stream needs every block of its stage zipped, as the
+    # paper's partial zip stops at the end of a stage.
+    from mergecli.align.spec import derive_spec
+    from mergecli.align.step import trunk_tensors
+    from mergecli.errors import MergeCliError
+    from mergecli.models import build_model
+
+    model = build_model("resnet20", {"width": 1, "in_channels": 1})
+    spec = derive_spec(model, torch.randn(2, 1, 28, 28))
+    names = [g.name for g in spec.groups]
+    stops = []
+    for i, name in enumerate(names):
+        try:
+            trunk = trunk_tensors(spec, set(names[: i + 1]))
+        except MergeCliError as exc:
+            assert "is not zipped; stop the zip" in str(exc)
+            continue
+        stops.append(name)
+        assert "layer1.0.conv1.weight" in trunk and "fc.weight" not in trunk
+    assert stops == ["layer1.2.conv1", "layer2.0.conv1", "layer2.2.conv1", "layer3.0.conv1",
+                     "layer3.2.conv1"]  # fmt: skip

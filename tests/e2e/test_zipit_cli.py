@@ -117,3 +117,60 @@ def test_zipit_needs_data_fit(tmp_path: Path, trained_pair) -> None:
     result = run_cli("validate", str(recipe))
     assert result.returncode == 2
     assert "data.fit" in error_line(result)
+
+
+def test_partial_zip_gives_each_model_the_zipped_layers_and_its_own_head(
+    tmp_path: Path, trained_pair
+) -> None:
+    align = "{method: zipit, partial: layers.0, save_aligned: true}"
+    recipe = zipit_recipe(tmp_path, *trained_pair, align)
+    text = recipe.read_text().replace("aligned_average]", "aligned_average, aligned_ensemble]")
+    recipe.write_text(text)
+    run_cli("run", str(recipe), check=True)
+    out = tmp_path / "out"
+    a, b = (load_file(p) for p in trained_pair)
+    x = torch.cat([xb for xb, _ in load_data(FIT).batches(1000)]).flatten(1).double()
+    both = torch.cat([hidden_units(a, x)[0], hidden_units(b, x)[0]], 1)
+    zipped = zip_features(
+        correlation_from_covariance(torch.cov(both.T, correction=0)), 2, 0.3, 0.125
+    )
+    n = 32
+    m, u = (zipped.merge[:, :n], zipped.merge[:, n:]), (zipped.unmerge[:n], zipped.unmerge[n:])
+    w0 = m[0] @ a["layers.0.weight"].double() + m[1] @ b["layers.0.weight"].double()
+    b0 = m[0] @ a["layers.0.bias"].double() + m[1] @ b["layers.0.bias"].double()
+    shared = torch.relu(x @ w0.T + b0)  # the zipped first layer's units
+    for own, unmerge, path in zip((a, b), u, trained_pair, strict=True):
+        # The paper's head of this model: its own later layers, reading the zipped units
+        # through its unmerge U_m.
+        h2 = torch.relu(
+            shared @ (own["layers.1.weight"].double() @ unmerge).T + own["layers.1.bias"].double()
+        )
+        expected = h2 @ own["head.weight"].double().T + own["head.bias"].double()
+        aligned = load_file(out / "aligned" / f"{path.stem}.safetensors")
+        torch.testing.assert_close(aligned["layers.0.weight"].double(), w0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(aligned, x), expected, atol=1e-4, rtol=1e-4)
+    report = json.loads((out / "report.json").read_text())
+    assert report["align"]["zipit"]["zipped"] == ["layers.0"]
+    rows = {row["name"]: row for row in report["evaluate"]["results"]}
+    assert rows["aligned ensemble"]["kind"] == "aligned_ensemble"
+    # The merged model: zipped first layer, the permutation-aligned average after it.
+    merged = load_file(out / "model.safetensors")
+    torch.testing.assert_close(merged["layers.0.weight"].double(), w0, atol=1e-5, rtol=1e-5)
+    # The aligned ensemble is the multi-head model: the mean of the heads' softmax on data.eval.
+    test = load_data({"source": "mnist", "split": "9000:"})
+    x_test = torch.cat([xb for xb, _ in test.batches(1000)]).flatten(1).double()
+    heads = [
+        logits(load_file(out / "aligned" / f"{p.stem}.safetensors"), x_test) for p in trained_pair
+    ]
+    probabilities = sum(h.softmax(1) for h in heads) / 2
+    by_hand = float((probabilities.argmax(1) == test.y).double().mean())
+    assert abs(rows["aligned ensemble"]["accuracy"] - by_hand) <= 1 / len(test.y)
+
+
+def test_partial_zip_names_a_group_of_the_model(tmp_path: Path, trained_pair) -> None:
+    recipe = zipit_recipe(tmp_path, *trained_pair, "{method: zipit, partial: layer.9}")
+    result = run_cli("run", str(recipe))
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "layer.9" in line and "layers.0, layers.1" in line
+    assert not (tmp_path / "out").exists()

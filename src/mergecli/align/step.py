@@ -253,19 +253,18 @@ def _zipped_groups(spec: PermutationSpec, partial: str | None, fallback: set[str
     names = [g.name for g in spec.groups]
     if partial is not None and partial not in names:
         raise RecipeError(
-            f"align.partial: the model has no group '{partial}'; name one of its groups "
-            f"(`mergecli align-spec RECIPE` lists them): {', '.join(names)}"
+            [
+                f"align.partial: the model has no group '{partial}'; name one of its groups "
+                f"(`mergecli align-spec RECIPE` lists them): {', '.join(names)}"
+            ]
         )
     upto = names if partial is None else names[: names.index(partial) + 1]
     return {name for name in upto if name not in fallback}
 
 
-def _share_the_trunk(state: MergeState, spec: PermutationSpec, zipped: set[str]) -> None:
-    """Partial zipping (ZipIt!, Sec. 5): every model gets the zipped layers (their average)
-    and keeps its own later layers, the first of which reads the zipped units through the
-    model's unmerge U_m: each aligned model is one head of the paper's multi-head model, and
-    their output ensemble is that model. A layer whose outputs are zipped but that reads units
-    of an unzipped group has no such split."""
+def trunk_tensors(spec: PermutationSpec, zipped: set[str]) -> list[str]:
+    """The tensors of a partial zip's zipped layers: those whose units are all in ``zipped``
+    groups, bar a layer that only reads zipped units (the first of the later layers)."""
     groups_of: dict[str, list[tuple[str, str]]] = {}
     for group in spec.groups:
         for m in group.members:
@@ -275,7 +274,7 @@ def _share_the_trunk(state: MergeState, spec: PermutationSpec, zipped: set[str])
         zipped_here = [(g, role) for g, role in members if g in zipped]
         later = [g for g, _ in members if g not in zipped]
         if not zipped_here or all(role == "in" for _, role in zipped_here):
-            continue  # a later layer (the first one reads the zipped units through U_m)
+            continue
         if later:
             raise MergeCliError(
                 f"align.partial: {tensor} makes zipped units ({zipped_here[0][0]}) from "
@@ -283,8 +282,17 @@ def _share_the_trunk(state: MergeState, spec: PermutationSpec, zipped: set[str])
                 "reads a later group (at the end of a stage, as the paper does)"
             )
         trunk.append(tensor)
+    return trunk
+
+
+def _share_the_trunk(state: MergeState, spec: PermutationSpec, zipped: set[str]) -> None:
+    """Partial zipping (ZipIt!, Sec. 5): every model gets the zipped layers (their average)
+    and keeps its own later layers, the first of which reads the zipped units through the
+    model's unmerge U_m: each aligned model is one head of the paper's multi-head model, and
+    their output ensemble is that model. A layer whose outputs are zipped but that reads units
+    of an unzipped group has no such split."""
     models = state.models
-    for tensor in trunk:
+    for tensor in trunk_tensors(spec, zipped):
         present = [c for c in models if tensor in c.aligned]
         shared = sum(c.aligned[tensor].double() for c in present) / len(present)
         for c in present:

@@ -23,7 +23,14 @@ from mergecli.runtime.log import Column, fixed, percent, points
 from mergecli.state import MergeState, StateDict
 
 # Baselines that are not merge methods (any merge method is one too: mergecli.evaluate.baselines).
-OWN_BASELINES = ("endpoints", "ensemble", "logit_ensemble", "average", "aligned_average")
+OWN_BASELINES = (
+    "endpoints",
+    "ensemble",
+    "logit_ensemble",
+    "average",
+    "aligned_average",
+    "aligned_ensemble",
+)
 
 
 class EvaluateParams(StepParams):
@@ -76,7 +83,8 @@ def evaluate_classification(state: MergeState, params: EvaluateParams) -> None:
     state.log.table(title, columns, cells)
 
 
-# A model to evaluate: its name, kind and weights (None: an ensemble of the endpoints).
+# A model to evaluate: its name, kind and weights (None: an ensemble, of the endpoints or of
+# the aligned models).
 Candidate = tuple[str, str, StateDict | None]
 
 
@@ -113,6 +121,12 @@ def _candidates(state: MergeState, params: EvaluateParams) -> list[Candidate]:
                 )
             averaged = merge_state_dicts(state, average, {"normalize": True}, False, aligned=True)
             candidates.append(("aligned average", "aligned_average", averaged))
+        elif baseline == "aligned_ensemble":
+            if not any(c.aligned is not None for c in state.models):
+                raise MergeCliError(
+                    "evaluate: baseline aligned_ensemble needs an `align` step before `evaluate`"
+                )
+            candidates.append(("aligned ensemble", "aligned_ensemble", None))
     if state.merged is not None:
         candidates.append((f"merged ({' + '.join(state.history)})", "merged", state.merged))
     return candidates
@@ -139,6 +153,8 @@ def _rows(
             logits = ensemble_logits(list(endpoint_logits.values()))
         elif kind == "logit_ensemble":
             logits = logit_ensemble(list(endpoint_logits.values()))
+        elif kind == "aligned_ensemble":  # after a partial zip: ZipIt!'s multi-head model
+            logits = ensemble_logits([logits_of(c.aligned_or_original) for c in state.models])
         elif kind == "endpoint" and name in endpoint_logits:
             logits = endpoint_logits[name]
         else:
