@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-resnet demo-datafree demo-lm transformer-pairs figures test bench parity clean
+.PHONY: demo demo-resnet demo-datafree demo-lm biased-pair transformer-pairs figures test bench parity clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,24 @@ runs/papers-mnist-r20-classes%.safetensors: | $(VENV)/.installed
 	$(BIN)/mergecli --log plain train --arch resnet20 --arg shortcut=conv1x1 --arg in_channels=1 \
 		--data mnist:train --split classes:$* $(PAPER_SGD) --lr 0.1 \
 		--seed $(if $(filter 0-4,$*),0,1) --out $@
+
+# A class-biased pair of the demo's MLP from different seeds (issue 20): model A keeps digits 0-4
+# in full and 10% of 5-9, model B the reverse (ZipIt!'s and NP Merge's biased splits); about 20 s
+# each on 2 cores. configs/examples/mnist-biased-np-merge.yaml merges them (about a minute).
+BIASED = runs/mlp8-biased0-4.safetensors runs/mlp8-biased5-9.safetensors
+BIASED_TRAIN = $(BIN)/mergecli --log plain train --arch mlp --arg depth=8 --arg hidden=128 \
+	--eval-data mnist:test --epochs 10
+
+runs/mlp8-biased0-4.safetensors: | $(VENV)/.installed
+	$(BIASED_TRAIN) --data "{source: mnist, split: train, class_fractions: {5-9: 0.1}}" \
+		--seed 0 --out $@
+
+runs/mlp8-biased5-9.safetensors: | $(VENV)/.installed
+	$(BIASED_TRAIN) --data "{source: mnist, split: train, class_fractions: {0-4: 0.1}}" \
+		--seed 1 --out $@
+
+biased-pair: $(BIASED)
+	$(BIN)/mergecli run configs/examples/mnist-biased-np-merge.yaml
 
 runs/mlp3-base.safetensors: | $(VENV)/.installed
 	$(BIN)/mergecli --log plain train --arch mlp --arg depth=3 --arg hidden=128 \
@@ -119,7 +137,7 @@ figures: $(VENV)/.installed runs/lm/perplexity.json runs/mlp8-seed0.safetensors 
 		runs/mlp3-ft-digits0-4.safetensors runs/mlp3-ft-digits5-9.safetensors \
 		runs/papers-mnist-vgg16-seed0.safetensors runs/papers-mnist-vgg16-seed1.safetensors \
 		runs/papers-mnist-r20-classes0-4.safetensors runs/papers-mnist-r20-classes5-9.safetensors \
-		$(foreach arch,$(TRANSFORMER_ARCHS),runs/transformers/$(arch).json)
+		$(BIASED) $(foreach arch,$(TRANSFORMER_ARCHS),runs/transformers/$(arch).json)
 	$(BIN)/python scripts/figures.py
 
 test: $(VENV)/.installed

@@ -152,6 +152,61 @@ RUNS.update(
     {f"transformers_{arch}": (f"{EXAMPLES}/transformers-{arch}.yaml", []) for arch in TRANSFORMERS}
 )
 
+# Issue 20's class-biased pair (make biased-pair): NP Merge beside the ensemble, the averages,
+# Fisher merging and RegMean, unaligned and aligned.
+BIASED = f"{EXAMPLES}/mnist-biased-np-merge.yaml"
+RUNS["biased"] = (BIASED, [])
+# ZipIt! on the same pair: the recipe with its align step replaced by zipit (which also matches
+# features within a model) and the fit step dropped, so the zipped pair is averaged. Run only
+# where `zipit` is a registered align method, so the figures work without it.
+ZIPIT_STEPS = (
+    "steps=[{align: {method: zipit}}, {merge: {method: average}}, "
+    "{evaluate: {baselines: [endpoints]}}]"
+)
+
+
+def zipit_registered() -> bool:
+    """Whether mergecli (as `run` starts it) has the align method `zipit`."""
+    probe = (
+        "from mergecli.registry import load_builtin_methods, methods_of; "
+        "load_builtin_methods(); print('zipit' in methods_of('align'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() == "True"
+
+
+if zipit_registered():
+    RUNS["biased_zipit"] = (BIASED, [ZIPIT_STEPS])
+
+# The biased pair's table: (label, run key, evaluate row field, its value) in the order shown.
+BIASED_ROWS = [
+    ("A: digits 0-4, 10% of 5-9 (seed 0)", "biased", "name", "mlp8-biased0-4"),
+    ("B: digits 5-9, 10% of 0-4 (seed 1)", "biased", "name", "mlp8-biased5-9"),
+    ("ensemble (mean of the logits)", "biased", "kind", "ensemble"),
+    ("average", "biased", "kind", "average"),
+    ("Fisher merging", "biased", "kind", "fisher"),
+    ("RegMean", "biased", "kind", "regmean"),
+    ("aligned average (weight matching)", "biased", "kind", "aligned_average"),
+    ("aligned Fisher merging", "biased", "kind", "aligned_fisher"),
+    ("aligned RegMean", "biased", "kind", "aligned_regmean"),
+    ("ZipIt! (align: zipit, then average)", "biased_zipit", "kind", "merged"),
+    ("NP Merge (weight matching, then np_merge)", "biased", "kind", "merged"),
+]
+
+
+def biased_table() -> str:
+    """The class-biased pair's accuracies and losses on the balanced held-out images; the
+    ZipIt! row only when its run exists."""
+    rows = [r for r in BIASED_ROWS if r[1] in RUNS]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'model':<{width}}  accuracy    loss"]
+    for label, key, field, name in rows:
+        found = row(key, name, field)
+        lines.append(f"{label:<{width}}  {pct(found['accuracy']):>8}  {found['loss']:.4f}")
+    return "\n".join(lines)
+
 
 def report(key: str) -> dict:
     return json.loads((OUT / key / "report.json").read_text())
@@ -339,10 +394,18 @@ FIGURES: dict[str, Callable[[], str]] = {
         set_accuracy("papers_split", "papers-mnist-r20-classes5-9", set_name="digits_5_9")
     ),
     **{k: v for arch in TRANSFORMERS for k, v in transformer_figures(arch).items()},
+    "biased_a": lambda: pct(accuracy("biased", "mlp8-biased0-4")),
+    "biased_b": lambda: pct(accuracy("biased", "mlp8-biased5-9")),
+    "biased_ensemble": lambda: pct(accuracy("biased", "ensemble", "kind")),
+    "biased_aligned_average": lambda: pct(accuracy("biased", "aligned_average", "kind")),
+    "biased_aligned_regmean": lambda: pct(accuracy("biased", "aligned_regmean", "kind")),
+    "biased_np_merge": lambda: pct(merged("biased")),
 }
 
 # Code blocks the README shows verbatim: key -> the run whose stdout table it is.
 BLOCKS = {"np_merge_table": "np_merge", "lm_table": "lm"}
+# Code blocks the script writes itself from the reports: key -> how.
+COMPUTED_BLOCKS: dict[str, Callable[[], str]] = {"biased_pair": biased_table}
 
 TIMES: dict[str, float] = {}
 TRAIN_SECONDS: dict[str, float] = {}
@@ -445,7 +508,9 @@ def main() -> None:
         stdouts = {key: run(key) for key in keys}
         train_seconds()
         values = {k: v for k, v in saved.get("figures", {}).items() if k in FIGURES}
-        blocks = {k: v for k, v in saved.get("blocks", {}).items() if k in BLOCKS}
+        blocks = {
+            k: v for k, v in saved.get("blocks", {}).items() if k in BLOCKS or k in COMPUTED_BLOCKS
+        }
         for key, compute in FIGURES.items():
             try:
                 values[key] = compute()
@@ -456,6 +521,13 @@ def main() -> None:
         for key, source in BLOCKS.items():
             if source in stdouts:
                 blocks[key] = table(stdouts[source])
+        for key, compute_block in COMPUTED_BLOCKS.items():
+            try:
+                blocks[key] = compute_block()
+            except (KeyError, FileNotFoundError) as error:
+                if options.only is None:
+                    raise
+                print(f"figures: {key} kept ({error})", file=sys.stderr)
         saved = {
             "machine": info,
             # A partial run (--only) keeps the other runs' times.

@@ -156,8 +156,8 @@ def train_model(
     module = module.to(device)
     train = _load_for(module, arch, train_spec, seed, "--data")
     held_out = _load_for(module, arch, eval_spec, seed, "--eval-data") if eval_spec else None
-    if train_spec.get("partition") is not None:
-        log.info(_share_line(train_spec["partition"], train.y))
+    if train_spec.get("partition") is not None or train_spec.get("class_fractions") is not None:
+        log.info(_share_line(train_spec, train.y))
     # Page-locked, so each batch's copy to the GPU overlaps the step before (no-op on the CPU).
     train = train.pin_memory() if device.type == "cuda" else train
     opt = make_optimizer(module, regime)
@@ -250,14 +250,21 @@ def train_model(
     return module, metrics
 
 
-def _share_line(partition: dict[str, Any], labels: torch.Tensor) -> str:
-    """What a partition kept: its examples per label (a Dirichlet part's skew at a glance)."""
+def _share_line(spec: dict[str, Any], labels: torch.Tensor) -> str:
+    """What a partition or class_fractions kept: its examples per label (a Dirichlet part's or
+    a class-biased set's skew at a glance)."""
     from mergecli.data.partition import describe_partition
 
     present, counts = torch.unique(labels, return_counts=True)
     per_label = " ".join(f"{int(c)}:{int(n)}" for c, n in zip(present, counts, strict=True))
+    shares = []
+    if spec.get("partition") is not None:
+        shares.append(f"partition {describe_partition(spec['partition'])}")
+    if spec.get("class_fractions") is not None:
+        fractions = ",".join(f"{k}={v:g}" for k, v in spec["class_fractions"].items())
+        shares.append(f"class_fractions {fractions}")
     return (
-        f"train: --data partition {describe_partition(partition)} keeps {len(labels)} examples "
+        f"train: --data {' and '.join(shares)} keeps {len(labels)} examples "
         f"(label:count {per_label})"
     )
 

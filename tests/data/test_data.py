@@ -382,3 +382,54 @@ def test_error_empty_after_subset() -> None:
     expect_error({"source": "mnist", "fraction": 1.5}, "data.fit.fraction")
     expect_error({"source": "mnist", "classes": "3"}, "data.fit.classes")
     expect_error({"source": "mnist", "balanced": "yes"}, "data.fit.balanced")
+
+
+def test_class_fractions_keep_that_share_of_each_named_class() -> None:
+    """{"5-9": 0.1}: every example of 0-4, and of each of 5-9 round(0.1 n) (half up) of its n,
+    drawn from that class (each kept example is one of the originals), seeded."""
+    full = load_data({"source": "mnist", "split": "train"})
+    spec = {"source": "mnist", "split": "train", "class_fractions": {"5-9": 0.1}}
+    data = load_data(spec, seed=0)
+    n = torch.bincount(full.y, minlength=10).tolist()
+    expected = [n[c] if c < 5 else int(np.floor(0.1 * n[c] + 0.5)) for c in range(10)]
+    assert torch.bincount(data.y, minlength=10).tolist() == expected
+    # The kept rows are rows of the full set with their own label.
+    flat_full = full.x.reshape(len(full), -1)
+    for i in (0, len(data) // 2, len(data) - 1):
+        same = (flat_full == data.x[i].reshape(1, -1)).all(dim=1)
+        assert same.any() and int(full.y[same][0]) == int(data.y[i])
+    assert torch.equal(load_data(spec, seed=0).x, data.x)  # seeded
+    assert not torch.equal(load_data(spec, seed=1).x, data.x)  # another seed, other rows
+    # Single labels and lists as keys, and shares that keep at least one example.
+    mixed = load_data(
+        {"source": "mnist", "split": ":200", "class_fractions": {3: 0.5, "0,1": 1e-6}}
+    )
+    small = torch.bincount(load_data({"source": "mnist", "split": ":200"}).y, minlength=10)
+    counts = torch.bincount(mixed.y, minlength=10)
+    assert counts[0] == counts[1] == 1
+    assert counts[3] == int(np.floor(0.5 * int(small[3]) + 0.5))
+    assert torch.equal(counts[4:], small[4:]) and counts[2] == small[2]
+
+
+def test_class_fractions_errors() -> None:
+    expect_error(
+        {"source": "mnist", "class_fractions": {"5-9": 1.5}}, "class_fractions.5-9", "(0, 1]"
+    )
+    expect_error(
+        {"source": "mnist", "class_fractions": {"5-9": 0.1, 7: 0.5}}, "label 7 is named twice"
+    )
+    expect_error({"source": "mnist", "class_fractions": {"x": 0.5}}, "class_fractions.x")
+    expect_error({"source": "mnist", "class_fractions": [5, 6]}, "class_fractions")
+
+
+def test_class_fractions_in_a_recipe_data_spec() -> None:
+    from pydantic import ValidationError
+
+    from mergecli.recipe import DataSpec
+
+    ok = DataSpec.model_validate({"source": "mnist", "class_fractions": {"0-4": 0.1}})
+    assert ok.class_fractions == {"0-4": 0.1}
+    with pytest.raises(ValidationError, match="expected a share in"):
+        DataSpec.model_validate({"source": "mnist", "class_fractions": {"0-4": 0}})
+    with pytest.raises(ValidationError, match="class_fractions"):
+        DataSpec.model_validate({"source": "text", "path": "t.txt", "class_fractions": {1: 0.5}})

@@ -239,3 +239,28 @@ def test_split_mistakes_are_one_line_usage_errors(tmp_path: Path) -> None:
         "--split classes:5-9: --data has a partition already; give the split in one of them"
     )
     assert not Path(out).exists()
+
+
+def test_train_on_a_class_biased_share(tmp_path: Path) -> None:
+    """--data with class_fractions: the log line counts what it kept per label (from the data
+    itself), and the checkpoint's metadata records the share."""
+    from helpers import run_cli_in_process
+    from mergecli.data import load_data
+
+    spec = "{source: mnist, split: ':1000', class_fractions: {5-9: 0.1}}"
+    out = tmp_path / "biased.safetensors"
+    result = run_cli_in_process(
+        "--log", "plain", "train", "--arg", "depth=1", "--data", spec, "--epochs", "1",
+        "--seed", "0", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    y = load_data({"source": "mnist", "split": ":1000"}).y
+    kept = [
+        int((y == c).sum()) if c < 5 else int(0.1 * int((y == c).sum()) + 0.5) for c in range(10)
+    ]
+    counts = " ".join(f"{c}:{k}" for c, k in enumerate(kept))
+    assert (
+        f"train: --data class_fractions 5-9=0.1 keeps {sum(kept)} examples (label:count {counts})"
+        in result.stderr + result.stdout
+    )
+    assert json.loads(metadata(out)["mergecli.data"])["class_fractions"] == {"5-9": 0.1}

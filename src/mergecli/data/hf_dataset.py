@@ -429,7 +429,7 @@ def load_hf_dataset(spec: Mapping[str, Any], seed: int, where: str) -> TensorDat
     found = locate(spec, where)
     cols = columns(spec, found, where)
     if cols.task == "lm":
-        for option in ("classes", "balanced", "partition"):
+        for option in ("classes", "balanced", "partition", "class_fractions"):
             if spec.get(option) not in (None, False):
                 raise MergeCliError(
                     f"{where}.{option}: task lm has no classes (its labels are all 0); remove "

@@ -1,4 +1,5 @@
-"""Choosing which examples to keep: slice splits, class filters, balancing and fractions."""
+"""Choosing which examples to keep: slice splits, class filters, per-class fractions (a
+class-biased share, as ZipIt!'s and NP Merge's biased splits), balancing and fractions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mergecli.data.batches import TensorData
-from mergecli.data.partition import apply_partition, describe_partition
+from mergecli.data.partition import CLASSES_HELP, apply_partition, describe_partition, parse_classes
 from mergecli.errors import MergeCliError
 
 SPLIT_HELP = "a slice 'a:b' such as '0:1000', ':500' or '9000:'"
@@ -52,6 +53,29 @@ def _resolve(bound: int | None, default: int, n: int) -> int:
     return bound + n if bound < 0 else bound
 
 
+def parse_class_fractions(value: Any, where: str) -> dict[int, float]:
+    """``{"5-9": 0.1, 3: 0.5}`` -> ``{5: 0.1, ..., 9: 0.1, 3: 0.5}``: each key a label or labels
+    (as ``classes`` reads them), each value the share of that class's examples to keep."""
+    if not isinstance(value, Mapping) or not value:
+        raise MergeCliError(
+            f"{where}: expected a mapping from labels to the share kept, e.g. {{'5-9': 0.1}}, "
+            f"got {value!r}"
+        )
+    shares: dict[int, float] = {}
+    for key, share in value.items():
+        labels = parse_classes(key, f"{where}.{key}")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise MergeCliError(f"{where}.{key}: expected a share in (0, 1], got {share!r}")
+        twice = sorted(set(labels) & set(shares))
+        if twice:
+            raise MergeCliError(
+                f"{where}.{key}: label {twice[0]} is named twice; give each label one share "
+                f"({CLASSES_HELP} as keys)"
+            )
+        shares.update(dict.fromkeys(labels, float(share)))
+    return shares
+
+
 def format_labels(labels: Tensor) -> str:
     """Describe a set of labels compactly, e.g. ``0..9`` or ``1, 3, 7``."""
     present = sorted(int(v) for v in torch.unique(labels).tolist())
@@ -70,8 +94,8 @@ def _take(data: TensorData, index: Tensor) -> TensorData:
 
 
 def apply_subset(data: TensorData, spec: Mapping[str, Any], seed: int, where: str) -> TensorData:
-    """Apply the ``classes``, ``partition``, ``balanced`` and ``fraction`` options of ``spec``,
-    in that order."""
+    """Apply the ``classes``, ``partition``, ``class_fractions``, ``balanced`` and ``fraction``
+    options of ``spec``, in that order."""
     labels_before = format_labels(data.y)
     gen = torch.Generator().manual_seed(int(seed))
     applied: list[str] = []
@@ -91,6 +115,17 @@ def apply_subset(data: TensorData, spec: Mapping[str, Any], seed: int, where: st
     if spec.get("partition") is not None:
         data = apply_partition(data, spec["partition"], f"{where}.partition")
         applied.append(f"partition {describe_partition(spec['partition'])}")
+
+    if spec.get("class_fractions") is not None:
+        shares = parse_class_fractions(spec["class_fractions"], f"{where}.class_fractions")
+        chosen = [torch.nonzero(~torch.isin(data.y, torch.tensor(list(shares)))).flatten()]
+        for label, share in sorted(shares.items()):
+            rows = torch.nonzero(data.y == label).flatten()
+            # Round half up, as `fraction`; a class present keeps at least one example.
+            k = max(math.floor(share * len(rows) + 0.5), min(1, len(rows)))
+            chosen.append(rows[torch.randperm(len(rows), generator=gen)[:k]])
+        data = _take(data, torch.cat(chosen))
+        applied.append(f"class_fractions={shares}")
 
     balanced = spec.get("balanced", False)
     if balanced is None:

@@ -69,7 +69,7 @@ def with_default_tokenizer(spec: dict[str, Any], reference: str | os.PathLike) -
 def text_options(spec: Mapping[str, Any], where: str) -> TextOptions:
     """Check a text spec without reading its documents: the files, the tokenizer file, the
     numbers; refuse the class options, which have no meaning for text."""
-    for option in ("classes", "balanced"):
+    for option in ("classes", "balanced", "class_fractions"):
         if spec.get(option) not in (None, False):
             raise MergeCliError(
                 f"{where}.{option}: source 'text' has no classes (its labels are all 0); "

@@ -141,6 +141,10 @@ class DataSpec(Strict):
     classes: list[int | str] | None = None
     balanced: bool = False
 
+    # The share of some classes' examples to keep, e.g. {"5-9": 0.1} (a class-biased training
+    # set: the other labels are all kept), applied after `partition` (data/subset.py).
+    class_fractions: dict[int | str, float] | None = None
+
     # One model's share: {classes: "0-49"} or {dirichlet: 0.5, parts: 2, part: 0, seed: 0}
     # (data/partition.py), applied after `classes`.
     partition: dict[str, Any] | None = None
@@ -157,6 +161,19 @@ class DataSpec(Strict):
         except MergeCliError as exc:  # pydantic reports ValueErrors at the key
             # "partition.part: ..." -> "part: ...": the error is reported at data.*.partition.
             raise ValueError(str(exc).removeprefix("partition").lstrip(".: ")) from None
+        return value
+
+    @field_validator("class_fractions")
+    @classmethod
+    def _class_fractions(cls, value: dict[int | str, float] | None) -> Any:
+        from mergecli.data.subset import parse_class_fractions
+        from mergecli.errors import MergeCliError
+
+        try:
+            if value is not None:
+                parse_class_fractions(value, "class_fractions")
+        except MergeCliError as exc:  # reported at data.*.class_fractions
+            raise ValueError(str(exc).removeprefix("class_fractions").lstrip(".: ")) from None
         return value
 
     @model_validator(mode="after")
@@ -193,10 +210,14 @@ class DataSpec(Strict):
         if self.source == "text" and self.path is None:
             raise ValueError("source 'text' needs `path` (a .txt or .jsonl file or a directory)")
         if self.source == "text" and (
-            self.classes is not None or self.balanced or self.partition is not None
+            self.classes is not None
+            or self.balanced
+            or self.partition is not None
+            or self.class_fractions is not None
         ):
             raise ValueError(
-                "source 'text' has no classes, so no `classes`, `partition` or `balanced` "
+                "source 'text' has no classes, so no `classes`, `partition`, `class_fractions` "
+                "or `balanced` "
                 "(`fraction` keeps "
                 "a share of the blocks)"
             )
@@ -245,9 +266,16 @@ def _hf_options(spec: DataSpec) -> None:
         extra = [*text_keys, *(["task"] if spec.task is not None else [])]
         raise ValueError(f"an image column takes no {', '.join(extra)} (text options)")
     if spec.task == "lm":
-        if spec.label is not None or spec.classes is not None or spec.balanced or spec.partition:
+        if (
+            spec.label is not None
+            or spec.classes is not None
+            or spec.balanced
+            or spec.partition
+            or spec.class_fractions
+        ):
             raise ValueError(
-                "task lm has no labels, so no `label`, `classes`, `partition` or `balanced` "
+                "task lm has no labels, so no `label`, `classes`, `partition`, `class_fractions` "
+                "or `balanced` "
                 "(`fraction` keeps a share of the blocks)"
             )
     elif spec.max_tokens is not None:
