@@ -35,6 +35,11 @@ def hidden_units(weights: dict[str, torch.Tensor], x: torch.Tensor) -> list[torc
 
 def test_zipped_layers_are_the_papers_merge_of_the_two_models(tmp_path: Path, trained_pair) -> None:
     recipe = zipit_recipe(tmp_path, *trained_pair, "{method: zipit, alpha: 0.5, beta: 0.5}")
+    # ZipIt! as an evaluate baseline too: the same zip of the checkpoints as loaded.
+    text = recipe.read_text().replace(
+        "aligned_average]", "aligned_average, {zipit: {alpha: 0.5, beta: 0.5}}]"
+    )
+    recipe.write_text(text)
     run_cli("run", str(recipe), check=True)
     out = tmp_path / "out"
     merged = load_file(out / "model.safetensors")
@@ -75,6 +80,7 @@ def test_zipped_layers_are_the_papers_merge_of_the_two_models(tmp_path: Path, tr
     rows = {row["name"]: row for row in report["evaluate"]["results"]}
     merged_row = next(r for r in rows.values() if r["kind"] == "merged")
     assert merged_row["accuracy"] == rows["aligned average"]["accuracy"]
+    assert rows["zipit (alpha=0.5, beta=0.5)"]["loss"] == pytest.approx(merged_row["loss"], 1e-6)
     assert merged_row["accuracy"] > rows["average"]["accuracy"]
 
 
@@ -110,13 +116,24 @@ def logits(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return hidden_units(weights, x)[1] @ weights["head.weight"].double().T + weights["head.bias"]
 
 
-def test_zipit_needs_data_fit(tmp_path: Path, trained_pair) -> None:
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("steps:\n", "steps:\n  - align: {method: zipit}\n"), "data.fit"),
+        (("[endpoints, ensemble, average]", "[endpoints, zipit]"), "zipit needs data.fit"),
+        (("[endpoints, ensemble, average]", "[{zipit: {from: a.safetensors}}]"), "from is for"),
+        (("[endpoints, ensemble, average]", "[{zipit: {alpha: x}}]"), "zipit: alpha"),
+        (("[endpoints, ensemble, average]", "[aligned_zipit]"), "name it `zipit`"),
+    ],
+)
+def test_zipit_recipe_mistakes_are_one_line_at_validate(
+    tmp_path: Path, trained_pair, change: tuple[str, str], message: str
+) -> None:
     recipe = write_recipe(tmp_path, *trained_pair)
-    text = recipe.read_text().replace("steps:\n", "steps:\n  - align: {method: zipit}\n")
-    recipe.write_text(text)
+    recipe.write_text(recipe.read_text().replace(*change))
     result = run_cli("validate", str(recipe))
     assert result.returncode == 2
-    assert "data.fit" in error_line(result)
+    assert message in error_line(result)
 
 
 def test_partial_zip_gives_each_model_the_zipped_layers_and_its_own_head(

@@ -247,6 +247,22 @@ def align_zipit(state: MergeState, params: ZipItParams) -> None:
     }
 
 
+def zipit_merge(state: MergeState, params: ZipItParams) -> StateDict:
+    """ZipIt!'s merge of the checkpoints as loaded, by itself (an `evaluate` baseline): every
+    model zipped, then their plain average (with ``partial``, the zipped layers are shared)."""
+    spec = permutation_spec(state)
+    fallback = _cca_fallback(spec)
+    trunk_tensors(spec, _zipped_groups(spec, params.partial, fallback))  # checks the stop
+    transforms = zipit_transforms(state, params, spec, fallback, {})
+    mapped = [apply_transforms(c.tensors, spec, transforms[c.name]) for c in state.models]
+    return {
+        name: (sum(m[name].double() for m in mapped) / len(mapped)).to(tensor.dtype)
+        if tensor.is_floating_point()
+        else tensor
+        for name, tensor in state.reference.tensors.items()
+    }
+
+
 def _zipped_groups(spec: PermutationSpec, partial: str | None, fallback: set[str]) -> set[str]:
     """The groups ZipIt! zips: all but the permutation-only ones, or with ``partial`` those up
     to and including that group in the spec's order (align-spec lists them so)."""

@@ -16,6 +16,9 @@ from mergecli.state import MergeState, StateDict
 # before it: of the aligned checkpoints), or {name: {its parameters}}.
 Baseline = str | dict[str, dict[str, Any]]
 ALIGNED = "aligned_"
+# ZipIt! is an align method whose merge is the zipped models' average: as a baseline it zips the
+# checkpoints as loaded (with the align method's parameters) and averages them.
+ZIPIT = "zipit"
 Problems = list[tuple[tuple[str | int, ...], str]]
 
 
@@ -44,6 +47,9 @@ def baseline_problems(
         name, options = str(baseline), {}
         try:
             name, options = merge_baseline(baseline, own)
+            if name == ZIPIT:
+                problems += _zipit_problems(i, baseline, options, recipe)
+                continue
             if ":" not in name and name not in methods_of("merge"):
                 words = f"{', '.join(own)}, or a merge method" if own else "a merge method"
                 raise MergeCliError(
@@ -71,6 +77,33 @@ def baseline_problems(
     return problems
 
 
+def _zipit_problems(
+    i: int, baseline: Baseline, options: dict[str, Any], recipe: Recipe
+) -> Problems:
+    """A zipit baseline: ZipIt!'s parameters, of the checkpoints as loaded, with data.fit."""
+    from mergecli.align.step import ZipItParams
+
+    found: Problems = []
+    label = baseline if isinstance(baseline, str) else next(iter(baseline))
+    if label != ZIPIT:
+        found.append((("baselines", i), f"{label}: zipit aligns the checkpoints itself; name "
+                      "it `zipit` (of the checkpoints as loaded)"))  # fmt: skip
+    extra = sorted(set(options) & {"from", "save_aligned"})
+    if extra:
+        found.append((("baselines", i), f"zipit: {extra[0]} is for the align step, not a "
+                      "baseline; leave it out"))  # fmt: skip
+    try:
+        ZipItParams.model_validate(options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        found.append((("baselines", i), f"zipit: {where + ': ' if where else ''}{first['msg']}"))
+    if recipe.data.fit is None:
+        found.append((("baselines", i), "zipit needs data.fit (its correlations); add `data: "
+                      "{fit: {source: ...}}` or leave this baseline out"))  # fmt: skip
+    return found[:1]  # one message per baseline, as for the merge methods
+
+
 def merge_baseline_model(
     state: MergeState, baseline: Baseline, step: str
 ) -> tuple[str, str, StateDict]:
@@ -81,6 +114,10 @@ def merge_baseline_model(
 
     name, options = _named(baseline)
     method, _ = merge_baseline(baseline)
+    if name == ZIPIT:
+        from mergecli.align.step import ZipItParams, zipit_merge
+
+        return _label(name, options), name, zipit_merge(state, ZipItParams(**options))
     aligned = name.startswith(ALIGNED)
     if aligned and not any(c.aligned is not None for c in state.models):
         raise MergeCliError(f"{step}: baseline {name} needs an `align` step before `{step}`")
