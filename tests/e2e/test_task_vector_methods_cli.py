@@ -99,7 +99,7 @@ def test_della_masks_follow_the_recipe_seed(tmp_path: Path) -> None:
 def test_model_stock_and_della_errors(tmp_path: Path) -> None:
     write_checkpoints(tmp_path)
     result, _ = run(tmp_path, "a", "{method: model_stock}")
-    line = error_line(result, 1)
+    line = error_line(result, 2)
     assert "model_stock: needs a base and at least two fine-tuned checkpoints, got 1" in line
     result, _ = run(tmp_path, "ab", "{method: della, density: 0.9}")
     line = error_line(result, 2)
