@@ -1,6 +1,7 @@
-"""Methods that merge a set number of checkpoints (slerp, nuslerp, nearswap, model_stock): a
-recipe with another number is a one-line recipe error naming the step and the count, from
-`validate` and from `run` before anything is written (exit 2)."""
+"""Methods that merge a set number of checkpoints (slerp, nuslerp, nearswap, model_stock; every
+method at least one besides the base): a recipe with another number is a one-line recipe error
+naming the step and the count, from `validate` and from `run` before anything is written (exit
+2)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ CASES = {
                       "base), got 3"),
     "nearswap_two": ("{method: nearswap, t: 0.1}", checkpoints("ab", True),
                      "merge nearswap: needs exactly one model besides the base, got 2"),
+    # Every method merges at least one checkpoint besides the base.
+    "ties_base_alone": ("{method: ties}", checkpoints("", True),
+                        "merge ties: there is no checkpoint to merge besides the base"),
     "model_stock_one": ("{method: model_stock}", checkpoints("a", True),
                         "merge model_stock: needs a base and at least two fine-tuned "
                         "checkpoints, got 1 besides the base"),

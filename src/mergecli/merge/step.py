@@ -98,18 +98,22 @@ def _params_model(
         annotation, alias = _split_alias(hints.get(parameter.name, Any))
         field = Field(default, alias=alias) if alias else default
         fields[parameter.name] = (varying(f"{name}_{parameter.name}", annotation), field)
-    base = MergeOptions if model_count is None else _counted_options(model_count)
-    return create_model(f"{name}_params", __base__=base, **fields)
+    return create_model(f"{name}_params", __base__=_counted_options(name, model_count), **fields)
 
 
-def _counted_options(model_count: ModelCount) -> type[MergeOptions]:
-    """MergeOptions whose recipe check applies ``model_count`` to the recipe's checkpoints."""
+def _counted_options(name: str, model_count: ModelCount | None) -> type[MergeOptions]:
+    """MergeOptions whose recipe check counts the checkpoints: every method needs one besides
+    the base, and ``model_count`` says what else the method needs."""
 
     class CountedOptions(MergeOptions):
         def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
             has_base = any(c.role == "base" for c in recipe.checkpoints)
             models = sum(c.role != "base" for c in recipe.checkpoints)
-            problem = model_count(models, has_base)
+            if models == 0:
+                problem = (f"merge {name}: there is no checkpoint to merge besides the base "
+                           "(`role: base`); add the checkpoints to merge")  # fmt: skip
+            else:
+                problem = model_count(models, has_base) if model_count else None
             return [*super().recipe_problems(recipe), *([((), problem)] if problem else [])]
 
     return CountedOptions
