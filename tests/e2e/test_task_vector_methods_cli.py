@@ -96,7 +96,7 @@ def test_della_masks_follow_the_recipe_seed(tmp_path: Path) -> None:
     assert not torch.equal(outputs[0][name], outputs[2][name])
 
 
-def test_model_stock_and_della_errors(tmp_path: Path) -> None:
+def test_model_stock_della_and_sce_errors(tmp_path: Path) -> None:
     write_checkpoints(tmp_path)
     result, _ = run(tmp_path, "a", "{method: model_stock}")
     line = error_line(result, 2)
@@ -104,3 +104,7 @@ def test_model_stock_and_della_errors(tmp_path: Path) -> None:
     result, _ = run(tmp_path, "ab", "{method: della, density: 0.9}")
     line = error_line(result, 2)
     assert "density ± epsilon" in line and "got density 0.9 and epsilon 0.15" in line
+    # SCE's select_topk is a fraction of the positions.
+    result, out = run(tmp_path, "ab", "{method: sce, select_topk: 1.5}")
+    assert "steps.0.merge.select_topk" in error_line(result, 2)
+    assert not out.exists()
