@@ -108,6 +108,12 @@ METHODS = {
     # DELLA's masks are random: compared at density 1, where none is drawn.
     "della": ({"density": 1.0, "lambda": 0.9}, {"method": "della", "lambda": 0.9}, True),
     "della_linear": ({"density": 1.0}, {"method": "della_linear"}, True),
+    "sce": ({}, {"method": "sce"}, True),
+    "sce_select_topk": (
+        {"select_topk": 0.4},
+        {"method": "sce", "select_topk": 0.4},
+        True,
+    ),
     "nuslerp": ({}, {"method": "nuslerp"}, False),
     "nuslerp_base": ({}, {"method": "nuslerp"}, True),
     "nuslerp_rows": (

@@ -94,9 +94,9 @@ def test_interpolation_recipe_errors(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "steps.0.merge.t" in error_line(result)
     recipe = write_recipe(tmp_path, BASE_AND_TWO, "{method: nearswap, t: 0.1}")
-    # Found when the method meets the models, as slerp's count (exit 1, before any output).
+    # The count is the recipe's: refused before anything runs (exit 2).
     result = run_cli_in_process("run", str(recipe))
-    assert "nearswap: needs exactly one model besides the base, got 2" in error_line(result, 1)
+    assert "nearswap: needs exactly one model besides the base, got 2" in error_line(result, 2)
     assert not (tmp_path / "out" / "model.safetensors").exists()
     no_base = "  - {path: a.safetensors}\n  - {path: b.safetensors}\n"
     recipe = write_recipe(tmp_path, no_base, "{method: nearswap, t: 0.1}")

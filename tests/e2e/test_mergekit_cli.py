@@ -55,6 +55,10 @@ checkpoints:
   - {path: ft-b, weight: 0.5, parameters: {density: 0.4}}
 steps: [{merge: {method: della}}]
 """,
+    "sce": """
+checkpoints: [{path: base, role: base}, {path: ft-a}, {path: ft-b}]
+steps: [{merge: {method: sce, select_topk: 0.6}}]
+""",
 }
 
 
@@ -93,7 +97,7 @@ def test_run_mergekit_config_as_mergekit_yaml_takes_it(models_here: Path) -> Non
     assert "method: ties" in resolved
 
 
-@pytest.mark.parametrize("name", ["dare_ties", "slerp", "passthrough", "della"])
+@pytest.mark.parametrize("name", ["dare_ties", "slerp", "passthrough", "della", "sce"])
 def test_run_mergekit_config_equals_the_recipe_by_hand(name: str, models_here: Path) -> None:
     result = run_cli_in_process("run", str(CONFIGS / f"{name}.yml"), "--out", "merged")
     assert result.returncode == 0, result.stderr

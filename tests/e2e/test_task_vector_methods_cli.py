@@ -1,4 +1,4 @@
-"""Model Stock and DELLA through `mergecli run`, as a user runs them, on tiny checkpoints: the
+"""Model Stock, DELLA and SCE through `mergecli run`, as a user runs them, on tiny checkpoints: the
 output against the paper's formula written here, seeded masks, and one-line errors."""
 
 from __future__ import annotations
@@ -58,6 +58,31 @@ def test_model_stock_run_is_the_papers_formula(tmp_path: Path) -> None:
         torch.testing.assert_close(merged[name].flatten(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_sce_run_is_the_formula(tmp_path: Path) -> None:
+    models = write_checkpoints(tmp_path)
+    result, out = run(tmp_path, "abc", "{method: sce, select_topk: 0.5}")
+    assert result.returncode == 0, result.stderr
+    merged = load_file(out / "model.safetensors")
+    for name in NAMES:
+        base = models["base"][name]
+        deltas = torch.stack([models[t][name] - base for t in "abc"])
+        # Select: the half of the positions (of those that vary) of largest variance.
+        variance = ((deltas - deltas.mean(dim=0)) ** 2).mean(dim=0)
+        k = int(0.5 * int((variance != 0).sum()))
+        threshold = variance.flatten().sort(descending=True).values[k - 1]
+        deltas = deltas * (variance >= threshold)
+        # Calculate: each model's share of the mean squared task-vector entries.
+        energy = torch.stack([(d**2).mean() for d in deltas])
+        c = (energy / energy.sum()).reshape(3, *[1] * base.dim())
+        # Erase: entries against the sign of the sum; the agreeing ones' c-weighted mean (an
+        # unselected position has none: its divisor, floored at 1e-6, leaves the base's).
+        agree = (deltas.sign() == torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)).float()
+        divisor = (c * agree).sum(dim=0).clamp_min(1e-6)
+        expected = base + (c * agree * deltas).sum(dim=0) / divisor
+        assert torch.equal(merged[name] == base, variance < threshold)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_della_masks_follow_the_recipe_seed(tmp_path: Path) -> None:
     write_checkpoints(tmp_path)
     step = "{method: della, density: 0.5, epsilon: 0.2}"
@@ -71,11 +96,15 @@ def test_della_masks_follow_the_recipe_seed(tmp_path: Path) -> None:
     assert not torch.equal(outputs[0][name], outputs[2][name])
 
 
-def test_model_stock_and_della_errors(tmp_path: Path) -> None:
+def test_model_stock_della_and_sce_errors(tmp_path: Path) -> None:
     write_checkpoints(tmp_path)
     result, _ = run(tmp_path, "a", "{method: model_stock}")
-    line = error_line(result, 1)
+    line = error_line(result, 2)
     assert "model_stock: needs a base and at least two fine-tuned checkpoints, got 1" in line
     result, _ = run(tmp_path, "ab", "{method: della, density: 0.9}")
     line = error_line(result, 2)
     assert "density ± epsilon" in line and "got density 0.9 and epsilon 0.15" in line
+    # SCE's select_topk is a fraction of the positions.
+    result, out = run(tmp_path, "ab", "{method: sce, select_topk: 1.5}")
+    assert "steps.0.merge.select_topk" in error_line(result, 2)
+    assert not out.exists()

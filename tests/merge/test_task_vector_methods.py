@@ -1,4 +1,4 @@
-"""Model Stock, Model Breadcrumbs and DELLA against formulas written out here from the papers
+"""Model Stock, Model Breadcrumbs, DELLA and SCE against formulas written out here from the papers
 (and mergekit 0.1.5's reading of them), and the invariants they must keep."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from mergecli.errors import MergeCliError, RecipeError
 from mergecli.merge.breadcrumbs import breadcrumbs, breadcrumbs_ties, keep_between_outliers
 from mergecli.merge.della import della, della_linear, magprune
 from mergecli.merge.model_stock import model_stock
+from mergecli.merge.sce import keep_top_variance, sce
 from mergecli.merge.task_arithmetic import task_arithmetic, ties
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -223,3 +224,72 @@ def test_della_epsilon_must_leave_probabilities_inside_zero_one() -> None:
     base, models = fine_tunes(2, (4, 4))
     with pytest.raises(RecipeError, match="got density 0.9 and epsilon 0.15"):
         della(models, torch.ones(2), base, torch.Generator(), density=0.9)
+
+
+# SCE
+
+
+def sce_by_hand(models: Tensor, base: Tensor, select_topk: float) -> Tensor:
+    """SCE entry by entry (FuseChat, Wan et al. 2024, as mergekit 0.1.5 reads it): keep the
+    select_topk fraction of positions of largest variance of the task vectors across models
+    (of those with variance != 0), weigh model i by mean(d_i^2) / sum_k mean(d_k^2), and per
+    position average, with those weights, the task-vector entries of the sign of their sum."""
+    n = len(models)
+    deltas = [(m - base).flatten().tolist() for m in models]
+    size = len(deltas[0])
+    variance = []
+    for j in range(size):
+        column = [d[j] for d in deltas]
+        mean = sum(column) / n
+        variance.append(sum((x - mean) ** 2 for x in column) / n)
+    if select_topk < 1:
+        k = int(select_topk * sum(v != 0 for v in variance))
+        top = set(sorted(range(size), key=lambda j: -variance[j])[:k])
+        deltas = [[x if j in top else 0.0 for j, x in enumerate(d)] for d in deltas]
+    energy = [sum(x * x for x in d) / size for d in deltas]
+    c = [e / sum(energy) for e in energy] if sum(energy) >= 1e-6 else [1 / n] * n
+    out = []
+    for j in range(size):
+        column = [d[j] for d in deltas]
+        sign = 1.0 if sum(column) >= 0 else -1.0
+        agree = [i for i in range(n) if column[i] * sign > 0]
+        top = sum(c[i] * column[i] for i in agree)
+        out.append(top / max(sum(c[i] for i in agree), 1e-6))
+    return base + torch.tensor(out).reshape(base.shape)
+
+
+@pytest.mark.parametrize(
+    ("n", "shape", "select_topk"),
+    [(2, (6, 5), 1.0), (3, (6, 5), 0.3), (3, (17,), 0.55), (4, (4, 3), 0.0)],
+)
+def test_sce_is_the_formula(n: int, shape: tuple[int, ...], select_topk: float) -> None:
+    base, models = fine_tunes(n, shape, seed=n)
+    # Models of different sizes of change, so that the coefficients differ.
+    models = base + (models - base) * torch.linspace(0.5, 2.0, n).reshape(-1, *[1] * len(shape))
+    expected = sce_by_hand(models, base, select_topk)
+    # The recipe's weights play no part (as in mergekit).
+    for weights in (torch.ones(n), torch.rand(n)):
+        got = sce(models.clone(), weights, base, select_topk=select_topk)
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_sce_invariants() -> None:
+    base, models = fine_tunes(3, (5, 4))
+    # Identical fine-tunes: every entry agrees, the coefficients are equal: the fine-tune.
+    same = models[:1].expand(3, 5, 4).clone()
+    torch.testing.assert_close(sce(same.clone(), torch.ones(3), base), models[0], **TOL)
+    # Below select_topk 1 only positions that vary are selected: none here, the base comes back.
+    torch.testing.assert_close(sce(same.clone(), torch.ones(3), base, select_topk=0.5), base)
+    # Models equal to the base: the base.
+    torch.testing.assert_close(sce(base.expand(3, 5, 4).clone(), torch.ones(3), base), base)
+    # One model: its task vector agrees with itself everywhere: the model.
+    torch.testing.assert_close(sce(models[:1].clone(), torch.ones(1), base), models[0], **TOL)
+
+
+def test_sce_selection_keeps_exactly_k_in_memory_order_on_ties() -> None:
+    # Position variances 0, 1, 1, 1, 4 (two models: d = +-v); k = int(0.5 * 4) = 2: the 4 and
+    # the first of the equal ones.
+    v = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0])
+    deltas = torch.stack([v, -v])
+    kept = keep_top_variance(deltas.clone(), 0.5)
+    assert kept[0].tolist() == [0.0, 1.0, 0.0, 0.0, 2.0]

@@ -113,6 +113,11 @@ EXPECTED = {
             "compute_dtype": "float32",
         },
     ),  # fmt: skip
+    # SCE's coefficients come from the task vectors; int8_mask only saves memory: gone.
+    "sce": (
+        [BASE, {"path": "ft-a"}, {"path": "ft-b"}],
+        {"method": "sce", "select_topk": 0.6, "compute_dtype": "float32"},
+    ),
     "nuslerp": (
         [BASE, {"path": "ft-a", "weight": 0.3}, {"path": "ft-b", "weight": 0.7}],
         {"method": "nuslerp", "compute_dtype": "float32"},
@@ -198,7 +203,8 @@ MODELS = "models:\n  - model: ft-a\n  - model: ft-b\n"
         (f"{MODELS}merge_method: linear\nlora: x\n", "mk.yml:5: lora: not a mergekit 0.1.5 key"),
         ("models:\n  - model: ft-a+my-lora\n  - model: ft-b\nmerge_method: linear\n",
          "mk.yml:2: models.0.model: a LoRA reference (model+lora) is not supported"),
-        (f"{MODELS}merge_method: sce\n", "mk.yml:4: merge_method: 'sce' is not supported"),
+        (f"{MODELS}merge_method: arcee_fusion\n",
+         "mk.yml:4: merge_method: 'arcee_fusion' is not supported"),
         (f"{MODELS}merge_method: ties\n", "mk.yml:4: merge_method: ties needs a base_model"),
         (f"{MODELS}merge_method: linear\ndtype: int8\n", "mk.yml:5: dtype: must be one of"),
         ("models:\n  - model: ft-a\n    parameters:\n      weight: [0, 1]\n  - model: ft-b\n"

@@ -11,6 +11,7 @@ METHOD_MODULES = (
     "mergecli.merge.model_stock",
     "mergecli.merge.breadcrumbs",
     "mergecli.merge.della",
+    "mergecli.merge.sce",
     "mergecli.merge.nuslerp",
     "mergecli.merge.multislerp",
     "mergecli.merge.karcher",

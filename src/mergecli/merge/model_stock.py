@@ -9,7 +9,18 @@ from mergecli.errors import MergeCliError
 from mergecli.merge.step import merge_method
 
 
-@merge_method("model_stock", needs_base=True)
+def two_fine_tunes(n: int, has_base: bool) -> str | None:
+    """Model Stock's angle needs two offsets from the base (a recipe without one is told so by
+    the base check)."""
+    if not has_base or n >= 2:
+        return None
+    return (
+        f"merge model_stock: needs a base and at least two fine-tuned checkpoints, got {n} "
+        "besides the base; add another fine-tune of the base or use task_arithmetic"
+    )
+
+
+@merge_method("model_stock", needs_base=True, model_count=two_fine_tunes)
 def model_stock(models: Tensor, weights: Tensor, base: Tensor, filter_wise: bool = False) -> Tensor:
     """Model Stock (Jang et al., 2024): t w_avg + (1 - t) w_0, t = N cos / (1 + (N - 1) cos).
 
@@ -20,11 +31,8 @@ def model_stock(models: Tensor, weights: Tensor, base: Tensor, filter_wise: bool
     no part: the paper and mergekit average the fine-tunes uniformly.
     """
     n = len(models)
-    if n < 2:
-        raise MergeCliError(
-            f"merge model_stock: needs a base and at least two fine-tuned checkpoints, got {n} "
-            "besides the base; add another fine-tune of the base or use task_arithmetic"
-        )
+    if problem := two_fine_tunes(n, True):
+        raise MergeCliError(problem)
     shape = base.shape
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base

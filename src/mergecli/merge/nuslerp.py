@@ -39,7 +39,14 @@ def nuslerp_vectors(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: b
     return result.reshape(shape)
 
 
-@merge_method("nuslerp")
+def two_models(n: int, has_base: bool) -> str | None:
+    """NuSLERP interpolates two models (or their task vectors from a base)."""
+    if n == 2:
+        return None
+    return f"merge nuslerp: interpolates exactly two models (besides an optional base), got {n}"
+
+
+@merge_method("nuslerp", model_count=two_models)
 def nuslerp(
     models: Tensor,
     weights: Tensor,
@@ -54,11 +61,8 @@ def nuslerp(
     as one vector; without it each row (``nuslerp_row_wise``: each column) is interpolated on
     its own.
     """
-    if len(models) != 2:
-        raise MergeCliError(
-            f"merge nuslerp: interpolates exactly two models (besides an optional base), "
-            f"got {len(models)}"
-        )
+    if problem := two_models(len(models), base is not None):
+        raise MergeCliError(problem)
     w0, w1 = weights.tolist()
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     if base is None:

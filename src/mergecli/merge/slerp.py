@@ -12,7 +12,17 @@ from mergecli.errors import MergeCliError
 from mergecli.merge.step import merge_method
 
 
-@merge_method("slerp")
+def two_inputs(n: int, has_base: bool) -> str | None:
+    """SLERP joins two points: a base and one model, or two models."""
+    if n + has_base == 2:
+        return None
+    return (
+        f"merge slerp: interpolates exactly two models (a base and one model, or two "
+        f"models), got {n + has_base}"
+    )
+
+
+@merge_method("slerp", model_count=two_inputs)
 def slerp(
     models: Tensor,
     weights: Tensor,
@@ -27,11 +37,8 @@ def slerp(
     interpolated linearly. t = 0 gives v0, t = 1 gives v1.
     """
     pair = [base, *models] if base is not None else list(models)
-    if len(pair) != 2:
-        raise MergeCliError(
-            f"merge slerp: interpolates exactly two models (a base and one model, or two "
-            f"models), got {len(pair)}"
-        )
+    if problem := two_inputs(len(models), base is not None):
+        raise MergeCliError(problem)
     v0, v1 = pair
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     norm_a = a.norm(dim=1, keepdim=True)

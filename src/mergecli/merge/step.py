@@ -16,7 +16,7 @@ from torch import Tensor
 from mergecli.errors import MergeCliError
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.merge.parameters import NO_MATCH, count_layers, tensor_values, varying
-from mergecli.recipe.schema import StepParams
+from mergecli.recipe.schema import Recipe, StepParams
 from mergecli.registry import mark_registered, step_method
 from mergecli.state import Checkpoint, MergeState, StateDict
 
@@ -24,6 +24,9 @@ from mergecli.state import Checkpoint, MergeState, StateDict
 TENSOR_ARGUMENTS = ("models", "weights", "base", "generator")
 
 MergeFunction = Callable[..., Tensor]
+# A method's rule on how many checkpoints it merges: (models besides the base, whether the
+# recipe has a base) -> what is wrong, as one line, or None. Checked when the recipe is validated.
+ModelCount = Callable[[int, bool], str | None]
 COMPUTE_DTYPES = {
     "float32": torch.float32, "float64": torch.float64,
     "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -40,7 +43,10 @@ class MergeOptions(StepParams):
 
 
 def merge_method(
-    name: str, needs_base: bool = False, per_model: tuple[str, ...] = ()
+    name: str,
+    needs_base: bool = False,
+    per_model: tuple[str, ...] = (),
+    model_count: ModelCount | None = None,
 ) -> Callable[[MergeFunction], MergeFunction]:
     """Register a function over one tensor's stack ``models`` (N, ...) as ``merge: {method: name}``.
 
@@ -51,10 +57,12 @@ def merge_method(
     by the recipe's seed and the tensor's name, so results do not depend on processing order.
     Parameters named in ``per_model`` may be set per checkpoint (`checkpoints[].parameters`);
     when any checkpoint does, the function receives a list with one value per model.
+    ``model_count`` (see ``ModelCount``) makes a wrong number of checkpoints a recipe error,
+    found by `validate` before anything runs.
     """
 
     def register(fn: MergeFunction) -> MergeFunction:
-        params = _params_model(name, fn)
+        params = _params_model(name, fn, model_count)
 
         def run(state: MergeState, options: StepParams) -> None:
             # The validated values themselves, not a dump: a filter entry dumped to a dict
@@ -78,7 +86,9 @@ def merge_method(
     return register
 
 
-def _params_model(name: str, fn: MergeFunction) -> type[StepParams]:
+def _params_model(
+    name: str, fn: MergeFunction, model_count: ModelCount | None = None
+) -> type[StepParams]:
     hints = typing.get_type_hints(fn, include_extras=True)
     fields: dict[str, Any] = {}
     for parameter in inspect.signature(fn).parameters.values():
@@ -88,7 +98,25 @@ def _params_model(name: str, fn: MergeFunction) -> type[StepParams]:
         annotation, alias = _split_alias(hints.get(parameter.name, Any))
         field = Field(default, alias=alias) if alias else default
         fields[parameter.name] = (varying(f"{name}_{parameter.name}", annotation), field)
-    return create_model(f"{name}_params", __base__=MergeOptions, **fields)
+    return create_model(f"{name}_params", __base__=_counted_options(name, model_count), **fields)
+
+
+def _counted_options(name: str, model_count: ModelCount | None) -> type[MergeOptions]:
+    """MergeOptions whose recipe check counts the checkpoints: every method needs one besides
+    the base, and ``model_count`` says what else the method needs."""
+
+    class CountedOptions(MergeOptions):
+        def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
+            has_base = any(c.role == "base" for c in recipe.checkpoints)
+            models = sum(c.role != "base" for c in recipe.checkpoints)
+            if models == 0:
+                problem = (f"merge {name}: there is no checkpoint to merge besides the base "
+                           "(`role: base`); add the checkpoints to merge")  # fmt: skip
+            else:
+                problem = model_count(models, has_base) if model_count else None
+            return [*super().recipe_problems(recipe), *([((), problem)] if problem else [])]
+
+    return CountedOptions
 
 
 def _split_alias(annotation: Any) -> tuple[Any, str | None]:

@@ -22,7 +22,7 @@ METHODS = {
     **{name: name for name in (
         "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "nuslerp", "multislerp",
         "karcher", "nearswap", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-        "della_linear", "passthrough",
+        "della_linear", "sce", "passthrough",
     )},
 }  # fmt: skip
 TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "slices", "dtype", "out_dtype",
