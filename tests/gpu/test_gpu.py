@@ -156,3 +156,23 @@ def test_train_in_mixed_precision_on_the_gpu(tmp_path: Path, precision: str) -> 
     assert json.loads(meta["mergecli.training"])["precision"] == precision
     assert float(meta["mergecli.eval_accuracy"]) > 0.8
     assert all(t.dtype == torch.float32 for t in load_file(out).values() if t.is_floating_point())
+
+
+def test_zipit_on_the_gpu_zips_as_the_cpu(tmp_path: Path, trained_pair) -> None:
+    merged = {}
+    for device in ("cpu", "cuda"):
+        folder = tmp_path / device
+        folder.mkdir()
+        recipe = write_recipe(folder, *trained_pair)
+        text = recipe.read_text().replace(
+            "  - merge: {method: average}",
+            "  - align: {method: zipit}\n  - merge: {method: average}",
+        )
+        text = text.replace("steps:", f"device: {device}\nsteps:", 1)
+        text = text.replace("data:\n", 'data:\n  fit: {source: mnist, split: "0:2000"}\n', 1)
+        recipe.write_text(text)
+        run_cli("--log", "plain", "run", str(recipe), check=True)
+        merged[device] = load_file(folder / "out" / "model.safetensors")
+    # Correlations from float64 sums on either device; the greedy matching runs on the CPU.
+    for name, tensor in merged["cpu"].items():
+        torch.testing.assert_close(merged["cuda"][name], tensor, atol=1e-5, rtol=1e-5)

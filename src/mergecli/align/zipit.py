@@ -50,7 +50,7 @@ def zip_features(correlation: Tensor, models: int, alpha: float, beta: float) ->
     """
     total = correlation.shape[0]
     width = total // models
-    scores = correlation.double()
+    scores = correlation.double().cpu()  # a sequential loop of small steps: the CPU's work
     scores = (scores + scores.T) / 2  # exactly symmetric: a pair has one score, as in the paper
     scores.fill_diagonal_(-torch.inf)
     members = [[i] for i in range(total)]  # clusters, by the index of their lowest member
