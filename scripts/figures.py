@@ -83,6 +83,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
         f"{EXAMPLES}/mnist-resnet20-reset-bn.yaml",
         ["steps.0.align={method: cca, batchnorm: fold}"],
     ),
+    "resnet_zipit": (
+        f"{EXAMPLES}/mnist-resnet20-reset-bn.yaml",
+        ["steps.0.align={method: zipit}"],
+    ),
     **{
         f"resnet_wm_seed{seed}": (
             f"{EXAMPLES}/mnist-resnet20-reset-bn.yaml",
@@ -347,6 +351,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "resnet_activation_matching_reset": lambda: pct(merged("resnet")),
     "resnet_cca_paper": lambda: pct(merged("resnet_cca_paper")),
     "resnet_cca_fold": lambda: pct(merged("resnet_cca_fold")),
+    "resnet_zipit_reset": lambda: pct(merged("resnet_zipit")),
     "resnet_weight_matching_range": wm_resnet_range,
     "resnet_recipe_seconds": lambda: f"{seconds('resnet'):.0f}",
     "resnet_train_seconds": lambda: f"{TRAIN_SECONDS['resnet20']:.0f}",
