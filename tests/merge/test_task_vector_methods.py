@@ -192,6 +192,37 @@ def test_della_with_the_same_draws_is_the_formula(shape: tuple[int, ...]) -> Non
     torch.testing.assert_close(got, base + lam * elected, **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [1 << 17, 7])
+def test_magprune_is_the_formula_across_blocks_and_ties(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, block: int
+) -> None:
+    # Rows ranked a few at a time (block 7: rows of 3 entries in blocks of 2 rows, a last
+    # block of 1) keep the whole tensor's draws; integer-valued entries tie often, and ties
+    # rank in memory order.
+    monkeypatch.setattr("mergecli.merge.della._BLOCK", block)
+    generator = torch.Generator().manual_seed(4)
+    delta = torch.randint(-3, 4, (5, 3), generator=generator).to(dtype)
+    u = torch.rand(delta.shape, generator=torch.Generator().manual_seed(9))
+    expected = delta * (u < della_probabilities_by_hand(delta, 0.5, 0.3))
+    got = magprune(
+        delta.clone(), 0.5, 0.3, rescale=False, generator=torch.Generator().manual_seed(9)
+    )
+    assert torch.equal(got, expected)
+
+
+def test_magprune_ranks_along_dimension_one_of_a_conv_weight() -> None:
+    # (out, in, kh, kw): each entry ranked among the `in` entries at its (out, kh, kw).
+    delta = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(1))
+    u = torch.rand(delta.shape, generator=torch.Generator().manual_seed(2))
+    rows = delta.movedim(1, -1).reshape(-1, 5)
+    by_hand = della_probabilities_by_hand(rows, 0.5, 0.2).reshape(2, 3, 3, 5).movedim(-1, 1)
+    got = magprune(
+        delta.clone(), 0.5, 0.2, rescale=False, generator=torch.Generator().manual_seed(2)
+    )
+    assert torch.equal(got, delta * (u < by_hand))
+
+
 def test_della_at_density_one_is_task_arithmetic_and_ties() -> None:
     base, models = fine_tunes(3, (5, 4))
     weights = torch.tensor([0.5, 0.3, 0.2])
