@@ -44,6 +44,8 @@ def magprune(
                 f"{epsilon:g}: lower epsilon or move density"
             ]
         )
+    if delta.numel() == 0:
+        return delta
     # The keep probability of each rank (0 = smallest), as mergekit writes it per entry.
     m = delta.shape[1] if delta.dim() >= 2 else delta.numel()
     if m > 1:
