@@ -110,6 +110,23 @@ def test_breadcrumbs_mask(density: float, gamma: float) -> None:
     torch.testing.assert_close(rescaled, expected * (delta.abs().sum() / expected.abs().sum()))
 
 
+@pytest.mark.parametrize("shape", [(12, 10), (70_000,)])
+def test_breadcrumbs_ties_at_the_cuts_go_in_memory_order(shape: tuple[int, ...]) -> None:
+    # Few distinct magnitudes, so both cuts fall inside runs of equal ones; the kept entries
+    # are ranks n_bot .. n_bot + k of a stable ascending sort (Python's sort is stable). The
+    # long vector takes the selection's sampled path.
+    delta = torch.randint(-4, 5, shape, generator=torch.Generator().manual_seed(2)).float()
+    values = delta.abs().flatten().tolist()
+    n = len(values)
+    k = int(0.45 * n)
+    n_bot = max(0, n - k - int(0.1 * n))
+    ascending = sorted(range(n), key=lambda i: values[i])
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[ascending[n_bot : n_bot + k]] = True
+    got = keep_between_outliers(delta.clone(), 0.45, 0.1, rescale=False)
+    assert torch.equal(got, delta * mask.reshape(shape))
+
+
 def test_breadcrumbs_is_task_arithmetic_over_the_masked_task_vectors() -> None:
     base, models = fine_tunes(2, (8, 8))
     weights = torch.tensor([0.6, 0.4])
