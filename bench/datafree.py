@@ -1,5 +1,5 @@
-"""TIES, DELLA and Model Stock merges of three ~1 GB LLaMA-style models: mergecli against
-mergekit, same run.
+"""TIES, DELLA, Model Stock and Breadcrumbs merges of three ~1 GB LLaMA-style models: mergecli
+against mergekit, same run.
 
 Builds three bf16 checkpoints (hidden 2048, 8 layers, vocab 32000: 1.08 GB each) with a
 config.json, runs the same merge of each method with `mergekit-yaml` (mergekit 0.1.5 in its own
@@ -7,7 +7,7 @@ venv, created on first use) and with `mergecli run`, each under /usr/bin/time, a
 time and peak RSS with the ratios mergecli / mergekit (goal: both <= 0.5).
 DELLA's random masks differ between the tools (as DARE's do), so its outputs are not compared.
 Run: .venv/bin/python bench/datafree.py [--workdir /tmp/datafree] [--mergekit-venv .venv-mergekit]
-     [--methods ties della model_stock]
+     [--methods ties della model_stock breadcrumbs]
 """
 
 from __future__ import annotations
@@ -92,6 +92,11 @@ METHODS = {
         True,
     ),
     "model_stock": ({}, {"method": "model_stock"}, False),
+    "breadcrumbs": (
+        {"gamma": 0.01},
+        {"method": "breadcrumbs", "density": 0.5, "gamma": 0.01},
+        True,
+    ),
 }
 
 

@@ -6,6 +6,7 @@ script creates on first use) and with `mergecli run`, of mergecli's recipe and o
 config itself, and prints the largest absolute difference per method. Parity means
 max |mergecli - mergekit| <= 1e-6 in float32.
 Run: .venv/bin/python bench/mergekit_parity.py [--mergekit-venv .venv-mergekit]
+     [--methods CASE ...]  (default: every case)
 """
 
 from __future__ import annotations
@@ -277,6 +278,7 @@ def run_mergecli(paths: dict[str, Path], method: str, out: Path) -> dict[str, to
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mergekit-venv", type=Path, default=Path(".venv-mergekit"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
     exe = ensure_mergekit(args.mergekit_venv.resolve())
     worst = 0.0
@@ -285,7 +287,7 @@ def main() -> None:
         paths = write_models(root / "models")
         # Each case twice: mergecli's own recipe, and the mergekit config itself run by mergecli.
         print(f"{'case':24} {'tensors':>8} {'max |mergecli - mergekit|':>28} {'(config)':>10}")
-        for method in METHODS:
+        for method in args.methods:
             theirs = run_mergekit(exe, paths, method, root / f"mergekit-{method}")
             ours = run_mergecli(paths, method, root / f"mergecli-{method}")
             direct = run_mergecli_on_config(paths, method, root / f"mergecli-config-{method}")

@@ -111,6 +111,23 @@ def test_breadcrumbs_mask(density: float, gamma: float) -> None:
     torch.testing.assert_close(rescaled, expected * (delta.abs().sum() / expected.abs().sum()))
 
 
+@pytest.mark.parametrize("shape", [(12, 10), (70_000,)])
+def test_breadcrumbs_ties_at_the_cuts_go_in_memory_order(shape: tuple[int, ...]) -> None:
+    # Few distinct magnitudes, so both cuts fall inside runs of equal ones; the kept entries
+    # are ranks n_bot .. n_bot + k of a stable ascending sort (Python's sort is stable). The
+    # long vector takes the selection's sampled path.
+    delta = torch.randint(-4, 5, shape, generator=torch.Generator().manual_seed(2)).float()
+    values = delta.abs().flatten().tolist()
+    n = len(values)
+    k = int(0.45 * n)
+    n_bot = max(0, n - k - int(0.1 * n))
+    ascending = sorted(range(n), key=lambda i: values[i])
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[ascending[n_bot : n_bot + k]] = True
+    got = keep_between_outliers(delta.clone(), 0.45, 0.1, rescale=False)
+    assert torch.equal(got, delta * mask.reshape(shape))
+
+
 def test_breadcrumbs_is_task_arithmetic_over_the_masked_task_vectors() -> None:
     base, models = fine_tunes(2, (8, 8))
     weights = torch.tensor([0.6, 0.4])
@@ -191,6 +208,37 @@ def test_della_with_the_same_draws_is_the_formula(shape: tuple[int, ...]) -> Non
         density=density, epsilon=epsilon, lam=lam,
     )  # fmt: skip
     torch.testing.assert_close(got, base + lam * elected, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [1 << 17, 7])
+def test_magprune_is_the_formula_across_blocks_and_ties(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, block: int
+) -> None:
+    # Rows ranked a few at a time (block 7: rows of 3 entries in blocks of 2 rows, a last
+    # block of 1) keep the whole tensor's draws; integer-valued entries tie often, and ties
+    # rank in memory order.
+    monkeypatch.setattr("mergecli.merge.della._BLOCK", block)
+    generator = torch.Generator().manual_seed(4)
+    delta = torch.randint(-3, 4, (5, 3), generator=generator).to(dtype)
+    u = torch.rand(delta.shape, generator=torch.Generator().manual_seed(9))
+    expected = delta * (u < della_probabilities_by_hand(delta, 0.5, 0.3))
+    got = magprune(
+        delta.clone(), 0.5, 0.3, rescale=False, generator=torch.Generator().manual_seed(9)
+    )
+    assert torch.equal(got, expected)
+
+
+def test_magprune_ranks_along_dimension_one_of_a_conv_weight() -> None:
+    # (out, in, kh, kw): each entry ranked among the `in` entries at its (out, kh, kw).
+    delta = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(1))
+    u = torch.rand(delta.shape, generator=torch.Generator().manual_seed(2))
+    rows = delta.movedim(1, -1).reshape(-1, 5)
+    by_hand = della_probabilities_by_hand(rows, 0.5, 0.2).reshape(2, 3, 3, 5).movedim(-1, 1)
+    got = magprune(
+        delta.clone(), 0.5, 0.2, rescale=False, generator=torch.Generator().manual_seed(2)
+    )
+    assert torch.equal(got, delta * (u < by_hand))
 
 
 def test_della_at_density_one_is_task_arithmetic_and_ties() -> None:
