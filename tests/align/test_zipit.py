@@ -131,7 +131,7 @@ def test_partial_zip_stops_where_no_zipped_layer_reads_a_later_group() -> None:
     # through whole stages: zipping a stream needs every block of its stage zipped, as the
     # paper's partial zip stops at the end of a stage.
     from mergecli.align.spec import derive_spec
-    from mergecli.align.step import trunk_tensors
+    from mergecli.align.zipit_step import trunk_tensors
     from mergecli.errors import MergeCliError
     from mergecli.models import build_model
 

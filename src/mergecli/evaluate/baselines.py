@@ -81,7 +81,7 @@ def _zipit_problems(
     i: int, baseline: Baseline, options: dict[str, Any], recipe: Recipe
 ) -> Problems:
     """A zipit baseline: ZipIt!'s parameters, of the checkpoints as loaded, with data.fit."""
-    from mergecli.align.step import ZipItParams
+    from mergecli.align.zipit_step import ZipItParams
 
     found: Problems = []
     label = baseline if isinstance(baseline, str) else next(iter(baseline))
@@ -115,7 +115,7 @@ def merge_baseline_model(
     name, options = _named(baseline)
     method, _ = merge_baseline(baseline)
     if name == ZIPIT:
-        from mergecli.align.step import ZipItParams, zipit_merge
+        from mergecli.align.zipit_step import ZipItParams, zipit_merge
 
         return _label(name, options), name, zipit_merge(state, ZipItParams(**options))
     aligned = name.startswith(ALIGNED)
