@@ -159,13 +159,7 @@ def activation_matching_transforms(
 def align_cca(state: MergeState, params: CCAParams) -> None:
     """CCA Merge (Horoi et al., 2024): linear maps from canonical correlation analysis."""
     spec = permutation_spec(state)
-    fallback = permutation_only_groups(spec)
-    if fallback and params.from_ is None:
-        state.log.warn(
-            f"cca: {len(fallback)} group(s) are attention heads or pass through LayerNorm, "
-            "GroupNorm, PReLU or a depthwise conv, which only a permutation passes, and are "
-            f"aligned by permutation (activation matching): {', '.join(sorted(fallback))}"
-        )
+    fallback = permutation_only_groups(spec, state, "cca", params)
     warn_without_reset_bn(state, spec, fallback)
     reported: set[str] = set()
     align_models(
@@ -197,13 +191,26 @@ def cca_transforms(
     return transforms
 
 
-def permutation_only_groups(spec: PermutationSpec) -> set[str]:
+def permutation_only_groups(
+    spec: PermutationSpec,
+    state: MergeState | None = None,
+    method: str = "",
+    params: AlignParams | None = None,
+) -> set[str]:
     """Groups through norms with statistics across units (LayerNorm, GroupNorm) or per-unit
-    weights that no map can pass (PReLU, depthwise conv): they keep a permutation."""
+    weights that no map can pass (PReLU, depthwise conv): they keep a permutation. With
+    ``state``, the log says which, for ``method`` (not when the transforms come from a file)."""
     heads = spec.attention_of()  # heads move only as whole permutations
-    return {
+    groups = {
         g.name for g in spec.groups if g.name in heads or any(m.role == "norm" for m in g.members)
     }
+    if state is not None and groups and params is not None and params.from_ is None:
+        state.log.warn(
+            f"{method}: {len(groups)} group(s) are attention heads or pass through LayerNorm, "
+            "GroupNorm, PReLU or a depthwise conv, which only a permutation passes, and are "
+            f"aligned by permutation (activation matching): {', '.join(sorted(groups))}"
+        )
+    return groups
 
 
 # How each built-in method brings a checkpoint into another model's basis: the align step

@@ -49,13 +49,7 @@ class ZipItParams(AlignParams):
 def align_zipit(state: MergeState, params: ZipItParams) -> None:
     """ZipIt! (Stoica et al., 2024): features merged across and within models, by correlation."""
     spec = permutation_spec(state)
-    fallback = permutation_only_groups(spec)
-    if fallback and params.from_ is None:
-        state.log.warn(
-            f"zipit: {len(fallback)} group(s) are attention heads or pass through LayerNorm, "
-            "GroupNorm, PReLU or a depthwise conv, which only a permutation passes, and are "
-            f"aligned by permutation (activation matching): {', '.join(sorted(fallback))}"
-        )
+    fallback = permutation_only_groups(spec, state, "zipit", params)
     warn_without_reset_bn(state, spec, fallback, "zipit")
     _warn_unless_averaged(state)
     zipped: dict[str, Transforms] = {}
