@@ -29,7 +29,8 @@ from helpers import (
     write_recipe,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# One worker runs them all (pytest-xdist's loadgroup): one private cluster at a time.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 SCRIPT = TESTS / "slurm" / "local-slurm.sh"
 PYTHON = sys.executable
