@@ -46,6 +46,7 @@ _T = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": 
 # method: (mergekit global parameters, mergecli step parameters, uses a base)
 METHODS = {
     "linear": ({"normalize": True}, {"method": "linear"}, False),
+    "linear_per_tensor_weights": ({"normalize": True}, {"method": "linear"}, False),
     "task_arithmetic": ({"lambda": 0.8}, {"method": "task_arithmetic", "lambda": 0.8}, True),
     "ties": (
         {"density": 0.5, "normalize": True, "lambda": 1.0},
@@ -56,6 +57,11 @@ METHODS = {
     "dare_ties": ({"density": 1.0}, {"method": "dare_ties", "density": 1.0}, True),
     "slerp": ({"t": 0.3}, {"method": "slerp", "t": 0.3}, False),
     "ties_per_model_density": (
+        {"density": 0.5, "normalize": True, "lambda": 1.0},
+        {"method": "ties", "density": 0.5, "lambda": 1.0},
+        True,
+    ),
+    "ties_per_tensor_weights": (
         {"density": 0.5, "normalize": True, "lambda": 1.0},
         {"method": "ties", "density": 0.5, "lambda": 1.0},
         True,
@@ -137,6 +143,17 @@ METHODS = {
 # Layer slices (model, start, end excluded) by case: mergekit's `slices: [{sources: [{model,
 # layer_range}]}]`, mergecli's `slices: [{model, layers}]`.
 SLICES = {"passthrough_slices": [("ft-a", 0, 2), ("ft-b", 1, 3), ("ft-a", 2, 3)]}
+# Weights that vary by tensor (mergekit's per-tensor `weight`), where a case sets them.
+WEIGHTS: dict[str, dict[str, object]] = {
+    "linear_per_tensor_weights": {
+        "ft-a": [{"filter": "mlp", "value": 0.2}, {"value": [0.9, 0.3]}],
+        "ft-b": [0.1, 0.5, 0.7],
+    },
+    "ties_per_tensor_weights": {
+        "ft-a": [{"filter": "self_attn", "value": 0.3}, {"value": 0.6}],
+        "ft-b": 0.4,
+    },
+}
 # Parameters one model sets for itself (mergekit: models[].parameters; mergecli:
 # checkpoints[].parameters), by case.
 PER_MODEL = {
@@ -204,7 +221,7 @@ def ensure_mergekit(venv: Path) -> Path:
 def mergekit_config(paths: dict[str, Path], method: str) -> dict:
     """The mergekit config of a case, as a mergekit user writes it."""
     global_params, step, uses_base = METHODS[method]
-    weights = {"ft-a": 0.6, "ft-b": 0.4}
+    weights = WEIGHTS.get(method, {"ft-a": 0.6, "ft-b": 0.4})
     own = PER_MODEL.get(method, {})
     merge_method = step["method"]
     if method in SLICES:
@@ -254,7 +271,7 @@ def mergecli_recipe(paths: dict[str, Path], method: str, out: Path) -> dict:
     own = PER_MODEL.get(method, {})
     checkpoints = [
         {"path": str(paths[n]), "weight": w, **({"parameters": own[n]} if n in own else {})}
-        for n, w in (("ft-a", 0.6), ("ft-b", 0.4))
+        for n, w in WEIGHTS.get(method, {"ft-a": 0.6, "ft-b": 0.4}).items()
         if n == "ft-a" or method not in FIRST_ONLY
     ]
     if uses_base:

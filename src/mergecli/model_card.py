@@ -71,7 +71,7 @@ def model_card(state: MergeState) -> str:
     for c in state.checkpoints:
         role = c.spec.role or ("reference" if c is state.reference else "")
         lines.append(
-            f"| {_cell(c.name)} | {role} | {c.spec.weight:g} | `{_cell(c.spec.path)}` | "
+            f"| {_cell(c.name)} | {role} | {_weight(c.spec.weight)} | `{_cell(c.spec.path)}` | "
             f"`{c.sha256}` |"
         )
     lines.append("")
@@ -87,3 +87,8 @@ def model_card(state: MergeState) -> str:
 
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|")
+
+
+def _weight(weight: object) -> str:
+    """A model's weight for the card: the number, or that it varies by tensor."""
+    return f"{weight:g}" if isinstance(weight, (int, float)) else "varies by tensor"

@@ -99,6 +99,20 @@ class MergeState:
     def base(self) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.spec.role == "base"), None)
 
+    def model_weights(self, what: str, models: list[Checkpoint] | None = None) -> list[float]:
+        """The weights of ``models`` (default: every merged model, in order), one number each,
+        for ``what`` (a step that weighs a whole model; a weight that varies by tensor is for
+        the data-free merges, and validate refuses it)."""
+        models = self.models if models is None else models
+        for checkpoint in models:
+            if checkpoint.spec.varies:
+                raise MergeCliError(
+                    f"checkpoints.{checkpoint.index}.weight varies by tensor, which only the "
+                    f"data-free merge methods take; {what} weighs each model with one number: "
+                    "give one"
+                )
+        return [float(c.spec.weight) for c in models]
+
     @property
     def models(self) -> list[Checkpoint]:
         """The checkpoints being merged: every one but the base model."""

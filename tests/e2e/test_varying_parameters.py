@@ -285,3 +285,64 @@ def test_malformed_forms_are_recipe_errors_with_their_line(tmp_path: Path) -> No
         "recipe.yaml:6: checkpoints.1.parameters.density.0.weight: unknown key 'weight' "
         "(allowed: filter, value)",
     ]
+
+
+def test_a_checkpoint_weight_by_filter_and_by_gradient(tmp_path: Path) -> None:
+    # mergekit's per-tensor `weight`: a's by filter (layers.0 and the head apart), b's by a
+    # gradient over the three layers (the head, outside the layers, takes its first value).
+    m = write_checkpoints(tmp_path)
+    out = merge(
+        tmp_path,
+        """
+        - path: a.safetensors
+          weight: [{filter: layers.0., value: 0.0}, {filter: lm_head, value: 3}, {value: 1}]
+        - {path: b.safetensors, weight: [1, 2]}
+        """,
+        "method: average",
+    )
+    for name, (wa, wb) in zip(NAMES, ((0, 1), (1, 1.5), (1, 2), (3, 1)), strict=True):
+        expected = (wa * m["a"][name] + wb * m["b"][name]) / (wa + wb)
+        torch.testing.assert_close(out[name], expected)
+    # Weight 0 for a: layers.0 is b's tensor exactly.
+    torch.testing.assert_close(out[LAYERS[0]], m["b"][LAYERS[0]], rtol=0, atol=0)
+
+
+def test_a_varying_weight_without_a_catch_all_or_for_a_whole_model_step_is_one_line(
+    tmp_path: Path,
+) -> None:
+    write_checkpoints(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(
+        "version: 1\ncheckpoints:\n  - {path: a.safetensors, weight: [{filter: mlp, value: 2}]}\n"
+        "  - {path: b.safetensors}\nsteps:\n  - merge: average\noutput: {dir: out}\n"
+    )
+    result = run_cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "checkpoints.0.weight: no filter entry matches tensor 'lm_head.weight'; add an entry "
+            "without `filter` as the last one (the weight elsewhere)"
+        )
+    )
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    # A step that weighs whole models refuses it at validate, at the weight's line.
+    (tmp_path / "recipe.yaml").write_text(
+        "version: 1\nmodel: {arch: mlp, args: {depth: 3, hidden: 32}}\ncheckpoints:\n"
+        "  - {path: a.safetensors, weight: [1, 2]}\n  - {path: b.safetensors}\n"
+        "data: {fit: {source: mnist, split: '0:100'}}\n"
+        "steps:\n  - merge: fisher\noutput: {dir: out}\n"
+    )
+    result = run_cli("validate", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "recipe.yaml:4: checkpoints.0.weight: varies by tensor, which only the data-free merge "
+        "methods take; merge fisher weighs each model with one number: give one"
+    ]
+    (tmp_path / "recipe.yaml").write_text(
+        "version: 1\ncheckpoints:\n  - {path: a.safetensors, weight: [1, {value: 2}]}\n"
+        "steps:\n  - merge: average\noutput: {dir: out}\n"
+    )
+    result = run_cli("validate", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "checkpoints.0.weight: expected a number, a list of numbers" in result.stderr

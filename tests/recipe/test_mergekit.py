@@ -179,6 +179,27 @@ def test_global_weight_and_rescale(models_here: Path) -> None:
     assert recipe["steps"][0]["merge"] == {"method": "dare_linear", "density": 0.7}
 
 
+def test_per_tensor_weights_and_the_global_weight_after_a_models_filters(models_here: Path) -> None:
+    filters = [{"filter": "mlp", "value": 0.2}]
+    config = {
+        "merge_method": "linear",
+        "models": [
+            {"model": "ft-a", "parameters": {"weight": filters}},
+            {"model": "ft-b", "parameters": {"weight": [0.1, 0.9]}},
+            {"model": "ft-c", "parameters": {"weight": [*filters, {"value": 0.3}]}},
+        ],
+        "parameters": {"weight": [0.5, 1.0]},
+    }
+    recipe = mergekit_to_recipe(config, models_here / "c.yml")
+    # mergekit reads a model's filters, then the global weight where none matches: the global
+    # one ends the first model's list; a gradient, or filters with a catch-all, stay as written.
+    assert [c["weight"] for c in recipe["checkpoints"]] == [
+        [*filters, {"value": [0.5, 1.0]}],
+        [0.1, 0.9],
+        [*filters, {"value": 0.3}],
+    ]
+
+
 def problems(text: str, folder: Path) -> list[str]:
     path = folder / "mk.yml"
     path.write_text(text)
@@ -207,8 +228,6 @@ MODELS = "models:\n  - model: ft-a\n  - model: ft-b\n"
          "mk.yml:4: merge_method: 'arcee_fusion' is not supported"),
         (f"{MODELS}merge_method: ties\n", "mk.yml:4: merge_method: ties needs a base_model"),
         (f"{MODELS}merge_method: linear\ndtype: int8\n", "mk.yml:5: dtype: must be one of"),
-        ("models:\n  - model: ft-a\n    parameters:\n      weight: [0, 1]\n  - model: ft-b\n"
-         "merge_method: linear\n", "mk.yml:4: models.0.parameters.weight: a per-tensor"),
         ("slices:\n  - sources:\n      - model: ft-a\n        layer_range: [0, 2]\n"
          "      - model: ft-b\n        layer_range: [0, 3]\nmerge_method: linear\n",
          "mk.yml:4: slices.0.sources.0.layer_range: the model has 3 layers"),

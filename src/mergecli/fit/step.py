@@ -319,7 +319,7 @@ def _fit_task_vectors(
     _release_own_weights(module, names)
     base = state.base.tensors
     sources = [m.aligned_or_original for m in models]
-    weights = torch.tensor([float(m.spec.weight) for m in models])
+    weights = torch.tensor(state.model_weights("fit", models))
     method = params.start or DEFAULT_START
     start = start_merge(method, params.start_params, base, sources, weights, names)
     stacked = [start.merged, *(TaskVectors(s, base) for s in sources)]

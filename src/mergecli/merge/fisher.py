@@ -62,7 +62,7 @@ def fisher_step(state: MergeState, params: FisherParams) -> None:
         )
     if params.normalize:
         fishers = [normalized(f) for f in fishers]
-    lambdas = [m.spec.weight for m in state.models]
+    lambdas = state.model_weights("fisher")
     state.merged = fisher_merge(models, fishers, lambdas, params.fisher_floor)
     state.log.info(
         f"merge fisher: {params.fisher} Fisher of {len(models)} models over {len(data)} examples"

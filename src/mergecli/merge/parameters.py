@@ -203,3 +203,27 @@ def tensor_values(
             )
         table[name] = values
     return table
+
+
+def tensor_weights(
+    names: list[str], layers: int, weights: dict[int, Any]
+) -> dict[str, list[float]]:
+    """Every tensor's model weights, in the order of ``weights`` (by the checkpoint's index in
+    the recipe): a checkpoint's number, or its weight at that tensor where it varies (a
+    gradient over the layers, or filters: the first entry that matches). A tensor that a
+    checkpoint's filters leave without a weight is a recipe error, found here, before any
+    tensor is merged."""
+    table = {}
+    for name in names:
+        position = layer_position(name, layers)
+        values = [resolve(w, name, position) for w in weights.values()]
+        if any(v is NO_MATCH for v in values):
+            index = next(i for i, v in zip(weights, values, strict=True) if v is NO_MATCH)
+            raise RecipeError(
+                [
+                    f"checkpoints.{index}.weight: no filter entry matches tensor '{name}'; add "
+                    "an entry without `filter` as the last one (the weight elsewhere)"
+                ]
+            )
+        table[name] = [float(v) for v in values]
+    return table

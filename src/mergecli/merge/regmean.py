@@ -50,7 +50,7 @@ def regmean_step(state: MergeState, params: RegMeanParams) -> None:
         input_grams(module, weights, data.batches(batch_size, shuffle=False, device=state.device))
         for weights in models
     ]
-    lambdas = [m.spec.weight for m in state.models]
+    lambdas = state.model_weights("regmean")
     state.merged = regmean_merge(models, grams, lambdas, params.alpha)
     state.log.info(
         f"merge regmean: {len(grams[0])} linear layers from {len(data)} examples, "

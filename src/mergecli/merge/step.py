@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mergecli.errors import MergeCliError
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
-from mergecli.merge.parameters import NO_MATCH, count_layers, tensor_values, varying
+from mergecli.merge.parameters import NO_MATCH, count_layers, tensor_values, tensor_weights, varying
 from mergecli.recipe.schema import Recipe, StepParams
 from mergecli.registry import mark_registered, step_method
 from mergecli.state import Checkpoint, MergeState, StateDict
@@ -173,25 +173,26 @@ def merge_tensors(
         for n in names
         if tensor_dtype(reference, n).is_floating_point and n not in state.copied_from_base
     ]
-    table = tensor_values(merged, count_layers(names), options, defaults or {}, own or {})
-    return _merge_each(state, fn, table, needs_base, aligned, compute_dtype)
+    layers = count_layers(names)
+    table = tensor_values(merged, layers, options, defaults or {}, own or {})
+    weights = tensor_weights(merged, layers, {m.index: m.spec.weight for m in state.models})
+    return _merge_each(state, fn, table, weights, needs_base, aligned, compute_dtype)
 
 
 def _merge_each(
     state: MergeState,
     fn: MergeFunction,
     table: dict[str, dict[str, Any]],
+    weights_of: dict[str, list[float]],
     needs_base: bool,
     aligned: bool,
     compute_dtype: torch.dtype,
 ) -> Iterator[tuple[str, Tensor]]:
-    """Merge the tensors in ``table`` with their parameter values; the others come as they are
-    from the reference."""
+    """Merge the tensors in ``table`` with their parameter values and the models' weights
+    there; the others come as they are from the reference."""
     models = state.models
     sources = [m.aligned_or_original if aligned else m.tensors for m in models]
-    weights = torch.tensor(
-        [m.spec.weight for m in models], dtype=compute_dtype, device=state.device
-    )
+    made: dict[tuple[float, ...], Tensor] = {}  # one tensor per distinct set of weights
     takes_generator = "generator" in inspect.signature(fn).parameters
     takes_base = "base" in inspect.signature(fn).parameters
     reference = state.layout
@@ -211,7 +212,10 @@ def _merge_each(
             extra["base"] = base.to(state.device, compute_dtype)
         if takes_generator:
             extra["generator"] = _generator_for(state.loaded.recipe.seed, name, state.device)
-        result = fn(stack, weights=weights, **extra, **table[name])
+        key = tuple(weights_of[name])
+        if key not in made:
+            made[key] = torch.tensor(key, dtype=compute_dtype, device=state.device)
+        result = fn(stack, weights=made[key], **extra, **table[name])
         if result.numel() and not _finite(result):
             raise MergeCliError(
                 f"merge: tensor '{name}' came out with NaN or inf values; check the method's "

@@ -154,6 +154,7 @@ def validate_recipe(
         problems += [where((*at, *key), message)
                      for key, message in step.params.recipe_problems(recipe)]  # fmt: skip
     problems += _per_model_problems(recipe, data, where)
+    problems += _varying_weight_problems(recipe, steps, where)
     if problems:
         raise RecipeError(problems)
     return LoadedRecipe(recipe, steps, where.filename, warnings, where)
@@ -249,6 +250,30 @@ def _per_model_problems(recipe: Recipe, data: dict[str, Any], where: Locator) ->
                     problems += validation_problems(exc, method.params, at[:-1], data, where)
                     break
     return problems
+
+
+def _varying_weight_problems(recipe: Recipe, steps: list[StepSpec], where: Locator) -> list[str]:
+    """A weight that varies by tensor is for the data-free merge methods; the steps that weigh
+    a whole model (fit, REPAIR, Fisher, RegMean, passthrough) need one number per model."""
+    from mergecli.merge.step import MergeOptions
+
+    varying = [i for i, c in enumerate(recipe.checkpoints) if c.varies]
+    if not varying:
+        return []
+    readers = [
+        f"{step.kind} {step.method}"
+        for step in steps
+        if step.kind == "fit"
+        or (step.kind == "repair" and step.method == "repair")
+        or (step.kind == "merge" and not isinstance(step.params, MergeOptions))
+    ]
+    if not readers:
+        return []
+    return [
+        where(("checkpoints", i, "weight"), f"varies by tensor, which only the data-free merge "
+              f"methods take; {readers[0]} weighs each model with one number: give one")
+        for i in varying
+    ]  # fmt: skip
 
 
 def _unmet_needs(recipe: Recipe, steps: list[StepSpec], where: Locator) -> list[str]:

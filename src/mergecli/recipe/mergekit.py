@@ -285,11 +285,7 @@ def _checkpoints(
         t.came_from(("checkpoints", index), at)
         t.came_from(("checkpoints", index, "path"), (*at, "model"))
         for key, (value, where) in params.items():
-            if key == "weight":
-                if not _number(value):
-                    t.fail(where, "a per-tensor `weight` (list or filters) is not supported: "
-                                  "mergecli weighs a whole model with one number")  # fmt: skip
-                    continue
+            if key == "weight":  # a number, a gradient or filters, as mergecli's `weight`
                 checkpoint["weight"] = value
                 t.came_from(("checkpoints", index, "weight"), where)
             else:
@@ -334,6 +330,20 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _filters_without_catch_all(value: Any) -> bool:
+    entries = value if isinstance(value, list) else [value]
+    return all(isinstance(e, dict) for e in entries) and all("filter" in e for e in entries)
+
+
+def _as_filters(value: Any) -> list[Any]:
+    """A setting as filter entries: filters as they are, a number or gradient as `{value: V}`."""
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
+        return value
+    return [{"value": value}]
+
+
 def _parameters(
     t: _Translation,
     method: str,
@@ -347,14 +357,16 @@ def _parameters(
         if key in DROPPED:
             continue
         if key == "weight":
-            if not _number(value):
-                t.fail(where, "a per-tensor `weight` (list or filters) is not supported: "
-                              "mergecli weighs a whole model with one number")  # fmt: skip
-                continue
             for index, checkpoint in enumerate(checkpoints):
-                if "weight" not in checkpoint and checkpoint.get("role") != "base":
+                if checkpoint.get("role") == "base":
+                    continue
+                if "weight" not in checkpoint:
                     checkpoint["weight"] = value
                     t.came_from(("checkpoints", index, "weight"), where)
+                elif _filters_without_catch_all(checkpoint["weight"]):
+                    # mergekit reads a model's filters, then the global setting where none
+                    # matches: the global one becomes the model's last, catch-all entries.
+                    checkpoint["weight"] = [*_as_filters(checkpoint["weight"]), *_as_filters(value)]
             continue
         if key == "rescale" and method in FIXED_RESCALE:
             if value is not FIXED_RESCALE[method]:

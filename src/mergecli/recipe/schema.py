@@ -83,11 +83,42 @@ class CheckpointSpec(Strict):
     path: str
     sha256: str | None = None
     role: Literal["reference", "base"] | None = None
-    weight: float = 1.0
+    # A number, or (data-free merges only) one that varies by tensor: a gradient over the
+    # layers or a list of {filter, value}, as mergekit's per-tensor `weight`.
+    weight: Any = 1.0
     name: str | None = None
     # This model's own values of the merge method's per-model parameters (e.g. density),
     # like mergekit's `models[].parameters`.
     parameters: dict[str, Any] | None = None
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight_form(cls, value: Any) -> Any:
+        from pydantic import TypeAdapter, ValidationError
+
+        from mergecli.merge.parameters import varying
+
+        adapter = TypeAdapter(
+            varying("checkpoint_weight", Annotated[float, Field(allow_inf_nan=False)])
+        )
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or p == "value")
+            # Worded as every other recipe problem (`recipe.problems`): lower case, with the
+            # value given where it is one.
+            message = "required key is missing" if first["type"] == "missing" else first["msg"]
+            message = message[0].lower() + message[1:]
+            given = first.get("input")
+            if isinstance(given, (int, float, str, bool)) and first["type"] != "missing":
+                message += f" (got {given!r})"
+            raise ValueError(f"{where + ': ' if where else ''}{message}") from None
+
+    @property
+    def varies(self) -> bool:
+        """Whether the weight varies by tensor (a gradient or filters), not one number."""
+        return isinstance(self.weight, list)
 
     @field_validator("sha256")
     @classmethod

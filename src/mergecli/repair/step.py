@@ -117,7 +117,7 @@ def repair_step(state: MergeState, params: RepairParams) -> None:
     inputs = _inputs(state, params.batches)
     available = -(-len(state.data("fit")) // state.batch_size("fit"))
     used = available if params.batches is None else min(params.batches, available)
-    weights = torch.tensor([m.spec.weight for m in state.models], dtype=torch.float64)
+    weights = torch.tensor(state.model_weights("repair"), dtype=torch.float64)
     endpoints = [m.aligned_or_original for m in state.models]
     head = head_layer(module)
     result = repair(module, merged, endpoints, weights, inputs, params.eps, params.include_head)
