@@ -173,6 +173,16 @@ PARTIAL_ZIP_STEPS = (
     "{evaluate: {baselines: [aligned_ensemble]}}]"
 )
 RUNS["biased_zipit"] = (BIASED, [ZIPIT_STEPS])
+# ZipIt!'s alpha and beta, which the paper tunes per setting on a held-out split.
+for alpha, beta in ((0.5, 0.5), (1.0, 1.0)):
+    RUNS[f"biased_zipit_a{alpha:g}_b{beta:g}".replace(".", "")] = (
+        BIASED,
+        [
+            ZIPIT_STEPS.replace(
+                "{method: zipit}", f"{{method: zipit, alpha: {alpha}, beta: {beta}}}"
+            )
+        ],
+    )
 RUNS["biased_zipit_partial"] = (BIASED, [PARTIAL_ZIP_STEPS])
 
 # The biased pair's table: (label, run key, evaluate row field, its value) in the order shown.
@@ -398,6 +408,8 @@ FIGURES: dict[str, Callable[[], str]] = {
     **{k: v for arch in TRANSFORMERS for k, v in transformer_figures(arch).items()},
     "biased_a": lambda: pct(accuracy("biased", "mlp8-biased0-4")),
     "biased_zipit": lambda: pct(merged("biased_zipit")),
+    "biased_zipit_a05_b05": lambda: pct(merged("biased_zipit_a05_b05")),
+    "biased_zipit_a1_b1": lambda: pct(merged("biased_zipit_a1_b1")),
     "biased_zipit_heads": lambda: pct(accuracy("biased_zipit_partial", "aligned_ensemble", "kind")),
     "biased_b": lambda: pct(accuracy("biased", "mlp8-biased5-9")),
     "biased_ensemble": lambda: pct(accuracy("biased", "ensemble", "kind")),
