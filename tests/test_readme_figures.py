@@ -60,6 +60,7 @@ def test_biased_table_reads_every_row_from_its_run(tmp_path: Path, monkeypatch) 
     for key, results in (
         ("biased", rows),
         ("biased_zipit", [{**rows[-1], "accuracy": 0.6}]),
+        ("biased_zipit_search", [{**rows[-1], "accuracy": 0.91}]),
         ("biased_zipit_partial", partial),
     ):
         (tmp_path / key).mkdir()
@@ -69,7 +70,9 @@ def test_biased_table_reads_every_row_from_its_run(tmp_path: Path, monkeypatch) 
     assert len(lines) == 1 + len(script.BIASED_ROWS)
     assert lines[1].split()[-2:] == ["80.00%", "1.0000"]
     assert lines[-1].startswith("NP Merge") and lines[-1].split()[-2:] == ["94.44%", "0.2500"]
-    assert lines[-4].startswith("ZipIt! (align: zipit, then average)")
-    assert lines[-4].split()[-2:] == ["60.00%", "0.2500"]
+    assert lines[-5].startswith("ZipIt! (align: zipit, then average)")
+    assert lines[-5].split()[-2:] == ["60.00%", "0.2500"]
+    assert lines[-4].startswith("ZipIt!, alpha and beta searched")
+    assert lines[-4].split()[-2:] == ["91.00%", "0.2500"]
     assert lines[-3].split()[-2:] == ["70.00%", "0.5000"]
     assert lines[-2].split()[-2:] == ["65.00%", "0.7500"]

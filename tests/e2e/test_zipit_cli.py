@@ -191,3 +191,29 @@ def test_partial_zip_names_a_group_of_the_model(tmp_path: Path, trained_pair) ->
     line = error_line(result)
     assert "layer.9" in line and "layers.0, layers.1" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_lists_of_alpha_and_beta_are_searched_on_data_fit(tmp_path: Path, trained_pair) -> None:
+    search = "{method: zipit, alpha: [0.3, 1.0], beta: [0.0, 1.0]}"
+    (tmp_path / "search").mkdir()
+    run_cli("run", str(zipit_recipe(tmp_path / "search", *trained_pair, search)), check=True)
+    report = json.loads((tmp_path / "search" / "out" / "report.json").read_text())
+    zipit = report["align"]["zipit"]
+    rows = zipit["search"]
+    assert [(r["alpha"], r["beta"]) for r in rows] == [
+        (0.3, 0.0),
+        (0.3, 1.0),
+        (1.0, 0.0),
+        (1.0, 1.0),
+    ]
+    best = max(rows, key=lambda r: (r["accuracy"], -r["loss"]))
+    assert [r for r in rows if r.get("chosen")] == [best]
+    assert (zipit["alpha"], zipit["beta"]) == (best["alpha"], best["beta"])
+    # The chosen pair, given alone, zips the same model.
+    chosen = f"{{method: zipit, alpha: {best['alpha']}, beta: {best['beta']}}}"
+    (tmp_path / "one").mkdir()
+    run_cli("run", str(zipit_recipe(tmp_path / "one", *trained_pair, chosen)), check=True)
+    searched = load_file(tmp_path / "search" / "out" / "model.safetensors")
+    single = load_file(tmp_path / "one" / "out" / "model.safetensors")
+    for name, tensor in single.items():
+        torch.testing.assert_close(searched[name], tensor, rtol=0, atol=0)

@@ -3,6 +3,9 @@ into a zipped basis whose plain average is the zipped model; its partial zip; it
 
 from __future__ import annotations
 
+import itertools
+from typing import Annotated
+
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -23,17 +26,19 @@ from mergecli.align.step import (
 from mergecli.align.transform import Transforms, apply_transforms
 from mergecli.align.zipit import correlation_from_covariance, zip_features
 from mergecli.errors import MergeCliError, RecipeError
+from mergecli.evaluate.metrics import accuracy, collect_logits, cross_entropy
 from mergecli.recipe.schema import shown_default
 from mergecli.registry import step_method
 from mergecli.state import Checkpoint, MergeState, StateDict
 
 
 class ZipItParams(AlignParams):
-    alpha: float = Field(
+    # A list of values is searched (every pair of alpha and beta), as the paper tunes them.
+    alpha: float | list[float] = Field(
         default=0.3, description="a merged feature's score is alpha times its parts' lowest"
     )
-    beta: float = Field(
-        default=0.125, ge=0, description="same-model merges per model, as a fraction"
+    beta: Annotated[float, Field(ge=0)] | list[Annotated[float, Field(ge=0)]] = Field(
+        default=0.125, description="same-model merges per model, as a fraction"
     )
     batches: int | None = Field(
         default=None, ge=1, json_schema_extra=shown_default("all of data.fit")
@@ -54,19 +59,24 @@ def align_zipit(state: MergeState, params: ZipItParams) -> None:
     _warn_unless_averaged(state)
     zipped: dict[str, Transforms] = {}
     within: dict[str, dict[str, int]] = {}
+    search: list[dict[str, float]] = []
 
     def transforms_of(spec: PermutationSpec, target: Target, other: Checkpoint) -> Transforms:
         if not zipped:  # one zip of all models, computed when the first model asks
-            zipped.update(zipit_transforms(state, params, spec, fallback, within))
+            stats = _pair_statistics(state, params, spec)
+            chosen = _search(state, params, spec, fallback, stats, search)
+            zipped.update(zipit_transforms(state, chosen, spec, fallback, within, stats))
         return zipped[other.name]
 
     zipped_groups = _zipped_groups(spec, params.partial, fallback)  # a wrong name fails first
     align_models(state, params, "zipit", transforms_of, reference_moves=True)
     if params.partial is not None:
         _share_the_trunk(state, spec, zipped_groups)
+    chosen = next((row for row in search if row.get("chosen")), None)
     state.report["align"]["zipit"] = {
-        "alpha": params.alpha,
-        "beta": params.beta,
+        "alpha": chosen["alpha"] if chosen else params.alpha,
+        "beta": chosen["beta"] if chosen else params.beta,
+        **({"search": search} if search else {}),
         "zipped": sorted(zipped_groups),
         "within_model_merges": within,
     }
@@ -78,14 +88,9 @@ def zipit_merge(state: MergeState, params: ZipItParams) -> StateDict:
     spec = permutation_spec(state)
     fallback = permutation_only_groups(spec)
     trunk_tensors(spec, _zipped_groups(spec, params.partial, fallback))  # checks the stop
-    transforms = zipit_transforms(state, params, spec, fallback, {})
-    mapped = [apply_transforms(c.tensors, spec, transforms[c.name]) for c in state.models]
-    return {
-        name: (sum(m[name].double() for m in mapped) / len(mapped)).to(tensor.dtype)
-        if tensor.is_floating_point()
-        else tensor
-        for name, tensor in state.reference.tensors.items()
-    }
+    stats = _pair_statistics(state, params, spec)
+    chosen = _search(state, params, spec, fallback, stats, [])
+    return _average(state, spec, zipit_transforms(state, chosen, spec, fallback, {}, stats))
 
 
 def _zipped_groups(spec: PermutationSpec, partial: str | None, fallback: set[str]) -> set[str]:
@@ -150,17 +155,13 @@ def zipit_transforms(
     spec: PermutationSpec,
     fallback: set[str],
     within: dict[str, dict[str, int]],
+    stats: dict[tuple[int, int], dict[str, PairStatistics]] | None = None,
 ) -> dict[str, Transforms]:
     """Every merged model's transforms by name (the reference's too: the zipped basis is
-    new); ``within`` gets the same-model merges per group and model."""
-    models = [state.reference] + [c for c in state.models if c is not state.reference]
-    stats = {
-        (i, j): fit_statistics(
-            state, spec, Target(models[i].name, models[i].tensors), models[j], params.batches
-        )
-        for i in range(len(models))
-        for j in range(i + 1, len(models))
-    }
+    new), with one ``alpha`` and ``beta``; ``within`` gets the same-model merges per group and
+    model. ``stats``: the pairs' activation statistics, when already read."""
+    models = _in_zip_order(state)
+    stats = _pair_statistics(state, params, spec) if stats is None else stats
     transforms: dict[str, Transforms] = {m.name: {} for m in models}
     zipped = _zipped_groups(spec, params.partial, fallback)
     for group in spec.groups:
@@ -191,6 +192,76 @@ def zipit_transforms(
         for name, perm in perms.items():
             transforms[model.name].setdefault(name, perm)
     return transforms
+
+
+def _in_zip_order(state: MergeState) -> list[Checkpoint]:
+    """The merged models, the reference first (its units number the zipped ones first)."""
+    return [state.reference] + [c for c in state.models if c is not state.reference]
+
+
+def _pair_statistics(
+    state: MergeState, params: ZipItParams, spec: PermutationSpec
+) -> dict[tuple[int, int], dict[str, PairStatistics]]:
+    """Activation statistics of every pair of models on data.fit, by their zip order."""
+    models = _in_zip_order(state)
+    return {
+        (i, j): fit_statistics(
+            state, spec, Target(models[i].name, models[i].tensors), models[j], params.batches
+        )
+        for i in range(len(models))
+        for j in range(i + 1, len(models))
+    }
+
+
+def _search(
+    state: MergeState,
+    params: ZipItParams,
+    spec: PermutationSpec,
+    fallback: set[str],
+    stats: dict[tuple[int, int], dict[str, PairStatistics]],
+    rows: list[dict[str, float]],
+) -> ZipItParams:
+    """With lists of alpha or beta values, the pair whose zipped average is most accurate on
+    data.fit (lower loss on a tie), as the paper tunes them on held-out data; ``rows`` gets
+    every pair's scores. The zips are scored as they are, before any repair step."""
+    alphas = params.alpha if isinstance(params.alpha, list) else [params.alpha]
+    betas = params.beta if isinstance(params.beta, list) else [params.beta]
+    if len(alphas) * len(betas) == 1:
+        return params.model_copy(update={"alpha": alphas[0], "beta": betas[0]})
+    data = state.data("fit")
+    if data.mask is not None or data.x.dtype == torch.int64:
+        raise RecipeError(
+            [
+                "align.alpha/beta: searching them scores the zips by accuracy on data.fit, which "
+                "needs a classifier; give one alpha and one beta"
+            ]  # fmt: skip
+        )
+    module = state.build_module()
+    for alpha, beta in itertools.product(alphas, betas):
+        candidate = params.model_copy(update={"alpha": alpha, "beta": beta})
+        transforms = zipit_transforms(state, candidate, spec, fallback, {}, stats)
+        merged = _average(state, spec, transforms)
+        logits = collect_logits(module, merged, data, state.batch_size("fit"), state.device)
+        row = {"alpha": alpha, "beta": beta, "accuracy": accuracy(logits, data.y),
+               "loss": cross_entropy(logits, data.y)}  # fmt: skip
+        state.log.info(
+            f"zipit: alpha {alpha:g}, beta {beta:g}: accuracy {row['accuracy']:.4f} on data.fit"
+        )
+        rows.append(row)
+    winner = max(rows, key=lambda r: (r["accuracy"], -r["loss"]))
+    winner["chosen"] = True
+    return params.model_copy(update={"alpha": winner["alpha"], "beta": winner["beta"]})
+
+
+def _average(state: MergeState, spec: PermutationSpec, transforms: dict[str, Transforms]):
+    """The zipped models' plain average: ZipIt!'s merged model."""
+    mapped = [apply_transforms(c.tensors, spec, transforms[c.name]) for c in state.models]
+    return {
+        name: (sum(m[name].double() for m in mapped) / len(mapped)).to(tensor.dtype)
+        if tensor.is_floating_point()
+        else tensor
+        for name, tensor in state.reference.tensors.items()
+    }
 
 
 def _joint_covariance(stats: dict[tuple[int, int], PairStatistics], n: int) -> Tensor:
