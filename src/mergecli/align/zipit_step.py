@@ -69,6 +69,8 @@ def align_zipit(state: MergeState, params: ZipItParams) -> None:
         return zipped[other.name]
 
     zipped_groups = _zipped_groups(spec, params.partial, fallback)  # a wrong name fails first
+    if params.partial is not None:
+        trunk_tensors(spec, zipped_groups)  # and so does a stop inside a residual stage
     align_models(state, params, "zipit", transforms_of, reference_moves=True)
     if params.partial is not None:
         _share_the_trunk(state, spec, zipped_groups)
