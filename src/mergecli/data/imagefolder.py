@@ -20,6 +20,7 @@ from torch import Tensor
 
 from mergecli.data.transforms import AT_LOAD, Step, apply_at_load
 from mergecli.errors import MergeCliError, describe
+from mergecli.runtime.device import one_thread
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MODES = ("RGB", "L")
@@ -161,18 +162,14 @@ def decode_images(
         # fork: the workers start at once, without importing mergecli again.
         method = "fork" if sys.platform.startswith("linux") else None
         context = multiprocessing.get_context(method)
-        with context.Pool(workers, initializer=_one_thread) as pool:
+        with context.Pool(workers, initializer=_worker_on_one_thread) as pool:
             chunk = max(1, min(64, len(jobs) // (4 * workers)))
             results = pool.imap(_decode_one, jobs, chunksize=chunk)
             return _stack(results, names, where)
     # One image is too small a job for torch's intra-op threads (on a busy machine they make
     # it several times slower): one thread, as in each worker.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _stack(map(_decode_one, jobs), names, where)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _stack(results: Any, names: Sequence[str], where: str) -> Tensor:
@@ -197,7 +194,7 @@ def _size(shape: Sequence[int]) -> str:
     return f"{shape[2]}x{shape[1]} (width x height) with {shape[0]} channel(s)"
 
 
-def _one_thread() -> None:
+def _worker_on_one_thread() -> None:
     """One torch thread per worker process: the pool is the parallelism."""
     torch.set_num_threads(1)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import annotated_types
@@ -14,6 +12,7 @@ from mergecli.errors import RecipeError
 from mergecli.merge.breadcrumbs import restore_l1
 from mergecli.merge.step import merge_method
 from mergecli.merge.task_arithmetic import Density, Lambda, combine_task_vectors
+from mergecli.runtime.device import one_thread
 
 # Entries per block of rows ranked at once: the sort's keys and indices stay a few MB.
 _BLOCK = 1 << 17
@@ -59,7 +58,7 @@ def magprune(
         # CPU draws are serial: taken block by block they are the whole tensor's draws, in the
         # same order, and no tensor-sized temporaries are needed.
         ranker = _Ranker(min(step, delta.numel() // m), m, by_rank)
-        with _one_thread():
+        with one_thread():  # a block this size: the sort's barriers cost more than a thread
             for block in delta.view(-1, m).split(step):
                 u = torch.rand(block.shape, generator=generator, out=ranker.draws(block))
                 block.mul_(torch.lt(u, ranker.probability(block), out=ranker.keep(block)))
@@ -75,19 +74,6 @@ def magprune(
         probability = probability.movedim(-1, 1)
     delta.mul_(u < probability.reshape(delta.shape))
     return restore_l1(delta, before) if rescale else delta
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Work block by block on one thread: each parallel op (the radix sort's passes above all)
-    meets at a barrier, which costs more than it saves on a block this size (the sort ran
-    5-15x slower on two busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _Ranker:
