@@ -124,6 +124,14 @@ def logits(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         (("[endpoints, ensemble, average]", "[{zipit: {from: a.safetensors}}]"), "from is for"),
         (("[endpoints, ensemble, average]", "[{zipit: {alpha: x}}]"), "zipit: alpha"),
         (("[endpoints, ensemble, average]", "[aligned_zipit]"), "name it `zipit`"),
+        (
+            (
+                "steps:\n",
+                "  fit: {source: text, path: t.txt}\nsteps:\n"
+                "  - align: {method: zipit, beta: [0, 1]}\n",
+            ),
+            "beta: a list is searched by the zips' accuracy on data.fit, which needs a classifier",
+        ),
     ],
 )
 def test_zipit_recipe_mistakes_are_one_line_at_validate(

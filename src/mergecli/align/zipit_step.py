@@ -27,9 +27,14 @@ from mergecli.align.transform import Transforms, apply_transforms
 from mergecli.align.zipit import correlation_from_covariance, zip_features
 from mergecli.errors import MergeCliError, RecipeError
 from mergecli.evaluate.metrics import accuracy, collect_logits, cross_entropy
-from mergecli.recipe.schema import shown_default
+from mergecli.recipe.schema import Recipe, shown_default
 from mergecli.registry import step_method
 from mergecli.state import Checkpoint, MergeState, StateDict
+
+_NEEDS_A_CLASSIFIER = (
+    "a list is searched by the zips' accuracy on data.fit, which needs a classifier's labels; "
+    "give one alpha and one beta"
+)
 
 
 class ZipItParams(AlignParams):
@@ -48,6 +53,16 @@ class ZipItParams(AlignParams):
         description="zip the groups up to this one (align-spec's order); match the rest",
         json_schema_extra=shown_default("every group"),
     )
+
+    def recipe_problems(self, recipe: Recipe) -> list[tuple[tuple[str | int, ...], str]]:
+        """A search of alpha or beta on token data (text, or an LM dataset): no labels."""
+        fit = recipe.data.fit
+        searched = [k for k in ("alpha", "beta") if isinstance(getattr(self, k), list)]
+        tokens = fit is not None and (fit.source == "text" or fit.task == "lm")
+        problems = super().recipe_problems(recipe)
+        return (
+            [*problems, ((searched[0],), _NEEDS_A_CLASSIFIER)] if searched and tokens else problems
+        )
 
 
 @step_method("align", "zipit", ZipItParams, needs=("model", "data.fit"))
@@ -232,12 +247,7 @@ def _search(
         return params.model_copy(update={"alpha": alphas[0], "beta": betas[0]})
     data = state.data("fit")
     if data.mask is not None or data.x.dtype == torch.int64:
-        raise RecipeError(
-            [
-                "align.alpha/beta: searching them scores the zips by accuracy on data.fit, which "
-                "needs a classifier; give one alpha and one beta"
-            ]  # fmt: skip
-        )
+        raise RecipeError([f"align.alpha/beta: {_NEEDS_A_CLASSIFIER}"])
     module = state.build_module()
     for alpha, beta in itertools.product(alphas, betas):
         candidate = params.model_copy(update={"alpha": alpha, "beta": beta})
