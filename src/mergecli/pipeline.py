@@ -7,6 +7,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from mergecli import __version__
 from mergecli.errors import MergeCliError
-from mergecli.io import checkpoint_sha256, load_state_dict, read_metadata, save_state_dict
+from mergecli.io import load_state_dict, read_metadata, save_state_dict, sha256_in_background
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.io.output_dir import STATE, OutputDir
 from mergecli.io.safetensors_format import write_safetensors
@@ -130,8 +131,14 @@ def prepare_state(
     device = current_world().device_for(recipe.device)
     streaming = is_data_free(loaded)
     checkpoints: list[Checkpoint] = []
+    unhashed = [i for i in range(len(recipe.checkpoints)) if i not in checked.digests]
+    hashing = sha256_in_background([recipe.checkpoints[i].path for i in unhashed])
+    digests: dict[int, str | Future[str]] = {
+        **checked.digests,
+        **dict(zip(unhashed, hashing, strict=True)),
+    }
     for index, spec in enumerate(recipe.checkpoints):
-        digest = checked.digests.get(index) or checkpoint_sha256(spec.path)
+        digest = digests[index]
         name = spec.name or _display_name(spec.path, index)
         if any(c.name == name for c in checkpoints):
             name = f"{name}#{index}"  # tables and saved transforms are keyed by name
@@ -142,7 +149,7 @@ def prepare_state(
             _check_finite(spec.path, tensors)
         metadata = read_metadata(spec.path)
         checkpoints.append(Checkpoint(spec, name, digest, tensors, metadata, index=index))
-        log.info(f"loaded {spec.path}", tensors=len(tensors), sha256=digest[:12])
+        log.info(f"loaded {spec.path}", tensors=len(tensors))
     copied = check_tensors(loaded, checkpoints)
     reference = reference_index(recipe.checkpoints)
     state = MergeState(loaded, checkpoints, reference, device, log, checked.model)
@@ -156,11 +163,16 @@ def prepare_state(
         )
     if recipe.model is not None or needs_a_model(loaded):
         _check_checkpoints_fit(state)
-    state.report["inputs"] = [
-        {"name": c.name, "path": c.spec.path, "sha256": c.sha256, "role": c.spec.role}
-        for c in checkpoints
-    ]
+    state.report["inputs"] = None  # its place in report.json; filled once the digests are in
     return state
+
+
+def _inputs(state: MergeState) -> list[dict[str, str]]:
+    """report.json's `inputs` (waits for digests still being computed)."""
+    return [
+        {"name": c.name, "path": c.spec.path, "sha256": c.sha256, "role": c.spec.role}
+        for c in state.checkpoints
+    ]
 
 
 def model_only_state(loaded: LoadedRecipe, log: Log) -> MergeState:
@@ -255,14 +267,21 @@ def _one_name_per_tied_tensor(tied: dict[str, list[str]], checkpoint: Checkpoint
     return dropped
 
 
-def output_metadata(state: MergeState) -> dict[str, str]:
-    """What the merged safetensors carry so that a merge can be traced and reproduced."""
+def output_metadata(state: MergeState, wait: bool = True) -> dict[str, str]:
+    """What the merged safetensors carry so that a merge can be traced and reproduced.
+
+    ``wait=False``: an input digest still being computed is written as 64 zeros, the length of
+    the digest that replaces it once known (`ShardWriter.close`), so the header is written
+    before the tensors without waiting for the hashing."""
     loaded = state.loaded
+    digests = {
+        c.spec.path: c.sha256 if wait or c.digest_known else "0" * 64 for c in state.checkpoints
+    }
     metadata = {
         "format": "pt",
         "mergecli.version": __version__,
         "mergecli.recipe_sha256": loaded.sha256(),
-        "mergecli.inputs": json.dumps({c.spec.path: c.sha256 for c in state.checkpoints}),
+        "mergecli.inputs": json.dumps(digests),
         "mergecli.steps": json.dumps([s.as_dict() for s in loaded.steps]),
         "mergecli.seed": str(loaded.recipe.seed),
     }
@@ -283,8 +302,7 @@ def write_outputs(state: MergeState, output_dir: OutputDir) -> None:
         # A streamed merge computes while it writes (long); a stop signal aborts it, and the
         # staged files go away with the staging directory.
         plan = _output_plan(state, OUTPUT_DTYPES.get(output.dtype))
-        metadata = output_metadata(state)
-        paths = _write_stream(state.merged, staging, plan, metadata, output.shard_size)
+        paths = _write_stream(state, staging, plan, output.shard_size)
     # The rest takes seconds: a signal now waits until the new set is in place.
     with STOP.deferred():
         rendered = _write_finished(state, output_dir, paths)
@@ -319,6 +337,7 @@ def _write_finished(state: MergeState, output_dir: OutputDir, paths: list[Path])
     for name, (tensors, metadata) in state.artifacts.items():
         write_safetensors(output_dir.file(name), tensors, metadata)
         state.report.setdefault("artifacts", []).append(name)
+    state.report["inputs"] = _inputs(state)
     state.report["name"] = state.loaded.recipe.name
     state.report["recipe_sha256"] = state.loaded.sha256()
     state.report["mergecli_version"] = __version__
@@ -339,13 +358,14 @@ def _output_plan(state: MergeState, dtype: torch.dtype | None) -> list:
     return plan
 
 
-def _write_stream(stream, out_dir: Path, plan, metadata, shard_size) -> list[Path]:
-    """Consume (name, tensor) pairs into shards; a failure leaves no shard behind."""
-    writer = ShardWriter(out_dir, plan, metadata, shard_size)
+def _write_stream(state: MergeState, out_dir: Path, plan, shard_size) -> list[Path]:
+    """Consume the merge's (name, tensor) pairs into shards; a failure leaves no shard behind.
+    The inputs' digests go into the headers at the end, so hashing overlaps the merge."""
+    writer = ShardWriter(out_dir, plan, output_metadata(state, wait=False), shard_size)
     try:
-        for name, tensor in stream:
+        for name, tensor in state.merged:
             writer.add(name, tensor)
-        return writer.close()
+        return writer.close(output_metadata(state))
     except BaseException:
         writer.abort()
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,11 +27,20 @@ class Checkpoint:
 
     spec: CheckpointSpec
     name: str
-    sha256: str
+    digest: str | Future[str]  # the sha256, or one being computed (`sha256_in_background`)
     tensors: StateDict
     metadata: dict[str, str]
     aligned: StateDict | None = None  # the tensors in the reference's basis, after `align`
     index: int = 0  # its place in the recipe's `checkpoints:`
+
+    @property
+    def sha256(self) -> str:
+        """The file's sha256 (waits for it if it is still being computed)."""
+        return self.digest if isinstance(self.digest, str) else self.digest.result()
+
+    @property
+    def digest_known(self) -> bool:
+        return isinstance(self.digest, str) or self.digest.done()
 
     @property
     def aligned_or_original(self) -> StateDict:

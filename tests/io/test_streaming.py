@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mergecli.io.writer as writer_module
@@ -257,3 +258,160 @@ def test_per_model_density(tmp_path: Path) -> None:
         "checkpoints.1.parameters.density: input should be less than or equal to 1 (got 1.5)"
         in (result.stderr)
     )
+
+
+def test_membership_reads_no_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lazy = LazyTensors(llama_dir(tmp_path / "m", 0))
+
+    def refuse(self, name, buffer):
+        raise AssertionError(f"read {name} to answer `in`")
+
+    monkeypatch.setattr(LazyTensors, "read", refuse)
+    assert "model.embed_tokens.weight" in lazy and "model.nothing" not in lazy
+
+
+def test_a_tensor_arrives_over_several_short_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read(2) returns at most about 2 GiB on Linux: bigger tensors take several, and a
+    file that ends early is still an error."""
+    import mergecli.io.lazy as lazy_module
+
+    folder = llama_dir(tmp_path / "m", 0)
+    real_open = open
+
+    class ShortReads:
+        """A file whose reads return at most 100 bytes, as a huge read does at 2 GiB."""
+
+        def __init__(self, path, mode, buffering=-1):
+            self.inner = real_open(path, mode, buffering=buffering)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.close()
+
+        def seek(self, offset):
+            return self.inner.seek(offset)
+
+        def readinto(self, view):
+            return self.inner.readinto(view[:100])
+
+    monkeypatch.setattr(lazy_module, "open", ShortReads, raising=False)
+    lazy, eager = LazyTensors(folder), load_state_dict(folder)
+    for name in eager:  # 1 KB and 2 KB tensors: 11 and 21 reads each
+        assert torch.equal(lazy[name], eager[name])
+
+    class EndsEarly(ShortReads):
+        """The file ends (a read returns nothing) after 300 bytes of the tensor."""
+
+        calls = 0
+
+        def readinto(self, view):
+            EndsEarly.calls += 1
+            return 0 if EndsEarly.calls > 3 else super().readinto(view)
+
+    monkeypatch.setattr(lazy_module, "open", EndsEarly, raising=False)
+    with pytest.raises(MergeCliError, match="cut short"):
+        lazy["model.embed_tokens.weight"]
+
+
+def test_a_buffered_read_fills_the_given_buffer(tmp_path: Path) -> None:
+    lazy = LazyTensors(llama_dir(tmp_path / "m", 0))
+    name = "model.embed_tokens.weight"
+    buffer = torch.empty(lazy.nbytes(name), dtype=torch.uint8)
+    tensor = lazy.read(name, buffer)
+    assert tensor.data_ptr() == buffer.data_ptr() and torch.equal(tensor, lazy[name])
+    with pytest.raises(ValueError, match="bytes"):
+        lazy.read(name, torch.empty(3, dtype=torch.uint8))
+
+
+def test_late_metadata_goes_into_every_shard_and_the_index(tmp_path: Path) -> None:
+    """Digests still being computed when the headers are written are filled in at close."""
+    tensors = {f"t{i}": torch.randn(20, 20) for i in range(5)}
+    plan = [(name, (20, 20), torch.float32) for name in tensors]
+    writer = ShardWriter(tmp_path, plan, {"inputs": "0" * 64}, shard_size=3300)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    paths = writer.close({"inputs": "a" * 64})
+    shards = [p for p in paths if p.suffix == ".safetensors"]
+    assert len(shards) == 3
+    for shard in shards:
+        with safe_open(str(shard), "pt") as handle:
+            assert handle.metadata() == {"inputs": "a" * 64}
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["inputs"] == "a" * 64
+    loaded = load_state_dict(tmp_path)
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    # A header that would change length cannot be patched in place: our bug, nothing left.
+    out = tmp_path / "again"
+    out.mkdir()
+    writer = ShardWriter(out, plan, {"inputs": "0" * 64}, shard_size=None)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    with pytest.raises(RuntimeError, match="final header"):
+        writer.close({"inputs": "short"})
+    assert list(out.iterdir()) == []
+
+
+def test_digests_hashed_during_the_merge_reach_the_header_and_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inputs are hashed on a thread while the merge runs; digests not known when the
+    headers are written (held back here until the last tensor) are filled in at close."""
+    from concurrent.futures import Future
+
+    import mergecli.pipeline as pipeline_module
+    from helpers import run_cli_in_process
+    from mergecli.io import checkpoint_sha256
+
+    held: list[tuple[Future, Path]] = []
+
+    def held_back(paths):
+        futures = [Future() for _ in paths]
+        held.extend(zip(futures, paths, strict=True))
+        return futures
+
+    real_add = ShardWriter.add
+
+    def hashed_by_the_last_tensor(self, name, tensor):
+        real_add(self, name, tensor)
+        if self._next == len(self._order):  # every header is written by now
+            assert all(not f.done() for f, _ in held), "the digests were to be pending"
+            for future, path in held:
+                future.set_result(checkpoint_sha256(path))
+
+    monkeypatch.setattr(pipeline_module, "sha256_in_background", held_back)
+    monkeypatch.setattr(ShardWriter, "add", hashed_by_the_last_tensor)
+    monkeypatch.setattr(pipeline_module, "output_metadata", _closing_metadata(pipeline_module))
+    a, b = llama_dir(tmp_path / "a", 1), llama_dir(tmp_path / "b", 2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\ncheckpoints: [{{path: {a}}}, {{path: {b}}}]\n"
+        "steps: [{merge: {method: average}}]\n"
+        f"output: {{dir: {tmp_path / 'out'}, shard_size: 3KB}}\n"
+    )
+    result = run_cli_in_process("run", str(recipe))
+    assert result.returncode == 0, result.stderr
+    expected = {str(a): checkpoint_sha256(a), str(b): checkpoint_sha256(b)}
+    shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        with safe_open(str(shard), "pt") as handle:
+            assert json.loads(handle.metadata()["mergecli.inputs"]) == expected
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {i["path"]: i["sha256"] for i in report["inputs"]} == expected
+
+
+def _closing_metadata(pipeline_module):
+    """output_metadata, checked to be asked without waiting while the digests are pending."""
+    real = pipeline_module.output_metadata
+
+    def output_metadata(state, wait=True):
+        metadata = real(state, wait)
+        if not wait:
+            assert set(json.loads(metadata["mergecli.inputs"]).values()) == {"0" * 64}
+        return metadata
+
+    return output_metadata

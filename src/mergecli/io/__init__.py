@@ -6,6 +6,7 @@ from mergecli.io.checkpoint import (
     load_state_dict,
     read_metadata,
     resolve_checkpoint_files,
+    sha256_in_background,
 )
 from mergecli.io.sizes import parse_size
 from mergecli.io.writer import SINGLE_NAME, save_state_dict, shard_name
@@ -19,5 +20,6 @@ __all__ = [
     "read_metadata",
     "resolve_checkpoint_files",
     "save_state_dict",
+    "sha256_in_background",
     "shard_name",
 ]

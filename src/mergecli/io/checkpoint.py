@@ -6,6 +6,9 @@ import errno
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,3 +223,24 @@ def checkpoint_sha256(path: str | Path) -> str:
     for name, sha in lines:
         digest.update(f"{name}\0{sha}\n".encode())
     return digest.hexdigest()
+
+
+def sha256_in_background(paths: Sequence[str | Path]) -> list[Future[str]]:
+    """`checkpoint_sha256` of each path, computed in order on one daemon thread.
+
+    Hashing gigabytes takes seconds of one core, and a run needs the digests only for its
+    report; hashlib and file reads release the GIL, so the hashing overlaps the run's work.
+    An unreadable file's error is raised by that future's ``result()``.
+    """
+    futures: list[Future[str]] = [Future() for _ in paths]
+
+    def work() -> None:
+        for path, future in zip(paths, futures, strict=True):
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(checkpoint_sha256(path))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    threading.Thread(target=work, name="sha256", daemon=True).start()
+    return futures

@@ -37,15 +37,34 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         self._names = order + [n for n in self._entries if n not in layout.weight_map]
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        # torch.empty, not bytearray: a buffer the read overwrites need not be zeroed first.
+        return self.read(name, torch.empty(self.nbytes(name), dtype=torch.uint8))
+
+    def nbytes(self, name: str) -> int:
+        entry = self._entries[name][2]
+        return entry.end - entry.begin
+
+    def read(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
+        """``name`` read into ``buffer`` (contiguous CPU uint8 of `nbytes`), viewed as the tensor:
+        a caller that reuses one buffer for many tensors saves an allocation per tensor."""
         file, start, entry = self._entries[name]
-        buffer = bytearray(entry.end - entry.begin)
-        with open(file, "rb") as handle:
-            handle.seek(start + entry.begin)
-            if handle.readinto(buffer) != len(buffer):
-                raise MergeCliError(f"{file}: tensor {name!r} is cut short; the file is truncated")
-        if not buffer:
+        if len(buffer) != entry.end - entry.begin:
+            raise ValueError(f"{name}: needs a buffer of {entry.end - entry.begin} bytes")
+        if not len(buffer):
             return torch.empty(entry.shape, dtype=entry.dtype)
-        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+        view, done = memoryview(buffer.numpy()), 0
+        with open(file, "rb", buffering=0) as handle:
+            handle.seek(start + entry.begin)
+            # One read returns at most about 2 GiB on Linux: a bigger tensor takes several.
+            while done < len(view) and (got := handle.readinto(view[done:])):
+                done += got
+        if done != len(view):
+            raise MergeCliError(f"{file}: tensor {name!r} is cut short; the file is truncated")
+        return buffer.view(entry.dtype).reshape(entry.shape)
+
+    def __contains__(self, name: object) -> bool:
+        # Mapping's own __contains__ would read the tensor to answer.
+        return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

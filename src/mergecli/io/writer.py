@@ -2,7 +2,9 @@
 
 Every output tensor's name, shape and dtype are known before any is written (from the inputs'
 headers, or from the tensors themselves), so each shard's safetensors header is written first
-and each tensor appended the moment it is ready: nothing is buffered. Shards carry temporary
+and each tensor appended the moment it is ready: nothing is buffered beyond the one tensor a
+worker thread is writing while the caller computes the next (a write holds no GIL, so a streamed
+merge's writing and computing overlap on two cores). Shards carry temporary
 names (``.shard-K.tmp-PID``) until ``close`` fsyncs them, renames them
 (``model-0000K-of-0000N.safetensors``, or ``model.safetensors`` for one), writes the index last
 and only then removes the files of an earlier save's other layout.
@@ -13,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -84,33 +89,61 @@ class ShardWriter:
         ]
         self._next = 0
         self._temps: list[Path] = []
+        self._headers: list[bytes] = []
         self._handle = None
+        # At most one tensor waits while the worker writes another.
+        self._pending: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(maxsize=1)
+        self._worker: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` for writing; a failed earlier write is raised here (files removed)."""
         shard, expected, spec = self._order[self._next]
         if name != expected or tuple(tensor.shape) != tuple(spec.shape):
             raise RuntimeError(f"writer expected {expected} {tuple(spec.shape)}, got {name}")
-        if shard == len(self._temps):
-            self._open(shard)
+        if self._failure is not None:
+            self.abort()
+            raise self._failure
         data = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+            self._worker.start()
+        self._pending.put((shard, data))
+        self._next += 1
+
+    def _drain(self) -> None:
+        """The worker: write queued tensors in order; after a failure, drop the rest."""
+        while (item := self._pending.get()) is not None:
+            if self._failure is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # raised to the caller by its next add or close
+                    self._failure = exc
+
+    def _write(self, shard: int, data: torch.Tensor) -> None:
         try:
+            if shard == len(self._temps):
+                self._open(shard)
             if data.numel():
                 self._handle.write(memoryview(data.view(torch.uint8).numpy()))
         except OSError as exc:
-            self.abort()
             raise write_error(self.out_dir, exc) from None
-        self._next += 1
+
+    def _stop_worker(self) -> None:
+        """Wait until every queued tensor is written (or dropped after a failure)."""
+        if self._worker is not None:
+            self._pending.put(None)
+            self._worker.join()
+            self._worker = None
 
     def _open(self, shard: int) -> None:
         self._finish_shard()
         tmp = self.out_dir / f".shard-{shard + 1}.tmp-{os.getpid()}"
         self._temps.append(tmp)
-        try:
-            self._handle = open(tmp, "wb")  # noqa: SIM115 - closed by the next shard or close()
-            self._handle.write(safetensors_header(dict(self.shards[shard]), self.metadata))
-        except OSError as exc:
-            self.abort()
-            raise write_error(self.out_dir, exc) from None
+        self._handle = open(tmp, "wb")  # noqa: SIM115 - closed by the next shard or close()
+        header = safetensors_header(dict(self.shards[shard]), self.metadata)
+        self._headers.append(header)
+        self._handle.write(header)
 
     def _finish_shard(self) -> None:
         """Flush the open shard to disk, so that a rename never exposes missing data."""
@@ -123,9 +156,12 @@ class ShardWriter:
         finally:
             handle.close()
 
-    def close(self) -> list[Path]:
+    def close(self, metadata: Mapping[str, str] | None = None) -> list[Path]:
         """Move every shard (and the index) to its final name once all tensors are in.
 
+        ``metadata`` replaces the metadata given at the start, in every shard's header (which
+        was written first) and in the index: it may fill in values that were not known then,
+        such as digests computed meanwhile, but must render to a header of the same length.
         Shards are renamed first and the index last; a failure removes this save's files
         (temporary or renamed). Files of an earlier save's other layout go only at the end.
         """
@@ -133,9 +169,14 @@ class ShardWriter:
             raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
         renamed: list[Path] = []
         try:
+            self._stop_worker()
+            if self._failure is not None:
+                raise self._failure
             if not self._temps:
                 self._open(0)
             self._finish_shard()
+            if metadata is not None:
+                self._rewrite_headers(metadata)
             count = len(self._temps)
             names = (
                 [SINGLE_NAME] if count == 1 else [shard_name(i + 1, count) for i in range(count)]
@@ -162,6 +203,22 @@ class ShardWriter:
                 raise write_error(self.out_dir, exc) from exc
             raise
         return finals
+
+    def _rewrite_headers(self, metadata: Mapping[str, str]) -> None:
+        """Put ``metadata`` in the written shards' headers, in place (same length), fsync'd."""
+        self.metadata = {str(k): str(v) for k, v in metadata.items() if k != "total_size"}
+        for shard, (tmp, old) in enumerate(zip(self._temps, self._headers, strict=True)):
+            new = safetensors_header(dict(self.shards[shard]), self.metadata)
+            if new == old:
+                continue
+            if len(new) != len(old):
+                raise RuntimeError(f"{tmp}: the final header is {len(new)} bytes, not {len(old)}")
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                os.pwrite(fd, new, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _write_index(self, names: list[str]) -> Path:
         index = {
@@ -194,6 +251,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Remove every temporary file written so far (a failed save leaves nothing behind)."""
+        self._stop_worker()
         if self._handle is not None:
             with contextlib.suppress(OSError):
                 self._handle.close()
