@@ -12,7 +12,7 @@ from torch import Tensor
 from mergecli.errors import MergeCliError, RecipeError
 from mergecli.merge.breadcrumbs import breadcrumbs, breadcrumbs_ties, keep_between_outliers
 from mergecli.merge.della import della, della_linear, magprune
-from mergecli.merge.model_stock import model_stock
+from mergecli.merge.model_stock import model_stock, model_stock_streamed
 from mergecli.merge.sce import keep_top_variance, sce
 from mergecli.merge.task_arithmetic import task_arithmetic, ties
 
@@ -75,6 +75,42 @@ def test_model_stock_invariants() -> None:
     # Opposite offsets of two models (1 + cos = 0): no finite t, the base is kept.
     opposite = torch.stack([base + offset, base - offset])
     torch.testing.assert_close(model_stock(opposite, torch.ones(2), base), base)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_stock_streamed_is_the_same_formula(
+    n: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's streamed form (inputs as stored, in pieces, into the output) against the
+    paper's interpolation computed here, with pieces and dot blocks that do not divide the
+    tensor, so that every boundary is crossed."""
+    monkeypatch.setattr("mergecli.merge.model_stock._PIECE", 7)
+    monkeypatch.setattr("mergecli.merge.model_stock._BLOCK", 3)
+    base, models = fine_tunes(n, (5, 6))
+    base, models = base.to(dtype), models.to(dtype)
+    offsets = [m.float() - base.float() for m in models]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    cos = sum(cosine(offsets[i], offsets[j]) for i, j in pairs) / len(pairs)
+    t = n * cos / (1 + (n - 1) * cos)
+    expected = t * models.float().mean(dim=0) + (1 - t) * base.float()
+    out = torch.empty(5, 6, dtype=dtype)
+    got = model_stock_streamed(list(models), torch.ones(n), base, out, torch.float32)
+    assert got is out
+    # The output is rounded once to its dtype, as the whole-tensor form's result would be.
+    torch.testing.assert_close(got, expected.to(dtype), **TOL)
+    whole = model_stock(models.float(), torch.ones(n), base.float()).to(dtype)
+    torch.testing.assert_close(got.float(), whole.float(), **TOL)
+    # Identical fine-tunes give the fine-tune; opposite offsets keep the base.
+    a = models[0]
+    same = model_stock_streamed([a, a], torch.ones(2), base, torch.empty_like(out), torch.float32)
+    torch.testing.assert_close(same, a, **TOL)
+    zero, offset = torch.zeros(5, 6, dtype=dtype), torch.zeros(5, 6, dtype=dtype)
+    offset[0, 0] = 1.0
+    kept = model_stock_streamed([offset, -offset], torch.ones(2), zero, out, torch.float32)
+    assert torch.equal(kept, zero)
+    # filter_wise has no streamed form: the engine runs the stack form.
+    assert model_stock_streamed(list(models), torch.ones(n), base, out, torch.float32, True) is None
 
 
 def test_model_stock_needs_two_fine_tunes() -> None:

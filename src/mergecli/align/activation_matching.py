@@ -6,9 +6,9 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from mergecli.align.activations import PairStatistics
+from mergecli.align.assignment import linear_sum_assignment
 from mergecli.align.groups import PermutationSpec
 from mergecli.align.heads import match_heads
 from mergecli.align.permute import Permutations, StateDict, apply_permutations

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from mergecli.align.assignment import linear_sum_assignment
 from mergecli.align.groups import AttentionSpec
 
 Costs = dict[str, np.ndarray]  # group name -> (units of A, units of B) similarity

