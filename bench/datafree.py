@@ -6,8 +6,10 @@ config.json, runs the same merge of each method with `mergekit-yaml` (mergekit 0
 venv, created on first use) and with `mergecli run`, each under /usr/bin/time, and prints wall
 time and peak RSS with the ratios mergecli / mergekit (goal: both <= 0.5).
 DELLA's random masks differ between the tools (as DARE's do), so its outputs are not compared.
+`--repeat N` runs each tool N times, alternating which goes first, and compares the medians (a
+shared machine's load varies from run to run).
 Run: .venv/bin/python bench/datafree.py [--workdir /tmp/datafree] [--mergekit-venv .venv-mergekit]
-     [--methods ties della model_stock breadcrumbs]
+     [--methods ties della model_stock breadcrumbs] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +135,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergecli-datafree"))
     parser.add_argument("--mergekit-venv", type=Path, default=Path(".venv-mergekit"))
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool; medians compared")
     args = parser.parse_args()
     exe = ensure_mergekit(args.mergekit_venv.resolve())
     work = args.workdir
@@ -143,10 +147,25 @@ def main() -> None:
     print(f"three {size:.2f} GB bf16 models, torch threads {torch.get_num_threads()}")
     for method in args.methods:
         mk_recipe, mc_recipe = recipes(work, method)
-        for out in (f"out-mergekit-{method}", f"out-mergecli-{method}"):
-            shutil.rmtree(work / out, ignore_errors=True)
-        theirs = timed([str(exe), str(mk_recipe), str(work / f"out-mergekit-{method}")])
-        ours = timed([sys.executable, "-m", "mergecli", "--log", "plain", "run", str(mc_recipe)])
+        commands = {
+            "mergekit": [str(exe), str(mk_recipe), str(work / f"out-mergekit-{method}")],
+            "mergecli": [sys.executable, "-m", "mergecli", "--log", "plain", "run", str(mc_recipe)],
+        }
+        runs: dict[str, list[tuple[float, float]]] = {"mergekit": [], "mergecli": []}
+        for repeat in range(args.repeat):
+            # Alternating which tool goes first: on a VM, a run just after the other tool's
+            # big allocations and writes meets colder memory, whichever tool it is.
+            order = ["mergekit", "mergecli"] if repeat % 2 == 0 else ["mergecli", "mergekit"]
+            for tool in order:
+                shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
+                runs[tool].append(timed(commands[tool]))
+        if args.repeat > 1:
+            for tool, measured in runs.items():
+                listed = ", ".join(f"{s:.1f} s / {gb:.2f} GB" for s, gb in measured)
+                print(f"{method}: {tool} runs: {listed}")
+        theirs, ours = (
+            tuple(statistics.median(x) for x in zip(*runs[t], strict=True)) for t in runs
+        )
         print(f"{method}: {'tool':10} {'wall s':>8} {'peak RSS GB':>12}")
         print(f"{method}: {'mergekit':10} {theirs[0]:8.1f} {theirs[1]:12.2f}")
         print(f"{method}: {'mergecli':10} {ours[0]:8.1f} {ours[1]:12.2f}")
