@@ -299,6 +299,7 @@ def run(
     and the next run resumes it. Under torchrun or srun, each process takes one device.
     """
     with user_errors():
+        _prefetch_digests(recipe, set_ or [], _output_dir(out_dir, out))
         from mergecli.pipeline import run_recipe
         from mergecli.recipe import load_recipe
         from mergecli.runtime import distributed
@@ -337,6 +338,25 @@ def run(
                     f"received {signal_name(STOP.pending())} after the output was complete; "
                     "the run finished"
                 )
+
+
+def _prefetch_digests(recipe: Path, overrides: list[str], out: str | None) -> None:
+    """Start hashing the recipe's checkpoints (for the report) before torch loads: the second
+    of a run's first second that torch's import leaves a core idle. Only a head start: a
+    recipe that does not read is reported by `load_recipe`, and the run hashes what it needs."""
+    from mergecli.errors import MergeCliError
+    from mergecli.io.digest import prefetch_sha256
+    from mergecli.recipe.load import read_recipe
+
+    try:
+        data, _ = read_recipe(Path(recipe), overrides, out)
+    except MergeCliError:
+        return
+    checkpoints = data.get("checkpoints")
+    entries = checkpoints if isinstance(checkpoints, list) else []
+    prefetch_sha256(
+        [c["path"] for c in entries if isinstance(c, dict) and isinstance(c.get("path"), str)]
+    )
 
 
 def _stop_line(stop, requeue: bool, kept: str = "fit state") -> str:

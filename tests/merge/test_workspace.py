@@ -11,7 +11,6 @@ from mergecli.merge.step import merge_tensors
 from mergecli.merge.workspace import Workspace
 from mergecli.pipeline import prepare_state
 from mergecli.recipe import load_recipe
-from mergecli.runtime.device import SpareCore
 from mergecli.runtime.log import Log
 
 
@@ -66,18 +65,57 @@ def test_merged_tensors_never_share_the_reused_buffers(tmp_path: Path) -> None:
             assert torch.equal(tensor, state.models[0].tensors[name]), (dtype, name)
 
 
-def test_one_core_is_left_to_the_hashing_while_it_runs() -> None:
+def test_a_streamed_merge_leaves_one_core_to_its_threads_for_the_whole_merge(
+    tmp_path: Path,
+) -> None:
+    """One intra-op thread fewer from the first tensor to the last, whatever the hashing
+    thread is doing (a parallel reduction may depend on the thread count: a count that
+    followed the hashing would make results depend on timing), and the count back after."""
     threads = torch.get_num_threads()
-    busy = [True]
-    cores = SpareCore(lambda: busy[0])
-    try:
-        cores.update()
-        assert torch.get_num_threads() == max(1, threads - 1)
-        busy[0] = False
-        cores.update()
-        assert torch.get_num_threads() == threads
-        busy[0] = True
-        cores.update()
-    finally:
-        cores.restore()
+    state = prepare_state(load_recipe(_pair(tmp_path, torch.float32)), Log("plain"))
+    seen = []
+
+    def counting(models: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return models.mean(dim=0)
+
+    list(merge_tensors(state, counting, {}, needs_base=False))
+    assert seen == [max(1, threads - 1)] * 3
     assert torch.get_num_threads() == threads
+
+
+def test_a_broken_input_of_a_streamed_form_is_blamed_on_its_file(tmp_path: Path) -> None:
+    """The streamed form's inputs are checked only when its output is not finite: a NaN or inf
+    in a fine-tune or the base must still name that file and tensor, in the streamed form and
+    in the stack form it declines to (filter_wise)."""
+    import pytest
+
+    from mergecli.errors import MergeCliError
+    from mergecli.merge.model_stock import model_stock
+
+    generator = torch.Generator().manual_seed(0)
+    base = {f"t{i}": torch.randn(6, 5, generator=generator) for i in range(3)}
+    paths = {"base": tmp_path / "base.safetensors"}
+    save_file(base, paths["base"])
+    for tune in ("a", "b"):
+        paths[tune] = tmp_path / f"{tune}.safetensors"
+        save_file({n: t + 0.1 * torch.randn(t.shape, generator=generator) for n, t in base.items()},
+                  paths[tune])  # fmt: skip
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\ncheckpoints: [{{path: {paths['base']}, role: base}}, "
+        f"{{path: {paths['a']}}}, {{path: {paths['b']}}}]\n"
+        f"steps: [{{merge: {{method: model_stock}}}}]\noutput: {{dir: {tmp_path / 'out'}}}\n"
+    )
+    for broken, bad in (("b", float("nan")), ("base", float("inf"))):
+        tensors = dict(base) if broken == "base" else {n: t.clone() for n, t in base.items()}
+        tensors["t1"] = tensors["t1"].clone()
+        tensors["t1"][2, 3] = bad
+        save_file(tensors, paths[broken])
+        for filter_wise in (False, True):
+            state = prepare_state(load_recipe(recipe), Log("plain"))
+            options = {"filter_wise": filter_wise}
+            with pytest.raises(MergeCliError, match="contains NaN or inf") as caught:
+                list(merge_tensors(state, model_stock, options, needs_base=True))
+            assert str(paths[broken]) in str(caught.value) and "'t1'" in str(caught.value)
+        save_file(base if broken == "base" else tensors | {"t1": base["t1"]}, paths[broken])

@@ -1,25 +1,30 @@
-"""Safetensors checkpoint I/O: resolve, read, fingerprint and atomically write checkpoints."""
+"""Safetensors checkpoint I/O: resolve, read, fingerprint and atomically write checkpoints.
 
-from mergecli.io.checkpoint import (
-    INDEX_NAME,
-    checkpoint_sha256,
-    load_state_dict,
-    read_metadata,
-    resolve_checkpoint_files,
-    sha256_in_background,
-)
-from mergecli.io.sizes import parse_size
-from mergecli.io.writer import SINGLE_NAME, save_state_dict, shard_name
+Names are loaded on first use, so that the torch-free parts (`mergecli.io.layout`,
+`mergecli.io.digest`) can be imported without torch."""
 
-__all__ = [
-    "INDEX_NAME",
-    "SINGLE_NAME",
-    "checkpoint_sha256",
-    "load_state_dict",
-    "parse_size",
-    "read_metadata",
-    "resolve_checkpoint_files",
-    "save_state_dict",
-    "sha256_in_background",
-    "shard_name",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "INDEX_NAME": "mergecli.io.layout",
+    "resolve_checkpoint_files": "mergecli.io.layout",
+    "checkpoint_sha256": "mergecli.io.digest",
+    "sha256_in_background": "mergecli.io.digest",
+    "load_state_dict": "mergecli.io.checkpoint",
+    "read_metadata": "mergecli.io.checkpoint",
+    "parse_size": "mergecli.io.sizes",
+    "SINGLE_NAME": "mergecli.io.writer",
+    "save_state_dict": "mergecli.io.writer",
+    "shard_name": "mergecli.io.writer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mergecli.io' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

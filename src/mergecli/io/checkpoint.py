@@ -2,132 +2,30 @@
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
-import os
-import threading
-from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mergecli.errors import MergeCliError
-
-INDEX_NAME = "model.safetensors.index.json"
-_CHUNK = 1 << 20
-_CONVERT_HINT = (
-    "only safetensors checkpoints are read; convert it with "
-    "`safetensors.torch.save_file(torch.load(f), 'x.safetensors')`"
+from mergecli.io.digest import checkpoint_sha256, sha256_in_background
+from mergecli.io.layout import (
+    INDEX_NAME,
+    Layout,
+    checkpoint_layout,
+    resolve_checkpoint_files,
 )
 
-
-@dataclass
-class Layout:
-    """Where a checkpoint's bytes live: its root, its index (if sharded) and its shard files."""
-
-    root: Path
-    files: list[Path]
-    index: Path | None = None
-    weight_map: dict[str, str] = field(default_factory=dict)
-
-
-def checkpoint_layout(path: str | Path) -> Layout:
-    """Where the checkpoint at ``path`` (a file, a sharded dir or a dir with one file) keeps its
-    tensors; a MergeCliError says what to fix when it is none of these."""
-    p = Path(path)
-    if not p.exists():
-        raise _missing(p)
-    if p.is_dir():
-        return _resolve_dir(p)
-    if not p.is_file():
-        raise MergeCliError(f"{p}: not a regular file or directory; check the path")
-    if p.name.endswith(".safetensors.index.json"):
-        raise MergeCliError(
-            f"{p}: this is a shard index; pass the directory that contains it ({p.parent})"
-        )
-    if p.suffix != ".safetensors":
-        raise MergeCliError(f"{p}: not a .safetensors file; {_CONVERT_HINT}")
-    return Layout(root=p.parent, files=[p])
-
-
-def _missing(p: Path) -> MergeCliError:
-    """Why an existing-looking path cannot be opened: a symlink loop or dangling link (which
-    `Path.exists` reports as absent), else it is not there."""
-    try:
-        os.stat(p)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return MergeCliError(
-                f"{p}: symbolic link loop (the links never reach a file); "
-                "point the path at the checkpoint itself"
-            )
-    if p.is_symlink():
-        return MergeCliError(
-            f"{p}: symbolic link to {os.readlink(p)}, which does not exist; "
-            "fix the link or the path"
-        )
-    return MergeCliError(f"{p}: no such file or directory; check the path")
-
-
-def _resolve_dir(d: Path) -> Layout:
-    """Resolve a checkpoint directory via its index, or its one and only safetensors file."""
-    index = d / INDEX_NAME
-    if index.is_file():
-        return _resolve_index(d, index)
-    files = sorted(f for f in d.iterdir() if f.name.endswith(".safetensors") and f.is_file())
-    if not files:
-        raise MergeCliError(
-            f"{d}: directory contains no .safetensors file; "
-            "point to a checkpoint file or a directory that holds one"
-        )
-    if len(files) > 1:
-        names = ", ".join(f.name for f in files)
-        raise MergeCliError(
-            f"{d}: directory holds several .safetensors files ({names}) but no {INDEX_NAME}; "
-            f"point to one of the files or add an index that maps tensors to shards"
-        )
-    return Layout(root=d, files=files)
-
-
-def _resolve_index(d: Path, index: Path) -> Layout:
-    """Read a sharded checkpoint's index and check that every shard it names exists."""
-    fix = "re-download the checkpoint or re-save it with `mergecli`"
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MergeCliError(f"{index}: not a readable JSON shard index ({exc}); {fix}") from exc
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise MergeCliError(f'{index}: has no (or an empty) "weight_map" object; {fix}')
-    # Shards must live inside the checkpoint dir, or hashing and copying it would miss them.
-    bad = [
-        k
-        for k, v in weight_map.items()
-        if not isinstance(v, str) or not v or Path(v).is_absolute() or ".." in Path(v).parts
-    ]
-    if bad:
-        raise MergeCliError(
-            f"{index}: weight_map entry {bad[0]!r} does not name a file inside {d}; {fix}"
-        )
-    files = []
-    for name in sorted(set(weight_map.values())):
-        shard = d / name
-        if not shard.is_file():
-            raise MergeCliError(
-                f"{shard}: shard named in {index.name} is missing; "
-                "copy the complete checkpoint directory"
-            )
-        files.append(shard)
-    return Layout(root=d, files=files, index=index, weight_map=dict(weight_map))
-
-
-def resolve_checkpoint_files(path: str | Path) -> list[Path]:
-    """Return the safetensors files that make up the checkpoint at ``path`` (file or directory)."""
-    return checkpoint_layout(path).files
+__all__ = [
+    "INDEX_NAME",
+    "Layout",
+    "checkpoint_layout",
+    "checkpoint_sha256",
+    "load_state_dict",
+    "read_metadata",
+    "resolve_checkpoint_files",
+    "sha256_in_background",
+]
 
 
 def _unreadable(path: Path, exc: BaseException) -> MergeCliError:
@@ -190,57 +88,3 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise
     except Exception as exc:
         raise _unreadable(first, exc) from exc
-
-
-def _file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, streamed so multi-GB shards need no extra memory."""
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    except OSError as exc:
-        raise MergeCliError(f"{path}: cannot read the file ({exc}); check its permissions") from exc
-    return digest.hexdigest()
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """Fingerprint a checkpoint: sha256 of the file, or for a directory of its manifest.
-
-    A single ``.safetensors`` file hashes to the hex sha256 of its bytes. A directory
-    checkpoint hashes to the sha256 of the UTF-8 lines ``f"{relative_name}\\0{file_sha256}\\n"``
-    for the index file (if any) and each resolved safetensors file, sorted by relative name
-    (POSIX separators), so renaming, adding or changing any of those files changes the hash
-    while unrelated files in the directory (configs, READMEs) do not.
-    """
-    p = Path(path)
-    layout = checkpoint_layout(p)
-    if not p.is_dir():
-        return _file_sha256(layout.files[0])
-    members = list(layout.files) + ([layout.index] if layout.index else [])
-    lines = sorted((m.relative_to(p).as_posix(), _file_sha256(m)) for m in members)
-    digest = hashlib.sha256()
-    for name, sha in lines:
-        digest.update(f"{name}\0{sha}\n".encode())
-    return digest.hexdigest()
-
-
-def sha256_in_background(paths: Sequence[str | Path]) -> list[Future[str]]:
-    """`checkpoint_sha256` of each path, computed in order on one daemon thread.
-
-    Hashing gigabytes takes seconds of one core, and a run needs the digests only for its
-    report; hashlib and file reads release the GIL, so the hashing overlaps the run's work.
-    An unreadable file's error is raised by that future's ``result()``.
-    """
-    futures: list[Future[str]] = [Future() for _ in paths]
-
-    def work() -> None:
-        for path, future in zip(paths, futures, strict=True):
-            future.set_running_or_notify_cancel()
-            try:
-                future.set_result(checkpoint_sha256(path))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    threading.Thread(target=work, name="sha256", daemon=True).start()
-    return futures

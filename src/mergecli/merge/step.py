@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import typing
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -19,7 +20,7 @@ from mergecli.merge.parameters import NO_MATCH, count_layers, tensor_values, ten
 from mergecli.merge.workspace import Workspace
 from mergecli.recipe.schema import Recipe, StepParams
 from mergecli.registry import mark_registered, step_method
-from mergecli.runtime.device import SpareCore
+from mergecli.runtime.device import one_core_spared
 from mergecli.state import Checkpoint, MergeState, StateDict
 
 # Leading parameters of a merge function that the engine supplies; the rest are recipe keys.
@@ -66,8 +67,10 @@ def merge_method(
     on the CPU: ``streamed(models, weights, base, out, compute_dtype, **parameters)`` gets the
     inputs as stored (a list, in their own dtype, in buffers reused from tensor to tensor),
     writes the merged tensor into ``out`` (the output's dtype) and returns it, or returns None
-    to have the stack form run. It exists for cheap methods whose whole-tensor passes over
-    float32 copies cost more than their arithmetic.
+    to have the stack form run. A NaN or inf in any input must reach its output: the engine
+    checks the inputs only when the output is not finite (to blame the right file). It exists
+    for cheap methods whose whole-tensor passes over float32 copies cost more than their
+    arithmetic.
     """
 
     def register(fn: MergeFunction) -> MergeFunction:
@@ -207,12 +210,11 @@ def _merge_each(
     reference = state.layout
     names = list(reference)
     workspace = Workspace(state.device)
-    streamed = getattr(fn, "streamed", None) if state.device.type == "cpu" else None
-    # One core stays with the inputs' hashing (a thread of its own) while it runs.
-    cores = SpareCore(lambda: not all(c.digest_known for c in state.checkpoints))
-    try:
+    cpu = state.device.type == "cpu"
+    streamed = getattr(fn, "streamed", None) if cpu else None
+    # Streaming, the inputs are hashed and the output written by threads of their own.
+    with one_core_spared() if state.streaming and cpu else nullcontext():
         for name in state.log.progress(names, len(names), "merging tensors"):
-            cores.update()
             if name not in table:
                 yield name, reference[name]
                 continue
@@ -230,6 +232,10 @@ def _merge_each(
                     stored, weights=made[key], base=base, out=out, compute_dtype=compute_dtype,
                     **table[name],
                 )  # fmt: skip
+            if stored is not None and (result is None or (result.numel() and not _finite(result))):
+                # A streamed form lets a NaN or inf input reach its output, so its inputs are
+                # checked only now: to run the stack form, or to blame the right file.
+                _refuse_broken_inputs(state, sources, name, stored, base)
             if result is None:
                 stack, base = _stacked(
                     state, sources, name, shape, compute_dtype, workspace, with_base, stored, base
@@ -247,8 +253,6 @@ def _merge_each(
             result = result.to(tensor_dtype(reference, name)).cpu()
             # The next tensor reuses the workspace, and the writer may still be writing this.
             yield name, result.clone() if workspace.holds(result) else result
-    finally:
-        cores.restore()
 
 
 def _read_stored(
@@ -259,7 +263,7 @@ def _read_stored(
     with_base: bool,
 ) -> tuple[list[Tensor], Tensor | None]:
     """Each model's ``name`` and the base's as stored (from a file: read into a reused buffer
-    per input), refused if they hold NaN or inf."""
+    per input), not yet checked for NaN or inf (`_refuse_broken_inputs`)."""
     inputs = [
         _stored(state, model, source, name, workspace, f"input {i}")
         for i, (model, source) in enumerate(zip(state.models, sources, strict=True))
@@ -278,9 +282,21 @@ def _stored(
     role: str,
 ) -> Tensor:
     if not isinstance(source, LazyTensors):
-        return _finite_input(state, model, source, name)
-    buffer = workspace.take(role, (source.nbytes(name),), torch.uint8, "cpu")
-    return _finite_input(state, model, source, name, buffer)
+        return source[name]
+    return source.read(name, workspace.take(role, (source.nbytes(name),), torch.uint8, "cpu"))
+
+
+def _refuse_broken_inputs(
+    state: MergeState,
+    sources: list[StateDict],
+    name: str,
+    stored: list[Tensor],
+    stored_base: Tensor | None,
+) -> None:
+    for model, source, tensor in zip(state.models, sources, stored, strict=True):
+        _refuse_broken(state, model, source, name, tensor)
+    if stored_base is not None:
+        _refuse_broken(state, state.base, state.base.tensors, name, stored_base)
 
 
 def _stacked(
@@ -351,13 +367,19 @@ def _finite_input(
     the method."""
     use_buffer = buffer is not None and isinstance(source, LazyTensors)
     tensor = source.read(name, buffer) if use_buffer else source[name]
+    _refuse_broken(state, model, source, name, tensor)
+    return tensor
+
+
+def _refuse_broken(
+    state: MergeState, model: Checkpoint, source: StateDict, name: str, tensor: Tensor
+) -> None:
     if state.streaming and tensor.numel() and not _finite(tensor):
         where = source.file_of(name) if isinstance(source, LazyTensors) else model.spec.path
         raise MergeCliError(
             f"{where}: tensor '{name}' contains NaN or inf values; the checkpoint is broken "
             "(re-train or re-export it)"
         )
-    return tensor
 
 
 def _finite(tensor: Tensor) -> bool:
