@@ -143,7 +143,7 @@ figures: $(VENV)/.installed runs/lm/perplexity.json runs/mlp8-seed0.safetensors 
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
-	$(BIN)/pytest -n auto --maxprocesses 4 --dist loadgroup
+	$(BIN)/pytest -n auto --maxprocesses 4 --dist loadfile
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/cli_startup.py

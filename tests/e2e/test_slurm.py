@@ -29,8 +29,9 @@ from helpers import (
     write_recipe,
 )
 
-# One worker runs them all (pytest-xdist's loadgroup): one private cluster at a time.
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# One worker runs them all (`make test` distributes by file, pytest-xdist's loadfile): one
+# private cluster at a time.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SCRIPT = TESTS / "slurm" / "local-slurm.sh"
 PYTHON = sys.executable
