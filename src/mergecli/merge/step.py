@@ -223,29 +223,33 @@ def _merge_each(
             key = tuple(weights_of[name])
             if key not in made:
                 made[key] = torch.tensor(key, dtype=compute_dtype, device=state.device)
-            result, stored, base = None, None, None
+            result, stored, stored_base = None, None, None
             if streamed is not None:
                 # The method reads the inputs as stored, in pieces (see `merge_method`).
-                stored, base = _read_stored(state, sources, name, workspace, with_base)
+                stored, stored_base = _read_stored(state, sources, name, workspace, with_base)
                 out = torch.empty(shape[1:], dtype=tensor_dtype(reference, name))
                 result = streamed(
-                    stored, weights=made[key], base=base, out=out, compute_dtype=compute_dtype,
-                    **table[name],
+                    stored, weights=made[key], base=stored_base, out=out,
+                    compute_dtype=compute_dtype, **table[name],
                 )  # fmt: skip
-            if stored is not None and (result is None or (result.numel() and not _finite(result))):
-                # A streamed form lets a NaN or inf input reach its output, so its inputs are
-                # checked only now: to run the stack form, or to blame the right file.
-                _refuse_broken_inputs(state, sources, name, stored, base)
+            if stored is not None and result is None:
+                # The stack form runs on the inputs that a declining streamed form read.
+                _refuse_broken_inputs(state, sources, name, stored, stored_base)
             if result is None:
                 stack, base = _stacked(
-                    state, sources, name, shape, compute_dtype, workspace, with_base, stored, base
-                )
+                    state, sources, name, shape, compute_dtype, workspace, with_base, stored,
+                    stored_base,
+                )  # fmt: skip
                 extra = {"base": base} if with_base else {}
                 if takes_generator:
                     seed = state.loaded.recipe.seed
                     extra["generator"] = _generator_for(seed, name, state.device)
                 result = fn(stack, weights=made[key], **extra, **table[name])
             if result.numel() and not _finite(result):
+                if stored is not None:
+                    # A streamed form's inputs are checked only now (a NaN or inf in any of
+                    # them reaches its output): to blame the right file.
+                    _refuse_broken_inputs(state, sources, name, stored, stored_base)
                 raise MergeCliError(
                     f"merge: tensor '{name}' came out with NaN or inf values; check the "
                     "method's parameters (e.g. weights that sum to 0)"
