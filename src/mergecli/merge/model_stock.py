@@ -99,8 +99,7 @@ def model_stock_streamed(
     scratch = torch.empty((n + 1, min(size, _PIECE)), dtype=compute_dtype)
     gram = torch.zeros(n, n, dtype=torch.float64)
     for start in range(0, size, _PIECE):
-        offsets, _ = _piece(ws, w0, start, scratch)
-        gram += _gram(offsets)
+        gram += _gram(_offsets(ws, w0, start, scratch))
     norms = gram.diagonal().sqrt()
     cosines = [_cosine(gram[i, j], norms[i], norms[j]) for i in range(n) for j in range(i + 1, n)]
     t = float(_ratio(torch.stack(cosines).mean().to(compute_dtype), n))
@@ -126,17 +125,15 @@ def _gram(offsets: Tensor) -> Tensor:
     return gram + (rest @ rest.T).double()
 
 
-def _piece(
-    models: list[Tensor], base: Tensor, start: int, scratch: Tensor
-) -> tuple[Tensor, Tensor]:
-    """The models' offsets from the base and the base, entries [start, start + piece), in
-    ``scratch``'s dtype (rows 0..N-1 and N)."""
+def _offsets(models: list[Tensor], base: Tensor, start: int, scratch: Tensor) -> Tensor:
+    """The models' offsets from the base, entries [start, start + piece), in ``scratch``'s
+    rows 0..N-1 (row N holds the base's piece) and dtype."""
     stop = min(start + scratch.shape[1], base.numel())
     piece = scratch[:, : stop - start]
     w0 = piece[-1].copy_(base[start:stop])
     for row, model in zip(piece[:-1], models, strict=True):
         row.copy_(model[start:stop]).sub_(w0)
-    return piece[:-1], w0
+    return piece[:-1]
 
 
 model_stock.streamed = model_stock_streamed  # the merge engine's form for inputs read from files

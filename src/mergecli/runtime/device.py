@@ -42,20 +42,22 @@ def one_core_spared() -> Iterator[None]:
     A fixed count for the whole block, not one that follows the background work: a parallel
     reduction's result may depend on the thread count, and a run must not depend on timing.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
-    try:
+    with _threads(max(1, torch.get_num_threads() - 1)):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @contextmanager
 def one_thread() -> Iterator[None]:
     """torch on one intra-op thread for the block: for work in pieces too small for a second
     thread, which on a busy machine makes them several times slower, not faster."""
+    with _threads(1):
+        yield
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
