@@ -7,7 +7,8 @@ venv, created on first use) and with `mergecli run`, each under /usr/bin/time, a
 time and peak RSS with the ratios mergecli / mergekit (goal: both <= 0.5).
 DELLA's random masks differ between the tools (as DARE's do), so its outputs are not compared.
 `--repeat N` runs each tool N times, alternating which goes first, and compares the medians (a
-shared machine's load varies from run to run).
+shared machine's load varies from run to run). Each run starts after a sync, so that neither pays
+for writing back the other's output.
 Run: .venv/bin/python bench/datafree.py [--workdir /tmp/datafree] [--mergekit-venv .venv-mergekit]
      [--methods ties della model_stock breadcrumbs] [--repeat 3]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -158,6 +160,10 @@ def main() -> None:
             order = ["mergekit", "mergecli"] if repeat % 2 == 0 else ["mergecli", "mergekit"]
             for tool in order:
                 shutil.rmtree(work / f"out-{tool}-{method}", ignore_errors=True)
+                # Each run starts with no writes pending: mergekit leaves its 1 GB output to the
+                # kernel to write back after it exits (mergecli syncs its own before renaming),
+                # which would otherwise land in the time of the run after it.
+                os.sync()
                 runs[tool].append(timed(commands[tool]))
         if args.repeat > 1:
             for tool, measured in runs.items():

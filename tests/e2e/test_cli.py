@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import ROOT, SMALL_MLP, run_cli, run_cli_side_by_side, write_recipe
+from helpers import ROOT, SMALL_MLP, cli_env, run_cli, run_cli_side_by_side, write_recipe
 from mergecli.io import checkpoint_sha256
 
 pytestmark = pytest.mark.slow
@@ -43,6 +45,55 @@ def test_version_and_help_without_torch() -> None:
     imported = {line.split("|")[-1].strip() for line in probe.stderr.splitlines()}
     assert "torch" not in imported and "pydantic" not in imported
     assert "run" in probe.stdout and "validate" in probe.stdout
+
+
+EXITING = """
+import atexit, sys, threading, time
+import mergecli.cli
+
+
+class Noisy:
+    def __del__(self):  # runs only if the interpreter tears its modules down
+        print("torn down")
+
+
+KEEP = Noisy()
+atexit.register(lambda: print("atexit ran"))
+sys.stdout.write("unflushed, ")
+if sys.argv[1] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread ended"))).start()
+sys.argv = ["mergecli", *sys.argv[2:]]
+mergecli.cli.main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [(["none", "methods"], 0), (["none", "run", "missing.yaml"], 2), (["none", "--bogus"], 2)],
+)
+def test_the_process_ends_without_teardown_and_keeps_its_status(
+    tmp_path: Path, args: list[str], code: int
+) -> None:
+    """Skipping the interpreter's teardown (half a second with torch loaded) loses nothing:
+    the status, buffered output and atexit handlers are all there."""
+    result = subprocess.run(
+        [sys.executable, "-c", EXITING, *args], capture_output=True, text=True, cwd=tmp_path,
+        env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == code, result.stderr
+    assert result.stdout.startswith("unflushed, ") and result.stdout.endswith("atexit ran\n")
+    assert "torn down" not in result.stdout
+    if code:
+        assert result.stderr.strip(), "a failure says why"
+
+
+def test_the_process_waits_for_a_thread_still_working(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", EXITING, "thread", "--version"], capture_output=True, text=True,
+        cwd=tmp_path, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "mergecli " in result.stdout and "thread ended" in result.stdout
 
 
 def test_train_writes_checkpoint_with_metadata(trained_pair: tuple[Path, Path]) -> None:

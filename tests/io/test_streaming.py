@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,52 @@ def test_shard_writer_flushes_and_names_shards(tmp_path: Path) -> None:
     for name, tensor in tensors.items():
         assert loaded[name].dtype == torch.bfloat16
         torch.testing.assert_close(loaded[name], tensor.to(torch.bfloat16))
+
+
+def test_shards_reach_the_disk_as_they_grow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Synced while the caller computes, not all at close, on a thread that is neither the
+    caller's nor the writing worker's; the output is the same bytes."""
+    synced: list[tuple[int, str]] = []
+
+    def datasync(fd: int) -> None:
+        synced.append((os.fstat(fd).st_size, threading.current_thread().name))
+        os.fsync(fd)
+
+    monkeypatch.setattr(writer_module, "_datasync", datasync)
+    monkeypatch.setattr(writer_module, "_SYNC_EVERY", 3000)  # every second 1,600-byte tensor
+    tensors = {f"t{i}": torch.randn(20, 20) for i in range(6)}
+    plan = [(name, (20, 20), torch.float32) for name in tensors]
+    writer = ShardWriter(tmp_path, plan, {}, shard_size=None)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer._stop_worker()  # every tensor written, close not yet called
+    writer._wait_for_sync()
+    header = len(writer._headers[0])
+    # A request while a sync still runs is left to the next one: at least the first happens.
+    assert synced and synced[0][0] >= header + 2 * 1600
+    assert {thread for _, thread in synced} == {"shard-sync"}
+    writer.close()
+    loaded = load_state_dict(tmp_path)
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_a_failed_background_sync_fails_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def datasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer_module, "_datasync", datasync)
+    monkeypatch.setattr(writer_module, "_SYNC_EVERY", 1000)
+    plan = [(f"t{i}", (20, 20), torch.float32) for i in range(4)]
+    writer = ShardWriter(tmp_path, plan, {}, shard_size=None)
+    with pytest.raises(MergeCliError, match="Input/output error"):
+        for i in range(4):
+            writer.add(f"t{i}", torch.zeros(20, 20))
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_disk_full_mid_write_leaves_nothing(
@@ -315,6 +364,40 @@ def test_a_tensor_arrives_over_several_short_reads(
     monkeypatch.setattr(lazy_module, "open", EndsEarly, raising=False)
     with pytest.raises(MergeCliError, match="cut short"):
         lazy["model.embed_tokens.weight"]
+
+
+def test_a_mapped_tensor_is_the_stored_one_and_unmapped_when_dropped(tmp_path: Path) -> None:
+    folder = llama_dir(tmp_path / "m", 0)
+    lazy, eager = LazyTensors(folder), load_state_dict(folder)
+    file = str(folder / "model.safetensors")
+
+    def mappings() -> int:
+        return Path("/proc/self/maps").read_text().count(file)
+
+    before = mappings() if sys.platform.startswith("linux") else 0
+    tensors = {name: lazy.mapped(name) for name in lazy}
+    assert all(torch.equal(t, eager[n]) and t.dtype == eager[n].dtype for n, t in tensors.items())
+    view = tensors["model.embed_tokens.weight"][3:]
+    view.add_(1)  # a private mapping: the file keeps its bytes
+    assert torch.equal(
+        LazyTensors(folder)["model.embed_tokens.weight"], eager["model.embed_tokens.weight"]
+    )
+    if sys.platform.startswith("linux"):
+        assert mappings() == before + len(tensors)
+        del tensors
+        assert mappings() == before + 1, "only the one a view still holds"
+        del view
+        assert mappings() == before
+
+
+def test_a_mapped_tensor_past_the_end_of_its_file_is_an_error(tmp_path: Path) -> None:
+    folder = llama_dir(tmp_path / "m", 0)
+    lazy = LazyTensors(folder)
+    file = folder / "model.safetensors"
+    with file.open("r+b") as handle:
+        handle.truncate(file.stat().st_size - 10)
+    with pytest.raises(MergeCliError, match="cut short; the file is truncated"):
+        lazy.mapped(list(lazy)[-1] if lazy.shape(list(lazy)[-1]) else list(lazy)[0])
 
 
 def test_a_buffered_read_fills_the_given_buffer(tmp_path: Path) -> None:

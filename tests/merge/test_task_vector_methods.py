@@ -113,6 +113,25 @@ def test_model_stock_streamed_is_the_same_formula(
     assert model_stock_streamed(list(models), torch.ones(n), base, out, torch.float32, True) is None
 
 
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_model_stock_streamed_gives_the_same_bits_on_any_number_of_threads(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Determinism on one machine is the behaviour here: pieces taken by several threads in
+    whatever order give exactly what one thread gives (the cosines' sums in piece order)."""
+    monkeypatch.setattr("mergecli.merge.model_stock._PIECE", 7)
+    monkeypatch.setattr("mergecli.merge.model_stock._BLOCK", 3)
+    base, models = fine_tunes(3, (37, 11))
+    base, models = base.bfloat16(), models.bfloat16()
+    one = model_stock_streamed(
+        list(models), torch.ones(3), base, torch.empty_like(base), torch.float32
+    )
+    many = model_stock_streamed(
+        list(models), torch.ones(3), base, torch.empty_like(base), torch.float32, workers=workers
+    )
+    assert torch.equal(one, many)
+
+
 def test_model_stock_needs_two_fine_tunes() -> None:
     base, models = fine_tunes(1, (3,))
     with pytest.raises(MergeCliError, match="at least two fine-tuned checkpoints, got 1"):

@@ -84,6 +84,31 @@ def test_a_streamed_merge_leaves_one_core_to_its_threads_for_the_whole_merge(
     assert torch.get_num_threads() == threads
 
 
+def test_a_streamed_form_runs_its_pieces_on_threads_of_one_intra_op_thread(
+    tmp_path: Path,
+) -> None:
+    """A streamed form gets as many piece workers as the intra-op threads `one_core_spared`
+    would leave, and runs them on one intra-op thread each: no operation's result then depends
+    on the thread count."""
+    threads = torch.get_num_threads()
+    state = prepare_state(load_recipe(_pair(tmp_path, torch.float32)), Log("plain"))
+    seen = []
+
+    def stack_form(models: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the streamed form declined nothing")
+
+    def streamed(models, weights, base, out, compute_dtype, workers):
+        seen.append((torch.get_num_threads(), workers))
+        return out.copy_(models[0])
+
+    stack_form.streamed = streamed
+    merged = dict(merge_tensors(state, stack_form, {}, needs_base=False))
+    assert seen == [(1, max(1, threads - 1))] * 3
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, state.models[0].tensors[name])
+    assert torch.get_num_threads() == threads
+
+
 def test_a_broken_input_of_a_streamed_form_is_blamed_on_its_file(tmp_path: Path) -> None:
     """The streamed form's inputs are checked only when its output is not finite: a NaN or inf
     in a fine-tune or the base must still name that file and tensor, in the streamed form and

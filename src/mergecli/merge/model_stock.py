@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from mergecli.errors import MergeCliError
+from mergecli.merge.pieces import in_pieces
 from mergecli.merge.step import merge_method
 
 # Entries per block of a flat dot product: float32 rounding stays that of one block's terms.
@@ -83,11 +84,13 @@ def model_stock_streamed(
     out: Tensor,
     compute_dtype: torch.dtype,
     filter_wise: bool = False,
+    workers: int = 1,
 ) -> Tensor | None:
     """`model_stock` of the inputs as stored, into ``out``, a piece of ``_PIECE`` entries at a
     time: each input is read twice (the cosines, then the interpolation) in pieces that stay
     in the cache, where the whole-tensor form makes about ten passes over float32 copies. The
-    same math in ``compute_dtype``; dots and norms summed in float64 across pieces. None where
+    same math in ``compute_dtype``; dots and norms summed in float64 across pieces, in piece
+    order, so ``workers`` threads taking pieces in turn give the same bits as one. None where
     it does not apply (``filter_wise``)."""
     if filter_wise:
         return None
@@ -96,20 +99,32 @@ def model_stock_streamed(
         raise MergeCliError(problem)
     w0, ws, flat = base.reshape(-1), [m.reshape(-1) for m in models], out.view(-1)
     size = w0.numel()
-    scratch = torch.empty((n + 1, min(size, _PIECE)), dtype=compute_dtype)
+    count = -(-size // _PIECE)
+    workers = max(1, min(workers, count))
+    scratch = [torch.empty((n + 1, min(size, _PIECE)), dtype=compute_dtype) for _ in range(workers)]
+    grams = [torch.zeros(n, n, dtype=torch.float64)] * count
+
+    def cosines(piece: int, worker: int) -> None:
+        grams[piece] = _gram(_offsets(ws, w0, piece * _PIECE, scratch[worker]))
+
+    in_pieces(count, cosines, workers)
     gram = torch.zeros(n, n, dtype=torch.float64)
-    for start in range(0, size, _PIECE):
-        gram += _gram(_offsets(ws, w0, start, scratch))
+    for part in grams:
+        gram += part
     norms = gram.diagonal().sqrt()
-    cosines = [_cosine(gram[i, j], norms[i], norms[j]) for i in range(n) for j in range(i + 1, n)]
-    t = float(_ratio(torch.stack(cosines).mean().to(compute_dtype), n))
+    pairs = [_cosine(gram[i, j], norms[i], norms[j]) for i in range(n) for j in range(i + 1, n)]
+    t = float(_ratio(torch.stack(pairs).mean().to(compute_dtype), n))
+
     # t w_avg + (1 - t) w_0 as (1 - t) w_0 + (t / N) sum w_i: each input read once more.
-    for start in range(0, size, _PIECE):
+    def interpolate(piece: int, worker: int) -> None:
+        start = piece * _PIECE
         stop = min(start + _PIECE, size)
-        piece = scratch[0, : stop - start].copy_(w0[start:stop]).mul_(1 - t)
+        mixed = scratch[worker][0, : stop - start].copy_(w0[start:stop]).mul_(1 - t)
         for w in ws:
-            piece.add_(w[start:stop], alpha=t / n)
-        flat[start:stop].copy_(piece)
+            mixed.add_(w[start:stop], alpha=t / n)
+        flat[start:stop].copy_(mixed)
+
+    in_pieces(count, interpolate, workers)
     return out
 
 

@@ -20,7 +20,7 @@ from mergecli.merge.parameters import NO_MATCH, count_layers, tensor_values, ten
 from mergecli.merge.workspace import Workspace
 from mergecli.recipe.schema import Recipe, StepParams
 from mergecli.registry import mark_registered, step_method
-from mergecli.runtime.device import one_core_spared
+from mergecli.runtime.device import one_core_spared, one_thread
 from mergecli.state import Checkpoint, MergeState, StateDict
 
 # Leading parameters of a merge function that the engine supplies; the rest are recipe keys.
@@ -212,6 +212,9 @@ def _merge_each(
     workspace = Workspace(state.device)
     cpu = state.device.type == "cpu"
     streamed = getattr(fn, "streamed", None) if cpu else None
+    # A streamed form's threads take its pieces in turn, each on one intra-op thread: as many
+    # as the intra-op threads `one_core_spared` leaves (on 2 cores, a second one ran no faster).
+    workers = max(1, torch.get_num_threads() - 1)
     # Streaming, the inputs are hashed and the output written by threads of their own.
     with one_core_spared() if state.streaming and cpu else nullcontext():
         for name in state.log.progress(names, len(names), "merging tensors"):
@@ -226,12 +229,13 @@ def _merge_each(
             result, stored, stored_base = None, None, None
             if streamed is not None:
                 # The method reads the inputs as stored, in pieces (see `merge_method`).
-                stored, stored_base = _read_stored(state, sources, name, workspace, with_base)
+                stored, stored_base = _read_stored(state, sources, name, with_base)
                 out = torch.empty(shape[1:], dtype=tensor_dtype(reference, name))
-                result = streamed(
-                    stored, weights=made[key], base=stored_base, out=out,
-                    compute_dtype=compute_dtype, **table[name],
-                )  # fmt: skip
+                with one_thread():
+                    result = streamed(
+                        stored, weights=made[key], base=stored_base, out=out,
+                        compute_dtype=compute_dtype, workers=workers, **table[name],
+                    )  # fmt: skip
             if stored is not None and result is None:
                 # The stack form runs on the inputs that a declining streamed form read.
                 _refuse_broken_inputs(state, sources, name, stored, stored_base)
@@ -260,34 +264,17 @@ def _merge_each(
 
 
 def _read_stored(
-    state: MergeState,
-    sources: list[StateDict],
-    name: str,
-    workspace: Workspace,
-    with_base: bool,
+    state: MergeState, sources: list[StateDict], name: str, with_base: bool
 ) -> tuple[list[Tensor], Tensor | None]:
-    """Each model's ``name`` and the base's as stored (from a file: read into a reused buffer
-    per input), not yet checked for NaN or inf (`_refuse_broken_inputs`)."""
-    inputs = [
-        _stored(state, model, source, name, workspace, f"input {i}")
-        for i, (model, source) in enumerate(zip(state.models, sources, strict=True))
-    ]
-    base = state.base
-    stored_base = _stored(state, base, base.tensors, name, workspace, "base") if with_base else None
+    """Each model's ``name`` and the base's as stored (from a file: mapped, not copied; the
+    mapping goes with the tensor), not yet checked for NaN or inf (`_refuse_broken_inputs`)."""
+    inputs = [_stored(source, name) for source in sources]
+    stored_base = _stored(state.base.tensors, name) if with_base else None
     return inputs, stored_base
 
 
-def _stored(
-    state: MergeState,
-    model: Checkpoint,
-    source: StateDict,
-    name: str,
-    workspace: Workspace,
-    role: str,
-) -> Tensor:
-    if not isinstance(source, LazyTensors):
-        return source[name]
-    return source.read(name, workspace.take(role, (source.nbytes(name),), torch.uint8, "cpu"))
+def _stored(source: StateDict, name: str) -> Tensor:
+    return source.mapped(name) if isinstance(source, LazyTensors) else source[name]
 
 
 def _refuse_broken_inputs(
